@@ -1,0 +1,609 @@
+"""AMQP plumbing: one broker connection owned by one I/O thread, kept alive for you.
+
+pika is not thread-safe, so a :class:`Link` owns its connection on a thread of its own and is
+the only code that touches it. Other threads talk to it through the two thread-safe entry
+points, :meth:`Link.publish` and :meth:`Link.call_soon`; consumer callbacks, timers and
+publisher confirms all run on the I/O thread, so services that live on that thread need no locks.
+
+What a Link does for its owner:
+
+* connects (several broker addresses are tried in turn), declares the topology it was given
+  (the message contract), applies per-consumer prefetch and starts its consumers;
+* publishes with publisher confirms and, when asked, ``mandatory``: each publish returns a
+  :class:`concurrent.futures.Future` that succeeds only when the broker has confirmed the
+  message, and fails with :class:`Unroutable`, :class:`PublishRejected`,
+  :class:`ConnectionLost` or :class:`NotConnected` otherwise;
+* keeps "reliable" publishes (lifecycle events) in an outbox while the broker is away and
+  sends them again when it is back, so an outage delays them instead of losing them;
+* reconnects with exponential back-off and jitter (tenacity) after any connection or channel
+  failure, and runs its owner's timers meanwhile, because the I/O loop keeps running between
+  connections;
+* hands deliveries to consumers as :class:`Delivery` objects that remember which channel they
+  came on, so an ack for a delivery from a connection that has since died is dropped instead
+  of closing the new channel with ``PRECONDITION_FAILED - unknown delivery tag``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.select_connection import IOLoop, SelectConnection
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
+
+from smartgrid.contract import Binding, Declaration, Exchange, Queue
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(Exception):
+    """A publish did not reach the broker's confirmation."""
+
+
+class NotConnected(LinkError):
+    """There is no usable connection to the broker right now."""
+
+
+class ConnectionLost(LinkError):
+    """The connection closed before the broker confirmed the message; it may or may not have
+    been enqueued."""
+
+
+class Unroutable(LinkError):
+    """A ``mandatory`` message matched no queue and was returned by the broker."""
+
+
+class PublishRejected(LinkError):
+    """The broker refused the message (``basic.nack``)."""
+
+
+class LinkClosed(LinkError):
+    """The link was stopped before the message could be confirmed."""
+
+
+class _NeverReady(Exception):
+    """A connection attempt ended before the link became ready; back off and try again."""
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def parse_urls(value: str) -> list[str]:
+    """``AMQP_URL`` may list several brokers of a cluster, separated by commas."""
+    urls = [part.strip() for part in value.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("no broker URL given")
+    return urls
+
+
+def connection_parameters(url: str, *, name: str) -> pika.URLParameters:
+    """Parameters for ``url`` with defaults that suit long-lived service connections.
+
+    Anything the URL sets explicitly (``?heartbeat=...``) wins over these defaults.
+    """
+    params = pika.URLParameters(url)
+    query = url.partition("?")[2]
+    if "heartbeat" not in query:
+        # The broker proposes 60 s; a dead peer is then noticed only after two minutes.
+        params.heartbeat = 20
+    if "blocked_connection_timeout" not in query:
+        # A resource alarm blocks publishers; fail them instead of hanging forever.
+        params.blocked_connection_timeout = 30
+    if "socket_timeout" not in query:
+        params.socket_timeout = 5
+    params.connection_attempts = 1
+    params.client_properties = {"connection_name": name, "product": "smartgrid"}
+    return params
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A message handed to a consumer, tied to the channel it arrived on."""
+
+    generation: int
+    delivery_tag: int
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    properties: pika.BasicProperties
+    body: bytes
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self.properties.headers or {}
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """What a Link consumes once connected.
+
+    With ``bindings`` the queue is a private, exclusive subscription queue that the Link
+    declares on each connection and binds as listed (used for lifecycle events); it vanishes
+    with the connection, so it needs no name from the contract.
+    """
+
+    queue: str
+    on_message: Callable[[Delivery], None]
+    prefetch: int = 100
+    auto_ack: bool = False
+    bindings: tuple[tuple[str, str], ...] = ()
+    max_length: int = 100_000
+
+
+@dataclass
+class _Outgoing:
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any] | None
+    persistent: bool
+    mandatory: bool
+    reliable: bool
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+def _resolve(future: concurrent.futures.Future, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class Link:
+    """One broker connection, its channel, its consumers and its publishes.
+
+    Call :meth:`start` once; :meth:`stop` closes the connection (unacknowledged deliveries go
+    back to their queues) and ends the I/O thread.
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        name: str,
+        topology: Iterable[Declaration] = (),
+        consumers: Iterable[Consumer] = (),
+        on_ready: Callable[[], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+        outbox_limit: int = 100_000,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self.name = name
+        self._urls = parse_urls(url) if isinstance(url, str) else list(url)
+        self._topology = list(topology)
+        self._consumers = list(consumers)
+        self._on_ready = on_ready
+        self._on_lost = on_lost
+        self._outbox_limit = outbox_limit
+        self._max_backoff = max_backoff
+
+        self._ioloop = IOLoop()
+        self._thread = threading.Thread(target=self._run, name=f"amqp-{name}", daemon=True)
+        self._ready = threading.Event()
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._attempt = 0
+        self._current_url = self._urls[0]
+
+        # I/O-thread state.
+        self._connection: SelectConnection | None = None
+        self._channel: pika.channel.Channel | None = None
+        self._generation = 0
+        self._became_ready = False
+        self._close_reason: BaseException | None = None
+        self._next_publish_tag = 1
+        self._unconfirmed: dict[int, _Outgoing] = {}
+        self._outbox: collections.deque[_Outgoing] = collections.deque()
+        self._consumer_tags: list[str] = []
+        self._subscription_queues: dict[str, str] = {}
+
+    # ----------------------------------------------------------------------------------------
+    # Any thread
+    # ----------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Connected, topology declared and consumers started."""
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def start(self) -> Link:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel consumers, wait briefly for outstanding confirms, close, join the thread."""
+        if not self._thread.is_alive():
+            return
+        self._stopping = True
+        self._ioloop.add_callback_threadsafe(lambda: self._begin_stop(deadline=time.monotonic() + timeout / 2))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("%s: I/O thread did not stop within %.1fs", self.name, timeout)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the I/O thread (the only thread-safe way into the Link)."""
+        if threading.current_thread() is self._thread:
+            callback()
+        else:
+            self._ioloop.add_callback_threadsafe(callback)
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any] | None = None,
+        persistent: bool = True,
+        mandatory: bool = True,
+        reliable: bool = False,
+    ) -> concurrent.futures.Future:
+        """Publish with confirms; the future completes when the broker has confirmed it.
+
+        ``reliable`` messages survive connection loss: they wait in the outbox and are sent
+        again on the next connection (so they may arrive twice). Use it for messages whose loss
+        matters more than a duplicate and whose consumers deduplicate. Other messages fail
+        fast, which is what a caller that can still say "try again" wants.
+        """
+        outgoing = _Outgoing(exchange, routing_key, body, headers, persistent, mandatory, reliable)
+        if self._stopped.is_set():
+            _resolve(outgoing.future, LinkClosed(f"{self.name}: link is stopped"))
+        else:
+            self.call_soon(lambda: self._send(outgoing))
+        return outgoing.future
+
+    # ----------------------------------------------------------------------------------------
+    # I/O thread only
+    # ----------------------------------------------------------------------------------------
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object:
+        """Run ``callback`` on the I/O thread after ``delay`` seconds, across reconnects."""
+        return self._ioloop.call_later(delay, callback)
+
+    def cancel_timer(self, handle: object) -> None:
+        self._ioloop.remove_timeout(handle)
+
+    def ack(self, delivery: Delivery) -> bool:
+        """Acknowledge ``delivery``; False if its channel is gone (it will be redelivered)."""
+        channel = self._live_channel_for(delivery)
+        if channel is None:
+            return False
+        channel.basic_ack(delivery.delivery_tag)
+        return True
+
+    def reject(self, delivery: Delivery, *, requeue: bool) -> bool:
+        """Reject ``delivery``. With ``requeue`` it counts toward the queue's delivery limit."""
+        channel = self._live_channel_for(delivery)
+        if channel is None:
+            return False
+        channel.basic_reject(delivery.delivery_tag, requeue=requeue)
+        return True
+
+    def cancel_consumers(self) -> None:
+        """Stop receiving new deliveries; those already received stay ours to settle."""
+        if self._channel is not None and self._channel.is_open:
+            for tag in self._consumer_tags:
+                self._channel.basic_cancel(tag)
+        self._consumer_tags.clear()
+
+    @property
+    def unsettled_publishes(self) -> int:
+        return len(self._unconfirmed) + len(self._outbox)
+
+    # ----------------------------------------------------------------------------------------
+    # Connection lifecycle (I/O thread)
+    # ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                retrying = Retrying(
+                    retry=retry_if_exception_type(_NeverReady),
+                    wait=wait_exponential_jitter(initial=0.2, max=self._max_backoff, jitter=0.5),
+                    stop=lambda _state: self._stopping,
+                    sleep=self._idle,
+                    before_sleep=self._log_retry,
+                    reraise=True,
+                )
+                try:
+                    retrying(self._serve_one_connection)
+                except _NeverReady:
+                    pass  # stopping while the broker was unreachable
+        except Exception:  # pragma: no cover - a bug in the link itself
+            log.exception("%s: I/O thread crashed", self.name)
+        finally:
+            self._ready.clear()
+            self._stopped.set()
+            self._fail_everything(LinkClosed(f"{self.name}: link stopped"))
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s: broker unavailable (%s); retrying in %.1fs",
+            self.name,
+            error,
+            state.next_action.sleep if state.next_action else 0,
+        )
+
+    def _idle(self, seconds: float) -> None:
+        """Back-off sleep that keeps the I/O loop (timers, thread-safe calls) running."""
+        if self._stopping:
+            return
+        self._idle_timer = self._ioloop.call_later(seconds, self._ioloop.stop)
+        self._ioloop.start()
+
+    def _serve_one_connection(self) -> None:
+        if self._stopping:
+            raise _NeverReady("stopping")
+        url = self._urls[self._attempt % len(self._urls)]
+        self._attempt += 1
+        self._current_url = url
+        self._became_ready = False
+        self._close_reason = None
+        self._connection = SelectConnection(
+            parameters=connection_parameters(url, name=self.name),
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self._ioloop,
+        )
+        self._ioloop.start()  # until the connection closes (or fails to open)
+        self._connection = None
+        if not self._became_ready and not self._stopping:
+            raise _NeverReady(self._close_reason or "connection closed during set-up")
+        if not self._stopping:
+            log.warning("%s: connection lost (%s); reconnecting", self.name, self._close_reason)
+
+    def _on_connection_open(self, connection: SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
+        self._close_reason = error
+        self._ioloop.stop()
+
+    def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
+        self._close_reason = reason
+        self._connection_gone(reason)
+        self._ioloop.stop()
+
+    def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        self._generation += 1
+        self._channel = channel
+        self._next_publish_tag = 1
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(self._on_confirm)
+        for declaration in self._topology:
+            self._declare(channel, declaration)
+        for consumer in self._consumers:
+            self._start_consumer(channel, consumer)
+        # Every call above is a synchronous AMQP method that pika sends in order, one at a
+        # time; a no-op qos queued last answers only when all of them have succeeded.
+        channel.basic_qos(prefetch_count=0, callback=lambda _frame: self._on_channel_ready(channel))
+
+    def _declare(self, channel: pika.channel.Channel, declaration: Declaration) -> None:
+        if isinstance(declaration, Exchange):
+            channel.exchange_declare(
+                declaration.name, exchange_type=declaration.type, durable=declaration.durable
+            )
+        elif isinstance(declaration, Queue):
+            channel.queue_declare(
+                declaration.name, durable=declaration.durable, arguments=declaration.arguments
+            )
+        elif isinstance(declaration, Binding):
+            channel.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
+        else:  # pragma: no cover
+            raise TypeError(declaration)
+
+    def _start_consumer(self, channel: pika.channel.Channel, consumer: Consumer) -> None:
+        queue = consumer.queue
+        if consumer.bindings:
+            queue = f"{consumer.queue}.{self._generation}.{id(self):x}"
+            channel.queue_declare(
+                queue,
+                exclusive=True,
+                auto_delete=True,
+                # A slow subscriber must not fill the broker's memory: keep the newest.
+                arguments={"x-max-length": consumer.max_length, "x-overflow": "drop-head"},
+            )
+            for exchange, routing_key in consumer.bindings:
+                channel.queue_bind(queue, exchange, routing_key)
+        generation = self._generation
+
+        def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            delivery = Delivery(
+                generation=generation,
+                delivery_tag=method.delivery_tag,
+                exchange=method.exchange,
+                routing_key=method.routing_key,
+                redelivered=method.redelivered,
+                properties=properties,
+                body=body,
+            )
+            try:
+                consumer.on_message(delivery)
+            except Exception:
+                # A message that crashes its consumer goes back to the queue; the queue's
+                # delivery limit dead-letters it if it keeps doing so.
+                log.exception("%s: consumer of %s failed on a message", self.name, consumer.queue)
+                if not consumer.auto_ack:
+                    self.reject(delivery, requeue=True)
+
+        channel.basic_qos(prefetch_count=0 if consumer.auto_ack else consumer.prefetch)
+        tag = channel.basic_consume(queue, on_message, auto_ack=consumer.auto_ack)
+        self._consumer_tags.append(tag)
+
+    def _on_channel_ready(self, channel: pika.channel.Channel) -> None:
+        if channel is not self._channel or self._stopping:
+            return
+        self._became_ready = True
+        self._ready.set()
+        log.info("%s: connected to %s and ready", self.name, _redact(self._current_url))
+        pending, self._outbox = self._outbox, collections.deque()
+        for outgoing in pending:
+            self._send(outgoing)
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def _on_channel_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
+        if channel is not self._channel:
+            return
+        self._channel = None
+        if self._stopping:
+            return
+        # A channel error (a declaration that conflicts, an unknown delivery tag) leaves the
+        # connection in an unknown state; start over from a fresh connection.
+        log.error("%s: channel closed by broker: %s", self.name, reason)
+        self._close_reason = reason
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    def _connection_gone(self, reason: BaseException) -> None:
+        was_ready = self._ready.is_set()
+        self._ready.clear()
+        self._channel = None
+        self._consumer_tags.clear()
+        lost = ConnectionLost(f"{self.name}: connection lost before confirmation: {reason}")
+        unconfirmed, self._unconfirmed = self._unconfirmed, {}
+        requeue = [o for o in unconfirmed.values() if o.reliable and not self._stopping]
+        for outgoing in unconfirmed.values():
+            if not (outgoing.reliable and not self._stopping):
+                _resolve(outgoing.future, lost)
+        self._outbox.extendleft(reversed(requeue))
+        if was_ready and self._on_lost is not None:
+            try:
+                self._on_lost()
+            except Exception:
+                log.exception("%s: on_lost hook failed", self.name)
+
+    def _begin_stop(self, deadline: float) -> None:
+        self._ready.clear()
+        self.cancel_consumers()
+        if self._connection is None:
+            self._ioloop.stop()  # idle between attempts
+            return
+        self._close_when_settled(deadline)
+
+    def _close_when_settled(self, deadline: float) -> None:
+        connection = self._connection
+        if connection is None:
+            return
+        if self._unconfirmed and time.monotonic() < deadline and connection.is_open:
+            self._ioloop.call_later(0.02, lambda: self._close_when_settled(deadline))
+            return
+        if connection.is_closed:
+            self._ioloop.stop()
+        elif not connection.is_closing:
+            connection.close()  # also aborts a connection still being opened
+
+    def _fail_everything(self, error: LinkError) -> None:
+        for outgoing in list(self._unconfirmed.values()) + list(self._outbox):
+            _resolve(outgoing.future, error)
+        self._unconfirmed.clear()
+        self._outbox.clear()
+
+    # ----------------------------------------------------------------------------------------
+    # Publishing (I/O thread)
+    # ----------------------------------------------------------------------------------------
+    def _send(self, outgoing: _Outgoing) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open or not self._ready.is_set():
+            if outgoing.reliable and not self._stopping:
+                if len(self._outbox) >= self._outbox_limit:
+                    dropped = self._outbox.popleft()
+                    _resolve(dropped.future, NotConnected(f"{self.name}: outbox full"))
+                    log.error("%s: outbox full; dropped the oldest waiting message", self.name)
+                self._outbox.append(outgoing)
+            else:
+                _resolve(outgoing.future, NotConnected(f"{self.name}: not connected to the broker"))
+            return
+        tag = self._next_publish_tag
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent if outgoing.persistent else pika.DeliveryMode.Transient,
+            # Lets a basic.return (which carries no delivery tag) find its publish.
+            message_id=f"{self._generation}.{tag}",
+            timestamp=int(time.time()),
+            headers=outgoing.headers,
+        )
+        try:
+            channel.basic_publish(
+                outgoing.exchange,
+                outgoing.routing_key,
+                outgoing.body,
+                properties,
+                mandatory=outgoing.mandatory,
+            )
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            _resolve(outgoing.future, NotConnected(f"{self.name}: publish failed: {exc}"))
+            return
+        self._next_publish_tag += 1
+        self._unconfirmed[tag] = outgoing
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        if method.multiple:
+            tags = []
+            for tag in self._unconfirmed:  # insertion order is tag order
+                if tag > method.delivery_tag:
+                    break
+                tags.append(tag)
+        else:
+            tags = [method.delivery_tag]
+        for tag in tags:
+            outgoing = self._unconfirmed.pop(tag, None)
+            if outgoing is None:
+                continue
+            if acked:
+                _resolve(outgoing.future)
+            elif outgoing.reliable:
+                # An internal broker error; try again shortly rather than losing an event.
+                self._ioloop.call_later(1.0, lambda o=outgoing: self._send(o))
+            else:
+                _resolve(outgoing.future, PublishRejected(f"broker refused message to {outgoing.exchange!r}"))
+
+    def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
+        generation, _, tag = (properties.message_id or "").partition(".")
+        if generation != str(self._generation) or not tag.isdigit():
+            return
+        outgoing = self._unconfirmed.pop(int(tag), None)
+        if outgoing is not None:
+            _resolve(
+                outgoing.future,
+                Unroutable(
+                    f"{method.reply_text}: no queue for exchange {method.exchange!r} "
+                    f"routing key {method.routing_key!r}"
+                ),
+            )
+
+    def _live_channel_for(self, delivery: Delivery) -> pika.channel.Channel | None:
+        channel = self._channel
+        if channel is None or not channel.is_open or delivery.generation != self._generation:
+            return None
+        return channel

@@ -1,0 +1,139 @@
+"""Configuration from environment variables, declared once per service.
+
+Each service describes its settings as a frozen dataclass whose fields are made with
+:func:`setting`. The same declaration parses the environment, validates it, and renders the
+``--help`` text, so the documented variables are exactly the ones the code reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An environment variable is present but unusable."""
+
+
+def setting(
+    env: str,
+    default: Any,
+    help: str,
+    *,
+    check: Callable[[Any], bool] | None = None,
+    expect: str = "",
+) -> Any:
+    """Declare a dataclass field read from the environment variable ``env``.
+
+    ``check`` validates the parsed value; ``expect`` says in words what it accepts, for the
+    error message and the help text.
+    """
+    return dataclasses.field(
+        default=default,
+        metadata={"env": env, "help": help, "check": check, "expect": expect},
+    )
+
+
+def positive(value: float) -> bool:
+    return value > 0
+
+
+def non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(raw)
+
+
+def _parser_for(annotation: Any) -> Callable[[str], Any]:
+    if annotation is bool:
+        return _parse_bool
+    if annotation in (int, float, str):
+        return annotation
+    if typing.get_origin(annotation) is tuple:
+        return lambda raw: tuple(part.strip() for part in raw.split(",") if part.strip())
+    raise TypeError(f"unsupported setting type {annotation!r}")
+
+
+def _settings(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "env" in f.metadata]
+
+
+def from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
+    """Build ``cls`` from ``environ`` (default: the process environment)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field, annotation in _settings(cls):
+        env = field.metadata["env"]
+        raw = environ.get(env)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = _parser_for(annotation)(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{env}={raw!r} is not a valid {annotation.__name__ if hasattr(annotation, '__name__') else annotation}"
+            ) from None
+        check = field.metadata["check"]
+        if check is not None and not check(value):
+            expect = field.metadata["expect"] or "a valid value"
+            raise ConfigError(f"{env}={raw!r}: expected {expect}")
+        values[field.name] = value
+    return cls(**values)
+
+
+def describe(cls: type) -> str:
+    """Render the settings of ``cls`` as the environment section of ``--help``."""
+    lines = ["environment variables:"]
+    for field, _ in _settings(cls):
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        lines.append(f"  {field.metadata['env']:<24} {field.metadata['help']}")
+        detail = f"default: {default!r}" if default not in ("", ()) else "default: unset"
+        if field.metadata["expect"]:
+            detail += f"; {field.metadata['expect']}"
+        lines.append(f"  {'':<24} ({detail})")
+    return "\n".join(lines)
+
+
+def load_or_exit(
+    cls: type[T],
+    *,
+    prog: str,
+    description: str,
+    argv: Sequence[str] | None = None,
+) -> T:
+    """Parse the command line (only ``--help`` for services) and the environment.
+
+    A bad value ends the process with exit status 2 and a one-line message rather than a
+    traceback: it is an operator's mistake, not a bug.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=describe(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+    try:
+        return from_env(cls)
+    except ConfigError as exc:
+        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

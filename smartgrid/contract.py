@@ -1,0 +1,403 @@
+"""The message contract: every exchange, queue, message and metric the services share.
+
+This module is the only place the topology and the message formats are written down. Every
+service declares the broker entities from here (so no two services can disagree on a queue's
+arguments), and every consumer decodes what it receives with the functions here, which reject
+anything malformed with a reason.
+
+Flow of a charge request::
+
+    gateway --(charge.request)--> [smartgrid.requests] --> smartgrid.pending
+    balancer <-- smartgrid.pending
+    balancer --(<substation id>)--> [smartgrid.dispatch] --> smartgrid.substation.<id>
+    substation <-- smartgrid.substation.<id>
+
+Every service publishes lifecycle events to the topic exchange ``smartgrid.events`` with the
+event kind as routing key (``request.accepted``, ``request.routed``, ``session.started``,
+``session.completed``, ``request.dead_lettered``, ``substation.announced``,
+``substation.leaving``).
+
+All queues are durable quorum queues with every argument explicit, so the declarations mean the
+same on RabbitMQ 3.10 and 4.x (4.x changed the default delivery limit and refuses transient
+non-exclusive queues). Messages are persistent JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+SCHEMA_VERSION = 1
+
+# --------------------------------------------------------------------------------------------
+# Topology
+# --------------------------------------------------------------------------------------------
+REQUESTS_EXCHANGE = "smartgrid.requests"
+REQUEST_ROUTING_KEY = "charge.request"
+PENDING_QUEUE = "smartgrid.pending"
+DISPATCH_EXCHANGE = "smartgrid.dispatch"
+SUBSTATION_QUEUE_PREFIX = "smartgrid.substation."
+EVENTS_EXCHANGE = "smartgrid.events"
+DEAD_LETTER_EXCHANGE = "smartgrid.dead-letter"
+DEAD_LETTER_QUEUE = "smartgrid.dead-letters"
+
+#: A message delivered this many times without being acknowledged (its consumer crashed or
+#: rejected it each time) is dead-lettered instead of crashing consumers forever. Explicit
+#: because RabbitMQ 3.x has no default and 4.x defaults to 20.
+DELIVERY_LIMIT = 5
+
+#: Dead letters are kept for inspection and replay; they are never redelivered automatically,
+#: so their own delivery limit only guards against a consumer that crashes on them.
+DEAD_LETTER_DELIVERY_LIMIT = 1000
+
+#: Headers a consumer sets when it dead-letters a message itself, saying why.
+REASON_HEADER = "x-smartgrid-reason"
+SOURCE_HEADER = "x-smartgrid-source"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    type: str
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any]
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class Binding:
+    queue: str
+    exchange: str
+    routing_key: str
+
+
+Declaration = Exchange | Queue | Binding
+
+
+def _quorum_arguments(*, dead_letter: bool = True, delivery_limit: int = DELIVERY_LIMIT) -> dict:
+    arguments: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+    }
+    if dead_letter:
+        arguments |= {
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            # at-least-once dead-lettering keeps a message until the dead-letter queue has
+            # confirmed it; it requires reject-publish overflow.
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+    return arguments
+
+
+def core_topology() -> list[Declaration]:
+    """The broker entities every service may rely on; declaring them is idempotent."""
+    return [
+        Exchange(REQUESTS_EXCHANGE, "direct"),
+        Exchange(DISPATCH_EXCHANGE, "direct"),
+        Exchange(EVENTS_EXCHANGE, "topic"),
+        Exchange(DEAD_LETTER_EXCHANGE, "fanout"),
+        Queue(
+            DEAD_LETTER_QUEUE,
+            _quorum_arguments(dead_letter=False, delivery_limit=DEAD_LETTER_DELIVERY_LIMIT),
+        ),
+        Binding(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, ""),
+        Queue(PENDING_QUEUE, _quorum_arguments()),
+        Binding(PENDING_QUEUE, REQUESTS_EXCHANGE, REQUEST_ROUTING_KEY),
+    ]
+
+
+def substation_queue_name(substation_id: str) -> str:
+    return SUBSTATION_QUEUE_PREFIX + substation_id
+
+
+def substation_topology(substation_id: str) -> list[Declaration]:
+    """A substation's own queue, bound to the dispatch exchange by its id."""
+    queue = substation_queue_name(substation_id)
+    return [
+        Queue(queue, _quorum_arguments()),
+        Binding(queue, DISPATCH_EXCHANGE, substation_id),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Identifiers
+# --------------------------------------------------------------------------------------------
+EV_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+SUBSTATION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+REQUEST_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+EV_ID_RULE = "1 to 64 characters: letters, digits and . _ : - (starting with a letter or digit)"
+SUBSTATION_ID_RULE = "1 to 63 characters: letters, digits, _ and - (starting with a letter or digit)"
+
+
+def is_valid_ev_id(value: object) -> bool:
+    return isinstance(value, str) and EV_ID_PATTERN.fullmatch(value) is not None
+
+
+def is_valid_substation_id(value: object) -> bool:
+    return isinstance(value, str) and SUBSTATION_ID_PATTERN.fullmatch(value) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------
+class InvalidMessage(ValueError):
+    """A message that does not follow the contract; ``str(exc)`` is the reason."""
+
+
+_ID_CHECKS = {
+    "request_id": (REQUEST_ID_PATTERN, "32 lowercase hex digits"),
+    "ev_id": (EV_ID_PATTERN, EV_ID_RULE),
+    "substation": (SUBSTATION_ID_PATTERN, SUBSTATION_ID_RULE),
+}
+
+
+def _check_value(name: str, annotation: Any, value: Any) -> Any:
+    optional = typing.get_origin(annotation) in (typing.Union, type(int | None)) and type(
+        None
+    ) in typing.get_args(annotation)
+    if optional:
+        if value is None:
+            return None
+        (annotation,) = (a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is str:
+        if not isinstance(value, str) or not value:
+            raise InvalidMessage(f"field {name!r} must be a non-empty string")
+        if name in _ID_CHECKS:
+            pattern, rule = _ID_CHECKS[name]
+            if pattern.fullmatch(value) is None:
+                raise InvalidMessage(f"field {name!r} must be {rule}, got {value[:80]!r}")
+        return value
+    if annotation in (int, float):
+        # bool is an int in Python but never a valid number in this contract.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidMessage(f"field {name!r} must be a number")
+        if annotation is int and not float(value).is_integer():
+            raise InvalidMessage(f"field {name!r} must be an integer")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidMessage(f"field {name!r} must be finite")
+        return annotation(value)
+    raise TypeError(f"unsupported field type {annotation!r}")  # pragma: no cover
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _decode_fields(cls: type, data: dict) -> dict[str, Any]:
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name not in data:
+            if f.default is not dataclasses.MISSING:
+                continue
+            raise InvalidMessage(f"missing field {f.name!r}")
+        kwargs[f.name] = _check_value(f.name, hints[f.name], data[f.name])
+    return kwargs
+
+
+def _load_object(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidMessage("body is not a JSON object")
+    version = data.get("v", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise InvalidMessage(f"unsupported schema version {version!r}")
+    return data
+
+
+def _dump(obj: Any, **extra: Any) -> bytes:
+    payload = {"v": SCHEMA_VERSION, **dataclasses.asdict(obj), **extra}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class ChargeRequest:
+    """A driver's request to charge, as accepted by the gateway."""
+
+    request_id: str
+    ev_id: str
+    accepted_at: float
+
+    def to_body(self) -> bytes:
+        return _dump(self)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> ChargeRequest:
+        return cls(**_decode_fields(cls, _load_object(body)))
+
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    """A charge request the balancer sent to one substation's queue."""
+
+    request_id: str
+    ev_id: str
+    accepted_at: float
+    substation: str
+    routed_at: float
+    balancer: str
+
+    @classmethod
+    def from_request(
+        cls, request: ChargeRequest, *, substation: str, routed_at: float, balancer: str
+    ) -> RoutedRequest:
+        return cls(
+            request_id=request.request_id,
+            ev_id=request.ev_id,
+            accepted_at=request.accepted_at,
+            substation=substation,
+            routed_at=routed_at,
+            balancer=balancer,
+        )
+
+    def to_body(self) -> bytes:
+        return _dump(self)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> RoutedRequest:
+        return cls(**_decode_fields(cls, _load_object(body)))
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle events (routing key = kind)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = ""
+    at: float
+
+    def to_body(self) -> bytes:
+        return _dump(self, kind=self.kind)
+
+
+@dataclass(frozen=True)
+class RequestAccepted(Event):
+    kind: ClassVar[str] = "request.accepted"
+    request_id: str
+    ev_id: str
+
+
+@dataclass(frozen=True)
+class RequestRouted(Event):
+    kind: ClassVar[str] = "request.routed"
+    request_id: str
+    ev_id: str
+    substation: str
+    balancer: str
+
+
+@dataclass(frozen=True)
+class SessionStarted(Event):
+    kind: ClassVar[str] = "session.started"
+    request_id: str
+    ev_id: str
+    substation: str
+    instance: str
+    accepted_at: float
+    #: When the substation expects the session to end; the balancer prefers, among equally
+    #: loaded substations, the one whose next session ends soonest.
+    expected_end: float
+
+
+@dataclass(frozen=True)
+class SessionCompleted(Event):
+    kind: ClassVar[str] = "session.completed"
+    request_id: str
+    ev_id: str
+    substation: str
+    instance: str
+    started_at: float
+
+
+@dataclass(frozen=True)
+class RequestDeadLettered(Event):
+    kind: ClassVar[str] = "request.dead_lettered"
+    reason: str
+    source: str
+    request_id: str | None = None
+    ev_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SubstationAnnounced(Event):
+    kind: ClassVar[str] = "substation.announced"
+    substation: str
+    instance: str
+    capacity: int
+    metrics_url: str
+    session_seconds: float
+
+
+@dataclass(frozen=True)
+class SubstationLeaving(Event):
+    kind: ClassVar[str] = "substation.leaving"
+    substation: str
+    instance: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (
+        RequestAccepted,
+        RequestRouted,
+        SessionStarted,
+        SessionCompleted,
+        RequestDeadLettered,
+        SubstationAnnounced,
+        SubstationLeaving,
+    )
+}
+
+
+def decode_event(routing_key: str, body: bytes) -> Event:
+    """Decode a lifecycle event; the routing key names its kind."""
+    cls = EVENT_TYPES.get(routing_key)
+    if cls is None:
+        raise InvalidMessage(f"unknown event kind {routing_key!r}")
+    data = _load_object(body)
+    if data.get("kind", routing_key) != routing_key:
+        raise InvalidMessage(f"event kind {data.get('kind')!r} does not match {routing_key!r}")
+    return cls(**_decode_fields(cls, data))
+
+
+# --------------------------------------------------------------------------------------------
+# What a substation exposes on /metrics and the balancer reads
+# --------------------------------------------------------------------------------------------
+LOAD_METRIC = "substation_current_load"
+CAPACITY_METRIC = "substation_capacity"
+RECEIVED_METRIC = "substation_requests_received"  # counter: exposed as ..._total
+COMPLETED_METRIC = "substation_sessions_completed"  # counter: exposed as ..._total
+INFO_METRIC = "substation_info"  # labels: substation, instance
+
+
+@dataclass(frozen=True)
+class SubstationReading:
+    """One poll of a substation's /metrics: what the balancer needs, read at one instant."""
+
+    substation: str
+    instance: str
+    load: float
+    capacity: int
+    received: float
+    completed: float

@@ -1,0 +1,149 @@
+"""A substation's charging points: which sessions run, and the counters behind /metrics.
+
+The I/O thread changes this state and the HTTP thread serving /metrics reads it; both go
+through one lock so that a scrape sees load, received and completed from the same instant.
+The balancer subtracts these numbers from each other, so a torn read would skew its estimate.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from smartgrid import contract
+from smartgrid.amqp import Delivery
+
+
+@dataclass
+class Session:
+    request: contract.RoutedRequest
+    delivery: Delivery
+    started_at: float
+    expected_end: float
+    timer: object | None = None
+
+
+class Admission(Enum):
+    STARTED = "started"
+    #: Already charging here; the new delivery replaces one from a dead connection.
+    ADOPTED = "adopted"
+    #: Already charging or recently completed here; nothing to do but acknowledge.
+    DUPLICATE = "duplicate"
+
+
+class ChargingPoints:
+    def __init__(self, substation_id: str, capacity: int, instance: str, *, remember: int = 50_000):
+        self.substation_id = substation_id
+        self.capacity = capacity
+        self.instance = instance
+        self._lock = threading.Lock()
+        self._active: dict[str, Session] = {}
+        self._recently_completed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._remember = remember
+        self.received = 0
+        self.completed = 0
+        self.duplicates = 0
+
+    @property
+    def load(self) -> int:
+        return len(self._active)
+
+    def admit(
+        self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float
+    ) -> tuple[Admission, Session | None]:
+        with self._lock:
+            if not delivery.redelivered:
+                # A redelivery was counted when it first arrived; counting it again would make
+                # the balancer believe fewer requests are still on their way here.
+                self.received += 1
+            current = self._active.get(request.request_id)
+            if current is not None:
+                if current.delivery.generation != delivery.generation:
+                    current.delivery = delivery
+                    return Admission.ADOPTED, current
+                self.duplicates += 1
+                return Admission.DUPLICATE, None
+            if request.request_id in self._recently_completed:
+                self.duplicates += 1
+                return Admission.DUPLICATE, None
+            session = Session(request, delivery, started_at=now, expected_end=now + duration)
+            self._active[request.request_id] = session
+            return Admission.STARTED, session
+
+    def finish(self, request_id: str) -> Session | None:
+        with self._lock:
+            session = self._active.pop(request_id, None)
+            if session is None:
+                return None
+            self.completed += 1
+            self._recently_completed[request_id] = None
+            if len(self._recently_completed) > self._remember:
+                self._recently_completed.popitem(last=False)
+            return session
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._active.values())
+
+    def snapshot(self) -> tuple[int, int, int, int]:
+        with self._lock:
+            return len(self._active), self.received, self.completed, self.duplicates
+
+
+class ChargingPointsCollector(Collector):
+    """Exposes :class:`ChargingPoints` in the names the balancer reads (the contract)."""
+
+    def __init__(self, points: ChargingPoints):
+        self._points = points
+
+    def collect(self) -> Iterator:
+        points = self._points
+        load, received, completed, duplicates = points.snapshot()
+        labels = ["substation"]
+        values = [points.substation_id]
+
+        gauge = GaugeMetricFamily(
+            contract.LOAD_METRIC, "Charging sessions running now", labels=labels
+        )
+        gauge.add_metric(values, load)
+        yield gauge
+
+        gauge = GaugeMetricFamily(
+            contract.CAPACITY_METRIC, "Charging points (sessions that can run at once)", labels=labels
+        )
+        gauge.add_metric(values, points.capacity)
+        yield gauge
+
+        info = GaugeMetricFamily(
+            contract.INFO_METRIC,
+            "Always 1; the instance label changes each time the substation process starts",
+            labels=["substation", "instance"],
+        )
+        info.add_metric([points.substation_id, points.instance], 1)
+        yield info
+
+        counter = CounterMetricFamily(
+            contract.RECEIVED_METRIC, "Requests delivered from this substation's queue", labels=labels
+        )
+        counter.add_metric(values, received)
+        yield counter
+
+        counter = CounterMetricFamily(
+            contract.COMPLETED_METRIC, "Charging sessions completed", labels=labels
+        )
+        counter.add_metric(values, completed)
+        yield counter
+
+        counter = CounterMetricFamily(
+            "substation_duplicate_requests",
+            "Deliveries of a request already charging or completed here (acknowledged, not charged twice)",
+            labels=labels,
+        )
+        counter.add_metric(values, duplicates)
+        yield counter

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from smartgrid import contract
+from smartgrid.config import DEFAULT_AMQP_URL, non_negative, positive, setting
+
+
+@dataclass(frozen=True)
+class SubstationConfig:
+    amqp_url: str = setting("AMQP_URL", DEFAULT_AMQP_URL, "Broker URL; several, comma-separated, for a cluster")
+    substation_id: str = setting(
+        "SUBSTATION_ID",
+        "substation-1",
+        "This substation's id: names its queue and labels its metrics",
+        check=contract.is_valid_substation_id,
+        expect=contract.SUBSTATION_ID_RULE,
+    )
+    capacity: int = setting(
+        "SUBSTATION_CAPACITY", 10, "Charging points: sessions that can run at once", check=positive, expect="an integer > 0"
+    )
+    session_seconds: float = setting(
+        "SESSION_SECONDS", 30.0, "Length of one charging session", check=positive, expect="seconds > 0"
+    )
+    metrics_port: int = setting("METRICS_PORT", 9401, "Port of the /metrics endpoint", check=positive, expect="a TCP port")
+    metrics_bind: str = setting("METRICS_BIND", "0.0.0.0", "Address the /metrics endpoint listens on")
+    metrics_url: str = setting(
+        "SUBSTATION_METRICS_URL",
+        "",
+        "URL the balancer polls, announced on start-up (default http://<hostname>:<METRICS_PORT>/metrics)",
+    )
+    announce_interval: float = setting(
+        "ANNOUNCE_INTERVAL", 5.0, "Seconds between announcements to balancers", check=positive, expect="seconds > 0"
+    )
+    shutdown_grace: float = setting(
+        "SHUTDOWN_GRACE",
+        10.0,
+        "On SIGTERM, sessions ending within this many seconds finish; later ones go back to the queue",
+        check=non_negative,
+        expect="seconds >= 0",
+    )
+    log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
+
+    @property
+    def advertised_metrics_url(self) -> str:
+        return self.metrics_url or f"http://{socket.gethostname()}:{self.metrics_port}/metrics"
