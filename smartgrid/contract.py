@@ -15,7 +15,7 @@ Flow of a charge request::
 Every service publishes lifecycle events to the topic exchange ``smartgrid.events`` with the
 event kind as routing key (``request.accepted``, ``request.routed``, ``session.started``,
 ``session.completed``, ``request.dead_lettered``, ``substation.announced``,
-``substation.leaving``).
+``substation.leaving``, ``balancer.started``).
 
 All queues are durable quorum queues with every argument explicit, so the declarations mean the
 same on RabbitMQ 3.10 and 4.x (4.x changed the default delivery limit and refuses transient
@@ -356,6 +356,14 @@ class SubstationLeaving(Event):
     instance: str
 
 
+@dataclass(frozen=True)
+class BalancerStarted(Event):
+    """Asks every substation to announce itself now rather than at its next interval."""
+
+    kind: ClassVar[str] = "balancer.started"
+    balancer: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
@@ -366,6 +374,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RequestDeadLettered,
         SubstationAnnounced,
         SubstationLeaving,
+        BalancerStarted,
     )
 }
 

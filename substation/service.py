@@ -47,7 +47,15 @@ class SubstationService:
             config.amqp_url,
             name=f"substation-{config.substation_id}",
             topology=contract.core_topology() + contract.substation_topology(config.substation_id),
-            consumers=[Consumer(self.queue, self._on_request, prefetch=config.capacity)],
+            consumers=[
+                Consumer(self.queue, self._on_request, prefetch=config.capacity),
+                Consumer(
+                    "smartgrid.substation-hello",
+                    lambda _delivery: self._announce(),
+                    auto_ack=True,
+                    bindings=((contract.EVENTS_EXCHANGE, contract.BalancerStarted.kind),),
+                ),
+            ],
             on_ready=self._announce,
         )
         self._http = None

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from balancer.strategies import DEFAULT_STRATEGY, STRATEGIES
+from smartgrid import contract
+from smartgrid.config import DEFAULT_AMQP_URL, non_negative, positive, setting
+
+
+def _valid_static_list(entries: tuple[str, ...]) -> bool:
+    try:
+        parse_static_substations(entries)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_static_substations(entries: tuple[str, ...]) -> dict[str, str]:
+    """``("s1=http://host:9401/metrics", ...)`` -> ``{"s1": "http://host:9401/metrics"}``."""
+    result = {}
+    for entry in entries:
+        substation, sep, url = entry.partition("=")
+        substation, url = substation.strip(), url.strip()
+        if not sep or not contract.is_valid_substation_id(substation) or not url.startswith(("http://", "https://")):
+            raise ValueError(entry)
+        result[substation] = url
+    return result
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    amqp_url: str = setting("AMQP_URL", DEFAULT_AMQP_URL, "Broker URL; several, comma-separated, for a cluster")
+    poll_interval: float = setting(
+        "POLL_INTERVAL", 5.0, "Seconds between polls of every substation's /metrics", check=positive, expect="seconds > 0"
+    )
+    substations: tuple[str, ...] = setting(
+        "SUBSTATIONS",
+        (),
+        "Optional static list of substations, id=metrics-url,... (others join by announcing themselves)",
+        check=_valid_static_list,
+        expect="comma-separated id=http://host:port/metrics entries",
+    )
+    strategy: str = setting(
+        "BALANCER_STRATEGY",
+        DEFAULT_STRATEGY,
+        "How to choose a substation",
+        check=lambda name: name in STRATEGIES,
+        expect="one of " + ", ".join(STRATEGIES),
+    )
+    prefetch: int = setting(
+        "BALANCER_PREFETCH",
+        200,
+        "Pending requests taken from the queue at once (also the most held while all substations are full)",
+        check=positive,
+        expect="an integer > 0",
+    )
+    stale_after: float = setting(
+        "STALE_AFTER",
+        0.0,
+        "A substation whose last good reading is older than this is not routed to (0: 3 x POLL_INTERVAL)",
+        check=non_negative,
+        expect="seconds >= 0",
+    )
+    forget_after: float = setting(
+        "FORGET_AFTER",
+        60.0,
+        "An announced substation silent this long (no announcement, no reading) is forgotten",
+        check=positive,
+        expect="seconds > 0",
+    )
+    poll_timeout: float = setting(
+        "POLL_TIMEOUT", 2.0, "Timeout of one /metrics request", check=positive, expect="seconds > 0"
+    )
+    metrics_port: int = setting("METRICS_PORT", 9400, "Port of the balancer's own /metrics", check=positive, expect="a TCP port")
+    metrics_bind: str = setting("METRICS_BIND", "0.0.0.0", "Address the /metrics endpoint listens on")
+    balancer_id: str = setting("BALANCER_ID", "", "Name in routed events and logs (default: balancer-<host>-<random>)")
+    seed: int = setting("BALANCER_SEED", 0, "Seed of the tie-breaking random generator (0: unpredictable)")
+    log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
+
+    @property
+    def effective_stale_after(self) -> float:
+        return self.stale_after or 3 * self.poll_interval
+
+    @property
+    def effective_poll_timeout(self) -> float:
+        return min(self.poll_timeout, self.poll_interval)

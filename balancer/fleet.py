@@ -1,0 +1,257 @@
+"""What the balancer knows about each substation, and its estimate of each one's load now.
+
+The polled load is seconds old. Between polls the balancer corrects it with what it has seen
+since, using the substation's own counters from the same poll so that no event is counted
+twice or missed however events and polls interleave::
+
+    estimate = polled load
+             + (routed there in total - the substation's received total at the poll)
+             - (completions seen in total - the substation's completed total at the poll)
+
+The first bracket is every request routed there that the poll did not yet see (in transit, or
+waiting in the substation's queue); the second is every session that ended since the poll. The
+totals on the two sides start at different times (a balancer restarts, a substation restarts),
+so each side carries an offset fixed at the first reading of a substation instance, assuming
+nothing was in flight then; if a bracket ever goes negative, the offset is moved so it is zero.
+
+A substation is eligible only while its last reading is younger than ``stale_after`` and it
+has not said it is leaving. Unknown or stale means ineligible, never "load 0".
+
+Everything here runs on the balancer's AMQP I/O thread; the poller hands readings over to it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from balancer.strategies import Candidate
+from smartgrid import contract
+
+#: Expected session ends this far in the past are dropped even if no completion was seen
+#: (a lost event must not make a substation look "about to free a point" forever).
+_FORGET_ENDS_AFTER = 60.0
+
+
+@dataclass
+class TrackedSubstation:
+    substation: str
+    metrics_url: str | None = None
+    static: bool = False
+    announced_capacity: int | None = None
+    announced_instance: str | None = None
+    announced_at: float | None = None
+    leaving_instance: str | None = None
+
+    reading: contract.SubstationReading | None = None
+    reading_at: float | None = None
+    last_error: str | None = None
+    errors: int = 0
+
+    routed: int = 0
+    routed_offset: float = 0.0
+    event_instance: str | None = None
+    completed_seen: int = 0
+    completed_offset: float = 0.0
+    running_ends: dict[str, float] = field(default_factory=dict)
+    _ends_heap: list[tuple[float, str]] = field(default_factory=list)
+
+    # -------------------------------------------------------------------------- estimates
+    def in_flight(self) -> float:
+        if self.reading is None:
+            return 0.0
+        return max(0.0, self.routed + self.routed_offset - self.reading.received)
+
+    def completed_since_reading(self) -> float:
+        if self.reading is None:
+            return 0.0
+        return max(0.0, self.completed_seen + self.completed_offset - self.reading.completed)
+
+    def estimate(self) -> float:
+        if self.reading is None:
+            return math.nan
+        return max(0.0, self.reading.load + self.in_flight() - self.completed_since_reading())
+
+    @property
+    def capacity(self) -> int | None:
+        return self.reading.capacity if self.reading is not None else self.announced_capacity
+
+    def next_end(self, wall_now: float) -> float:
+        heap = self._ends_heap
+        while heap:
+            end, request_id = heap[0]
+            if self.running_ends.get(request_id) == end and end > wall_now - _FORGET_ENDS_AFTER:
+                return end
+            heapq.heappop(heap)
+            if self.running_ends.get(request_id) == end:
+                del self.running_ends[request_id]
+        return math.inf
+
+    # -------------------------------------------------------------------------- updates
+    def _switch_event_instance(self, instance: str) -> None:
+        if self.event_instance != instance:
+            self.event_instance = instance
+            self.completed_seen = 0
+            self.completed_offset = 0.0
+            self.running_ends.clear()
+            self._ends_heap.clear()
+
+    def apply_reading(self, reading: contract.SubstationReading, at: float) -> None:
+        new_instance = self.reading is None or self.reading.instance != reading.instance
+        if new_instance:
+            if self.event_instance != reading.instance:
+                self._switch_event_instance(reading.instance)
+            # A substation seen for the first time: assume nothing is in flight to it.
+            self.routed_offset = reading.received - self.routed
+            self.completed_offset = reading.completed - self.completed_seen
+        self.reading = reading
+        self.reading_at = at
+        self.last_error = None
+        if self.routed + self.routed_offset < reading.received:
+            self.routed_offset = reading.received - self.routed
+        if self.completed_seen + self.completed_offset < reading.completed:
+            self.completed_offset = reading.completed - self.completed_seen
+        if self.leaving_instance is not None and self.leaving_instance != reading.instance:
+            self.leaving_instance = None
+
+    def session_started(self, event: contract.SessionStarted) -> None:
+        self._switch_event_instance(event.instance)
+        self.running_ends[event.request_id] = event.expected_end
+        heapq.heappush(self._ends_heap, (event.expected_end, event.request_id))
+
+    def session_completed(self, event: contract.SessionCompleted) -> None:
+        self._switch_event_instance(event.instance)
+        self.running_ends.pop(event.request_id, None)
+        self.completed_seen += 1
+
+
+class Fleet:
+    """Every substation the balancer knows of, from the static list and announcements."""
+
+    def __init__(
+        self,
+        *,
+        stale_after: float,
+        forget_after: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.stale_after = stale_after
+        self.forget_after = forget_after
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.substations: dict[str, TrackedSubstation] = {}
+        #: (substation, metrics URL) pairs to poll; replaced, never mutated, so the poller
+        #: thread can read it without a lock.
+        self.poll_targets: tuple[tuple[str, str], ...] = ()
+
+    def _track(self, substation: str) -> TrackedSubstation:
+        tracked = self.substations.get(substation)
+        if tracked is None:
+            tracked = self.substations[substation] = TrackedSubstation(substation)
+        return tracked
+
+    def _refresh_targets(self) -> None:
+        self.poll_targets = tuple(
+            (t.substation, t.metrics_url) for t in self.substations.values() if t.metrics_url
+        )
+
+    # -------------------------------------------------------------------------- membership
+    def add_static(self, substation: str, metrics_url: str) -> None:
+        tracked = self._track(substation)
+        tracked.metrics_url = metrics_url
+        tracked.static = True
+        self._refresh_targets()
+
+    def announced(self, event: contract.SubstationAnnounced) -> bool:
+        """Record an announcement; True if the poll targets changed."""
+        tracked = self._track(event.substation)
+        tracked.announced_capacity = event.capacity
+        tracked.announced_instance = event.instance
+        tracked.announced_at = self._clock()
+        if tracked.leaving_instance is not None and tracked.leaving_instance != event.instance:
+            tracked.leaving_instance = None
+        if tracked.metrics_url != event.metrics_url and not tracked.static:
+            tracked.metrics_url = event.metrics_url
+            self._refresh_targets()
+            return True
+        return False
+
+    def leaving(self, event: contract.SubstationLeaving) -> None:
+        tracked = self.substations.get(event.substation)
+        if tracked is not None:
+            tracked.leaving_instance = event.instance
+
+    def forget_silent(self) -> list[str]:
+        """Drop announced (not static) substations silent for ``forget_after``."""
+        now = self._clock()
+        gone = [
+            t.substation
+            for t in self.substations.values()
+            if not t.static
+            and now - max(t.announced_at or 0.0, t.reading_at or 0.0) > self.forget_after
+        ]
+        for substation in gone:
+            del self.substations[substation]
+        if gone:
+            self._refresh_targets()
+        return gone
+
+    # -------------------------------------------------------------------------- observations
+    def reading(self, substation: str, reading: contract.SubstationReading) -> None:
+        tracked = self.substations.get(substation)
+        if tracked is not None:
+            tracked.apply_reading(reading, self._clock())
+
+    def reading_failed(self, substation: str, error: str) -> None:
+        tracked = self.substations.get(substation)
+        if tracked is not None:
+            tracked.last_error = error
+            tracked.errors += 1
+
+    def mark_unknown(self, substation: str) -> None:
+        """Forget the last reading: the substation is ineligible until it is polled again."""
+        tracked = self.substations.get(substation)
+        if tracked is not None:
+            tracked.reading = None
+            tracked.reading_at = None
+
+    def routed(self, substation: str, count: int = 1) -> None:
+        self._track(substation).routed += count
+
+    def session_started(self, event: contract.SessionStarted) -> None:
+        self._track(event.substation).session_started(event)
+
+    def session_completed(self, event: contract.SessionCompleted) -> None:
+        self._track(event.substation).session_completed(event)
+
+    # -------------------------------------------------------------------------- decisions
+    def is_eligible(self, tracked: TrackedSubstation, now: float | None = None) -> bool:
+        now = self._clock() if now is None else now
+        return (
+            tracked.reading is not None
+            and tracked.reading_at is not None
+            and now - tracked.reading_at <= self.stale_after
+            and tracked.leaving_instance != tracked.reading.instance
+        )
+
+    def candidates(self) -> list[Candidate]:
+        now = self._clock()
+        wall_now = self._wall_clock()
+        return [
+            Candidate(
+                substation=t.substation,
+                capacity=t.reading.capacity,
+                estimate=t.estimate(),
+                polled_load=t.reading.load,
+                next_end=t.next_end(wall_now),
+            )
+            for t in self.substations.values()
+            if self.is_eligible(t, now)
+        ]
+
+    def reading_age(self, tracked: TrackedSubstation) -> float:
+        return math.inf if tracked.reading_at is None else self._clock() - tracked.reading_at

@@ -1,0 +1,268 @@
+"""The balancer: takes pending requests, picks a substation, forwards, then acknowledges.
+
+Consume-transform-republish in RabbitMQ Shovel's ``on-confirm`` mode: a pending request is
+acknowledged only after the substation's queue has confirmed the forwarded copy, so a crash at
+any point leaves it in the pending queue (at worst it is forwarded twice; substations
+deduplicate by request id). Confirms are asynchronous, so many requests are in flight at once.
+
+When the strategy holds a request (no eligible substation, or all full), it stays unacknowledged
+here, in order, and is retried whenever something changes (a poll, a completed session, an
+announcement). The prefetch bounds how many are held; the rest wait in the pending queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import socket
+import time
+import uuid
+from concurrent.futures import Future
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+from balancer.config import BalancerConfig, parse_static_substations
+from balancer.fleet import Fleet
+from balancer.poller import Poller, PollResult
+from balancer.strategies import make_strategy
+from smartgrid import contract
+from smartgrid.amqp import Consumer, Delivery, Link, Unroutable
+from smartgrid.deadletter import dead_letter
+
+log = logging.getLogger(__name__)
+
+EVENT_BINDINGS = tuple(
+    (contract.EVENTS_EXCHANGE, kind)
+    for kind in (
+        contract.RequestRouted.kind,
+        contract.SessionStarted.kind,
+        contract.SessionCompleted.kind,
+        contract.SubstationAnnounced.kind,
+        contract.SubstationLeaving.kind,
+    )
+)
+
+
+class BalancerMetrics:
+    def __init__(self, registry=REGISTRY):
+        self.routed = Counter(
+            "balancer_routed_requests", "Requests forwarded to a substation (confirmed)", ["substation"], registry=registry
+        )
+        self.estimated_load = Gauge(
+            "balancer_estimated_load", "The balancer's current estimate of each substation's load", ["substation"], registry=registry
+        )
+        self.up = Gauge(
+            "balancer_substation_up", "1 if the substation is eligible (fresh metrics, not leaving)", ["substation"], registry=registry
+        )
+        self.metrics_age = Gauge(
+            "balancer_substation_metrics_age_seconds", "Age of the last good reading of the substation", ["substation"], registry=registry
+        )
+        self.poll_errors = Counter(
+            "balancer_poll_errors", "Failed polls of a substation's /metrics", ["substation"], registry=registry
+        )
+        self.decision = Histogram(
+            "balancer_decision_seconds",
+            "Time to choose a substation for one request",
+            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
+            registry=registry,
+        )
+        self.held = Gauge(
+            "balancer_held_requests", "Requests held because no substation is eligible or all are full", registry=registry
+        )
+        self.dispatch_failures = Counter(
+            "balancer_dispatch_failures", "Forwards that the broker did not confirm", ["reason"], registry=registry
+        )
+        self.dead_lettered = Counter(
+            "balancer_dead_lettered_requests", "Pending messages set aside as invalid", registry=registry
+        )
+
+
+class BalancerService:
+    def __init__(self, config: BalancerConfig, *, registry=REGISTRY):
+        self.config = config
+        self.balancer_id = config.balancer_id or f"balancer-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.rng = random.Random(config.seed or None)
+        self.strategy = make_strategy(config.strategy)
+        self.fleet = Fleet(stale_after=config.effective_stale_after, forget_after=config.forget_after)
+        for substation, url in parse_static_substations(config.substations).items():
+            self.fleet.add_static(substation, url)
+        self.metrics = BalancerMetrics(registry)
+        self._registry = registry
+        self._held: collections.deque[tuple[Delivery, contract.ChargeRequest]] = collections.deque()
+        self.link = Link(
+            config.amqp_url,
+            name=self.balancer_id,
+            topology=contract.core_topology(),
+            consumers=[
+                Consumer(contract.PENDING_QUEUE, self._on_request, prefetch=config.prefetch),
+                Consumer("smartgrid.balancer-events", self._on_event, auto_ack=True, bindings=EVENT_BINDINGS),
+            ],
+            on_ready=self._say_hello,
+            on_lost=self._on_connection_lost,
+        )
+        self.poller = Poller(
+            targets=lambda: self.fleet.poll_targets,
+            deliver=lambda results: self.link.call_soon(lambda: self._on_readings(results)),
+            interval=config.poll_interval,
+            timeout=config.effective_poll_timeout,
+        )
+        self._http = None
+
+    # ------------------------------------------------------------------ lifecycle (any thread)
+    def start(self) -> None:
+        self._http, _ = start_http_server(
+            self.config.metrics_port, addr=self.config.metrics_bind, registry=self._registry
+        )
+        self.link.start()
+        self.poller.start()
+        self.link.call_soon(self._housekeeping)
+        log.info(
+            "%s: strategy %s, polling every %.2fs, stale after %.2fs, %d static substation(s), metrics on :%d",
+            self.balancer_id,
+            self.config.strategy,
+            self.config.poll_interval,
+            self.config.effective_stale_after,
+            len(self.config.substations),
+            self.config.metrics_port,
+        )
+
+    def stop(self) -> None:
+        """Stop consuming; forwards in flight get their confirms; held requests go back."""
+        self.poller.stop()
+        self.link.stop(timeout=10)
+        if self._http is not None:
+            self._http.shutdown()
+
+    # ------------------------------------------------------------------ requests (I/O thread)
+    def _on_request(self, delivery: Delivery) -> None:
+        try:
+            request = contract.ChargeRequest.from_body(delivery.body)
+        except contract.InvalidMessage as exc:
+            self.metrics.dead_lettered.inc()
+            dead_letter(self.link, delivery, reason=f"invalid charge request: {exc}", source=contract.PENDING_QUEUE)
+            return
+        self._held.append((delivery, request))
+        self._route_held()
+
+    def _route_held(self) -> None:
+        """Route held requests in arrival order until the strategy holds one."""
+        while self._held:
+            delivery, request = self._held[0]
+            if not self._try_route(delivery, request):
+                break
+            self._held.popleft()
+        self.metrics.held.set(len(self._held))
+
+    def _try_route(self, delivery: Delivery, request: contract.ChargeRequest) -> bool:
+        started = time.perf_counter()
+        choice = self.strategy(self.fleet.candidates(), self.rng)
+        self.metrics.decision.observe(time.perf_counter() - started)
+        if choice is None:
+            return False
+        substation = choice.substation
+        self.fleet.routed(substation)
+        self.metrics.estimated_load.labels(substation).set(choice.estimate + 1)
+        routed = contract.RoutedRequest.from_request(
+            request, substation=substation, routed_at=time.time(), balancer=self.balancer_id
+        )
+        confirmation = self.link.publish(contract.DISPATCH_EXCHANGE, substation, routed.to_body(), mandatory=True)
+        confirmation.add_done_callback(lambda f: self._after_forward(f, delivery, routed))
+        return True
+
+    def _after_forward(self, confirmation: Future, delivery: Delivery, routed: contract.RoutedRequest) -> None:
+        error = confirmation.exception()
+        if error is None:
+            self.link.ack(delivery)
+            self.metrics.routed.labels(routed.substation).inc()
+            event = contract.RequestRouted(
+                at=routed.routed_at,
+                request_id=routed.request_id,
+                ev_id=routed.ev_id,
+                substation=routed.substation,
+                balancer=self.balancer_id,
+            )
+            self.link.publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True)
+            return
+        self.fleet.routed(routed.substation, -1)
+        self.metrics.dispatch_failures.labels(type(error).__name__).inc()
+        if isinstance(error, Unroutable):
+            # The substation's queue does not exist (deleted, or never declared): stop using
+            # it until it announces itself again, and route this request elsewhere.
+            log.warning("substation %s has no queue (%s); not routing there", routed.substation, error)
+            self.fleet.mark_unknown(routed.substation)
+            request = contract.ChargeRequest(routed.request_id, routed.ev_id, routed.accepted_at)
+            self._held.appendleft((delivery, request))
+            self._route_held()
+        else:
+            # Connection lost: the broker returns the pending request to its queue by itself.
+            # A refused publish: hand it back for another try (counts toward the delivery limit).
+            log.warning("forward of %s to %s failed: %s", routed.request_id, routed.substation, error)
+            self.link.reject(delivery, requeue=True)
+
+    def _say_hello(self) -> None:
+        hello = contract.BalancerStarted(at=time.time(), balancer=self.balancer_id)
+        self.link.publish(contract.EVENTS_EXCHANGE, hello.kind, hello.to_body(), mandatory=False)
+
+    def _on_connection_lost(self) -> None:
+        # Held deliveries belonged to the dead channel; the broker requeues them.
+        self._held.clear()
+        self.metrics.held.set(0)
+
+    # ------------------------------------------------------------------ events (I/O thread)
+    def _on_event(self, delivery: Delivery) -> None:
+        try:
+            event = contract.decode_event(delivery.routing_key, delivery.body)
+        except contract.InvalidMessage as exc:
+            log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
+            return
+        if isinstance(event, contract.SessionCompleted):
+            self.fleet.session_completed(event)
+            if self._held:
+                self._route_held()
+        elif isinstance(event, contract.SessionStarted):
+            self.fleet.session_started(event)
+        elif isinstance(event, contract.RequestRouted):
+            if event.balancer != self.balancer_id:
+                self.fleet.routed(event.substation)
+        elif isinstance(event, contract.SubstationAnnounced):
+            if self.fleet.announced(event):
+                log.info("substation %s announced itself at %s", event.substation, event.metrics_url)
+                self.poller.poll_soon()
+        elif isinstance(event, contract.SubstationLeaving):
+            log.info("substation %s is leaving", event.substation)
+            self.fleet.leaving(event)
+
+    # ------------------------------------------------------------------ polls (I/O thread)
+    def _on_readings(self, results: list[PollResult]) -> None:
+        for substation, reading, error in results:
+            if reading is not None:
+                self.fleet.reading(substation, reading)
+            else:
+                self.fleet.reading_failed(substation, error or "unknown error")
+                self.metrics.poll_errors.labels(substation).inc()
+                log.debug("poll of %s failed: %s", substation, error)
+        self._publish_fleet_metrics()
+        if self._held:
+            self._route_held()
+
+    def _housekeeping(self) -> None:
+        for substation in self.fleet.forget_silent():
+            log.warning("substation %s has been silent for %.0fs; forgotten", substation, self.config.forget_after)
+            for gauge in (self.metrics.estimated_load, self.metrics.up, self.metrics.metrics_age):
+                gauge.remove(substation)
+        self._publish_fleet_metrics()
+        # A substation can go stale between polls; held requests may also need a retry.
+        if self._held:
+            self._route_held()
+        self.link.call_later(1.0, self._housekeeping)
+
+    def _publish_fleet_metrics(self) -> None:
+        now = time.monotonic()
+        for tracked in self.fleet.substations.values():
+            substation = tracked.substation
+            eligible = self.fleet.is_eligible(tracked, now)
+            self.metrics.up.labels(substation).set(1 if eligible else 0)
+            if tracked.reading is not None:
+                self.metrics.estimated_load.labels(substation).set(tracked.estimate())
+                self.metrics.metrics_age.labels(substation).set(self.fleet.reading_age(tracked))

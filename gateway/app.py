@@ -1,0 +1,211 @@
+"""The gateway's HTTP API (Flask).
+
+``POST /charge`` answers 202 only once the broker has confirmed the request is in the pending
+queue; a request that cannot be confirmed gets 503 with ``Retry-After``, never a promise that
+cannot be kept. Every error is a JSON object ``{"error": ..., "detail": ...}`` with a 4xx status
+(5xx only for the broker being unavailable); nothing the client sends can produce a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from werkzeug.exceptions import HTTPException
+
+from gateway.broker import GatewayBroker
+from gateway.config import GatewayConfig
+from gateway.tracker import RequestTracker
+from smartgrid import contract
+from smartgrid.amqp import LinkError
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_FIELDS = {"ev_id"}
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None):
+        self.requests = Counter(
+            "gateway_charge_requests",
+            "POST /charge answers by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.publish_seconds = Histogram(
+            "gateway_publish_seconds",
+            "From publishing a request to the broker's confirmation",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        self.accept_seconds = Histogram(
+            "gateway_accept_seconds",
+            "Time to answer POST /charge with 202, including the wait for the routing decision",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        for outcome in ("accepted", "invalid", "unavailable"):
+            self.requests.labels(outcome)
+
+
+def _error(status: int, error: str, detail: str, **headers: str) -> Response:
+    response = jsonify({"error": error, "detail": detail})
+    response.status_code = status
+    for name, value in headers.items():
+        response.headers[name.replace("_", "-")] = value
+    return response
+
+
+def _is_json_content_type(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def parse_charge_body(raw: bytes) -> str:
+    """The ``ev_id`` of a POST /charge body, or ValueError with a message for the client."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _BadBody(400, "invalid_json", "the body is not UTF-8") from None
+    except RecursionError:
+        raise _BadBody(400, "invalid_json", "the body is nested too deeply") from None
+    except ValueError as exc:
+        raise _BadBody(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _BadBody(422, "invalid_request", 'the body must be a JSON object like {"ev_id": "EV1234"}')
+    unknown = sorted(set(data) - ACCEPTED_FIELDS)
+    if unknown:
+        raise _BadBody(422, "invalid_request", f"unknown field(s): {', '.join(unknown)[:200]}")
+    if "ev_id" not in data:
+        raise _BadBody(422, "invalid_request", "missing field 'ev_id'")
+    ev_id = data["ev_id"]
+    if not contract.is_valid_ev_id(ev_id):
+        raise _BadBody(422, "invalid_ev_id", f"'ev_id' must be a string of {contract.EV_ID_RULE}")
+    return ev_id
+
+
+class _BadBody(Exception):
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    broker: GatewayBroker | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Flask:
+    """Build the app. Without ``broker`` it makes and starts its own (one per process)."""
+    multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if registry is None and not multiprocess_dir:
+        registry = CollectorRegistry()
+    metrics = GatewayMetrics(None if multiprocess_dir else registry)
+    if broker is None:
+        broker = GatewayBroker(
+            config.amqp_url, name=f"gateway-{os.getpid()}", tracker=RequestTracker(config.tracked_requests)
+        )
+        broker.start()
+    tracker = broker.tracker
+
+    app = Flask("gateway")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body
+    app.json.sort_keys = False
+    app.extensions["smartgrid.broker"] = broker
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception) -> Response:  # pragma: no cover - a bug, not input
+        log.exception("unexpected error")
+        return _error(500, "internal_error", "an unexpected error occurred; it has been logged")
+
+    def unavailable(detail: str) -> Response:
+        metrics.requests.labels("unavailable").inc()
+        return _error(503, "broker_unavailable", detail, Retry_After=str(config.retry_after))
+
+    @app.post("/charge")
+    def charge() -> Response:
+        started = time.perf_counter()
+        if not _is_json_content_type(request.mimetype):
+            metrics.requests.labels("invalid").inc()
+            return _error(415, "unsupported_media_type", "send the body as Content-Type: application/json")
+        try:
+            ev_id = parse_charge_body(request.get_data(cache=False))
+        except _BadBody as bad:
+            metrics.requests.labels("invalid").inc()
+            return _error(bad.status, bad.error, bad.detail)
+        if not broker.ready:
+            return unavailable("the message broker is not reachable; the request was not accepted")
+
+        charge_request = contract.ChargeRequest(request_id=uuid.uuid4().hex, ev_id=ev_id, accepted_at=time.time())
+        routed = tracker.expect(charge_request.request_id) if config.routed_wait > 0 else None
+        publish_started = time.perf_counter()
+        try:
+            broker.publish_request(charge_request).result(timeout=config.publish_timeout)
+        except (LinkError, FutureTimeout) as exc:
+            tracker.forget_waiter(charge_request.request_id)
+            log.warning("request for %s not accepted: %s", ev_id, exc or "confirmation timed out")
+            return unavailable("the message broker did not confirm the request; it was not accepted")
+        metrics.publish_seconds.observe(time.perf_counter() - publish_started)
+        tracker.accepted(charge_request)
+        broker.announce_accepted(charge_request)
+
+        if routed is not None:
+            routed.wait(config.routed_wait)
+            tracker.forget_waiter(charge_request.request_id)
+        record = tracker.get(charge_request.request_id) or {}
+        body = {
+            "request_id": charge_request.request_id,
+            "ev_id": ev_id,
+            "status": record.get("status", "queued"),
+        }
+        if record.get("substation"):
+            body["routed_to"] = record["substation"]
+        metrics.requests.labels("accepted").inc()
+        metrics.accept_seconds.observe(time.perf_counter() - started)
+        response = jsonify(body)
+        response.status_code = 202
+        response.headers["Location"] = f"/charge/{charge_request.request_id}"
+        return response
+
+    @app.get("/charge/<request_id>")
+    def charge_status(request_id: str) -> Response:
+        if contract.REQUEST_ID_PATTERN.fullmatch(request_id) is None:
+            return _error(400, "invalid_request_id", "a request id is 32 lowercase hex digits")
+        record = tracker.get(request_id)
+        if record is None:
+            return _error(404, "not_found", "no such request is known to this gateway (or it is too old)")
+        return jsonify(record)
+
+    @app.get("/health")
+    def health() -> Response:
+        ready = broker.ready
+        response = jsonify({"status": "ok" if ready else "unavailable", "broker_connected": ready})
+        response.status_code = 200 if ready else 503
+        return response
+
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        if multiprocess_dir:
+            exposition = CollectorRegistry()
+            multiprocess.MultiProcessCollector(exposition)
+        else:
+            exposition = registry
+        return Response(generate_latest(exposition), mimetype=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,64 @@
+"""The gateway's side of the broker: publishing accepted requests, following their events."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+
+from gateway.tracker import RequestTracker
+from smartgrid import contract
+from smartgrid.amqp import Consumer, Delivery, Link
+
+log = logging.getLogger(__name__)
+
+EVENT_BINDINGS = tuple(
+    (contract.EVENTS_EXCHANGE, kind)
+    for kind in (
+        contract.RequestAccepted.kind,
+        contract.RequestRouted.kind,
+        contract.SessionStarted.kind,
+        contract.SessionCompleted.kind,
+        contract.RequestDeadLettered.kind,
+    )
+)
+
+
+class GatewayBroker:
+    def __init__(self, amqp_url: str, *, name: str, tracker: RequestTracker):
+        self.tracker = tracker
+        self.link = Link(
+            amqp_url,
+            name=name,
+            topology=contract.core_topology(),
+            consumers=[
+                Consumer("smartgrid.gateway-events", self._on_event, auto_ack=True, bindings=EVENT_BINDINGS)
+            ],
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.link.ready
+
+    def start(self) -> None:
+        self.link.start()
+
+    def stop(self) -> None:
+        self.link.stop(timeout=5)
+
+    def publish_request(self, request: contract.ChargeRequest) -> Future:
+        """Publish a request to the pending queue; the future succeeds once it is confirmed."""
+        return self.link.publish(
+            contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, request.to_body(), mandatory=True
+        )
+
+    def announce_accepted(self, request: contract.ChargeRequest) -> None:
+        event = contract.RequestAccepted(at=request.accepted_at, request_id=request.request_id, ev_id=request.ev_id)
+        self.link.publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True)
+
+    def _on_event(self, delivery: Delivery) -> None:
+        try:
+            event = contract.decode_event(delivery.routing_key, delivery.body)
+        except contract.InvalidMessage as exc:
+            log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
+            return
+        self.tracker.apply(event)
