@@ -1,0 +1,86 @@
+"""Follows the lifecycle events during a load run: the ledger of what happened to each request.
+
+It learns from the substations' own ``session.started``/``session.completed`` events, with
+their timestamps, so the load of every substation over time is reconstructed exactly rather
+than sampled by scraping, and every request's fate (completed once, twice, never) is known.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from smartgrid import contract
+from smartgrid.amqp import Consumer, Delivery, Link
+
+BINDINGS = tuple(
+    (contract.EVENTS_EXCHANGE, kind)
+    for kind in (
+        contract.RequestRouted.kind,
+        contract.SessionStarted.kind,
+        contract.SessionCompleted.kind,
+        contract.RequestDeadLettered.kind,
+    )
+)
+
+
+@dataclass
+class RequestFate:
+    routed_to: list[str] = field(default_factory=list)
+    started: list[contract.SessionStarted] = field(default_factory=list)
+    completed: list[contract.SessionCompleted] = field(default_factory=list)
+    dead_lettered: str | None = None
+
+
+class EventObserver:
+    def __init__(self, amqp_url: str, *, name: str = "loadgen-observer"):
+        self._lock = threading.Lock()
+        self._fates: dict[str, RequestFate] = defaultdict(RequestFate)
+        self.link = Link(
+            amqp_url,
+            name=name,
+            topology=contract.core_topology(),
+            consumers=[Consumer("smartgrid.loadgen-events", self._on_event, auto_ack=True, bindings=BINDINGS, max_length=1_000_000)],
+        )
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.link.start()
+        if not self.link.wait_ready(timeout):
+            self.link.stop()
+            raise ConnectionError("cannot subscribe to lifecycle events: the broker is not reachable")
+
+    def stop(self) -> None:
+        self.link.stop()
+
+    def _on_event(self, delivery: Delivery) -> None:
+        try:
+            event = contract.decode_event(delivery.routing_key, delivery.body)
+        except contract.InvalidMessage:
+            return
+        request_id = getattr(event, "request_id", None)
+        if request_id is None:
+            return
+        with self._lock:
+            fate = self._fates[request_id]
+            if isinstance(event, contract.RequestRouted):
+                fate.routed_to.append(event.substation)
+            elif isinstance(event, contract.SessionStarted):
+                fate.started.append(event)
+            elif isinstance(event, contract.SessionCompleted):
+                fate.completed.append(event)
+            elif isinstance(event, contract.RequestDeadLettered):
+                fate.dead_lettered = event.reason
+
+    def fates(self, request_ids: list[str]) -> dict[str, RequestFate]:
+        with self._lock:
+            return {rid: self._fates.get(rid, RequestFate()) for rid in request_ids}
+
+    def settled(self, request_ids: list[str]) -> int:
+        """How many of ``request_ids`` have completed or been dead-lettered."""
+        with self._lock:
+            return sum(
+                1
+                for rid in request_ids
+                if rid in self._fates and (self._fates[rid].completed or self._fates[rid].dead_lettered)
+            )

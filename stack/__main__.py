@@ -1,0 +1,150 @@
+"""python -m stack: the whole system as local processes.
+
+``run``: start gateway, balancer and three substations, play the original test scenario with
+time compressed (sessions 15 x and polls 2.5 x the arrival interval, as in the original), print
+the report with the load spread between substations, stop everything.
+
+``up``: start the same stack and keep it running until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from loadgen.report import render
+from loadgen.run import SEED_SCENARIO, LoadSettings, run_load
+from stack.local import StackSettings, start_stack
+
+log = logging.getLogger("stack")
+
+#: The original scenario: sessions of 30 s and polls every 5 s against one arrival every 2 s.
+SEED_SESSION_SECONDS = 30.0
+SEED_POLL_INTERVAL = 5.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stack",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="environment variables:\n  AMQP_URL   the broker to use (default amqp://guest:guest@localhost:5672/%%2F)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run the compressed seed scenario and report"), ("up", "start and keep running")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--substations", type=int, default=3, help="how many substations")
+        p.add_argument("--capacity", type=int, default=10, help="charging points per substation")
+        p.add_argument("--strategy", default="corrected-min", help="BALANCER_STRATEGY")
+        p.add_argument("--gateway-port", type=int, default=8000)
+        p.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="where each service logs")
+        if name == "run":
+            p.add_argument("--time-scale", type=float, default=0.1, help="1.0 plays the scenario in real time (5 minutes)")
+            p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+        else:
+            p.add_argument("--session-seconds", type=float, default=SEED_SESSION_SECONDS)
+            p.add_argument("--poll-interval", type=float, default=SEED_POLL_INTERVAL)
+    return parser
+
+
+def _settings(args: argparse.Namespace, *, session_seconds: float, poll_interval: float) -> StackSettings:
+    return StackSettings(
+        substations=args.substations,
+        capacity=args.capacity,
+        strategy=args.strategy,
+        gateway_port=args.gateway_port,
+        session_seconds=session_seconds,
+        poll_interval=poll_interval,
+        log_dir=args.log_dir,
+    )
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+    return stop
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    scale = args.time_scale
+    settings = _settings(args, session_seconds=SEED_SESSION_SECONDS * scale, poll_interval=SEED_POLL_INTERVAL * scale)
+    print(
+        f"starting {settings.substations} substations ({settings.capacity} points, sessions {settings.session_seconds:g}s), "
+        f"balancer ({settings.strategy}, polls every {settings.poll_interval:g}s), gateway on :{settings.gateway_port}; "
+        f"logs in {settings.log_dir}/",
+        flush=True,
+    )
+    group = start_stack(settings)
+    try:
+        load = LoadSettings(
+            gateway_url=settings.gateway_url,
+            amqp_url=settings.amqp_url,
+            interval=SEED_SCENARIO["interval"] * scale,
+            duration=SEED_SCENARIO["duration"] * scale,
+            settle_timeout=settings.session_seconds * 4 + 30,
+        )
+        print(
+            f"seed scenario x{scale:g}: one EV every {load.interval:g}s for {load.duration:g}s...",
+            flush=True,
+        )
+        report, _ = run_load(load)
+    finally:
+        statuses = group.stop()
+    print(render(report))
+    unclean = {name: code for name, code in statuses.items() if code != 0}
+    print(f"stopped {len(statuses)} processes" + (f"; unclean exits: {unclean}" if unclean else " cleanly"))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+    return 0 if report.every_accepted_completed_once and not unclean else 1
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = _settings(args, session_seconds=args.session_seconds, poll_interval=args.poll_interval)
+    stop = _stop_on_signals()
+    group = None
+    try:
+        group = start_stack(settings)
+        print(f"gateway      {settings.gateway_url}  (POST /charge, GET /charge/<id>, /health, /metrics)")
+        print(f"balancer     http://{settings.host}:{settings.balancer_port}/metrics")
+        for i, substation in enumerate(settings.substation_ids()):
+            print(f"{substation:<12} http://{settings.host}:{settings.substation_port(i)}/metrics")
+        print(f"logs in {settings.log_dir}/; Ctrl-C stops everything", flush=True)
+        while not stop.is_set():
+            dead = group.first_dead()
+            if dead is not None:
+                print(f"{dead.name} exited unexpectedly:\n{dead.log_tail()}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if group is not None:
+            print("stopping...", flush=True)
+            group.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.ERROR)
+    return cmd_run(args) if args.command == "run" else cmd_up(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
