@@ -73,6 +73,9 @@ class BalancerMetrics:
         self.dispatch_failures = Counter(
             "balancer_dispatch_failures", "Forwards that the broker did not confirm", ["reason"], registry=registry
         )
+        self.broker_connected = Gauge(
+            "balancer_broker_connected", "1 while connected to the broker and consuming", registry=registry
+        )
         self.dead_lettered = Counter(
             "balancer_dead_lettered_requests", "Pending messages set aside as invalid", registry=registry
         )
@@ -88,6 +91,7 @@ class BalancerService:
         for substation, url in parse_static_substations(config.substations).items():
             self.fleet.add_static(substation, url)
         self.metrics = BalancerMetrics(registry)
+        self.metrics.broker_connected.set_function(lambda: 1 if self.link.ready else 0)
         self._registry = registry
         self._held: collections.deque[tuple[Delivery, contract.ChargeRequest]] = collections.deque()
         self.link = Link(

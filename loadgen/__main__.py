@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pika").setLevel(logging.ERROR)
     settings = settings_from_args(args)
     try:
-        report, _ = run_load(settings)
+        report = run_load(settings).report
     except GatewayUnreachable as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

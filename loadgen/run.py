@@ -6,9 +6,9 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from loadgen.observer import EventObserver
+from loadgen.observer import EventObserver, RequestFate
 from loadgen.report import Report, build_report
 from loadgen.traffic import Outcome, constant_arrivals, drive, poisson_arrivals
 
@@ -35,7 +35,15 @@ class LoadSettings:
     ev_prefix: str = "EV"
 
 
-def run_load(settings: LoadSettings) -> tuple[Report, list[Outcome]]:
+@dataclass
+class LoadResult:
+    report: Report
+    outcomes: list[Outcome]
+    #: What the lifecycle events said of each accepted request (empty when not observed).
+    fates: dict[str, RequestFate] = field(default_factory=dict)
+
+
+def run_load(settings: LoadSettings) -> LoadResult:
     observer = None
     if settings.amqp_url:
         observer = EventObserver(settings.amqp_url)
@@ -64,7 +72,8 @@ def run_load(settings: LoadSettings) -> tuple[Report, list[Outcome]]:
                 time.sleep(0.2)
             time.sleep(0.5)  # late duplicates, if any, show up in the report too
             fates = observer.fates(accepted)
-        return build_report(outcomes, fates, sample_interval=settings.sample_interval), outcomes
+        report = build_report(outcomes, fates, sample_interval=settings.sample_interval)
+        return LoadResult(report, outcomes, fates or {})
     finally:
         if observer is not None:
             observer.stop()

@@ -41,7 +41,8 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from smartgrid.contract import Binding, Declaration, Exchange, Queue
@@ -324,7 +325,7 @@ class Link:
             while not self._stopping:
                 retrying = Retrying(
                     retry=retry_if_exception_type(_NeverReady),
-                    wait=wait_exponential_jitter(initial=0.2, max=self._max_backoff, jitter=0.5),
+                    wait=wait_exponential(multiplier=0.2, max=self._max_backoff) + wait_random(0, 0.5),
                     stop=lambda _state: self._stopping,
                     sleep=self._idle,
                     before_sleep=self._log_retry,

@@ -98,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"seed scenario x{scale:g}: one EV every {load.interval:g}s for {load.duration:g}s...",
             flush=True,
         )
-        report, _ = run_load(load)
+        report = run_load(load).report
     finally:
         statuses = group.stop()
     print(render(report))

@@ -23,6 +23,7 @@ class StackSettings:
     gateway_port: int = 8000
     balancer_port: int = 9400
     substation_base_port: int = 9401
+    substation_ports: tuple[int, ...] = ()  # explicit ports; overrides the base port
     gateway_workers: int = 2
     log_dir: Path = Path("out/logs")
     log_level: str = "INFO"
@@ -36,6 +37,8 @@ class StackSettings:
         return [f"substation-{i}" for i in range(1, self.substations + 1)]
 
     def substation_port(self, index: int) -> int:
+        if self.substation_ports:
+            return self.substation_ports[index]
         return self.substation_base_port + index
 
     def capacity_of(self, index: int) -> int:
@@ -64,6 +67,7 @@ def substation_process(settings: StackSettings, index: int) -> ServiceProcess:
         },
         log_path=settings.log_dir / f"{substation}.log",
         health_url=metrics_url,
+        ready_metric="substation_broker_connected",
     )
 
 
@@ -81,6 +85,7 @@ def balancer_process(settings: StackSettings, name: str = "balancer", port: int 
         },
         log_path=settings.log_dir / f"{name}.log",
         health_url=f"http://{settings.host}:{port}/metrics",
+        ready_metric="balancer_broker_connected",
     )
 
 

@@ -37,6 +37,8 @@ class ServiceProcess:
     env: Mapping[str, str]
     log_path: Path
     health_url: str | None = None
+    #: A metric that must read 1 on the health URL (e.g. the broker connection) to be healthy.
+    ready_metric: str | None = None
     args: Sequence[str] = ()
     process: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -77,8 +79,12 @@ class ServiceProcess:
                 return
             try:
                 with urllib.request.urlopen(self.health_url, timeout=1) as response:
-                    if response.status == 200:
+                    body = response.read().decode(errors="replace")
+                    if response.status == 200 and (
+                        self.ready_metric is None or f"\n{self.ready_metric} 1.0" in f"\n{body}"
+                    ):
                         return
+                    last_error = f"{self.ready_metric} is not 1"
             except (urllib.error.URLError, OSError) as exc:
                 last_error = str(exc)
             time.sleep(0.1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -99,11 +99,17 @@ class ChargingPoints:
 class ChargingPointsCollector(Collector):
     """Exposes :class:`ChargingPoints` in the names the balancer reads (the contract)."""
 
-    def __init__(self, points: ChargingPoints):
+    def __init__(self, points: ChargingPoints, broker_connected: Callable[[], bool] = lambda: True):
         self._points = points
+        self._broker_connected = broker_connected
 
     def collect(self) -> Iterator:
         points = self._points
+        yield GaugeMetricFamily(
+            "substation_broker_connected",
+            "1 while connected to the broker with the queue declared and consumed",
+            value=1 if self._broker_connected() else 0,
+        )
         load, received, completed, duplicates = points.snapshot()
         labels = ["substation"]
         values = [points.substation_id]

@@ -34,7 +34,6 @@ class SubstationService:
         self.instance = uuid.uuid4().hex[:12]
         self.points = ChargingPoints(config.substation_id, config.capacity, self.instance)
         self._registry = registry
-        registry.register(ChargingPointsCollector(self.points))
         self._wait = Histogram(
             "substation_wait_seconds",
             "From acceptance at the gateway to the start of the charging session",
@@ -58,6 +57,7 @@ class SubstationService:
             ],
             on_ready=self._announce,
         )
+        registry.register(ChargingPointsCollector(self.points, lambda: self.link.ready))
         self._http = None
         self._draining = False
         self._announce_timer: object | None = None

@@ -1,0 +1,111 @@
+"""Small helpers for tests that drive real processes and a real broker."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+import pika
+from prometheus_client.parser import text_string_to_metric_families
+
+from smartgrid import contract
+
+T = TypeVar("T")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics page, keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metric(url: str, name: str, **labels: str) -> float | None:
+    return scrape(url).get((name, tuple(sorted(labels.items()))))
+
+
+def eventually(check: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"not true after {timeout}s: {what or check} (last value {last!r})")
+
+
+class BrokerClient:
+    """A blocking pika client for tests: publish with confirms, count and read queues."""
+
+    def __init__(self, url: str):
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+        for declaration in contract.core_topology():
+            if isinstance(declaration, contract.Exchange):
+                self.channel.exchange_declare(declaration.name, declaration.type, durable=True)
+            elif isinstance(declaration, contract.Queue):
+                self.channel.queue_declare(declaration.name, durable=True, arguments=declaration.arguments)
+            else:
+                self.channel.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+    def publish(self, exchange: str, routing_key: str, body: bytes) -> None:
+        self.channel.basic_publish(
+            exchange,
+            routing_key,
+            body,
+            pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"),
+            mandatory=True,
+        )
+
+    def send_to_substation(self, substation: str, *, request_id: str | None = None, ev_id: str = "EV1") -> str:
+        request_id = request_id or uuid.uuid4().hex
+        now = time.time()
+        routed = contract.RoutedRequest(request_id, ev_id, now, substation, now, "test")
+        self.publish(contract.DISPATCH_EXCHANGE, substation, routed.to_body())
+        return request_id
+
+    def send_request(self, *, ev_id: str = "EV1") -> str:
+        request = contract.ChargeRequest(uuid.uuid4().hex, ev_id, time.time())
+        self.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, request.to_body())
+        return request.request_id
+
+    def message_count(self, queue: str) -> int:
+        """Ready (not delivered, or returned) messages in ``queue``."""
+        return self.channel.queue_declare(queue, passive=True).method.message_count
+
+    def get_all(self, queue: str) -> list[tuple[pika.spec.BasicProperties, bytes]]:
+        messages = []
+        while True:
+            method, properties, body = self.channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return messages
+            messages.append((properties, body))
+
+    def subscribe_events(self, *kinds: str) -> str:
+        queue = self.channel.queue_declare("", exclusive=True).method.queue
+        for kind in kinds or ("#",):
+            self.channel.queue_bind(queue, contract.EVENTS_EXCHANGE, kind)
+        return queue
+
+    def events(self, queue: str) -> list[contract.Event]:
+        self.connection.process_data_events(0)
+        found = []
+        while True:
+            method, _properties, body = self.channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return found
+            found.append(contract.decode_event(method.routing_key, body))

@@ -1,0 +1,142 @@
+"""A real substation process against the real broker: sessions, capacity, duplicates, signals."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from smartgrid import contract
+from stack.local import StackSettings, substation_process
+from tests.helpers import BrokerClient, eventually, metric
+
+SUBSTATION = "substation-1"
+
+
+@pytest.fixture
+def broker(amqp_url: str):
+    client = BrokerClient(amqp_url)
+    yield client
+    client.close()
+
+
+def _start(settings: StackSettings, *, capacity: int, session_seconds: float):
+    settings.capacity = capacity
+    settings.session_seconds = session_seconds
+    service = substation_process(settings, 0)
+    service.env = {**service.env, "SHUTDOWN_GRACE": "0.5"}
+    service.start().wait_healthy()
+    metrics_url = service.health_url
+    eventually(lambda: metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) is not None)
+    return service, metrics_url
+
+
+def test_sessions_never_exceed_capacity_and_the_load_returns_to_zero(stack_settings, broker):
+    service, metrics_url = _start(stack_settings, capacity=2, session_seconds=0.5)
+    try:
+        events = broker.subscribe_events(contract.SessionStarted.kind, contract.SessionCompleted.kind)
+        ids = [broker.send_to_substation(SUBSTATION, ev_id=f"EV{i}") for i in range(6)]
+
+        seen_loads = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                seen_loads.append(metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        eventually(
+            lambda: metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 6,
+            what="six sessions completed",
+        )
+        stop.set()
+        sampler.join()
+
+        assert max(seen_loads) == 2  # it did run sessions in parallel, but never more than 2
+        assert metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) == 0
+        received = broker.events(events)
+        started = [e for e in received if isinstance(e, contract.SessionStarted)]
+        completed = [e for e in received if isinstance(e, contract.SessionCompleted)]
+        assert sorted(e.request_id for e in started) == sorted(ids)
+        assert sorted(e.request_id for e in completed) == sorted(ids)
+        assert {e.ev_id for e in started} == {f"EV{i}" for i in range(6)}
+        assert all(e.expected_end >= e.at for e in started)
+        assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
+    finally:
+        assert service.stop() == 0
+
+
+def test_a_request_delivered_twice_is_charged_once(stack_settings, broker):
+    service, metrics_url = _start(stack_settings, capacity=4, session_seconds=0.5)
+    try:
+        events = broker.subscribe_events(contract.SessionStarted.kind)
+        request_id = broker.send_to_substation(SUBSTATION)
+        broker.send_to_substation(SUBSTATION, request_id=request_id)
+        eventually(lambda: metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION) == 1)
+        eventually(lambda: metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 1)
+        # A duplicate arriving after completion is recognised too.
+        broker.send_to_substation(SUBSTATION, request_id=request_id)
+        eventually(lambda: metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION) == 2)
+        time.sleep(0.7)
+        assert metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 1
+        assert [e.request_id for e in broker.events(events)] == [request_id]
+        assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
+    finally:
+        assert service.stop() == 0
+
+
+def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_substation_carries_on(stack_settings, broker):
+    service, metrics_url = _start(stack_settings, capacity=2, session_seconds=0.2)
+    try:
+        events = broker.subscribe_events(contract.RequestDeadLettered.kind)
+        broker.publish(contract.DISPATCH_EXCHANGE, SUBSTATION, b'{"request_id": 42}')
+        dead = eventually(lambda: broker.get_all(contract.DEAD_LETTER_QUEUE), what="a dead letter")
+        properties, body = dead[0]
+        assert body == b'{"request_id": 42}'
+        assert "request_id" in properties.headers[contract.REASON_HEADER]
+        assert properties.headers[contract.SOURCE_HEADER] == contract.substation_queue_name(SUBSTATION)
+        notice = eventually(lambda: broker.events(events))
+        assert isinstance(notice[0], contract.RequestDeadLettered)
+
+        broker.send_to_substation(SUBSTATION)
+        eventually(lambda: metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 1)
+        assert service.alive()
+    finally:
+        assert service.stop() == 0
+
+
+def test_sigterm_returns_unfinished_sessions_to_the_queue_and_exits_zero(stack_settings, broker):
+    service, metrics_url = _start(stack_settings, capacity=3, session_seconds=30)
+    queue = contract.substation_queue_name(SUBSTATION)
+    for _ in range(3):
+        broker.send_to_substation(SUBSTATION)
+    eventually(lambda: metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) == 3)
+    assert broker.message_count(queue) == 0
+
+    started = time.monotonic()
+    assert service.stop(timeout=15) == 0
+    assert time.monotonic() - started < 10  # bounded: grace 0.5 s + closing
+
+    eventually(lambda: broker.message_count(queue) == 3, what="the three requests back in the queue")
+
+
+def test_a_substation_killed_mid_session_charges_the_request_again_after_restart(stack_settings, broker):
+    service, metrics_url = _start(stack_settings, capacity=2, session_seconds=30)
+    broker.send_to_substation(SUBSTATION, ev_id="EV-KILLED")
+    eventually(lambda: metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) == 1)
+    service.signal(signal.SIGKILL)
+    service.process.wait(10)
+
+    restarted, metrics_url = _start(stack_settings, capacity=2, session_seconds=0.3)
+    try:
+        eventually(
+            lambda: metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 1,
+            what="the unacknowledged request charged by the restarted substation",
+        )
+        assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
+    finally:
+        assert restarted.stop() == 0
