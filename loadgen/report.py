@@ -198,13 +198,19 @@ def _fmt(value: float | None, digits: int = 1, unit: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
+def _counts(by_kind: dict[str, int]) -> str:
+    total = sum(by_kind.values())
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{kind}: {n}" for kind, n in sorted(by_kind.items())) + ")"
+
+
 def render(report: Report) -> str:
     """A plain-text summary (what ``make run`` prints)."""
     lines = [
         "== load run ==",
         f"sent {report.sent}, accepted {report.accepted}, "
-        f"rejected {sum(report.rejected.values())} {report.rejected or ''}, "
-        f"errors {sum(report.errors.values())} {report.errors or ''}".rstrip(),
+        f"rejected {_counts(report.rejected)}, errors {_counts(report.errors)}",
         "accept latency (ms): "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in report.accept_latency_ms.items()),
         f"routing decision in the 202 reply: {report.routed_in_reply}/{report.accepted}",
