@@ -4,7 +4,7 @@ import socket
 from dataclasses import dataclass
 
 from smartgrid import contract
-from smartgrid.config import DEFAULT_AMQP_URL, non_negative, positive, setting
+from smartgrid.config import DEFAULT_AMQP_URL, ConfigError, non_negative, positive, setting
 
 
 @dataclass(frozen=True)
@@ -12,8 +12,9 @@ class SubstationConfig:
     amqp_url: str = setting("AMQP_URL", DEFAULT_AMQP_URL, "Broker URL; several, comma-separated, for a cluster")
     substation_id: str = setting(
         "SUBSTATION_ID",
-        "substation-1",
-        "This substation's id: names its queue and labels its metrics",
+        "",
+        "This substation's id: names its queue and labels its metrics (default: the host name, "
+        "so scaled-out replicas get distinct ids)",
         check=contract.is_valid_substation_id,
         expect=contract.SUBSTATION_ID_RULE,
     )
@@ -41,6 +42,13 @@ class SubstationConfig:
         expect="seconds >= 0",
     )
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
+
+    def __post_init__(self) -> None:
+        if not self.substation_id:
+            hostname = socket.gethostname().split(".")[0]
+            if not contract.is_valid_substation_id(hostname):
+                raise ConfigError(f"host name {hostname!r} is not a valid substation id; set SUBSTATION_ID")
+            object.__setattr__(self, "substation_id", hostname)
 
     @property
     def advertised_metrics_url(self) -> str:

@@ -1,0 +1,35 @@
+"""python -m smartgrid.healthcheck URL [--metric NAME]: exit 0 if the service is healthy.
+
+The container images have no curl; docker compose healthchecks call this instead. With
+``--metric`` the URL is a /metrics page and the named unlabelled gauge must read 1 (for
+example ``substation_broker_connected``), so "healthy" means "connected to the broker".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.error
+import urllib.request
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smartgrid.healthcheck", description=__doc__.splitlines()[0])
+    parser.add_argument("url")
+    parser.add_argument("--metric", help="an unlabelled gauge on the page that must be 1")
+    parser.add_argument("--timeout", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as response:
+            body = response.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    if args.metric and not any(line.split() == [args.metric, "1.0"] for line in body.splitlines()):
+        print(f"unhealthy: {args.metric} is not 1", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
