@@ -12,7 +12,9 @@ The first bracket is every request routed there that the poll did not yet see (i
 waiting in the substation's queue); the second is every session that ended since the poll. The
 totals on the two sides start at different times (a balancer restarts, a substation restarts),
 so each side carries an offset fixed at the first reading of a substation instance, assuming
-nothing was in flight then; if a bracket ever goes negative, the offset is moved so it is zero.
+nothing was in flight then. A bracket can go negative for a few milliseconds (the substation
+counted something whose event is still on its way): it is clamped at zero meanwhile, and only a
+gap that persists over a whole poll interval (an event that was lost) moves the offset.
 
 A substation is eligible only while its last reading is younger than ``stale_after`` and it
 has not said it is leaving. Unknown or stale means ineligible, never "load 0".
@@ -56,6 +58,8 @@ class TrackedSubstation:
     event_instance: str | None = None
     completed_seen: int = 0
     completed_offset: float = 0.0
+    _routed_gap_before: float = 0.0
+    _completed_gap_before: float = 0.0
     running_ends: dict[str, float] = field(default_factory=dict)
     _ends_heap: list[tuple[float, str]] = field(default_factory=list)
 
@@ -107,13 +111,27 @@ class TrackedSubstation:
             # A substation seen for the first time: assume nothing is in flight to it.
             self.routed_offset = reading.received - self.routed
             self.completed_offset = reading.completed - self.completed_seen
+            self._routed_gap_before = self._completed_gap_before = 0.0
         self.reading = reading
         self.reading_at = at
         self.last_error = None
-        if self.routed + self.routed_offset < reading.received:
-            self.routed_offset = reading.received - self.routed
-        if self.completed_seen + self.completed_offset < reading.completed:
-            self.completed_offset = reading.completed - self.completed_seen
+        # The substation may count a request or a completion before the balancer sees its
+        # event (a few milliseconds). Such a gap closes by itself, and the clamps in
+        # in_flight() and completed_since_reading() cover it meanwhile; only a gap that has
+        # outlived a whole poll interval is an event that will never come (lost, or from a
+        # balancer we did not hear), and only that much is written off into the offset.
+        routed_gap = reading.received - (self.routed + self.routed_offset)
+        lost = min(routed_gap, self._routed_gap_before)
+        if lost > 0:
+            self.routed_offset += lost
+            routed_gap -= lost
+        self._routed_gap_before = max(0.0, routed_gap)
+        completed_gap = reading.completed - (self.completed_seen + self.completed_offset)
+        lost = min(completed_gap, self._completed_gap_before)
+        if lost > 0:
+            self.completed_offset += lost
+            completed_gap -= lost
+        self._completed_gap_before = max(0.0, completed_gap)
         if self.leaving_instance is not None and self.leaving_instance != reading.instance:
             self.leaving_instance = None
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -182,10 +183,14 @@ def _check_value(name: str, annotation: Any, value: Any) -> Any:
         # bool is an int in Python but never a valid number in this contract.
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidMessage(f"field {name!r} must be a number")
-        if annotation is int and not float(value).is_integer():
-            raise InvalidMessage(f"field {name!r} must be an integer")
-        if value != value or value in (float("inf"), float("-inf")):
+        try:
+            as_float = float(value)
+        except OverflowError:  # a JSON integer with hundreds of digits
+            raise InvalidMessage(f"field {name!r} is out of range") from None
+        if not math.isfinite(as_float):
             raise InvalidMessage(f"field {name!r} must be finite")
+        if annotation is int and not as_float.is_integer():
+            raise InvalidMessage(f"field {name!r} must be an integer")
         return annotation(value)
     raise TypeError(f"unsupported field type {annotation!r}")  # pragma: no cover
 
@@ -218,10 +223,12 @@ def _load_object(body: bytes) -> dict:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidMessage(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidMessage("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidMessage("body is not a JSON object")
     version = data.get("v", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise InvalidMessage(f"unsupported schema version {version!r}")
     return data
 
@@ -238,6 +245,9 @@ class ChargeRequest:
     request_id: str
     ev_id: str
     accepted_at: float
+    #: Set when a balancer moved the request out of the queue of a substation that died: it
+    #: may have started there, and must run again elsewhere rather than count as a duplicate.
+    rerouted_from: str | None = None
 
     def to_body(self) -> bytes:
         return _dump(self)
@@ -257,6 +267,7 @@ class RoutedRequest:
     substation: str
     routed_at: float
     balancer: str
+    rerouted_from: str | None = None
 
     @classmethod
     def from_request(
@@ -269,7 +280,12 @@ class RoutedRequest:
             substation=substation,
             routed_at=routed_at,
             balancer=balancer,
+            rerouted_from=request.rerouted_from,
         )
+
+    def back_to_pending(self) -> ChargeRequest:
+        """The request as it goes back to the pending queue, off a substation that died."""
+        return ChargeRequest(self.request_id, self.ev_id, self.accepted_at, rerouted_from=self.substation)
 
     def to_body(self) -> bytes:
         return _dump(self)

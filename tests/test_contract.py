@@ -1,0 +1,427 @@
+"""The message contract: round trips, rejections with a reason, and the declared topology."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smartgrid import contract
+
+REQUEST_ID = "0123456789abcdef0123456789abcdef"
+
+
+def charge_request_dict(**overrides: object) -> dict:
+    data = {"v": 1, "request_id": REQUEST_ID, "ev_id": "EV1234", "accepted_at": 1700000000.5}
+    data.update(overrides)
+    return data
+
+
+def encode(data: object) -> bytes:
+    return json.dumps(data).encode()
+
+
+def reason_for(body: bytes, decoder=contract.ChargeRequest.from_body) -> str:
+    with pytest.raises(contract.InvalidMessage) as caught:
+        decoder(body)
+    return str(caught.value)
+
+
+ONE_OF_EACH_EVENT: list[contract.Event] = [
+    contract.RequestAccepted(at=1.5, request_id=REQUEST_ID, ev_id="EV1"),
+    contract.RequestRouted(
+        at=2.0, request_id=REQUEST_ID, ev_id="EV1", substation="s1", balancer="b-1"
+    ),
+    contract.SessionStarted(
+        at=3.0,
+        request_id=REQUEST_ID,
+        ev_id="EV1",
+        substation="s1",
+        instance="inst-1",
+        accepted_at=1.5,
+        expected_end=33.0,
+    ),
+    contract.SessionCompleted(
+        at=33.0,
+        request_id=REQUEST_ID,
+        ev_id="EV1",
+        substation="s1",
+        instance="inst-1",
+        started_at=3.0,
+    ),
+    contract.RequestDeadLettered(
+        at=4.0,
+        reason="invalid charge request",
+        source="smartgrid.pending",
+        request_id=REQUEST_ID,
+        ev_id="EV1",
+    ),
+    contract.RequestDeadLettered(at=4.0, reason="unparsable", source="smartgrid.pending"),
+    contract.SubstationAnnounced(
+        at=5.0,
+        substation="s1",
+        instance="inst-1",
+        capacity=4,
+        metrics_url="http://h:9101/metrics",
+        session_seconds=30.0,
+    ),
+    contract.SubstationLeaving(at=6.0, substation="s1", instance="inst-1"),
+    contract.BalancerStarted(at=7.0, balancer="b-1"),
+]
+
+
+# ------------------------------------------------------------------------------ round trips
+def test_a_charge_request_survives_a_round_trip_through_its_body():
+    request = contract.ChargeRequest(
+        request_id=REQUEST_ID, ev_id="EV-1.a:b_c", accepted_at=1700000000.25
+    )
+    assert contract.ChargeRequest.from_body(request.to_body()) == request
+
+
+def test_a_charge_request_body_carries_the_schema_version():
+    body = json.loads(contract.ChargeRequest(REQUEST_ID, "EV1", 1.0).to_body())
+    assert body["v"] == contract.SCHEMA_VERSION
+
+
+def test_a_routed_request_survives_a_round_trip_and_keeps_the_original_request_fields():
+    request = contract.ChargeRequest(request_id=REQUEST_ID, ev_id="EV1", accepted_at=10.0)
+    routed = contract.RoutedRequest.from_request(
+        request, substation="sub-2", routed_at=11.0, balancer="bal-1"
+    )
+    decoded = contract.RoutedRequest.from_body(routed.to_body())
+    assert decoded == routed
+    assert (decoded.request_id, decoded.ev_id, decoded.accepted_at) == (REQUEST_ID, "EV1", 10.0)
+
+
+def test_the_event_list_used_here_covers_every_event_kind():
+    assert {type(e).kind for e in ONE_OF_EACH_EVENT} == set(contract.EVENT_TYPES)
+
+
+@pytest.mark.parametrize("event", ONE_OF_EACH_EVENT, ids=lambda e: type(e).__name__)
+def test_every_event_type_survives_a_round_trip_through_decode_event(event: contract.Event):
+    decoded = contract.decode_event(event.kind, event.to_body())
+    assert decoded == event
+    assert type(decoded) is type(event)
+
+
+@pytest.mark.parametrize("event", ONE_OF_EACH_EVENT, ids=lambda e: type(e).__name__)
+def test_every_event_body_names_its_kind(event: contract.Event):
+    assert json.loads(event.to_body())["kind"] == event.kind
+
+
+def test_an_integer_field_sent_as_a_whole_float_decodes_as_an_int():
+    body = encode(
+        {
+            "at": 1,
+            "substation": "s1",
+            "instance": "i",
+            "capacity": 4.0,
+            "metrics_url": "u",
+            "session_seconds": 3,
+        }
+    )
+    event = contract.decode_event(contract.SubstationAnnounced.kind, body)
+    assert event.capacity == 4 and type(event.capacity) is int
+    assert type(event.session_seconds) is float
+
+
+def test_a_body_without_a_version_is_read_as_the_current_version():
+    data = charge_request_dict()
+    del data["v"]
+    assert contract.ChargeRequest.from_body(encode(data)).ev_id == "EV1234"
+
+
+# ------------------------------------------------------------------------------ rejections
+@pytest.mark.parametrize("body", [b"", b"not json", b"{", b'{"ev_id": }', b"\xff\xfe\x00garbage"])
+def test_a_body_that_is_not_json_is_rejected_with_a_reason(body: bytes):
+    assert "not JSON" in reason_for(body)
+
+
+@pytest.mark.parametrize("value", [[], [1, 2], "text", 3, None, True])
+def test_a_json_body_that_is_not_an_object_is_rejected(value: object):
+    assert "not a JSON object" in reason_for(encode(value))
+
+
+@pytest.mark.parametrize("field", ["request_id", "ev_id", "accepted_at"])
+def test_a_charge_request_missing_a_field_is_rejected_naming_the_field(field: str):
+    data = charge_request_dict()
+    del data[field]
+    reason = reason_for(encode(data))
+    assert "missing" in reason and field in reason
+
+
+def test_a_routed_request_missing_its_substation_is_rejected():
+    routed = contract.RoutedRequest(REQUEST_ID, "EV1", 1.0, "s1", 2.0, "b")
+    data = json.loads(routed.to_body())
+    del data["substation"]
+    assert "'substation'" in reason_for(encode(data), contract.RoutedRequest.from_body)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_boolean_is_not_accepted_as_a_number(value: bool):
+    assert "must be a number" in reason_for(encode(charge_request_dict(accepted_at=value)))
+
+
+@pytest.mark.parametrize("value", ["1700000000", None, [1], {"t": 1}])
+def test_a_number_field_of_another_type_is_rejected(value: object):
+    assert "'accepted_at' must be a number" in reason_for(
+        encode(charge_request_dict(accepted_at=value))
+    )
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_number_that_is_not_finite_is_rejected(value: float):
+    # json.dumps writes NaN / Infinity, which Python's json (and so a consumer) parses back.
+    assert "must be finite" in reason_for(encode(charge_request_dict(accepted_at=value)))
+
+
+def test_an_integer_field_with_a_fraction_is_rejected():
+    body = encode(
+        {
+            "at": 1,
+            "substation": "s1",
+            "instance": "i",
+            "capacity": 2.5,
+            "metrics_url": "u",
+            "session_seconds": 3,
+        }
+    )
+    reason = reason_for(body, lambda b: contract.decode_event(contract.SubstationAnnounced.kind, b))
+    assert "'capacity' must be an integer" in reason
+
+
+@pytest.mark.parametrize("value", [1234, None, True, ["EV1"]])
+def test_a_string_field_of_another_type_is_rejected(value: object):
+    assert "'ev_id' must be a non-empty string" in reason_for(
+        encode(charge_request_dict(ev_id=value))
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "0123456789ABCDEF0123456789ABCDEF",
+        "0123456789abcdef",
+        REQUEST_ID + "0",
+        "g" * 32,
+        " " + REQUEST_ID[1:],
+    ],
+)
+def test_a_malformed_request_id_is_rejected(value: str):
+    assert "request_id" in reason_for(encode(charge_request_dict(request_id=value)))
+
+
+@pytest.mark.parametrize("value", ["", "-EV1", ".EV", "EV 1", "EV/1", "E" * 65, "EV1\n", "ÉV1"])
+def test_a_malformed_ev_id_is_rejected(value: str):
+    assert "ev_id" in reason_for(encode(charge_request_dict(ev_id=value)))
+
+
+@pytest.mark.parametrize("value", ["E", "E" * 64, "ev.1:2_3-4", "0"])
+def test_ev_ids_at_the_edges_of_the_rule_are_accepted(value: str):
+    assert contract.ChargeRequest.from_body(encode(charge_request_dict(ev_id=value))).ev_id == value
+
+
+@pytest.mark.parametrize("value", ["", "s.1", "s:1", "-s1", "s" * 64, "s 1", "s1/x"])
+def test_a_malformed_substation_id_is_rejected(value: str):
+    routed = contract.RoutedRequest(REQUEST_ID, "EV1", 1.0, "s1", 2.0, "b")
+    data = json.loads(routed.to_body()) | {"substation": value}
+    assert "substation" in reason_for(encode(data), contract.RoutedRequest.from_body)
+
+
+def test_a_malformed_substation_id_in_an_event_is_rejected():
+    event = contract.SubstationLeaving(at=1.0, substation="s1", instance="i")
+    data = json.loads(event.to_body()) | {"substation": "no.dots"}
+    with pytest.raises(contract.InvalidMessage, match="substation"):
+        contract.decode_event(event.kind, encode(data))
+
+
+def test_an_unknown_event_kind_is_rejected():
+    event = contract.BalancerStarted(at=1.0, balancer="b")
+    with pytest.raises(contract.InvalidMessage, match="unknown event kind 'balancer.exploded'"):
+        contract.decode_event("balancer.exploded", event.to_body())
+
+
+def test_an_event_whose_kind_differs_from_its_routing_key_is_rejected():
+    event = contract.SubstationLeaving(at=1.0, substation="s1", instance="i")
+    with pytest.raises(contract.InvalidMessage, match="does not match"):
+        contract.decode_event(contract.SubstationAnnounced.kind, event.to_body())
+
+
+def test_an_event_with_the_wrong_kind_in_its_body_is_rejected_even_if_its_fields_fit():
+    event = contract.RequestAccepted(at=1.0, request_id=REQUEST_ID, ev_id="EV1")
+    data = json.loads(event.to_body()) | {"kind": "request.routed"}
+    with pytest.raises(contract.InvalidMessage, match="does not match"):
+        contract.decode_event(contract.RequestAccepted.kind, encode(data))
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None, [1]])
+def test_a_body_of_another_schema_version_is_rejected(version: object):
+    assert "unsupported schema version" in reason_for(encode(charge_request_dict(v=version)))
+
+
+def test_an_event_of_another_schema_version_is_rejected():
+    event = contract.BalancerStarted(at=1.0, balancer="b")
+    data = json.loads(event.to_body()) | {"v": 2}
+    with pytest.raises(contract.InvalidMessage, match="schema version"):
+        contract.decode_event(event.kind, encode(data))
+
+
+def test_a_boolean_schema_version_is_rejected():
+    reason_for(encode(charge_request_dict(v=True)))
+
+
+def test_a_number_too_large_for_a_float_is_rejected_as_invalid():
+    body = charge_request_dict()
+    text = json.dumps(body).replace("1700000000.5", "1" + "0" * 400)
+    reason_for(text.encode())
+
+
+def test_deeply_nested_json_is_rejected_as_invalid():
+    reason_for(b"[" * 100_000 + b"]" * 100_000)
+
+
+# ------------------------------------------------------------------------------ property
+_JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
+_JSON_VALUES = st.recursive(
+    _JSON_SCALARS,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=16,
+)
+_FIELD_VALUES = (
+    _JSON_VALUES
+    | st.just(REQUEST_ID)
+    | st.from_regex(contract.EV_ID_PATTERN, fullmatch=True)
+    | st.floats(allow_nan=True, allow_infinity=True)
+)
+_CHARGE_REQUEST_LIKE = st.fixed_dictionaries(
+    {},
+    optional={
+        "v": st.sampled_from([1, 2, "1", None, 1.0]),
+        "request_id": _FIELD_VALUES,
+        "ev_id": _FIELD_VALUES,
+        "accepted_at": _FIELD_VALUES,
+        "extra": _JSON_VALUES,
+    },
+)
+
+
+@given(value=_JSON_VALUES | _CHARGE_REQUEST_LIKE)
+def test_any_json_value_either_decodes_as_a_charge_request_or_is_rejected_as_invalid(value: object):
+    body = json.dumps(value).encode()
+    try:
+        request = contract.ChargeRequest.from_body(body)
+    except contract.InvalidMessage as exc:
+        assert str(exc)
+    else:
+        assert contract.REQUEST_ID_PATTERN.fullmatch(request.request_id)
+        assert contract.is_valid_ev_id(request.ev_id)
+        assert type(request.accepted_at) is float and math.isfinite(request.accepted_at)
+
+
+@given(body=st.binary(max_size=200))
+def test_any_bytes_either_decode_as_a_charge_request_or_are_rejected_as_invalid(body: bytes):
+    try:
+        contract.ChargeRequest.from_body(body)
+    except contract.InvalidMessage as exc:
+        assert str(exc)
+
+
+# ------------------------------------------------------------------------------ topology
+def _all_topology() -> list[contract.Declaration]:
+    return (
+        contract.core_topology()
+        + contract.substation_topology("s1")
+        + contract.substation_topology("s-2")
+    )
+
+
+def test_every_queue_is_a_durable_quorum_queue_with_an_explicit_delivery_limit():
+    queues = [d for d in _all_topology() if isinstance(d, contract.Queue)]
+    assert len(queues) == 4
+    for queue in queues:
+        assert queue.durable, queue.name
+        assert queue.arguments["x-queue-type"] == "quorum", queue.name
+        limit = queue.arguments["x-delivery-limit"]
+        assert isinstance(limit, int) and not isinstance(limit, bool) and limit > 0, queue.name
+
+
+def test_every_work_queue_dead_letters_at_least_once_to_the_dead_letter_exchange():
+    queues = [
+        d
+        for d in _all_topology()
+        if isinstance(d, contract.Queue) and d.name != contract.DEAD_LETTER_QUEUE
+    ]
+    assert {q.name for q in queues} == {
+        contract.PENDING_QUEUE,
+        contract.substation_queue_name("s1"),
+        contract.substation_queue_name("s-2"),
+    }
+    for queue in queues:
+        assert queue.arguments["x-dead-letter-exchange"] == contract.DEAD_LETTER_EXCHANGE
+        assert queue.arguments["x-dead-letter-strategy"] == "at-least-once"
+        # at-least-once dead-lettering only works with reject-publish overflow
+        assert queue.arguments["x-overflow"] == "reject-publish"
+        assert queue.arguments["x-delivery-limit"] == contract.DELIVERY_LIMIT
+
+
+def test_the_dead_letter_queue_does_not_dead_letter_into_itself_and_keeps_messages_long():
+    (dlq,) = [
+        d
+        for d in contract.core_topology()
+        if isinstance(d, contract.Queue) and d.name == contract.DEAD_LETTER_QUEUE
+    ]
+    assert "x-dead-letter-exchange" not in dlq.arguments
+    assert dlq.arguments["x-delivery-limit"] == contract.DEAD_LETTER_DELIVERY_LIMIT
+    assert (
+        contract.Binding(contract.DEAD_LETTER_QUEUE, contract.DEAD_LETTER_EXCHANGE, "")
+        in contract.core_topology()
+    )
+
+
+def test_queue_arguments_are_not_shared_between_declarations():
+    first, second = contract.substation_topology("a")[0], contract.substation_topology("b")[0]
+    assert first.arguments == second.arguments
+    assert first.arguments is not second.arguments
+
+
+def test_declared_names_are_unique():
+    declarations = _all_topology()
+    exchanges = [d.name for d in declarations if isinstance(d, contract.Exchange)]
+    queues = [d.name for d in declarations if isinstance(d, contract.Queue)]
+    bindings = [dataclasses.astuple(d) for d in declarations if isinstance(d, contract.Binding)]
+    assert len(exchanges) == len(set(exchanges)) == 4
+    assert len(queues) == len(set(queues))
+    assert len(bindings) == len(set(bindings))
+    assert not set(exchanges) & set(queues)
+
+
+def test_every_binding_joins_a_declared_queue_to_a_declared_exchange():
+    declarations = _all_topology()
+    exchanges = {d.name for d in declarations if isinstance(d, contract.Exchange)}
+    queues = {d.name for d in declarations if isinstance(d, contract.Queue)}
+    for binding in (d for d in declarations if isinstance(d, contract.Binding)):
+        assert binding.exchange in exchanges and binding.queue in queues, binding
+
+
+def test_a_substation_queue_is_bound_to_the_dispatch_exchange_by_the_substation_id():
+    queue, binding = contract.substation_topology("north-7")
+    assert queue.name == "smartgrid.substation.north-7"
+    assert binding == contract.Binding(
+        "smartgrid.substation.north-7", contract.DISPATCH_EXCHANGE, "north-7"
+    )
+
+
+def test_the_pending_queue_receives_charge_requests_from_the_requests_exchange():
+    assert (
+        contract.Binding(
+            contract.PENDING_QUEUE, contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY
+        )
+        in contract.core_topology()
+    )
