@@ -61,6 +61,14 @@ class BalancerConfig:
         check=non_negative,
         expect="seconds >= 0",
     )
+    drain_after: float = setting(
+        "DRAIN_AFTER",
+        0.0,
+        "A substation without a good reading this long is presumed dead and the requests waiting "
+        "in its queue go back to the pending queue (0: 2 x STALE_AFTER)",
+        check=non_negative,
+        expect="seconds >= 0",
+    )
     forget_after: float = setting(
         "FORGET_AFTER",
         60.0,
@@ -80,6 +88,10 @@ class BalancerConfig:
     @property
     def effective_stale_after(self) -> float:
         return self.stale_after or 3 * self.poll_interval
+
+    @property
+    def effective_drain_after(self) -> float:
+        return self.drain_after or 2 * self.effective_stale_after
 
     @property
     def effective_poll_timeout(self) -> float:

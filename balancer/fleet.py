@@ -50,6 +50,8 @@ class TrackedSubstation:
 
     reading: contract.SubstationReading | None = None
     reading_at: float | None = None
+    #: When the last good reading arrived; unlike reading_at it survives mark_unknown().
+    last_good_at: float | None = None
     last_error: str | None = None
     errors: int = 0
 
@@ -114,6 +116,7 @@ class TrackedSubstation:
             self._routed_gap_before = self._completed_gap_before = 0.0
         self.reading = reading
         self.reading_at = at
+        self.last_good_at = at
         self.last_error = None
         # The substation may count a request or a completion before the balancer sees its
         # event (a few milliseconds). Such a gap closes by itself, and the clamps in
@@ -255,6 +258,19 @@ class Fleet:
             and now - tracked.reading_at <= self.stale_after
             and tracked.leaving_instance != tracked.reading.instance
         )
+
+    def presumed_dead(self, drain_after: float) -> list[str]:
+        """Substations whose queues should be emptied back into the pending queue: those that
+        said they are leaving, and those without a good reading for ``drain_after``."""
+        now = self._clock()
+        dead = []
+        for t in self.substations.values():
+            if t.last_good_at is None:
+                continue  # never seen alive: nothing was routed there
+            leaving = t.reading is not None and t.leaving_instance == t.reading.instance
+            if leaving or now - t.last_good_at > drain_after:
+                dead.append(t.substation)
+        return dead
 
     def candidates(self) -> list[Candidate]:
         now = self._clock()

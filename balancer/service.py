@@ -28,7 +28,7 @@ from balancer.poller import Poller, PollResult
 from balancer.strategies import make_strategy
 from smartgrid import contract
 from smartgrid.amqp import Consumer, Delivery, Link, Unroutable
-from smartgrid.deadletter import dead_letter
+from smartgrid.deadletter import dead_letter, dead_letter_poison
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,12 @@ class BalancerMetrics:
         self.broker_connected = Gauge(
             "balancer_broker_connected", "1 while connected to the broker and consuming", registry=registry
         )
+        self.rerouted = Counter(
+            "balancer_rerouted_requests",
+            "Requests moved back to the pending queue from a substation presumed dead",
+            ["substation"],
+            registry=registry,
+        )
         self.dead_lettered = Counter(
             "balancer_dead_lettered_requests", "Pending messages set aside as invalid", registry=registry
         )
@@ -94,12 +100,20 @@ class BalancerService:
         self.metrics.broker_connected.set_function(lambda: 1 if self.link.ready else 0)
         self._registry = registry
         self._held: collections.deque[tuple[Delivery, contract.ChargeRequest]] = collections.deque()
+        #: Substations presumed dead, whose queues are being drained: id -> consumer tag.
+        self._dead: set[str] = set()
+        self._drain_tags: dict[str, str] = {}
         self.link = Link(
             config.amqp_url,
             name=self.balancer_id,
             topology=contract.core_topology(),
             consumers=[
-                Consumer(contract.PENDING_QUEUE, self._on_request, prefetch=config.prefetch),
+                Consumer(
+                    contract.PENDING_QUEUE,
+                    self._on_request,
+                    prefetch=config.prefetch,
+                    on_poison=lambda d, e: dead_letter_poison(self.link, d, e, source=contract.PENDING_QUEUE),
+                ),
                 Consumer("smartgrid.balancer-events", self._on_event, auto_ack=True, bindings=EVENT_BINDINGS),
             ],
             on_ready=self._say_hello,
@@ -209,9 +223,61 @@ class BalancerService:
         self.link.publish(contract.EVENTS_EXCHANGE, hello.kind, hello.to_body(), mandatory=False)
 
     def _on_connection_lost(self) -> None:
-        # Held deliveries belonged to the dead channel; the broker requeues them.
+        # Held deliveries belonged to the dead channel; the broker requeues them. Drain
+        # consumers went with it; housekeeping starts them again.
         self._held.clear()
         self.metrics.held.set(0)
+        self._drain_tags.clear()
+
+    # ------------------------------------------------------------------ dead substations (I/O thread)
+    def _update_draining(self) -> None:
+        presumed_dead = set(self.fleet.presumed_dead(self.config.effective_drain_after))
+        # A forgotten substation stays dead (and drained) until it shows up alive again.
+        alive = {s for s, t in self.fleet.substations.items() if self.fleet.is_eligible(t)}
+        newly_dead = presumed_dead - self._dead
+        for substation in sorted(newly_dead):
+            log.warning("substation %s presumed dead; moving the requests in its queue back to pending", substation)
+        self._dead = (self._dead | presumed_dead) - alive
+        for substation in list(self._drain_tags):
+            if substation not in self._dead:
+                log.info("substation %s is back; no longer draining its queue", substation)
+                self.link.cancel_consumer(self._drain_tags.pop(substation))
+        for substation in self._dead - self._drain_tags.keys():
+            # Declared from the contract first, so that consuming cannot fail on a queue that
+            # was never created (a static substation that never started).
+            if not self.link.declare(contract.substation_topology(substation)):
+                return
+            tag = self.link.add_consumer(
+                Consumer(
+                    contract.substation_queue_name(substation),
+                    lambda delivery, s=substation: self._reroute(s, delivery),
+                    prefetch=50,
+                )
+            )
+            if tag is not None:
+                self._drain_tags[substation] = tag
+
+    def _reroute(self, substation: str, delivery: Delivery) -> None:
+        try:
+            routed = contract.RoutedRequest.from_body(delivery.body)
+        except contract.InvalidMessage as exc:
+            dead_letter(self.link, delivery, reason=f"invalid routed request: {exc}",
+                        source=contract.substation_queue_name(substation))
+            return
+        request = routed.back_to_pending()
+        confirmation = self.link.publish(
+            contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, request.to_body(), mandatory=True
+        )
+
+        def settle(result: Future) -> None:
+            if result.exception() is None:
+                self.link.ack(delivery)
+                self.fleet.routed(substation, -1)
+                self.metrics.rerouted.labels(substation).inc()
+            else:
+                self.link.reject(delivery, requeue=True)
+
+        confirmation.add_done_callback(settle)
 
     # ------------------------------------------------------------------ events (I/O thread)
     def _on_event(self, delivery: Delivery) -> None:
@@ -255,6 +321,7 @@ class BalancerService:
             log.warning("substation %s has been silent for %.0fs; forgotten", substation, self.config.forget_after)
             for gauge in (self.metrics.estimated_load, self.metrics.up, self.metrics.metrics_age):
                 gauge.remove(substation)
+        self._update_draining()
         self._publish_fleet_metrics()
         # A substation can go stale between polls; held requests may also need a retry.
         if self._held:

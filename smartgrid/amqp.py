@@ -148,6 +148,11 @@ class Consumer:
     auto_ack: bool = False
     bindings: tuple[tuple[str, str], ...] = ()
     max_length: int = 100_000
+    #: Called instead of requeueing when ``on_message`` has raised on the same message this
+    #: many times (quorum queues count deliveries in ``x-delivery-count``), so the consumer can
+    #: dead-letter it with the reason before the broker's delivery limit drops the reason.
+    on_poison: Callable[[Delivery, Exception], None] | None = None
+    poison_after: int = 5
 
 
 @dataclass
@@ -421,7 +426,7 @@ class Link:
         else:  # pragma: no cover
             raise TypeError(declaration)
 
-    def _start_consumer(self, channel: pika.channel.Channel, consumer: Consumer) -> None:
+    def _start_consumer(self, channel: pika.channel.Channel, consumer: Consumer) -> str:
         queue = consumer.queue
         if consumer.bindings:
             queue = f"{consumer.queue}.{self._generation}.{id(self):x}"
@@ -448,16 +453,43 @@ class Link:
             )
             try:
                 consumer.on_message(delivery)
-            except Exception:
-                # A message that crashes its consumer goes back to the queue; the queue's
-                # delivery limit dead-letters it if it keeps doing so.
+            except Exception as exc:
                 log.exception("%s: consumer of %s failed on a message", self.name, consumer.queue)
-                if not consumer.auto_ack:
+                if consumer.auto_ack:
+                    return
+                deliveries = int(delivery.headers.get("x-delivery-count", 0)) + 1
+                if consumer.on_poison is not None and deliveries >= consumer.poison_after:
+                    consumer.on_poison(delivery, exc)
+                else:
+                    # Back to the queue for another try; the queue's delivery limit
+                    # dead-letters it if it keeps failing.
                     self.reject(delivery, requeue=True)
 
         channel.basic_qos(prefetch_count=0 if consumer.auto_ack else consumer.prefetch)
         tag = channel.basic_consume(queue, on_message, auto_ack=consumer.auto_ack)
         self._consumer_tags.append(tag)
+        return tag
+
+    def declare(self, declarations: Iterable[Declaration]) -> bool:
+        """Declare more of the topology now (I/O thread); False when not connected."""
+        if self._channel is None or not self.ready:
+            return False
+        for declaration in declarations:
+            self._declare(self._channel, declaration)
+        return True
+
+    def add_consumer(self, consumer: Consumer) -> str | None:
+        """Start consuming ``consumer`` now (I/O thread). Unlike the consumers given to the
+        constructor it is not restarted after a reconnect. None when not connected."""
+        if self._channel is None or not self.ready:
+            return None
+        return self._start_consumer(self._channel, consumer)
+
+    def cancel_consumer(self, tag: str) -> None:
+        if tag in self._consumer_tags:
+            self._consumer_tags.remove(tag)
+            if self._channel is not None and self._channel.is_open:
+                self._channel.basic_cancel(tag)
 
     def _on_channel_ready(self, channel: pika.channel.Channel) -> None:
         if channel is not self._channel or self._stopping:

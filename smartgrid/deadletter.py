@@ -58,3 +58,14 @@ def dead_letter(link: Link, delivery: Delivery, *, reason: str, source: str) -> 
         )
 
     copy.add_done_callback(settle)
+
+
+def dead_letter_poison(link: Link, delivery: Delivery, error: Exception, *, source: str) -> None:
+    """Dead-letter a message its consumer kept failing on (a ``Consumer.on_poison`` hook)."""
+    deliveries = int(delivery.headers.get("x-delivery-count", 0)) + 1
+    dead_letter(
+        link,
+        delivery,
+        reason=f"the consumer failed on it {deliveries} times: {type(error).__name__}: {error}",
+        source=source,
+    )

@@ -59,7 +59,10 @@ SERVICE_PERMISSIONS = {
         events_queue="smartgrid.gateway-events",
     ),
     "balancer": _permissions(
-        write=[contract.DISPATCH_EXCHANGE, contract.EVENTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE],
+        # It declares and drains the queue of a substation that died.
+        extra_configure=_SUBSTATION_QUEUES,
+        write=[contract.DISPATCH_EXCHANGE, contract.EVENTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE,
+               contract.REQUESTS_EXCHANGE],
         read=[contract.PENDING_QUEUE],
         events_queue="smartgrid.balancer-events",
     ),
@@ -68,7 +71,7 @@ SERVICE_PERMISSIONS = {
         extra_configure=_SUBSTATION_QUEUES,
         write=[contract.EVENTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE],
         read=[contract.DISPATCH_EXCHANGE],
-        events_queue="smartgrid.substation-hello",
+        events_queue="smartgrid.substation-events",
     ),
     "loadgen": _permissions(
         write=[],

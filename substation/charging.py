@@ -49,6 +49,10 @@ class ChargingPoints:
         self.received = 0
         self.completed = 0
         self.duplicates = 0
+        #: Sessions other substations have started or completed (from their events), so that a
+        #: request forwarded twice (a balancer that died between forwarding and acknowledging)
+        #: is not charged at two substations.
+        self._started_elsewhere: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     @property
     def load(self) -> int:
@@ -72,9 +76,33 @@ class ChargingPoints:
             if request.request_id in self._recently_completed:
                 self.duplicates += 1
                 return Admission.DUPLICATE, None
+            elsewhere = self._started_elsewhere.get(request.request_id)
+            if elsewhere is not None and elsewhere != request.rerouted_from:
+                # Charging (or charged) at another substation, which has not died: a copy.
+                self.duplicates += 1
+                return Admission.DUPLICATE, None
             session = Session(request, delivery, started_at=now, expected_end=now + duration)
             self._active[request.request_id] = session
             return Admission.STARTED, session
+
+    def started_elsewhere(self, request_id: str, substation: str) -> None:
+        if substation == self.substation_id:
+            return  # our own (perhaps from before a restart): our queue is the authority
+        with self._lock:
+            self._started_elsewhere[request_id] = substation
+            if len(self._started_elsewhere) > self._remember:
+                self._started_elsewhere.popitem(last=False)
+
+    def completed_elsewhere(self, request_id: str, substation: str) -> None:
+        if substation == self.substation_id:
+            return
+        with self._lock:
+            self._remember_completed(request_id)
+
+    def _remember_completed(self, request_id: str) -> None:
+        self._recently_completed[request_id] = None
+        if len(self._recently_completed) > self._remember:
+            self._recently_completed.popitem(last=False)
 
     def finish(self, request_id: str) -> Session | None:
         with self._lock:
@@ -82,9 +110,7 @@ class ChargingPoints:
             if session is None:
                 return None
             self.completed += 1
-            self._recently_completed[request_id] = None
-            if len(self._recently_completed) > self._remember:
-                self._recently_completed.popitem(last=False)
+            self._remember_completed(request_id)
             return session
 
     def sessions(self) -> list[Session]:

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY, Histogram, start_http_server
 
 from smartgrid import contract
 from smartgrid.amqp import Consumer, Delivery, Link
-from smartgrid.deadletter import dead_letter
+from smartgrid.deadletter import dead_letter, dead_letter_poison
 from substation.charging import Admission, ChargingPoints, ChargingPointsCollector, Session
 from substation.config import SubstationConfig
 
@@ -47,12 +47,19 @@ class SubstationService:
             name=f"substation-{config.substation_id}",
             topology=contract.core_topology() + contract.substation_topology(config.substation_id),
             consumers=[
-                Consumer(self.queue, self._on_request, prefetch=config.capacity),
+                Consumer(self.queue, self._on_request, prefetch=config.capacity, on_poison=lambda d, e: dead_letter_poison(self.link, d, e, source=self.queue)),
                 Consumer(
-                    "smartgrid.substation-hello",
-                    lambda _delivery: self._announce(),
+                    "smartgrid.substation-events",
+                    self._on_event,
                     auto_ack=True,
-                    bindings=((contract.EVENTS_EXCHANGE, contract.BalancerStarted.kind),),
+                    bindings=tuple(
+                        (contract.EVENTS_EXCHANGE, kind)
+                        for kind in (
+                            contract.BalancerStarted.kind,
+                            contract.SessionStarted.kind,
+                            contract.SessionCompleted.kind,
+                        )
+                    ),
                 ),
             ],
             on_ready=self._announce,
@@ -130,6 +137,18 @@ class SubstationService:
         session.timer = self.link.call_later(
             self.config.session_seconds, lambda: self._complete(request.request_id)
         )
+
+    def _on_event(self, delivery: Delivery) -> None:
+        try:
+            event = contract.decode_event(delivery.routing_key, delivery.body)
+        except contract.InvalidMessage:
+            return
+        if isinstance(event, contract.BalancerStarted):
+            self._announce()
+        elif isinstance(event, contract.SessionStarted):
+            self.points.started_elsewhere(event.request_id, event.substation)
+        elif isinstance(event, contract.SessionCompleted):
+            self.points.completed_elsewhere(event.request_id, event.substation)
 
     def _complete(self, request_id: str) -> None:
         session = self.points.finish(request_id)

@@ -32,13 +32,20 @@ def metric(url: str, name: str, **labels: str) -> float | None:
 
 
 def eventually(check: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``.
+
+    A connection error counts as "not yet" (a service that is restarting refuses connections).
+    """
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
+        try:
+            last = check()
+        except OSError as exc:
+            last = exc  # type: ignore[assignment]
+        else:
+            if last:
+                return last
         time.sleep(interval)
     raise AssertionError(f"not true after {timeout}s: {what or check} (last value {last!r})")
 
