@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from loadgen.report import render
 from loadgen.run import SEED_SCENARIO, LoadSettings, run_load
 from stack.local import StackSettings, start_stack
+from stack.processes import ProcessGroup
 
 log = logging.getLogger("stack")
 
@@ -111,6 +113,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if report.every_accepted_completed_once and not unclean else 1
 
 
+def _start_prometheus(group: ProcessGroup, settings: StackSettings, port: int = 9090) -> None:
+    """Add a Prometheus with the project's rules (monitoring/prometheus), if it is installed."""
+    if shutil.which("prometheus") is None:
+        print("prometheus   not installed (apt-get install prometheus); running without it")
+        return
+    from stack.prometheus import prometheus_process
+
+    service = group.add(prometheus_process(settings, port=port, data_dir=settings.log_dir.parent / "prometheus"))
+    try:
+        service.wait_healthy()
+    except (RuntimeError, TimeoutError) as exc:  # optional: the stack runs on without it
+        service.stop()
+        group.services.remove(service)
+        print(f"prometheus   did not start, running without it: {exc}", file=sys.stderr)
+        return
+    print(f"prometheus   http://127.0.0.1:{port}  (rules and alerts from monitoring/prometheus)")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args, session_seconds=args.session_seconds, poll_interval=args.poll_interval)
     stop = _stop_on_signals()
@@ -121,6 +141,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"balancer     http://{settings.host}:{settings.balancer_port}/metrics")
         for i, substation in enumerate(settings.substation_ids()):
             print(f"{substation:<12} http://{settings.host}:{settings.substation_port(i)}/metrics")
+        _start_prometheus(group, settings)
         print(f"logs in {settings.log_dir}/; Ctrl-C stops everything", flush=True)
         while not stop.is_set():
             dead = group.first_dead()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pika
+import pika.exceptions
 from prometheus_client.parser import text_string_to_metric_families
 
 from smartgrid import contract
@@ -66,8 +67,11 @@ class BrokerClient:
                 self.channel.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
 
     def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
+        try:
+            if self.connection.is_open:
+                self.connection.close()
+        except pika.exceptions.AMQPError:
+            pass  # already closed by the broker
 
     def publish(self, exchange: str, routing_key: str, body: bytes) -> None:
         self.channel.basic_publish(

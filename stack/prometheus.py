@@ -1,0 +1,141 @@
+"""A real Prometheus, as a local process, scraping the local stack.
+
+The configuration is derived from the compose one (``monitoring/prometheus/prometheus.yml``):
+the same jobs, paths and parameters, with only the targets rewritten to the local processes'
+addresses and the rule files pointed at the repository's, so the local Prometheus evaluates
+exactly the recording rules and alerts the compose one does.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from stack.local import StackSettings
+from stack.processes import ServiceProcess, _die_with_parent
+
+MONITORING = Path(__file__).resolve().parent.parent / "monitoring" / "prometheus"
+COMPOSE_CONFIG = MONITORING / "prometheus.yml"
+RABBITMQ_METRICS_PORT = 15692
+
+
+@dataclass
+class CommandProcess(ServiceProcess):
+    """A :class:`ServiceProcess` that runs ``command`` (a program and its arguments) instead of
+    ``python -m module``; ``module`` only names the program.
+
+    Health checks, stopping and the log tail are the inherited ones; the child gets the same
+    parent-death signal, so it never outlives the runner.
+    """
+
+    command: Sequence[str] = ()
+
+    def start(self) -> CommandProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
+        self.process = subprocess.Popen(
+            list(self.command),
+            env={**os.environ, **self.env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
+        log_file.close()
+        return self
+
+
+def _broker_host(settings: StackSettings) -> str:
+    """The host of the (first) broker in AMQP_URL: its Prometheus endpoint is on the same host."""
+    host = urlsplit(settings.amqp_url.split(",")[0]).hostname or settings.host
+    # The broker listens on IPv4 only by default; do not let "localhost" resolve to ::1.
+    return "127.0.0.1" if host == "localhost" else host
+
+
+def local_config(
+    settings: StackSettings,
+    *,
+    rabbitmq_port: int = RABBITMQ_METRICS_PORT,
+    scrape_interval: str | None = None,
+    evaluation_interval: str | None = None,
+) -> dict:
+    """The compose configuration with its targets rewritten to the local stack's processes."""
+    config = copy.deepcopy(yaml.safe_load(COMPOSE_CONFIG.read_text()))
+    host = settings.host
+    broker = f"{_broker_host(settings)}:{rabbitmq_port}"
+    targets = {
+        "gateway": [f"{host}:{settings.gateway_port}"],
+        "balancer": [f"{host}:{settings.balancer_port}"],
+        "substations": [f"{host}:{settings.substation_port(i)}" for i in range(settings.substations)],
+        "rabbitmq": [broker],
+        "rabbitmq-queues": [broker],
+    }
+    # A job with no local counterpart (none today) is left out rather than scraping nothing.
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in targets]
+    for job in config["scrape_configs"]:
+        # Compose service discovery (DNS names of scaled-out replicas) means nothing here.
+        for key in [k for k in job if k.endswith("_sd_configs")]:
+            del job[key]
+        job["static_configs"] = [{"targets": targets[job["job_name"]]}]
+
+    global_ = config.setdefault("global", {})
+    if scrape_interval:
+        global_["scrape_interval"] = scrape_interval
+        # The timeout may not exceed the interval; a scrape of the local processes takes ms.
+        global_["scrape_timeout"] = scrape_interval
+    if evaluation_interval:
+        global_["evaluation_interval"] = evaluation_interval
+    config["rule_files"] = [str(MONITORING / pattern) for pattern in config.get("rule_files", [])]
+    return config
+
+
+def prometheus_process(
+    settings: StackSettings,
+    *,
+    port: int = 9090,
+    data_dir: Path,
+    rabbitmq_port: int = RABBITMQ_METRICS_PORT,
+    scrape_interval: str | None = None,
+    evaluation_interval: str | None = None,
+    binary: str = "prometheus",
+    log_path: Path | None = None,
+) -> CommandProcess:
+    """Write the local configuration into ``data_dir`` and describe the Prometheus process.
+
+    ``data_dir`` holds ``prometheus.yml`` and the TSDB (``data_dir/tsdb``). Start it with
+    ``.start()`` (or ``ProcessGroup.add``) and wait with ``.wait_healthy()``: healthy is
+    ``/-/ready`` answering 200.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config_file = data_dir / "prometheus.yml"
+    config = local_config(
+        settings,
+        rabbitmq_port=rabbitmq_port,
+        scrape_interval=scrape_interval,
+        evaluation_interval=evaluation_interval,
+    )
+    config_file.write_text(
+        "# Generated by stack/prometheus.py from monitoring/prometheus/prometheus.yml; do not edit.\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+    return CommandProcess(
+        name="prometheus",
+        module=Path(binary).name,
+        env={},
+        log_path=log_path or settings.log_dir / "prometheus.log",
+        health_url=f"http://127.0.0.1:{port}/-/ready",
+        command=(
+            binary,
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={data_dir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ),
+    )

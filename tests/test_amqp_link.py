@@ -1,0 +1,164 @@
+"""The AMQP link against the real broker: confirms, returns, poison messages, reconnection."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from smartgrid import contract
+from smartgrid.amqp import Consumer, Delivery, Link, NotConnected, Unroutable
+from smartgrid.deadletter import dead_letter_poison
+from tests.helpers import BrokerClient, eventually
+
+
+@pytest.fixture
+def broker(amqp_url: str):
+    client = BrokerClient(amqp_url)
+    yield client
+    client.close()
+
+
+def _link(url: str, **kwargs) -> Link:
+    link = Link(url, name=f"test-{uuid.uuid4().hex[:6]}", topology=contract.core_topology(), **kwargs).start()
+    assert link.wait_ready(10)
+    return link
+
+
+def test_a_publish_completes_only_when_the_broker_has_confirmed_it(amqp_url, broker):
+    link = _link(amqp_url)
+    try:
+        futures = [
+            link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, b'{"n": %d}' % i)
+            for i in range(500)
+        ]
+        for future in futures:
+            assert future.result(10) is None
+        assert broker.message_count(contract.PENDING_QUEUE) == 500
+    finally:
+        link.stop()
+
+
+def test_a_mandatory_message_that_reaches_no_queue_fails_with_unroutable(amqp_url):
+    link = _link(amqp_url)
+    try:
+        future = link.publish(contract.DISPATCH_EXCHANGE, "no-such-substation", b"{}")
+        with pytest.raises(Unroutable, match="no-such-substation"):
+            future.result(10)
+        # The next publish on the same channel is unaffected.
+        link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, b"{}").result(10)
+    finally:
+        link.stop()
+
+
+def test_a_publish_without_a_broker_fails_fast_instead_of_hanging():
+    link = Link("amqp://guest:guest@127.0.0.1:1/%2F", name="nowhere").start()
+    try:
+        future = link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, b"{}")
+        with pytest.raises(NotConnected):
+            future.result(5)
+        assert not link.ready
+    finally:
+        link.stop()
+    assert not link.thread.is_alive()
+
+
+def test_a_message_its_consumer_keeps_failing_on_is_dead_lettered_with_the_reason(amqp_url, broker):
+    attempts = []
+
+    def crash(delivery: Delivery) -> None:
+        attempts.append(delivery.delivery_tag)
+        raise RuntimeError("cannot handle this")
+
+    link: Link | None = None
+    link = _link(
+        amqp_url,
+        consumers=[
+            Consumer(
+                contract.PENDING_QUEUE,
+                crash,
+                prefetch=1,
+                on_poison=lambda d, e: dead_letter_poison(link, d, e, source=contract.PENDING_QUEUE),
+            )
+        ],
+    )
+    try:
+        broker.send_request(ev_id="EV-POISON")
+        letters = eventually(lambda: broker.get_all(contract.DEAD_LETTER_QUEUE), what="a dead letter")
+        reason = letters[0][0].headers[contract.REASON_HEADER]
+        assert "RuntimeError: cannot handle this" in reason
+        assert f"{contract.DELIVERY_LIMIT} times" in reason
+        assert len(attempts) == contract.DELIVERY_LIMIT
+        assert link.thread.is_alive()
+    finally:
+        link.stop()
+
+
+def test_after_connections_are_forced_closed_the_link_reconnects_and_sends_what_waited(amqp_url, broker):
+    events = broker.subscribe_events(contract.RequestAccepted.kind)
+    received: list[Delivery] = []
+    link = _link(amqp_url, consumers=[Consumer(contract.PENDING_QUEUE, received.append, prefetch=10)])
+    try:
+        broker.send_request()
+        delivery = eventually(lambda: received and received[0])
+        vhost = amqp_url.rsplit("/", 1)[1]
+        subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost, "test"], check=True, timeout=60)
+        broker = BrokerClient(amqp_url)  # the test's own connection was closed too
+        events = broker.subscribe_events(contract.RequestAccepted.kind)
+
+        # A reliable publish made around the outage (waiting in the outbox if the link is
+        # still reconnecting, or unconfirmed when the connection dropped) is delivered.
+        event = contract.RequestAccepted(at=time.time(), request_id=uuid.uuid4().hex, ev_id="EV1")
+        done = threading.Event()
+        link.publish(
+            contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True
+        ).add_done_callback(lambda _f: done.set())
+        assert link.wait_ready(20)
+        assert done.wait(10)
+        assert [e.request_id for e in eventually(lambda: broker.events(events))] == [event.request_id]
+
+        # The old delivery belongs to the dead channel: acking it is a no-op, not a channel
+        # error; the broker redelivered the message on the new channel.
+        redelivered = eventually(lambda: len(received) >= 2 and received[1])
+        assert redelivered.redelivered
+        acked_stale = threading.Event()
+        link.call_soon(lambda: acked_stale.set() if not link.ack(delivery) else None)
+        assert acked_stale.wait(5)
+        link.call_soon(lambda: link.ack(redelivered))
+        eventually(lambda: broker.message_count(contract.PENDING_QUEUE) == 0 and link.ready)
+    finally:
+        link.stop()
+        broker.close()
+
+
+def test_reliable_publishes_wait_out_an_outage_and_unreliable_ones_fail_fast(amqp_url, broker):
+    from tests.proxy import CuttableProxy
+
+    proxy = CuttableProxy(("127.0.0.1", 5672)).start()
+    scheme, rest = amqp_url.split("://")
+    credentials, _, path = rest.partition("@")
+    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    events = broker.subscribe_events(contract.RequestAccepted.kind)
+    link = _link(url, max_backoff=0.5)
+    try:
+        proxy.cut()
+        eventually(lambda: not link.ready, timeout=30, what="the link noticing the outage")
+
+        event = contract.RequestAccepted(at=time.time(), request_id=uuid.uuid4().hex, ev_id="EV1")
+        waiting = link.publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True)
+        failing = link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, b"{}")
+        with pytest.raises(NotConnected):
+            failing.result(5)
+        time.sleep(1.0)
+        assert not waiting.done()  # kept in the outbox, not failed
+
+        proxy.start()  # the broker is back
+        assert waiting.result(20) is None
+        assert [e.request_id for e in eventually(lambda: broker.events(events))] == [event.request_id]
+        assert link.ready
+    finally:
+        link.stop()
+        proxy.cut()
