@@ -98,6 +98,8 @@ class BalancerService:
             self.fleet.add_static(substation, url)
         self.metrics = BalancerMetrics(registry)
         self.metrics.broker_connected.set_function(lambda: 1 if self.link.ready else 0)
+        for reason in ("Unroutable", "ConnectionLost", "NotConnected", "PublishRejected", "LinkClosed"):
+            self.metrics.dispatch_failures.labels(reason)
         self._registry = registry
         self._held: collections.deque[tuple[Delivery, contract.ChargeRequest]] = collections.deque()
         #: Substations presumed dead, whose queues are being drained: id -> consumer tag.
@@ -332,6 +334,10 @@ class BalancerService:
         now = time.monotonic()
         for tracked in self.fleet.substations.values():
             substation = tracked.substation
+            # Touching the labelled counters creates their series at 0, so that rate() sees
+            # the first increase and a dashboard shows 0 rather than "no data".
+            self.metrics.routed.labels(substation)
+            self.metrics.poll_errors.labels(substation)
             eligible = self.fleet.is_eligible(tracked, now)
             self.metrics.up.labels(substation).set(1 if eligible else 0)
             if tracked.reading is not None:

@@ -20,6 +20,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -59,6 +60,13 @@ class GatewayMetrics:
         )
         for outcome in ("accepted", "invalid", "unavailable"):
             self.requests.labels(outcome)
+        # With several gunicorn workers, the least connected one is what matters.
+        self.broker_connected = Gauge(
+            "gateway_broker_connected",
+            "1 while every gateway worker is connected to the broker",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
 
 
 def _error(status: int, error: str, detail: str, **headers: str) -> Response:
@@ -117,7 +125,11 @@ def create_app(
         broker = GatewayBroker(
             config.amqp_url, name=f"gateway-{os.getpid()}", tracker=RequestTracker(config.tracked_requests)
         )
+        broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)
         broker.start()
+    else:
+        broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)
+    metrics.broker_connected.set(1 if broker.ready else 0)
     tracker = broker.tracker
 
     app = Flask("gateway")

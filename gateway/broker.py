@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from gateway.tracker import RequestTracker
@@ -24,8 +25,16 @@ EVENT_BINDINGS = tuple(
 
 
 class GatewayBroker:
-    def __init__(self, amqp_url: str, *, name: str, tracker: RequestTracker):
+    def __init__(
+        self,
+        amqp_url: str,
+        *,
+        name: str,
+        tracker: RequestTracker,
+        on_connection_change: Callable[[bool], None] | None = None,
+    ):
         self.tracker = tracker
+        self.on_connection_change = on_connection_change
         self.link = Link(
             amqp_url,
             name=name,
@@ -33,7 +42,13 @@ class GatewayBroker:
             consumers=[
                 Consumer("smartgrid.gateway-events", self._on_event, auto_ack=True, bindings=EVENT_BINDINGS)
             ],
+            on_ready=lambda: self._connection_changed(True),
+            on_lost=lambda: self._connection_changed(False),
         )
+
+    def _connection_changed(self, connected: bool) -> None:
+        if self.on_connection_change is not None:
+            self.on_connection_change(connected)
 
     @property
     def ready(self) -> bool:

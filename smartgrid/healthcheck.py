@@ -1,7 +1,7 @@
 """python -m smartgrid.healthcheck URL [--metric NAME]: exit 0 if the service is healthy.
 
 The container images have no curl; docker compose healthchecks call this instead. With
-``--metric`` the URL is a /metrics page and the named unlabelled gauge must read 1 (for
+``--metric`` the URL is a /metrics page and the named gauge must read 1 (for
 example ``substation_broker_connected``), so "healthy" means "connected to the broker".
 """
 
@@ -13,10 +13,19 @@ import urllib.error
 import urllib.request
 
 
+def gauge_reads_one(page: str, name: str) -> bool:
+    """Whether the metrics ``page`` has a sample of ``name`` (any labels) equal to 1."""
+    for line in page.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            if line.rsplit(" ", 1)[-1] in ("1", "1.0"):
+                return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m smartgrid.healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument("url")
-    parser.add_argument("--metric", help="an unlabelled gauge on the page that must be 1")
+    parser.add_argument("--metric", help="a gauge on the page that must be 1")
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
     try:
@@ -25,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
-    if args.metric and not any(line.split() == [args.metric, "1.0"] for line in body.splitlines()):
+    if args.metric and not gauge_reads_one(body, args.metric):
         print(f"unhealthy: {args.metric} is not 1", file=sys.stderr)
         return 1
     return 0

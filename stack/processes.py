@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smartgrid.healthcheck import gauge_reads_one
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -81,7 +83,7 @@ class ServiceProcess:
                 with urllib.request.urlopen(self.health_url, timeout=1) as response:
                     body = response.read().decode(errors="replace")
                     if response.status == 200 and (
-                        self.ready_metric is None or f"\n{self.ready_metric} 1.0" in f"\n{body}"
+                        self.ready_metric is None or gauge_reads_one(body, self.ready_metric)
                     ):
                         return
                     last_error = f"{self.ready_metric} is not 1"

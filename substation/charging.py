@@ -131,11 +131,13 @@ class ChargingPointsCollector(Collector):
 
     def collect(self) -> Iterator:
         points = self._points
-        yield GaugeMetricFamily(
+        connected = GaugeMetricFamily(
             "substation_broker_connected",
             "1 while connected to the broker with the queue declared and consumed",
-            value=1 if self._broker_connected() else 0,
+            labels=["substation"],
         )
+        connected.add_metric([points.substation_id], 1 if self._broker_connected() else 0)
+        yield connected
         load, received, completed, duplicates = points.snapshot()
         labels = ["substation"]
         values = [points.substation_id]
