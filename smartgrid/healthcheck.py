@@ -15,11 +15,12 @@ import urllib.request
 
 def gauge_reads_one(page: str, name: str) -> bool:
     """Whether the metrics ``page`` has a sample of ``name`` (any labels) equal to 1."""
-    for line in page.splitlines():
-        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
-            if line.rsplit(" ", 1)[-1] in ("1", "1.0"):
-                return True
-    return False
+    return any(
+        line.startswith(name)
+        and line[len(name) : len(name) + 1] in ("{", " ")
+        and line.rsplit(" ", 1)[-1] in ("1", "1.0")
+        for line in page.splitlines()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
