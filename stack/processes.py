@@ -44,12 +44,15 @@ class ServiceProcess:
     args: Sequence[str] = ()
     process: subprocess.Popen | None = field(default=None, repr=False)
 
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", self.module, *self.args]
+
     def start(self) -> ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         environment = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module, *self.args],
+            self.argv(),
             env=environment,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -9,8 +9,6 @@ exactly the recording rules and alerts the compose one does.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from stack.local import StackSettings
-from stack.processes import ServiceProcess, _die_with_parent
+from stack.processes import ServiceProcess
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring" / "prometheus"
 COMPOSE_CONFIG = MONITORING / "prometheus.yml"
@@ -31,26 +29,14 @@ class CommandProcess(ServiceProcess):
     """A :class:`ServiceProcess` that runs ``command`` (a program and its arguments) instead of
     ``python -m module``; ``module`` only names the program.
 
-    Health checks, stopping and the log tail are the inherited ones; the child gets the same
-    parent-death signal, so it never outlives the runner.
+    Starting (with the parent-death signal, so it never outlives the runner), health checks,
+    stopping and the log tail are the inherited ones.
     """
 
     command: Sequence[str] = ()
 
-    def start(self) -> CommandProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
-        self.process = subprocess.Popen(
-            list(self.command),
-            env={**os.environ, **self.env},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-            start_new_session=True,
-        )
-        log_file.close()
-        return self
+    def argv(self) -> list[str]:
+        return list(self.command)
 
 
 def _broker_host(settings: StackSettings) -> str:
