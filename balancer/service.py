@@ -184,7 +184,12 @@ class BalancerService:
         self.fleet.routed(substation)
         self.metrics.estimated_load.labels(substation).set(choice.estimate + 1)
         routed = contract.RoutedRequest.from_request(
-            request, substation=substation, routed_at=time.time(), balancer=self.balancer_id
+            request,
+            substation=substation,
+            routed_at=time.time(),
+            balancer=self.balancer_id,
+            # Redelivered: a balancer may have forwarded it already and died before its ack.
+            maybe_duplicate=delivery.redelivered,
         )
         confirmation = self.link.publish(contract.DISPATCH_EXCHANGE, substation, routed.to_body(), mandatory=True)
         confirmation.add_done_callback(lambda f: self._after_forward(f, delivery, routed))
@@ -211,7 +216,9 @@ class BalancerService:
             # it until it announces itself again, and route this request elsewhere.
             log.warning("substation %s has no queue (%s); not routing there", routed.substation, error)
             self.fleet.mark_unknown(routed.substation)
-            request = contract.ChargeRequest(routed.request_id, routed.ev_id, routed.accepted_at)
+            request = contract.ChargeRequest(
+                routed.request_id, routed.ev_id, routed.accepted_at, rerouted_from=routed.rerouted_from
+            )
             self._held.appendleft((delivery, request))
             self._route_held()
         else:

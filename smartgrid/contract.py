@@ -15,7 +15,8 @@ Flow of a charge request::
 Every service publishes lifecycle events to the topic exchange ``smartgrid.events`` with the
 event kind as routing key (``request.accepted``, ``request.routed``, ``session.started``,
 ``session.completed``, ``request.dead_lettered``, ``substation.announced``,
-``substation.leaving``, ``balancer.started``).
+``substation.leaving``, ``balancer.started``, and between substations ``session.lookup`` and
+``session.lookup_reply``).
 
 All queues are durable quorum queues with every argument explicit, so the declarations mean the
 same on RabbitMQ 3.10 and 4.x (4.x changed the default delivery limit and refuses transient
@@ -163,15 +164,14 @@ _ID_CHECKS = {
 }
 
 
-def _check_value(name: str, annotation: Any, value: Any) -> Any:
-    optional = typing.get_origin(annotation) in (typing.Union, type(int | None)) and type(
-        None
-    ) in typing.get_args(annotation)
-    if optional:
-        if value is None:
-            return None
-        (annotation,) = (a for a in typing.get_args(annotation) if a is not type(None))
-    if annotation is str:
+def _check_value(name: str, base: type, optional: bool, value: Any) -> Any:
+    if value is None and optional:
+        return None
+    if base is bool:
+        if not isinstance(value, bool):
+            raise InvalidMessage(f"field {name!r} must be true or false")
+        return value
+    if base is str:
         if not isinstance(value, str) or not value:
             raise InvalidMessage(f"field {name!r} must be a non-empty string")
         if name in _ID_CHECKS:
@@ -179,42 +179,52 @@ def _check_value(name: str, annotation: Any, value: Any) -> Any:
             if pattern.fullmatch(value) is None:
                 raise InvalidMessage(f"field {name!r} must be {rule}, got {value[:80]!r}")
         return value
-    if annotation in (int, float):
-        # bool is an int in Python but never a valid number in this contract.
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidMessage(f"field {name!r} must be a number")
-        try:
-            as_float = float(value)
-        except OverflowError:  # a JSON integer with hundreds of digits
-            raise InvalidMessage(f"field {name!r} is out of range") from None
-        if not math.isfinite(as_float):
-            raise InvalidMessage(f"field {name!r} must be finite")
-        if annotation is int and not as_float.is_integer():
-            raise InvalidMessage(f"field {name!r} must be an integer")
-        return annotation(value)
-    raise TypeError(f"unsupported field type {annotation!r}")  # pragma: no cover
+    # bool is an int in Python but never a valid number in this contract.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidMessage(f"field {name!r} must be a number")
+    try:
+        as_float = float(value)
+    except OverflowError:  # a JSON integer with hundreds of digits
+        raise InvalidMessage(f"field {name!r} is out of range") from None
+    if not math.isfinite(as_float):
+        raise InvalidMessage(f"field {name!r} must be finite")
+    if base is int and not as_float.is_integer():
+        raise InvalidMessage(f"field {name!r} must be an integer")
+    return base(value)
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+#: Per message class: (name, base type, optional, required) of each field, worked out once,
+#: because every consumer decodes thousands of messages a second at full load.
+_SCHEMAS: dict[type, tuple[tuple[str, type, bool, bool], ...]] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+def _schema(cls: type) -> tuple[tuple[str, type, bool, bool], ...]:
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        hints = typing.get_type_hints(cls)
+        entries = []
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            annotation = hints[f.name]
+            args = typing.get_args(annotation)
+            optional = type(None) in args
+            base = next(a for a in args if a is not type(None)) if optional else annotation
+            if base not in (str, int, float, bool):
+                raise TypeError(f"unsupported field type {annotation!r}")  # pragma: no cover
+            entries.append((f.name, base, optional, f.default is dataclasses.MISSING))
+        schema = _SCHEMAS[cls] = tuple(entries)
+    return schema
 
 
 def _decode_fields(cls: type, data: dict) -> dict[str, Any]:
-    hints = _hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
+    for name, base, optional, required in _schema(cls):
+        if name not in data:
+            if required:
+                raise InvalidMessage(f"missing field {name!r}")
             continue
-        if f.name not in data:
-            if f.default is not dataclasses.MISSING:
-                continue
-            raise InvalidMessage(f"missing field {f.name!r}")
-        kwargs[f.name] = _check_value(f.name, hints[f.name], data[f.name])
+        kwargs[name] = _check_value(name, base, optional, data[name])
     return kwargs
 
 
@@ -268,10 +278,20 @@ class RoutedRequest:
     routed_at: float
     balancer: str
     rerouted_from: str | None = None
+    #: The balancer cannot rule out that this request was forwarded before (its pending
+    #: message was redelivered, or it comes off a substation presumed dead): the substation
+    #: asks the others (``session.lookup``) before charging it.
+    maybe_duplicate: bool = False
 
     @classmethod
     def from_request(
-        cls, request: ChargeRequest, *, substation: str, routed_at: float, balancer: str
+        cls,
+        request: ChargeRequest,
+        *,
+        substation: str,
+        routed_at: float,
+        balancer: str,
+        maybe_duplicate: bool = False,
     ) -> RoutedRequest:
         return cls(
             request_id=request.request_id,
@@ -281,6 +301,7 @@ class RoutedRequest:
             routed_at=routed_at,
             balancer=balancer,
             rerouted_from=request.rerouted_from,
+            maybe_duplicate=maybe_duplicate or request.rerouted_from is not None,
         )
 
     def back_to_pending(self) -> ChargeRequest:
@@ -347,6 +368,26 @@ class SessionCompleted(Event):
 
 
 @dataclass(frozen=True)
+class SessionLookup(Event):
+    """A substation asks the others whether they charge or charged a request it was handed
+    as a possible duplicate. Every substation remembers who asked: the asker may charge it."""
+
+    kind: ClassVar[str] = "session.lookup"
+    request_id: str
+    substation: str
+
+
+@dataclass(frozen=True)
+class SessionLookupReply(Event):
+    kind: ClassVar[str] = "session.lookup_reply"
+    request_id: str
+    asker: str
+    substation: str
+    #: "running", "completed" or "unknown" at the replying substation.
+    status: str
+
+
+@dataclass(frozen=True)
 class RequestDeadLettered(Event):
     kind: ClassVar[str] = "request.dead_lettered"
     reason: str
@@ -387,6 +428,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RequestRouted,
         SessionStarted,
         SessionCompleted,
+        SessionLookup,
+        SessionLookupReply,
         RequestDeadLettered,
         SubstationAnnounced,
         SubstationLeaving,

@@ -33,8 +33,11 @@ class Admission(Enum):
     STARTED = "started"
     #: Already charging here; the new delivery replaces one from a dead connection.
     ADOPTED = "adopted"
-    #: Already charging or recently completed here; nothing to do but acknowledge.
+    #: Already charging or recently completed here, or claimed by another substation;
+    #: nothing to do but acknowledge.
     DUPLICATE = "duplicate"
+    #: A possible duplicate unknown here: ask the other substations before charging it.
+    CHECK = "check"
 
 
 class ChargingPoints:
@@ -49,10 +52,10 @@ class ChargingPoints:
         self.received = 0
         self.completed = 0
         self.duplicates = 0
-        #: Sessions other substations have started or completed (from their events), so that a
+        #: Requests other substations asked about (session.lookup) and so may be charging: a
         #: request forwarded twice (a balancer that died between forwarding and acknowledging)
-        #: is not charged at two substations.
-        self._started_elsewhere: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: must not be charged at two substations.
+        self._claims: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     @property
     def load(self) -> int:
@@ -76,28 +79,40 @@ class ChargingPoints:
             if request.request_id in self._recently_completed:
                 self.duplicates += 1
                 return Admission.DUPLICATE, None
-            elsewhere = self._started_elsewhere.get(request.request_id)
-            if elsewhere is not None and elsewhere != request.rerouted_from:
-                # Charging (or charged) at another substation, which has not died: a copy.
+            claimant = self._claims.get(request.request_id)
+            if claimant is not None and claimant != request.rerouted_from:
+                # Another substation, still alive, asked about it and then charged it.
                 self.duplicates += 1
                 return Admission.DUPLICATE, None
-            session = Session(request, delivery, started_at=now, expected_end=now + duration)
-            self._active[request.request_id] = session
-            return Admission.STARTED, session
+            if request.maybe_duplicate:
+                return Admission.CHECK, None
+            return Admission.STARTED, self._start(request, delivery, now, duration)
 
-    def started_elsewhere(self, request_id: str, substation: str) -> None:
-        if substation == self.substation_id:
-            return  # our own (perhaps from before a restart): our queue is the authority
+    def start_checked(self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float) -> Session:
+        """Start a possible duplicate that no other substation turned out to know."""
         with self._lock:
-            self._started_elsewhere[request_id] = substation
-            if len(self._started_elsewhere) > self._remember:
-                self._started_elsewhere.popitem(last=False)
+            return self._start(request, delivery, now, duration)
 
-    def completed_elsewhere(self, request_id: str, substation: str) -> None:
-        if substation == self.substation_id:
-            return
+    def _start(self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float) -> Session:
+        session = Session(request, delivery, started_at=now, expected_end=now + duration)
+        self._active[request.request_id] = session
+        return session
+
+    def count_duplicate(self) -> None:
         with self._lock:
-            self._remember_completed(request_id)
+            self.duplicates += 1
+
+    def claimed_by(self, request_id: str, substation: str) -> str:
+        """Another substation asked about ``request_id``; remember it and say what we know."""
+        with self._lock:
+            self._claims[request_id] = substation
+            if len(self._claims) > self._remember:
+                self._claims.popitem(last=False)
+            if request_id in self._active:
+                return "running"
+            if request_id in self._recently_completed:
+                return "completed"
+            return "unknown"
 
     def _remember_completed(self, request_id: str) -> None:
         self._recently_completed[request_id] = None

@@ -34,6 +34,13 @@ class SubstationConfig:
     announce_interval: float = setting(
         "ANNOUNCE_INTERVAL", 5.0, "Seconds between announcements to balancers", check=positive, expect="seconds > 0"
     )
+    duplicate_check_seconds: float = setting(
+        "DUPLICATE_CHECK_SECONDS",
+        1.0,
+        "How long to wait for other substations' answers before charging a possible duplicate",
+        check=positive,
+        expect="seconds > 0",
+    )
     shutdown_grace: float = setting(
         "SHUTDOWN_GRACE",
         10.0,

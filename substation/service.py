@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, Histogram, start_http_server
 
@@ -26,6 +27,13 @@ from substation.config import SubstationConfig
 log = logging.getLogger(__name__)
 
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass
+class _Check:
+    request: contract.RoutedRequest
+    delivery: Delivery
+    timer: object
 
 
 class SubstationService:
@@ -52,12 +60,13 @@ class SubstationService:
                     "smartgrid.substation-events",
                     self._on_event,
                     auto_ack=True,
+                    # Only rare events: a substation's cost must not grow with the fleet's traffic.
                     bindings=tuple(
                         (contract.EVENTS_EXCHANGE, kind)
                         for kind in (
                             contract.BalancerStarted.kind,
-                            contract.SessionStarted.kind,
-                            contract.SessionCompleted.kind,
+                            contract.SessionLookup.kind,
+                            contract.SessionLookupReply.kind,
                         )
                     ),
                 ),
@@ -65,6 +74,8 @@ class SubstationService:
             on_ready=self._announce,
         )
         registry.register(ChargingPointsCollector(self.points, lambda: self.link.ready))
+        #: Possible duplicates waiting for the other substations' answers, by request id.
+        self._checks: dict[str, _Check] = {}
         self._http = None
         self._draining = False
         self._announce_timer: object | None = None
@@ -122,7 +133,13 @@ class SubstationService:
             return
         if admission is Admission.ADOPTED:
             return  # the running session will acknowledge the new delivery when it ends
+        if admission is Admission.CHECK:
+            self._ask_the_fleet(request, delivery)
+            return
         assert session is not None
+        self._begin_session(request, session, now)
+
+    def _begin_session(self, request: contract.RoutedRequest, session: Session, now: float) -> None:
         self._wait.observe(max(0.0, now - request.accepted_at))
         started = contract.SessionStarted(
             at=now,
@@ -143,12 +160,48 @@ class SubstationService:
             event = contract.decode_event(delivery.routing_key, delivery.body)
         except contract.InvalidMessage:
             return
+        me = self.config.substation_id
         if isinstance(event, contract.BalancerStarted):
             self._announce()
-        elif isinstance(event, contract.SessionStarted):
-            self.points.started_elsewhere(event.request_id, event.substation)
-        elif isinstance(event, contract.SessionCompleted):
-            self.points.completed_elsewhere(event.request_id, event.substation)
+        elif isinstance(event, contract.SessionLookup) and event.substation != me:
+            reply = contract.SessionLookupReply(
+                at=time.time(),
+                request_id=event.request_id,
+                asker=event.substation,
+                substation=me,
+                status=self.points.claimed_by(event.request_id, event.substation),
+            )
+            self._publish_event(reply)
+        elif isinstance(event, contract.SessionLookupReply) and event.asker == me:
+            check = self._checks.get(event.request_id)
+            if check is not None and event.status in ("running", "completed"):
+                log.info(
+                    "request %s is %s at %s; acknowledging the duplicate", event.request_id, event.status, event.substation
+                )
+                self.link.cancel_timer(check.timer)
+                del self._checks[event.request_id]
+                self.points.count_duplicate()
+                self.link.ack(check.delivery)
+
+    def _ask_the_fleet(self, request: contract.RoutedRequest, delivery: Delivery) -> None:
+        """A possible duplicate: ask whether another substation charges or charged it, and
+        charge it only if none says so within DUPLICATE_CHECK_SECONDS."""
+        if request.request_id in self._checks:
+            self.points.count_duplicate()
+            self.link.ack(delivery)  # a second copy while the first is being checked
+            return
+        lookup = contract.SessionLookup(at=time.time(), request_id=request.request_id, substation=self.config.substation_id)
+        self._publish_event(lookup)
+        timer = self.link.call_later(self.config.duplicate_check_seconds, lambda: self._nobody_has_it(request.request_id))
+        self._checks[request.request_id] = _Check(request, delivery, timer)
+
+    def _nobody_has_it(self, request_id: str) -> None:
+        check = self._checks.pop(request_id, None)
+        if check is None:
+            return
+        now = time.time()
+        session = self.points.start_checked(check.request, check.delivery, now, self.config.session_seconds)
+        self._begin_session(check.request, session, now)
 
     def _complete(self, request_id: str) -> None:
         session = self.points.finish(request_id)

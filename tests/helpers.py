@@ -82,10 +82,12 @@ class BrokerClient:
             mandatory=True,
         )
 
-    def send_to_substation(self, substation: str, *, request_id: str | None = None, ev_id: str = "EV1") -> str:
+    def send_to_substation(
+        self, substation: str, *, request_id: str | None = None, ev_id: str = "EV1", maybe_duplicate: bool = False
+    ) -> str:
         request_id = request_id or uuid.uuid4().hex
         now = time.time()
-        routed = contract.RoutedRequest(request_id, ev_id, now, substation, now, "test")
+        routed = contract.RoutedRequest(request_id, ev_id, now, substation, now, "test", maybe_duplicate=maybe_duplicate)
         self.publish(contract.DISPATCH_EXCHANGE, substation, routed.to_body())
         return request_id
 

@@ -71,6 +71,8 @@ ONE_OF_EACH_EVENT: list[contract.Event] = [
     ),
     contract.SubstationLeaving(at=6.0, substation="s1", instance="inst-1"),
     contract.BalancerStarted(at=7.0, balancer="b-1"),
+    contract.SessionLookup(at=8.0, request_id=REQUEST_ID, substation="s2"),
+    contract.SessionLookupReply(at=8.1, request_id=REQUEST_ID, asker="s2", substation="s1", status="running"),
 ]
 
 

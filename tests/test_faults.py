@@ -137,7 +137,7 @@ def test_a_substation_killed_and_restarted_loses_nothing(stack_settings: StackSe
         victim.process.wait(10)
         time.sleep(1.0)
         victim.start()
-        return lambda: metric(victim.health_url, "substation_broker_connected") == 1
+        return lambda: metric(victim.health_url, "substation_broker_connected", substation="substation-1") == 1
 
     run = _run_with_fault(stack_settings, fault)
     _assert_ledger(run)

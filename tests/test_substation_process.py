@@ -140,3 +140,39 @@ def test_a_substation_killed_mid_session_charges_the_request_again_after_restart
         assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
     finally:
         assert restarted.stop() == 0
+
+
+def test_a_request_forwarded_to_two_substations_is_charged_at_only_one(stack_settings, broker):
+    """What a balancer that died between forwarding and acknowledging leaves behind: the
+    first copy is charging at one substation, the redelivered one is flagged and goes to another."""
+    stack_settings.capacity = 2
+    stack_settings.session_seconds = 3
+    stack_settings.substations = 2
+    services = [substation_process(stack_settings, i).start() for i in range(2)]
+    try:
+        for service in services:
+            service.wait_healthy()
+        first, second = (s.health_url for s in services)
+        count = contract.COMPLETED_METRIC + "_total"
+
+        # The first copy is already charging at substation-1 when the flagged copy reaches substation-2.
+        request_id = broker.send_to_substation("substation-1")
+        eventually(lambda: metric(first, contract.LOAD_METRIC, substation="substation-1") == 1)
+        broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
+        eventually(lambda: metric(second, "substation_duplicate_requests_total", substation="substation-2") == 1)
+        assert metric(second, contract.LOAD_METRIC, substation="substation-2") == 0
+
+        # The flagged copy arrives first, nobody knows it: substation-2 charges it after asking,
+        # and the unflagged first copy, reaching substation-1 later, is recognised as claimed.
+        other = broker.send_to_substation("substation-2", maybe_duplicate=True)
+        eventually(lambda: metric(second, contract.LOAD_METRIC, substation="substation-2") == 1, timeout=10)
+        broker.send_to_substation("substation-1", request_id=other)
+        eventually(lambda: metric(first, "substation_duplicate_requests_total", substation="substation-1") == 1)
+
+        eventually(lambda: metric(first, count, substation="substation-1") == 1, timeout=15)
+        eventually(lambda: metric(second, count, substation="substation-2") == 1, timeout=15)
+        for queue in ("substation-1", "substation-2"):
+            assert broker.message_count(contract.substation_queue_name(queue)) == 0
+    finally:
+        for service in services:
+            assert service.stop() == 0
