@@ -1,0 +1,115 @@
+"""What every benchmark needs: a private vhost, the stack on it, readings of its metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from smartgrid.config import DEFAULT_AMQP_URL
+from stack.local import StackSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "bench"
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+@contextlib.contextmanager
+def private_vhost(prefix: str = "bench") -> Iterator[str]:
+    """A fresh vhost on the broker of AMQP_URL (default: the local one); its URL."""
+    base = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL).split(",")[0]
+    vhost = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield f"{base.rpartition('/')[0]}/{quote(vhost, safe='')}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+def bench_settings(amqp_url: str, log_dir: Path, **overrides) -> StackSettings:
+    """Stack settings on ports away from `make up`'s, logging only warnings."""
+    settings = StackSettings(
+        amqp_url=amqp_url,
+        gateway_port=8200,
+        balancer_port=9600,
+        substation_base_port=9601,
+        log_dir=log_dir,
+        log_level="WARNING",
+    )
+    for key, value in overrides.items():
+        setattr(settings, key, value)
+    return settings
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def histogram_quantile(samples: dict, name: str, q: float) -> float | None:
+    """Upper bound of the bucket holding quantile ``q`` of a histogram (all label sets summed)."""
+    buckets: dict[float, float] = {}
+    for (n, labels), v in samples.items():
+        if n == f"{name}_bucket":
+            le = float(dict(labels)["le"])
+            buckets[le] = buckets.get(le, 0.0) + v
+    if not buckets:
+        return None
+    ordered = sorted(buckets.items())
+    count = ordered[-1][1]
+    if count == 0:
+        return None
+    for le, cumulative in ordered:
+        if cumulative >= q * count:
+            return le
+    return ordered[-1][0]
+
+
+def machine() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def save(name: str, document: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **document}, indent=2) + "\n")
+    return path
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
