@@ -31,7 +31,7 @@ from gateway.broker import GatewayBroker
 from gateway.config import GatewayConfig
 from gateway.tracker import RequestTracker
 from smartgrid import contract
-from smartgrid.amqp import LinkError
+from smartgrid.amqp import LinkError, NotConnected, PublishRejected
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,31 @@ def parse_charge_body(raw: bytes) -> str:
     return ev_id
 
 
+#: How long POST /charge waits for a broker connection that is being re-established.
+READY_WAIT = 1.0
+
+
+def publish_until_confirmed(broker: GatewayBroker, request: contract.ChargeRequest, *, deadline: float) -> None:
+    """Publish until confirmed or ``deadline``. A refusal (``basic.nack``: a quorum queue
+    electing a new leader) or a missing connection certainly did not enqueue the message, so
+    trying again cannot duplicate it; a connection lost *after* publishing might have, so that
+    is never retried (the driver gets 503 and may try again with a new request)."""
+    delay = 0.05
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FutureTimeout()
+        try:
+            broker.publish_request(request).result(timeout=remaining)
+            return
+        except (PublishRejected, NotConnected):
+            if deadline - time.monotonic() <= delay:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            broker.link.wait_ready(max(0.0, deadline - time.monotonic()))
+
+
 class _BadBody(Exception):
     def __init__(self, status: int, error: str, detail: str):
         super().__init__(detail)
@@ -161,14 +186,16 @@ def create_app(
         except _BadBody as bad:
             metrics.requests.labels("invalid").inc()
             return _error(bad.status, bad.error, bad.detail)
-        if not broker.ready:
+        # A reconnect (a broker restart, a cluster node failing over) takes well under a second:
+        # worth waiting for, rather than refusing the driver.
+        if not broker.link.wait_ready(min(config.publish_timeout, READY_WAIT)):
             return unavailable("the message broker is not reachable; the request was not accepted")
 
         charge_request = contract.ChargeRequest(request_id=uuid.uuid4().hex, ev_id=ev_id, accepted_at=time.time())
         routed = tracker.expect(charge_request.request_id) if config.routed_wait > 0 else None
         publish_started = time.perf_counter()
         try:
-            broker.publish_request(charge_request).result(timeout=config.publish_timeout)
+            publish_until_confirmed(broker, charge_request, deadline=time.monotonic() + config.publish_timeout)
         except (LinkError, FutureTimeout) as exc:
             tracker.forget_waiter(charge_request.request_id)
             log.warning("request for %s not accepted: %s", ev_id, exc or "confirmation timed out")

@@ -28,8 +28,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +155,11 @@ class Consumer:
     #: dead-letter it with the reason before the broker's delivery limit drops the reason.
     on_poison: Callable[[Delivery, Exception], None] | None = None
     poison_after: int = 5
+    #: With ``bindings``: keep the subscription in a quorum queue that outlives a connection
+    #: (and a cluster node), so events published while the link reconnects are not missed. It
+    #: is deleted when the link stops, and expires by itself if the process dies.
+    durable_subscription: bool = False
+    subscription_expires_ms: int = 600_000
 
 
 @dataclass
@@ -209,8 +216,10 @@ class Link:
         self._ready = threading.Event()
         self._stopping = False
         self._stopped = threading.Event()
-        self._attempt = 0
-        self._current_url = self._urls[0]
+        # Start at a random address: services given the same list spread over the cluster's
+        # nodes instead of all connecting to (and failing over from) the first.
+        self._attempt = random.randrange(len(self._urls))
+        self._current_url = self._urls[self._attempt]
 
         # I/O-thread state.
         self._connection: SelectConnection | None = None
@@ -222,7 +231,8 @@ class Link:
         self._unconfirmed: dict[int, _Outgoing] = {}
         self._outbox: collections.deque[_Outgoing] = collections.deque()
         self._consumer_tags: list[str] = []
-        self._subscription_queues: dict[str, str] = {}
+        self._link_id = uuid.uuid4().hex[:10]
+        self._durable_subscriptions: set[str] = set()
 
     # ----------------------------------------------------------------------------------------
     # Any thread
@@ -428,8 +438,23 @@ class Link:
 
     def _start_consumer(self, channel: pika.channel.Channel, consumer: Consumer) -> str:
         queue = consumer.queue
-        if consumer.bindings:
-            queue = f"{consumer.queue}.{self._generation}.{id(self):x}"
+        if consumer.bindings and consumer.durable_subscription:
+            queue = f"{consumer.queue}.{self._link_id}"
+            self._durable_subscriptions.add(queue)
+            channel.queue_declare(
+                queue,
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-expires": consumer.subscription_expires_ms,
+                    "x-max-length": consumer.max_length,
+                    "x-overflow": "drop-head",
+                },
+            )
+            for exchange, routing_key in consumer.bindings:
+                channel.queue_bind(queue, exchange, routing_key)
+        elif consumer.bindings:
+            queue = f"{consumer.queue}.{self._generation}.{self._link_id}"
             channel.queue_declare(
                 queue,
                 exclusive=True,
@@ -537,6 +562,9 @@ class Link:
     def _begin_stop(self, deadline: float) -> None:
         self._ready.clear()
         self.cancel_consumers()
+        if self._channel is not None and self._channel.is_open:
+            for queue in self._durable_subscriptions:
+                self._channel.queue_delete(queue)
         if self._connection is None:
             self._ioloop.stop()  # idle between attempts
             return

@@ -162,3 +162,45 @@ def test_reliable_publishes_wait_out_an_outage_and_unreliable_ones_fail_fast(amq
     finally:
         link.stop()
         proxy.cut()
+
+
+def test_a_durable_subscription_keeps_the_events_published_while_the_link_was_away(amqp_url, broker):
+    from tests.proxy import CuttableProxy
+
+    proxy = CuttableProxy(("127.0.0.1", 5672)).start()
+    scheme, rest = amqp_url.split("://")
+    credentials, _, path = rest.partition("@")
+    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    seen: list[str] = []
+    consumer = Consumer(
+        "smartgrid.test-events",
+        lambda d: seen.append(contract.decode_event(d.routing_key, d.body).request_id),
+        auto_ack=True,
+        bindings=((contract.EVENTS_EXCHANGE, contract.RequestAccepted.kind),),
+        durable_subscription=True,
+    )
+    link = _link(url, consumers=[consumer], max_backoff=0.5)
+
+    def publish_event() -> str:
+        event = contract.RequestAccepted(at=time.time(), request_id=uuid.uuid4().hex, ev_id="EV1")
+        broker.channel.basic_publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body())
+        return event.request_id
+
+    try:
+        before = publish_event()
+        eventually(lambda: seen == [before])
+        proxy.cut()
+        eventually(lambda: not link.ready, timeout=30)
+        during = publish_event()  # nobody connected to receive it right now
+        proxy.start()
+        assert link.wait_ready(20)
+        eventually(lambda: seen == [before, during], what="the event published during the outage")
+    finally:
+        link.stop()
+        proxy.cut()
+    # Stopping the link deletes its subscription queue.
+    queues = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "-p", amqp_url.rsplit("/", 1)[1], "name"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "smartgrid.test-events" not in queues
