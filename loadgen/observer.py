@@ -3,6 +3,8 @@
 It learns from the substations' own ``session.started``/``session.completed`` events, with
 their timestamps, so the load of every substation over time is reconstructed exactly rather
 than sampled by scraping, and every request's fate (completed once, twice, never) is known.
+From ``substation.announced`` it learns each substation's capacity (its charging points), and
+it keeps a running count of each substation's active sessions for the live view.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ BINDINGS = tuple(
         contract.SessionStarted.kind,
         contract.SessionCompleted.kind,
         contract.RequestDeadLettered.kind,
+        contract.SubstationAnnounced.kind,
     )
 )
 
@@ -37,6 +40,8 @@ class EventObserver:
     def __init__(self, amqp_url: str, *, name: str = "loadgen-observer"):
         self._lock = threading.Lock()
         self._fates: dict[str, RequestFate] = defaultdict(RequestFate)
+        self._capacities: dict[str, int] = {}
+        self._active: dict[str, set[str]] = defaultdict(set)  # substation -> request ids charging
         self.link = Link(
             amqp_url,
             name=name,
@@ -58,6 +63,10 @@ class EventObserver:
             event = contract.decode_event(delivery.routing_key, delivery.body)
         except contract.InvalidMessage:
             return
+        if isinstance(event, contract.SubstationAnnounced):
+            with self._lock:
+                self._capacities[event.substation] = event.capacity
+            return
         request_id = getattr(event, "request_id", None)
         if request_id is None:
             return
@@ -67,8 +76,10 @@ class EventObserver:
                 fate.routed_to.append(event.substation)
             elif isinstance(event, contract.SessionStarted):
                 fate.started.append(event)
+                self._active[event.substation].add(request_id)
             elif isinstance(event, contract.SessionCompleted):
                 fate.completed.append(event)
+                self._active[event.substation].discard(request_id)
             elif isinstance(event, contract.RequestDeadLettered):
                 fate.dead_lettered = event.reason
 
@@ -84,3 +95,13 @@ class EventObserver:
                 for rid in request_ids
                 if rid in self._fates and (self._fates[rid].completed or self._fates[rid].dead_lettered)
             )
+
+    def capacities(self) -> dict[str, int]:
+        """Charging points of every substation heard announcing itself so far."""
+        with self._lock:
+            return dict(self._capacities)
+
+    def active_sessions(self) -> dict[str, int]:
+        """Sessions charging now at each substation seen so far (from started/completed)."""
+        with self._lock:
+            return {substation: len(ids) for substation, ids in self._active.items()}

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from loadgen.observer import RequestFate
-from loadgen.traffic import Outcome
+from loadgen.traffic import ERROR_KINDS, Outcome
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -67,6 +67,10 @@ class LoadTimeline:
         index = bisect.bisect_right(self.times[substation], at) - 1
         return self.levels[substation][index] if index >= 0 else 0
 
+    def spread_series(self, interval: float) -> list[tuple[float, int]]:
+        """(time, max - min active sessions) every ``interval`` seconds over the span."""
+        return [(at, max(loads) - min(loads)) for at, loads in self.samples(interval)]
+
     def samples(self, interval: float) -> list[tuple[float, list[int]]]:
         span = self.span
         if span is None:
@@ -90,9 +94,38 @@ class Balance:
     peak_to_average: float | None = None
     jain_mean: float | None = None
     cov_mean: float | None = None
+    #: Utilisation (active sessions / charging points) spread, max - min per sample, as a
+    #: share of capacity: what "even" means when substations differ in size. None when no
+    #: capacity is known (then they are assumed equal and the spread above says it all).
+    utilisation_spread_mean: float | None = None
+    utilisation_spread_max: float | None = None
+    capacities_differ: bool = False
+    #: Time-averaged utilisation of each substation over the samples.
+    mean_utilisation: dict[str, float] = field(default_factory=dict)
 
 
-def balance_of(timeline: LoadTimeline, interval: float) -> Balance:
+def capacities_for(substations: list[str], known: dict[str, int] | None) -> list[float] | None:
+    """Capacity of each substation; one not heard of is assumed equal to the others (the
+    median of the known ones). None when none is known."""
+    known = {s: c for s, c in (known or {}).items() if c and c > 0}
+    if not known:
+        return None
+    default = statistics.median(known.values())
+    return [float(known.get(s, default)) for s in substations]
+
+
+def utilisation_spreads(
+    samples: list[tuple[float, list[int]]], capacities: list[float]
+) -> list[float]:
+    """Per sample, max - min of load / capacity across substations."""
+    spreads = []
+    for _, loads in samples:
+        shares = [load / cap for load, cap in zip(loads, capacities, strict=True)]
+        spreads.append(max(shares) - min(shares))
+    return spreads
+
+
+def balance_of(timeline: LoadTimeline, interval: float, capacities: dict[str, int] | None = None) -> Balance:
     samples = timeline.samples(interval)
     if not samples:
         return Balance(interval=interval)
@@ -101,6 +134,19 @@ def balance_of(timeline: LoadTimeline, interval: float) -> Balance:
     jains = [j for loads in busy if (j := jain_index(loads)) is not None]
     covs = [statistics.pstdev(loads) / statistics.fmean(loads) for loads in busy]
     ratios = [max(loads) / statistics.fmean(loads) for loads in busy]
+    caps = capacities_for(timeline.substations, capacities)
+    utilisation: dict[str, object] = {}
+    if caps is not None:
+        shares = utilisation_spreads(samples, caps)
+        utilisation = {
+            "utilisation_spread_mean": statistics.fmean(shares),
+            "utilisation_spread_max": max(shares),
+            "capacities_differ": len(set(caps)) > 1,
+            "mean_utilisation": {
+                s: statistics.fmean(loads[i] for _, loads in samples) / caps[i]
+                for i, s in enumerate(timeline.substations)
+            },
+        }
     return Balance(
         samples=len(samples),
         interval=interval,
@@ -111,6 +157,7 @@ def balance_of(timeline: LoadTimeline, interval: float) -> Balance:
         peak_to_average=statistics.fmean(ratios) if ratios else None,
         jain_mean=statistics.fmean(jains) if jains else None,
         cov_mean=statistics.fmean(covs) if covs else None,
+        **utilisation,
     )
 
 
@@ -130,6 +177,19 @@ class Report:
     dead_lettered: int = 0
     unfinished: int = 0
     balance: Balance = field(default_factory=Balance)
+    scenario: str = ""
+    started_at: float | None = None  # wall clock of the first arrival's offset 0
+    #: How long the schedule took (offset 0 to its end), and the rates achieved over it.
+    send_seconds: float | None = None
+    send_rate: float | None = None  # requests sent per second
+    accepted_per_s: float | None = None
+    rejected_by_class: dict[str, int] = field(default_factory=dict)  # "4xx", "5xx", "other"
+    capacities: dict[str, int] = field(default_factory=dict)  # charging points, as announced
+    stopped_early: str | None = None  # why sending stopped before the schedule's end
+    #: The first message seen for each error kind, and each rejecting status's "error" field.
+    error_examples: dict[str, str] = field(default_factory=dict)
+    rejected_examples: dict[str, str] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # what was asked for
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -139,14 +199,49 @@ class Report:
         return self.accepted > 0 and self.completed_once == self.accepted and self.started_more_than_once == 0
 
 
+def status_class(status: str | int) -> str:
+    text = str(status)
+    return f"{text[0]}xx" if len(text) == 3 and text[0] in "45" else "other"
+
+
+def timeline_of(outcomes: list[Outcome], fates: dict[str, RequestFate]) -> LoadTimeline:
+    """The load timeline of the accepted requests among ``outcomes``."""
+    accepted = [o for o in outcomes if o.accepted and o.request_id in fates]
+    substations: set[str] = set()
+    for outcome in accepted:
+        fate = fates[outcome.request_id]
+        substations.update(fate.routed_to)
+        substations.update(e.substation for e in fate.started)
+    return LoadTimeline.from_fates({o.request_id: fates[o.request_id] for o in accepted}, substations)
+
+
 def build_report(
-    outcomes: list[Outcome], fates: dict[str, RequestFate] | None, *, sample_interval: float = 0.1
+    outcomes: list[Outcome],
+    fates: dict[str, RequestFate] | None,
+    *,
+    sample_interval: float = 0.1,
+    capacities: dict[str, int] | None = None,
+    send_seconds: float | None = None,
 ) -> Report:
     report = Report(sent=len(outcomes))
     accepted = [o for o in outcomes if o.accepted]
     report.accepted = len(accepted)
     report.rejected = dict(Counter(str(o.status) for o in outcomes if o.status is not None and not o.accepted))
+    by_class: Counter[str] = Counter()
+    for status, n in report.rejected.items():
+        by_class[status_class(status)] += n
+    report.rejected_by_class = dict(sorted(by_class.items()))
     report.errors = dict(Counter(o.error for o in outcomes if o.error is not None))
+    for o in outcomes:
+        if o.error is not None and o.detail:
+            report.error_examples.setdefault(o.error, o.detail[:300])
+        elif o.status is not None and not o.accepted and o.detail:
+            report.rejected_examples.setdefault(str(o.status), str(o.detail)[:300])
+    report.capacities = dict(sorted((capacities or {}).items()))
+    if send_seconds:
+        report.send_seconds = send_seconds
+        report.send_rate = report.sent / send_seconds
+        report.accepted_per_s = report.accepted / send_seconds
     latencies = [o.latency * 1000 for o in accepted]
     report.accept_latency_ms = {
         "p50": percentile(latencies, 50),
@@ -161,10 +256,8 @@ def build_report(
 
     waits: list[float] = []
     per_substation: Counter[str] = Counter()
-    substations: set[str] = set()
     for outcome in accepted:
         fate = fates.get(outcome.request_id) or RequestFate()
-        substations.update(fate.routed_to)
         if fate.started:
             first = min(fate.started, key=lambda e: e.at)
             waits.append(first.at - first.accepted_at)
@@ -186,11 +279,7 @@ def build_report(
         "max": max(waits) if waits else None,
     }
     report.requests_per_substation = dict(sorted(per_substation.items()))
-    timeline = LoadTimeline.from_fates(
-        {o.request_id: fates[o.request_id] for o in accepted if o.request_id in fates},
-        substations | set(per_substation),
-    )
-    report.balance = balance_of(timeline, sample_interval)
+    report.balance = balance_of(timeline_of(outcomes, fates), sample_interval, capacities)
     return report
 
 
@@ -198,19 +287,51 @@ def _fmt(value: float | None, digits: int = 1, unit: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def _counts(by_kind: dict[str, int]) -> str:
-    total = sum(by_kind.values())
+def rejected_text(rejected: dict[str, int]) -> str:
+    """``13 (4xx: 3 [422: 3]; 5xx: 10 [503: 10])``: by class, then by status."""
+    total = sum(rejected.values())
     if not total:
         return "0"
-    return f"{total} (" + ", ".join(f"{kind}: {n}" for kind, n in sorted(by_kind.items())) + ")"
+    classes: dict[str, dict[str, int]] = {}
+    for status, n in sorted(rejected.items()):
+        classes.setdefault(status_class(status), {})[status] = n
+    parts = [
+        f"{cls}: {sum(by_status.values())} [" + ", ".join(f"{st}: {n}" for st, n in by_status.items()) + "]"
+        for cls, by_status in sorted(classes.items())
+    ]
+    return f"{total} (" + "; ".join(parts) + ")"
+
+
+def errors_text(errors: dict[str, int]) -> str:
+    """``5 (connection refused: 3, timeout: 2)``."""
+    total = sum(errors.values())
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{ERROR_KINDS.get(kind, kind)}: {n}" for kind, n in sorted(errors.items())) + ")"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}/s"
 
 
 def render(report: Report) -> str:
-    """A plain-text summary (what ``make run`` prints)."""
+    """A plain-text summary (what ``make run`` prints, and loadgen when not on a terminal)."""
     lines = [
-        "== load run ==",
+        f"== load run: {report.scenario} ==" if report.scenario else "== load run ==",
         f"sent {report.sent}, accepted {report.accepted}, "
-        f"rejected {_counts(report.rejected)}, errors {_counts(report.errors)}",
+        f"rejected {rejected_text(report.rejected)}, errors {errors_text(report.errors)}",
+    ]
+    if report.send_seconds:
+        lines.append(
+            f"send rate {_rate(report.send_rate)} over {report.send_seconds:.1f} s; accepted {_rate(report.accepted_per_s)}"
+        )
+    for kind, example in sorted(report.error_examples.items()):
+        lines.append(f"  {ERROR_KINDS.get(kind, kind)}, e.g.: {example}")
+    for status, example in sorted(report.rejected_examples.items()):
+        lines.append(f"  {status}, e.g.: {example}")
+    if report.stopped_early:
+        lines.append(f"stopped early: {report.stopped_early}")
+    lines += [
         "accept latency (ms): "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in report.accept_latency_ms.items()),
         f"routing decision in the 202 reply: {report.routed_in_reply}/{report.accepted}",
@@ -238,4 +359,12 @@ def render(report: Report) -> str:
             f"peak load on one substation {b.peak_load}; peak-to-average {_fmt(b.peak_to_average, 2)}; "
             f"Jain's index {_fmt(b.jain_mean, 3)}; coefficient of variation {_fmt(b.cov_mean, 3)}",
         ]
+        if b.capacities_differ:
+            lines.append(
+                "capacities differ ("
+                + ", ".join(f"{s} {c}" for s, c in report.capacities.items())
+                + f"): utilisation spread mean {_fmt(b.utilisation_spread_mean * 100)}%, "
+                f"worst {_fmt(b.utilisation_spread_max * 100)}%; mean utilisation "
+                + ", ".join(f"{s} {u * 100:.0f}%" for s, u in b.mean_utilisation.items())
+            )
     return "\n".join(lines)

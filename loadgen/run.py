@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 
 from loadgen.observer import EventObserver, RequestFate
-from loadgen.report import Report, build_report
-from loadgen.traffic import Outcome, constant_arrivals, drive, poisson_arrivals
+from loadgen.report import LoadTimeline, Report, build_report, timeline_of
+from loadgen.schedules import (
+    SEED_DURATION,
+    SEED_INTERVAL,
+    RateProfile,
+    burst_arrivals,
+    constant_arrivals,
+    poisson_arrivals,
+    profile_arrivals,
+)
+from loadgen.traffic import Outcome, SendStats, drive
 
 log = logging.getLogger(__name__)
 
 #: The original tester's case: one EV every 2 s for 5 minutes (sessions of 30 s on the
 #: substations, metrics polled every 5 s).
-SEED_SCENARIO = {"interval": 2.0, "duration": 300.0}
+SEED_SCENARIO = {"interval": SEED_INTERVAL, "duration": SEED_DURATION}
 
 
 @dataclass
 class LoadSettings:
+    """What to send, in wall-clock seconds (a time scale is applied before, by the caller)."""
+
     gateway_url: str = "http://localhost:8000"
     amqp_url: str | None = None  # None: do not follow events
     interval: float = 2.0
@@ -33,6 +46,18 @@ class LoadSettings:
     sample_interval: float = 0.1
     seed: int = 1
     ev_prefix: str = "EV"
+    #: ``burst`` requests at once every ``burst_every`` seconds (instead of ``interval``).
+    burst: int | None = None
+    burst_every: float | None = None
+    #: A rate changing over time (instead of ``interval``); ``arrivals`` still chooses even
+    #: or Poisson spacing.
+    profile: RateProfile | None = None
+    scenario: str = ""  # a name for the report, the live view and the plot
+    live: bool = False  # show the live view (rich) on the terminal while running
+    #: Stop sending once the gateway has refused connections for this long (it went away).
+    give_up_after: float | None = None
+    #: Ctrl-C stops sending (and waiting) and still reports, instead of raising.
+    interruptible: bool = False
 
 
 @dataclass
@@ -41,6 +66,31 @@ class LoadResult:
     outcomes: list[Outcome]
     #: What the lifecycle events said of each accepted request (empty when not observed).
     fates: dict[str, RequestFate] = field(default_factory=dict)
+    #: Active sessions per substation over time (None when not observed).
+    timeline: LoadTimeline | None = None
+
+
+def arrivals_for(settings: LoadSettings) -> Iterator[float]:
+    """The send offsets ``settings`` ask for (a pure generator, see loadgen.schedules)."""
+    rng = random.Random(settings.seed)
+    poisson = settings.arrivals == "poisson"
+    if settings.burst:
+        return burst_arrivals(settings.burst, settings.burst_every or settings.interval)
+    if settings.profile is not None:
+        return profile_arrivals(settings.profile, poisson=poisson, rng=rng)
+    if poisson:
+        return poisson_arrivals(1 / settings.interval, rng)
+    return constant_arrivals(settings.interval)
+
+
+def describe(settings: LoadSettings) -> dict:
+    """The settings for the JSON report (without the broker URL, which holds a password)."""
+    described = asdict(settings)
+    described.pop("amqp_url")
+    described["observed"] = settings.amqp_url is not None
+    if settings.profile is not None:
+        described["profile"] = {"name": settings.profile.name, "points": [list(p) for p in settings.profile.points]}
+    return described
 
 
 def run_load(settings: LoadSettings) -> LoadResult:
@@ -48,32 +98,66 @@ def run_load(settings: LoadSettings) -> LoadResult:
     if settings.amqp_url:
         observer = EventObserver(settings.amqp_url)
         observer.start()
+    stats = SendStats()
+    view = None
+    if settings.live:
+        from loadgen.live import LiveView
+
+        view = LiveView(stats, duration=settings.duration, count=settings.count, scenario=settings.scenario, observer=observer)
     try:
-        if settings.arrivals == "poisson":
-            arrivals = poisson_arrivals(1 / settings.interval, random.Random(settings.seed))
-        else:
-            arrivals = constant_arrivals(settings.interval)
-        outcomes = asyncio.run(
-            drive(
-                settings.gateway_url.rstrip("/"),
-                arrivals,
-                count=settings.count,
-                duration=settings.duration,
-                concurrency=settings.concurrency,
-                timeout=settings.timeout,
-                ev_prefix=settings.ev_prefix,
+        with view if view is not None else contextlib.nullcontext():
+            outcomes = asyncio.run(
+                drive(
+                    settings.gateway_url.rstrip("/"),
+                    arrivals_for(settings),
+                    count=settings.count,
+                    duration=settings.duration,
+                    concurrency=settings.concurrency,
+                    timeout=settings.timeout,
+                    ev_prefix=settings.ev_prefix,
+                    stats=stats,
+                    give_up_after=settings.give_up_after,
+                    interruptible=settings.interruptible,
+                )
             )
+            fates = None
+            if observer is not None:
+                accepted = [o.request_id for o in outcomes if o.accepted]
+                fates = _settle(observer, accepted, settings, stats, view)
+        report = build_report(
+            outcomes,
+            fates,
+            sample_interval=settings.sample_interval,
+            capacities=observer.capacities() if observer is not None else None,
+            send_seconds=stats.send_seconds,
         )
-        fates = None
-        if observer is not None:
-            accepted = [o.request_id for o in outcomes if o.accepted]
-            deadline = time.monotonic() + settings.settle_timeout
-            while observer.settled(accepted) < len(accepted) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            time.sleep(0.5)  # late duplicates, if any, show up in the report too
-            fates = observer.fates(accepted)
-        report = build_report(outcomes, fates, sample_interval=settings.sample_interval)
-        return LoadResult(report, outcomes, fates or {})
+        report.scenario = settings.scenario
+        report.started_at = stats.started_at
+        report.stopped_early = stats.stopped_early
+        report.settings = describe(settings)
+        timeline = timeline_of(outcomes, fates) if fates is not None else None
+        return LoadResult(report, outcomes, fates or {}, timeline)
     finally:
         if observer is not None:
             observer.stop()
+
+
+def _settle(observer: EventObserver, accepted: list[str], settings: LoadSettings, stats: SendStats, view) -> dict[str, RequestFate]:
+    """Wait until every accepted request has completed or been dead-lettered (or the settle
+    timeout), then take their fates."""
+    deadline = time.monotonic() + settings.settle_timeout
+    try:
+        if stats.stopped_early != "interrupted":
+            while True:
+                settled = observer.settled(accepted)
+                if view is not None:
+                    view.settling(settled, len(accepted))
+                if settled >= len(accepted) or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
+        time.sleep(0.5)  # late duplicates, if any, show up in the report too
+    except KeyboardInterrupt:
+        if not settings.interruptible:
+            raise
+        stats.stopped_early = stats.stopped_early or "interrupted"
+    return observer.fates(accepted)

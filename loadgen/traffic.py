@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-import random
+import errno
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
+
+from loadgen.schedules import constant_arrivals, poisson_arrivals
+
+__all__ = [
+    "ERROR_KINDS",
+    "GatewayUnreachable",
+    "Outcome",
+    "SendStats",
+    "check_gateway",
+    "constant_arrivals",
+    "drive",
+    "poisson_arrivals",
+]
+
+#: Outcome.error kinds, with what the summaries call them.
+ERROR_KINDS = {
+    "refused": "connection refused",
+    "disconnected": "connection closed without an answer",
+    "connection": "connection failed",
+    "timeout": "timeout",
+    "other": "other client error",
+}
+#: Kinds that mean nothing listens at the gateway's address (any more).
+UNREACHABLE_KINDS = frozenset({"refused", "connection"})
 
 
 class GatewayUnreachable(ConnectionError):
@@ -23,7 +49,7 @@ class Outcome:
     sent_at: float
     latency: float
     status: int | None = None
-    error: str | None = None  # "connection", "timeout", "other"
+    error: str | None = None  # one of ERROR_KINDS: "refused", "disconnected", "timeout", ...
     request_id: str | None = None
     routed_to: str | None = None
     detail: str | None = None
@@ -33,20 +59,71 @@ class Outcome:
         return self.status == 202 and self.request_id is not None
 
 
-def constant_arrivals(interval: float) -> Iterator[float]:
-    """Offsets (seconds from the start) of one arrival every ``interval`` seconds."""
-    # index x interval, not a running sum: a sum drifts and adds an arrival at the very end.
-    index = 0
-    while True:
-        yield index * interval
-        index += 1
+@dataclass
+class SendStats:
+    """Running counters of a send, updated by the sender and read at any time from another
+    thread (the live view) through :meth:`snapshot`."""
+
+    started_at: float | None = None  # wall clock at offset 0
+    started_mono: float | None = None
+    sent: int = 0
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)  # by HTTP status
+    errors: Counter = field(default_factory=Counter)  # by kind
+    latencies_ms: list[float] = field(default_factory=list)  # of accepted requests
+    #: Seconds the schedule took: from offset 0 to the last send, or to where the schedule
+    #: (its duration, or the next arrival after --count) would have had the next one.
+    send_seconds: float | None = None
+    sending_done: bool = False
+    stopped_early: str | None = None
+    last_answer_mono: float | None = None
+    unreachable_in_row: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, outcome: Outcome) -> None:
+        with self.lock:
+            if outcome.accepted:
+                self.accepted += 1
+                self.latencies_ms.append(outcome.latency * 1000)
+            elif outcome.status is not None:
+                self.rejected[outcome.status] += 1
+            if outcome.error is not None:
+                self.errors[outcome.error] += 1
+            if outcome.error in UNREACHABLE_KINDS:
+                self.unreachable_in_row += 1
+            else:
+                self.unreachable_in_row = 0
+                self.last_answer_mono = time.monotonic()
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "sent": self.sent,
+                "accepted": self.accepted,
+                "rejected": dict(self.rejected),
+                "errors": dict(self.errors),
+                "latencies_ms": list(self.latencies_ms),
+                "started_mono": self.started_mono,
+                "sending_done": self.sending_done,
+                "stopped_early": self.stopped_early,
+            }
 
 
-def poisson_arrivals(rate: float, rng: random.Random) -> Iterator[float]:
-    t = 0.0
-    while True:
-        yield t
-        t += rng.expovariate(rate)
+_CLOSED_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+
+def _connection_kind(exc: BaseException) -> str:
+    os_error = getattr(exc, "os_error", None) or exc
+    code = getattr(os_error, "errno", None)
+    if isinstance(os_error, ConnectionRefusedError) or code == errno.ECONNREFUSED:
+        return "refused"
+    if (
+        isinstance(exc, aiohttp.ServerDisconnectedError)
+        or isinstance(os_error, ConnectionResetError | BrokenPipeError | ConnectionAbortedError)
+        or code in _CLOSED_ERRNOS
+    ):
+        return "disconnected"
+    return "connection"
 
 
 async def check_gateway(session: aiohttp.ClientSession, base_url: str) -> None:
@@ -79,11 +156,12 @@ async def _send_one(
                 outcome.detail = body.get("error")
             return outcome
     except TimeoutError:
-        return Outcome(ev_id, sent_at, time.perf_counter() - started, error="timeout")
+        return Outcome(ev_id, sent_at, time.perf_counter() - started, error="timeout", detail=f"no answer within {timeout:g} s")
     except (aiohttp.ClientConnectionError, OSError) as exc:
-        return Outcome(ev_id, sent_at, time.perf_counter() - started, error="connection", detail=str(exc))
+        kind = _connection_kind(exc)
+        return Outcome(ev_id, sent_at, time.perf_counter() - started, error=kind, detail=str(exc) or type(exc).__name__)
     except aiohttp.ClientError as exc:
-        return Outcome(ev_id, sent_at, time.perf_counter() - started, error="other", detail=str(exc))
+        return Outcome(ev_id, sent_at, time.perf_counter() - started, error="other", detail=str(exc) or type(exc).__name__)
 
 
 async def drive(
@@ -96,15 +174,28 @@ async def drive(
     timeout: float,
     ev_prefix: str,
     on_outcome: Callable[[Outcome], None] | None = None,
+    stats: SendStats | None = None,
+    give_up_after: float | None = None,
+    interruptible: bool = False,
 ) -> list[Outcome]:
-    """Send requests at the arrival offsets until ``count`` or ``duration`` is reached."""
+    """Send requests at the arrival offsets until ``count`` or ``duration`` is reached.
+
+    Every answer, and every failure to get one, becomes an :class:`Outcome`; nothing raises
+    once the gateway has answered its health check. With ``give_up_after``, sending stops
+    early when the gateway has refused connections for that many seconds (it went away), and
+    ``stats.stopped_early`` says so. With ``interruptible``, cancelling the task (Ctrl-C under
+    ``asyncio.run``) stops sending too, and returns what was answered so far.
+    """
+    stats = stats if stats is not None else SendStats()
     outcomes: list[Outcome] = []
     limit = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         await check_gateway(session, base_url)
         start = time.monotonic()
-        tasks: list[asyncio.Task] = []
+        stats.started_at, stats.started_mono = time.time(), start
+        stats.last_answer_mono = start
+        tasks: set[asyncio.Task] = set()
 
         async def one(ev_id: str) -> None:
             try:
@@ -112,19 +203,60 @@ async def drive(
             finally:
                 limit.release()
             outcomes.append(outcome)
+            stats.record(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
 
-        for index, offset in enumerate(arrivals):
-            if count is not None and index >= count:
-                break
-            if duration is not None and offset >= duration:
-                break
-            delay = start + offset - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await limit.acquire()  # beyond the concurrency limit, arrivals wait (and run late)
-            tasks.append(asyncio.create_task(one(f"{ev_prefix}{index + 1:06d}")))
-        if tasks:
-            await asyncio.gather(*tasks)
+        def gone() -> bool:
+            return (
+                give_up_after is not None
+                and stats.unreachable_in_row > 0
+                and time.monotonic() - (stats.last_answer_mono or start) >= give_up_after
+            )
+
+        nominal_end = 0.0  # where the schedule ends: its duration, or the next arrival's offset
+        last_send = 0.0  # when the last request really went (later than its offset if behind)
+        try:
+            for index, offset in enumerate(arrivals):
+                if count is not None and index >= count:
+                    nominal_end = offset if duration is None else min(offset, duration)
+                    break
+                if duration is not None and offset >= duration:
+                    nominal_end = duration
+                    break
+                delay = start + offset - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await limit.acquire()  # beyond the concurrency limit, arrivals wait (and run late)
+                if gone():
+                    limit.release()
+                    stats.stopped_early = f"the gateway refused connections for {give_up_after:g} s"
+                    break
+                task = asyncio.create_task(one(f"{ev_prefix}{index + 1:06d}"))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                with stats.lock:
+                    stats.sent += 1
+                nominal_end = offset
+                last_send = time.monotonic() - start
+            else:  # the schedule ran out by itself
+                nominal_end = duration if duration is not None else nominal_end
+            if stats.stopped_early:
+                stats.send_seconds = time.monotonic() - start
+            else:
+                stats.send_seconds = max(nominal_end, last_send)
+            stats.sending_done = True
+            if tasks:
+                await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            stats.stopped_early = stats.stopped_early or "interrupted"
+            if not stats.sending_done:
+                stats.send_seconds = time.monotonic() - start
+            stats.sending_done = True
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not interruptible:
+                raise
     return outcomes
+

@@ -1,0 +1,534 @@
+"""loadgen on its own: arrival schedules, report maths, the CLI, and sending to a real (tiny)
+HTTP server started here that answers 202, 422 or 503, closes the connection, or sleeps past
+the timeout, so each kind of failure is seen to be counted apart. No broker, no timing asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import random
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from loadgen import __main__ as cli
+from loadgen.live import LiveView
+from loadgen.observer import RequestFate
+from loadgen.plot import write_plot
+from loadgen.report import (
+    LoadTimeline,
+    Report,
+    balance_of,
+    build_report,
+    capacities_for,
+    jain_index,
+    percentile,
+    render,
+    timeline_of,
+)
+from loadgen.run import LoadSettings, arrivals_for, run_load
+from loadgen.schedules import (
+    RateProfile,
+    burst_arrivals,
+    constant_arrivals,
+    named_profile,
+    poisson_arrivals,
+    profile_arrivals,
+    rush_hour,
+    spike,
+)
+from loadgen.summary import summary
+from loadgen.traffic import Outcome, SendStats, drive
+from smartgrid import contract
+
+
+def take_until(offsets: Iterator[float], end: float) -> list[float]:
+    return list(itertools.takewhile(lambda t: t < end, offsets))
+
+
+def counts_per_bin(offsets: list[float], width: float, end: float) -> list[int]:
+    bins = [0] * round(end / width)
+    for t in offsets:
+        bins[min(int(t // width), len(bins) - 1)] += 1
+    return bins
+
+
+# ------------------------------------------------------------------------------ schedules
+def test_constant_arrivals_are_evenly_spaced_from_zero():
+    offsets = take_until(constant_arrivals(2.0), 300.0)
+    assert len(offsets) == 150
+    assert offsets[:3] == [0.0, 2.0, 4.0] and offsets[-1] == 298.0
+
+
+def test_poisson_arrivals_have_the_rate_and_repeat_with_the_seed():
+    first = take_until(poisson_arrivals(5.0, random.Random(7)), 1000.0)
+    again = take_until(poisson_arrivals(5.0, random.Random(7)), 1000.0)
+    other = take_until(poisson_arrivals(5.0, random.Random(8)), 1000.0)
+    assert first == again
+    assert first != other
+    assert 4500 < len(first) < 5500  # 5000 expected; seeded, so always the same number
+    assert all(b >= a for a, b in itertools.pairwise(first))
+
+
+def test_bursts_send_n_at_once_every_t_seconds():
+    offsets = list(itertools.islice(burst_arrivals(4, 2.5), 12))
+    assert offsets == [0.0] * 4 + [2.5] * 4 + [5.0] * 4
+    assert len(take_until(burst_arrivals(10, 5.0), 60.0)) == 120
+    with pytest.raises(ValueError):
+        next(burst_arrivals(0, 1.0))
+
+
+def test_rush_hour_ramps_up_holds_and_ramps_down():
+    profile = rush_hour(peak=2.0, duration=400.0)
+    offsets = list(profile_arrivals(profile))
+    # off-peak 0.4/s ramping to 2/s over 100 s, 2/s for 200 s, back down over 100 s
+    assert profile.expected() == pytest.approx(2 * (1.2 * 100) + 2.0 * 200)
+    assert len(offsets) == round(profile.expected())
+    bins = counts_per_bin(offsets, 50.0, 400.0)
+    assert bins[0] < bins[1] < bins[2] == bins[3] == bins[4] == bins[5] > bins[6] > bins[7]
+    assert bins[2] == 100  # the peak: 2/s for 50 s
+    assert bins[:2] == bins[:-3:-1]  # symmetric
+    assert profile.rate_at(0) == pytest.approx(0.4) and profile.rate_at(200) == 2.0
+
+
+def test_spike_is_a_short_burst_of_factor_times_the_base_rate():
+    profile = spike(base=1.0, duration=200.0, factor=10.0)
+    offsets = list(profile_arrivals(profile))
+    in_spike = [t for t in offsets if 100.0 <= t < 110.0]
+    before = [t for t in offsets if 90.0 <= t < 100.0]
+    assert len(in_spike) == 100 and len(before) == 10
+    assert len(offsets) == 190 + 100
+    assert profile.rate_at(99.9) == 1.0 and profile.rate_at(100.0) == 10.0 and profile.rate_at(110.0) == 1.0
+
+
+def test_the_seed_profile_is_the_seed_scenario():
+    assert list(profile_arrivals(named_profile("seed"))) == take_until(constant_arrivals(2.0), 300.0)
+    assert named_profile("rush-hour", rate=3.0).points[2] == (225.0, 3.0)
+    with pytest.raises(ValueError):
+        named_profile("lunch")
+
+
+def test_poisson_profiles_follow_the_rate_and_repeat_with_the_seed():
+    profile = rush_hour(peak=5.0, duration=400.0)
+    first = list(profile_arrivals(profile, poisson=True, rng=random.Random(3)))
+    assert first == list(profile_arrivals(profile, poisson=True, rng=random.Random(3)))
+    assert first != list(profile_arrivals(profile, poisson=True, rng=random.Random(4)))
+    bins = counts_per_bin(first, 100.0, 400.0)
+    assert bins[1] > 1.5 * bins[0] and bins[2] > 1.5 * bins[3]
+    assert abs(len(first) - profile.expected()) < 0.1 * profile.expected()
+
+
+def test_time_scale_compresses_every_schedule():
+    profile = rush_hour(peak=1.0, duration=300.0)
+    fast = profile.scaled(0.1)
+    assert fast.duration == pytest.approx(30.0) and fast.rate_at(15.0) == pytest.approx(10.0)
+    assert fast.expected() == pytest.approx(profile.expected())
+    assert list(profile_arrivals(fast)) == pytest.approx([t * 0.1 for t in profile_arrivals(profile)])
+    slow = list(profile_arrivals(profile, poisson=True, rng=random.Random(1)))
+    quick = list(profile_arrivals(fast, poisson=True, rng=random.Random(1)))
+    assert quick == pytest.approx([t * 0.1 for t in slow])
+    # and through the CLI: intervals, bursts, durations, profiles
+    seed = cli.settings_from_args(cli.build_parser().parse_args(["--scenario", "seed", "--time-scale", "0.1"]))
+    assert (seed.interval, seed.duration) == (pytest.approx(0.2), pytest.approx(30.0))
+    bursts = cli.settings_from_args(cli.build_parser().parse_args(["--burst", "5", "--burst-every", "4", "--time-scale", "0.5"]))
+    assert (bursts.burst, bursts.burst_every, bursts.duration) == (5, 2.0, 30.0)
+    rush = cli.settings_from_args(cli.build_parser().parse_args(["--profile", "rush-hour", "--rate", "2", "--time-scale", "0.1"]))
+    assert rush.duration == pytest.approx(30.0) and rush.profile.rate_at(15.0) == pytest.approx(20.0)
+
+
+def test_rate_profiles_refuse_nonsense():
+    for points in (((0.0, 1.0),), ((1.0, 1.0), (2.0, 1.0)), ((0.0, 1.0), (2.0, 1.0), (1.0, 1.0)), ((0.0, -1.0), (1.0, 1.0))):
+        with pytest.raises(ValueError):
+            RateProfile(points)
+
+
+def test_settings_choose_the_arrival_generator():
+    def first(settings: LoadSettings, n: int = 6) -> list[float]:
+        return list(itertools.islice(arrivals_for(settings), n))
+
+    assert first(LoadSettings(interval=0.5)) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert first(LoadSettings(burst=3, burst_every=2.0)) == [0.0, 0.0, 0.0, 2.0, 2.0, 2.0]
+    assert first(LoadSettings(arrivals="poisson", interval=0.5, seed=5)) == first(LoadSettings(arrivals="poisson", interval=0.5, seed=5))
+    assert first(LoadSettings(arrivals="poisson", interval=0.5, seed=5)) != first(LoadSettings(arrivals="poisson", interval=0.5, seed=6))
+    assert first(LoadSettings(profile=spike(1.0, 100.0)), 3) == [0.0, 1.0, 2.0]
+
+
+def test_profile_and_scenario_flags():
+    parse = cli.build_parser().parse_args
+    assert cli.settings_from_args(parse(["--profile", "seed"])).interval == cli.settings_from_args(parse(["--scenario", "seed"])).interval == 2.0
+    spiky = cli.settings_from_args(parse(["--profile", "spike", "--spike-factor", "4", "--duration", "100"]))
+    assert spiky.profile.rate_at(50.0) == pytest.approx(2.0) and spiky.duration == 100.0
+    assert "spike" in spiky.scenario
+    assert cli.settings_from_args(parse([])).duration == 60.0
+    assert cli.settings_from_args(parse(["--count", "5"])).duration is None
+
+
+# ------------------------------------------------------------------------------ report maths
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(10, 0, -1)]
+    assert [percentile(values, q) for q in (0, 50, 90, 95, 99, 100)] == [1.0, 5.0, 9.0, 10.0, 10.0, 10.0]
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+
+
+def test_jain_index():
+    assert jain_index([4, 4, 4]) == 1.0
+    assert jain_index([9, 0, 0]) == pytest.approx(1 / 3)
+    assert jain_index([1, 3]) == pytest.approx(16 / 20)
+    assert jain_index([0, 0]) is None
+
+
+def _fate(substation: str, start: float, end: float | None, request_id: str) -> RequestFate:
+    fate = RequestFate(routed_to=[substation])
+    fate.started.append(contract.SessionStarted(start, request_id, "EV1", substation, "i", start - 0.5, start + 10))
+    if end is not None:
+        fate.completed.append(contract.SessionCompleted(end, request_id, "EV1", substation, "i", start))
+    return fate
+
+
+def test_spread_on_a_hand_made_timeline():
+    # a: sessions over [0, 4) and [1, 3); b: one over [2, 4). Sampled each second at 0..4:
+    #   t=0: a1 b0 | t=1: a2 b0 | t=2: a2 b1 | t=3: a1 b1 | t=4: a0 b0
+    fates = {
+        "r1": _fate("a", 0.0, 4.0, "r1"),
+        "r2": _fate("a", 1.0, 3.0, "r2"),
+        "r3": _fate("b", 2.0, 4.0, "r3"),
+    }
+    timeline = LoadTimeline.from_fates(fates, {"a", "b"})
+    assert timeline.span == (0.0, 4.0)
+    assert [loads for _, loads in timeline.samples(1.0)] == [[1, 0], [2, 0], [2, 1], [1, 1], [0, 0]]
+    assert [s for _, s in timeline.spread_series(1.0)] == [1, 2, 1, 0, 0]
+    balance = balance_of(timeline, 1.0)
+    assert balance.samples == 5
+    assert balance.spread_within_1 == pytest.approx(4 / 5)
+    assert balance.spread_mean == pytest.approx(4 / 5)
+    assert balance.spread_max == 2 and balance.peak_load == 2
+    # busy samples: [1,0] [2,0] [2,1] [1,1]
+    assert balance.jain_mean == pytest.approx((0.5 + 0.5 + 0.9 + 1.0) / 4)
+    assert balance.peak_to_average == pytest.approx((2 + 2 + 4 / 3 + 1) / 4)
+    assert balance.utilisation_spread_mean is None  # no capacity known: assumed equal
+
+
+def test_utilisation_normalised_spread_when_capacities_differ():
+    # b has twice a's points and always twice a's sessions: raw spread, yet even utilisation
+    fates = {}
+    for i in range(5):
+        fates[f"a{i}"] = _fate("a", 0.0, 10.0, f"a{i}")
+    for i in range(10):
+        fates[f"b{i}"] = _fate("b", 0.0, 10.0, f"b{i}")
+    timeline = LoadTimeline.from_fates(fates, {"a", "b"})
+    balance = balance_of(timeline, 1.0, {"a": 10, "b": 20})
+    assert balance.spread_max == 5 and balance.spread_within_1 == pytest.approx(1 / 11)
+    assert balance.capacities_differ
+    assert balance.utilisation_spread_mean == 0 and balance.utilisation_spread_max == 0
+    assert balance.mean_utilisation["a"] == pytest.approx(0.5 * 10 / 11)
+    # equal capacities: the utilisation spread is the raw spread over the capacity
+    equal = balance_of(timeline, 1.0, {"a": 10, "b": 10})
+    assert not equal.capacities_differ
+    assert equal.utilisation_spread_max == pytest.approx(0.5)
+    # one unknown is assumed like the others
+    assert capacities_for(["a", "b", "c"], {"a": 10, "b": 20}) == [10, 20, 15]
+    assert capacities_for(["a"], {}) is None
+
+
+def _outcome(status: int | None = None, error: str | None = None, latency: float = 0.01) -> Outcome:
+    accepted = status == 202
+    return Outcome(
+        "EV1", 0.0, latency, status=status, error=error, request_id=uuid.uuid4().hex if accepted else None, routed_to="a" if accepted else None
+    )
+
+
+def test_report_counts_rejections_and_errors_apart_and_the_rates():
+    outcomes = (
+        [_outcome(202, latency=i / 1000) for i in range(1, 11)]
+        + [_outcome(422), _outcome(413), _outcome(503), _outcome(503)]
+        + [_outcome(error="refused"), _outcome(error="timeout"), _outcome(error="disconnected"), _outcome(error="refused")]
+    )
+    report = build_report(outcomes, None, send_seconds=9.0)
+    assert (report.sent, report.accepted) == (18, 10)
+    assert report.rejected == {"422": 1, "413": 1, "503": 2}
+    assert report.rejected_by_class == {"4xx": 2, "5xx": 2}
+    assert report.errors == {"refused": 2, "timeout": 1, "disconnected": 1}
+    assert report.send_rate == pytest.approx(2.0) and report.accepted_per_s == pytest.approx(10 / 9)
+    assert report.accept_latency_ms == {"p50": pytest.approx(5.0), "p95": pytest.approx(10.0), "p99": pytest.approx(10.0), "max": pytest.approx(10.0)}
+    text = render(report)
+    assert "rejected 4 (4xx: 2 [413: 1, 422: 1]; 5xx: 2 [503: 2])" in text
+    assert "errors 4 (connection closed without an answer: 1, connection refused: 2, timeout: 1)" in text
+    assert "send rate 2.00/s over 9.0 s; accepted 1.11/s" in text
+    console = Console(file=io.StringIO(), width=140, color_system=None)
+    console.print(summary(report))
+    table = console.file.getvalue()
+    for row in ("rejected 4xx", "rejected 5xx", "error: connection refused", "error: timeout", "error: connection closed without an answer"):
+        assert row in table
+
+
+def test_report_with_fates_and_capacities_renders_everywhere(tmp_path: Path):
+    outcomes = [_outcome(202) for _ in range(6)]
+    fates = {}
+    for i, o in enumerate(outcomes):
+        substation = "a" if i < 2 else "b"
+        o.routed_to = substation
+        fates[o.request_id] = _fate(substation, float(i), float(i) + 5, o.request_id)
+    report = build_report(outcomes, fates, sample_interval=0.5, capacities={"a": 2, "b": 4}, send_seconds=6.0)
+    report.scenario = "hand-made"
+    assert report.requests_per_substation == {"a": 2, "b": 4}
+    assert report.completed_once == 6 and report.every_accepted_completed_once
+    assert report.balance.capacities_differ and report.capacities == {"a": 2, "b": 4}
+    assert "capacities differ (a 2, b 4): utilisation spread mean" in render(report)
+    console = Console(file=io.StringIO(), width=140, color_system=None)
+    console.print(summary(report))
+    assert "utilisation spread mean / worst (capacities differ)" in console.file.getvalue()
+    png = write_plot(report, timeline_of(outcomes, fates), tmp_path / "hand.png")
+    assert_png(png)
+    json.dumps(report.to_json())  # everything serialisable
+
+
+def assert_png(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:16]
+    assert 10_000 < len(data) < 2_000_000, len(data)
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
+    assert width >= 800 and height >= 500
+    return width, height
+
+
+class FakeObserver:
+    def active_sessions(self) -> dict[str, int]:
+        return {"substation-1": 3, "substation-2": 7}
+
+    def capacities(self) -> dict[str, int]:
+        return {"substation-1": 10}
+
+
+def test_live_view_renders_counters_without_the_sender():
+    stats = SendStats()
+    console = Console(file=io.StringIO(), width=120, force_terminal=True, color_system=None)
+    view = LiveView(stats, duration=30.0, scenario="seed x0.1", observer=FakeObserver(), console=console)
+    console.print(view.render())  # before the start
+    assert "checking the gateway" in console.file.getvalue()
+    stats.started_mono, stats.started_at = time.monotonic(), time.time()
+    for outcome in [_outcome(202, latency=0.005), _outcome(503), _outcome(error="refused"), _outcome(error="timeout")]:
+        stats.sent += 1
+        stats.record(outcome)
+    console.print(view.render())
+    stats.sending_done = True
+    view.settling(1, 1)
+    console.print(view.render())
+    out = console.file.getvalue()
+    for text in ("sending", "5xx 1", "connection refused 1", "timeout 1", "p50 5.0 ms", "substation-1", "3/10", "settling", "1 / 1 accepted"):
+        assert text in out, text
+
+
+# ------------------------------------------------------------------------------ the CLI
+def test_help_lists_the_options():
+    result = subprocess.run([sys.executable, "-m", "loadgen", "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    for option in ("--profile", "--burst", "--burst-every", "--seed", "--time-scale", "--no-progress", "--json", "--plot", "rush-hour", "spike"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--burst-every", "3"], "--burst-every needs --burst"),
+        (["--burst", "5", "--profile", "spike"], "--burst cannot be combined with --profile"),
+        (["--burst", "5", "--arrivals", "poisson"], "--burst cannot be combined with --arrivals poisson"),
+        (["--scenario", "seed", "--profile", "spike"], "contradict"),
+        (["--spike-factor", "3"], "--spike-factor only applies"),
+        (["--rate", "1", "--interval", "2"], "not allowed with argument"),
+        (["--rate", "-1"], "must be > 0"),
+        (["--count", "many"], "not a number"),
+        (["--profile", "lunch"], "invalid choice"),
+        (["--give-up-after", "-1"], "must be >= 0"),
+    ],
+)
+def test_argument_errors_exit_2_with_a_message(argv: list[str], message: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ a real HTTP server
+class FakeGateway:
+    """A tiny gateway on a free port. The path prefix picks the behaviour of POST .../charge:
+    ``ok`` (202 with a request id), ``mixed`` (202, 422, 503, close, sleep in turn), ``die``
+    (202 three times, then the server goes away)."""
+
+    SLEEP = 1.0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _json(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._json(200, {"status": "ok"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                mode = self.path.strip("/").split("/")[0]
+                with gateway.lock:
+                    index = gateway.count
+                    gateway.count += 1
+                if mode == "mixed":
+                    mode = ("ok", "422", "503", "close", "sleep")[index % 5]
+                if mode == "die":
+                    if index == 2:
+                        threading.Thread(target=gateway.stop, daemon=True).start()
+                    mode = "ok" if index < 3 else "close"
+                if mode == "ok":
+                    self._json(202, {"request_id": uuid.uuid4().hex, "ev_id": body["ev_id"], "status": "queued"})
+                elif mode in ("422", "503"):
+                    self._json(int(mode), {"error": "no", "detail": mode})
+                elif mode == "close":
+                    self.close_connection = True  # no answer at all
+                elif mode == "sleep":
+                    time.sleep(gateway.SLEEP)
+                    try:
+                        self._json(202, {"request_id": uuid.uuid4().hex})
+                    except OSError:
+                        pass  # the client gave up
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self._stopped = False
+
+    def url(self, mode: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{mode}"
+
+    def stop(self) -> None:
+        with self.lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gateway() -> Iterator[FakeGateway]:
+    server = FakeGateway()
+    yield server
+    server.stop()
+
+
+def test_each_kind_of_failure_is_counted_apart(gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "mixed.json"
+    code = cli.main(
+        ["--url", gateway.url("mixed"), "--no-observe", "--count", "10", "--rate", "100", "--timeout", "0.3", "--json", str(out)]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert (report["sent"], report["accepted"]) == (10, 2)
+    assert report["rejected"] == {"422": 2, "503": 2}
+    assert report["rejected_by_class"] == {"4xx": 2, "5xx": 2}
+    assert report["errors"] == {"disconnected": 2, "timeout": 2}
+    printed = capsys.readouterr().out  # not a terminal: the plain report, no live view
+    assert "rejected 4 (4xx: 2 [422: 2]; 5xx: 2 [503: 2]), errors 4 (connection closed without an answer: 2, timeout: 2)" in printed
+
+
+def test_exit_3_when_nothing_listens(capsys: pytest.CaptureFixture):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli.main(["--url", f"http://127.0.0.1:{port}", "--no-observe", "--count", "3"]) == cli.EXIT_UNREACHABLE
+    captured = capsys.readouterr()
+    assert "cannot reach the gateway" in captured.err and "Traceback" not in captured.err
+
+
+def test_a_gateway_dying_mid_run_ends_it_with_the_counts(gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "died.json"
+    code = cli.main(
+        ["--url", gateway.url("die"), "--no-observe", "--rate", "40", "--duration", "20", "--give-up-after", "0.5", "--json", str(out)]
+    )
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_UNREACHABLE
+    report = json.loads(out.read_text())
+    assert report["accepted"] == 3
+    assert report["errors"].get("refused", 0) > 0
+    assert report["sent"] == report["accepted"] + sum(report["errors"].values())
+    assert "refused connections" in report["stopped_early"]
+    assert report["sent"] < 40 * 20  # it did not hammer a dead port for the whole duration
+    assert "stopped early" in captured.out and "stopped early" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_plot_and_json_with_the_new_fields(gateway: FakeGateway, tmp_path: Path):
+    png, out = tmp_path / "run.png", tmp_path / "run.json"
+    code = cli.main(
+        [
+            "--url", gateway.url("ok"), "--no-observe", "--profile", "spike", "--rate", "20", "--duration", "1",
+            "--arrivals", "poisson", "--seed", "3", "--json", str(out), "--plot", str(png),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert_png(png)
+    report = json.loads(out.read_text())
+    for key in ("send_rate", "accepted_per_s", "send_seconds", "rejected_by_class", "capacities", "stopped_early", "scenario", "started_at", "settings"):
+        assert key in report, key
+    assert report["accepted"] == report["sent"] > 10
+    assert report["send_rate"] > 0 and report["send_seconds"] > 0
+    assert report["scenario"].startswith("spike")
+    assert report["settings"]["profile"]["name"] == "spike" and report["settings"]["seed"] == 3
+    assert "amqp_url" not in report["settings"]
+    assert set(Report().to_json()) <= set(report)
+
+
+def test_cancelling_the_sender_keeps_what_was_answered(gateway: FakeGateway):
+    """What Ctrl-C does under asyncio.run: the sending task is cancelled, and the run ends
+    with the answers so far instead of an exception."""
+    stats = SendStats()
+
+    async def run_and_cancel() -> list[Outcome]:
+        task = asyncio.create_task(
+            drive(
+                gateway.url("ok"), constant_arrivals(0.01), count=None, duration=60.0, concurrency=8,
+                timeout=5.0, ev_prefix="EV", stats=stats, interruptible=True,
+            )
+        )  # fmt: skip
+        while stats.accepted < 5:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return await task
+
+    outcomes = asyncio.run(run_and_cancel())
+    assert len(outcomes) >= 5 and all(o.accepted for o in outcomes)
+    assert stats.stopped_early == "interrupted" and stats.sending_done
+
+
+def test_a_run_with_the_live_view_on_a_non_terminal_still_reports(gateway: FakeGateway):
+    result = run_load(
+        LoadSettings(gateway_url=gateway.url("ok"), interval=0.01, duration=0.3, live=True, scenario="live")
+    )
+    assert result.report.accepted == result.report.sent > 10
+    assert result.report.send_seconds >= 0.3  # the schedule's end, or later if sending ran late
+    assert result.timeline is None and result.fates == {}
