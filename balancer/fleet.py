@@ -168,11 +168,18 @@ class Fleet:
         #: (substation, metrics URL) pairs to poll; replaced, never mutated, so the poller
         #: thread can read it without a lock.
         self.poll_targets: tuple[tuple[str, str], ...] = ()
+        #: Candidates as of the last change of each substation, with the time until which each
+        #: stays eligible: a decision then costs a scan of ready-made entries, not a rebuild of
+        #: every substation's estimate (which grew with the fleet). Entries of substations
+        #: whose state changed are rebuilt on the next call.
+        self._ready: dict[str, tuple[float, Candidate]] = {}
+        self._changed: set[str] = set()
 
     def _track(self, substation: str) -> TrackedSubstation:
         tracked = self.substations.get(substation)
         if tracked is None:
             tracked = self.substations[substation] = TrackedSubstation(substation)
+        self._changed.add(substation)
         return tracked
 
     def _refresh_targets(self) -> None:
@@ -205,6 +212,7 @@ class Fleet:
         tracked = self.substations.get(event.substation)
         if tracked is not None:
             tracked.leaving_instance = event.instance
+            self._changed.add(event.substation)
 
     def forget_silent(self) -> list[str]:
         """Drop announced (not static) substations silent for ``forget_after``."""
@@ -217,6 +225,7 @@ class Fleet:
         ]
         for substation in gone:
             del self.substations[substation]
+            self._changed.add(substation)
         if gone:
             self._refresh_targets()
         return gone
@@ -226,6 +235,7 @@ class Fleet:
         tracked = self.substations.get(substation)
         if tracked is not None:
             tracked.apply_reading(reading, self._clock())
+            self._changed.add(substation)
 
     def reading_failed(self, substation: str, error: str) -> None:
         tracked = self.substations.get(substation)
@@ -239,6 +249,7 @@ class Fleet:
         if tracked is not None:
             tracked.reading = None
             tracked.reading_at = None
+            self._changed.add(substation)
 
     def routed(self, substation: str, count: int = 1) -> None:
         self._track(substation).routed += count
@@ -273,19 +284,26 @@ class Fleet:
         return dead
 
     def candidates(self) -> list[Candidate]:
+        if self._changed:
+            wall_now = self._wall_clock()
+            for substation in self._changed:
+                t = self.substations.get(substation)
+                if t is None or t.reading is None or t.reading_at is None or t.leaving_instance == t.reading.instance:
+                    self._ready.pop(substation, None)
+                    continue
+                self._ready[substation] = (
+                    t.reading_at + self.stale_after,
+                    Candidate(
+                        substation=t.substation,
+                        capacity=t.reading.capacity,
+                        estimate=t.estimate(),
+                        polled_load=t.reading.load,
+                        next_end=t.next_end(wall_now),
+                    ),
+                )
+            self._changed.clear()
         now = self._clock()
-        wall_now = self._wall_clock()
-        return [
-            Candidate(
-                substation=t.substation,
-                capacity=t.reading.capacity,
-                estimate=t.estimate(),
-                polled_load=t.reading.load,
-                next_end=t.next_end(wall_now),
-            )
-            for t in self.substations.values()
-            if self.is_eligible(t, now)
-        ]
+        return [candidate for eligible_until, candidate in self._ready.values() if now <= eligible_until]
 
     def reading_age(self, tracked: TrackedSubstation) -> float:
         return math.inf if tracked.reading_at is None else self._clock() - tracked.reading_at

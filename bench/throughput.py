@@ -9,7 +9,8 @@ charging point: what is measured is gateway -> broker -> balancer -> broker -> s
    accept -> session start percentiles (the substations' histograms), and requests lost
    (accepted minus completed).
 3. The balancer alone: a pending queue pre-filled with ``--backlog`` requests is drained by
-   a freshly started balancer into the substations.
+   a freshly started balancer into the substations' queues (stub substations serve /metrics
+   and consume nothing, so the balancer does not share the two cores with them).
 
     .venv/bin/python -m bench.throughput [--rate 1000] [--duration 60] [--substations 3]
 """
@@ -18,15 +19,30 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from bench.broker_limit import publish_rate
+from prometheus_client import CollectorRegistry, generate_latest
+
 from bench.broker_limit import measure as broker_limit
-from bench.common import bench_settings, histogram_quantile, markdown_table, private_vhost, save, scrape, total
+from bench.broker_limit import publish_rate
+from bench.common import (
+    bench_settings,
+    histogram_quantile,
+    markdown_table,
+    private_vhost,
+    save,
+    scrape,
+    total,
+)
 from loadgen.run import LoadSettings, run_load
-from stack.local import balancer_process, start_stack, substation_process
+from smartgrid import contract
+from smartgrid.amqp import Link
+from stack.local import balancer_process, start_stack
 from stack.processes import ProcessGroup
+from substation.charging import ChargingPoints, ChargingPointsCollector
 
 SESSION_SECONDS = 0.05
 CAPACITY = 5000
@@ -98,15 +114,52 @@ def end_to_end(rate: float, duration: float, substations: int, log_dir: Path) ->
     }
 
 
+class StubSubstations:
+    """/metrics pages for ``count`` substations that never consume: the balancer alone is
+    measured, not the substations sharing its two cores. Each page says "idle, huge capacity"."""
+
+    def __init__(self, count: int):
+        self.ids = [f"substation-{i}" for i in range(1, count + 1)]
+        pages = {}
+        for substation in self.ids:
+            registry = CollectorRegistry()
+            registry.register(ChargingPointsCollector(ChargingPoints(substation, 10**9, "stub")))
+            pages[f"/{substation}/metrics"] = generate_latest(registry)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                body = pages.get(self.path)
+                self.send_response(200 if body else 404)
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def static_list(self) -> str:
+        port = self.server.server_address[1]
+        return ",".join(f"{s}=http://127.0.0.1:{port}/{s}/metrics" for s in self.ids)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
 def balancer_drain(backlog: int, substations: int, log_dir: Path) -> dict:
+    """The balancer alone, routing a backlog to ``substations`` queues nobody consumes."""
+    stubs = StubSubstations(substations)
     with private_vhost("bench-drain") as url:
-        settings = bench_settings(
-            url, log_dir, substations=substations, capacity=CAPACITY * 4, session_seconds=SESSION_SECONDS, poll_interval=1.0
-        )
+        settings = bench_settings(url, log_dir, poll_interval=1.0, extra_env={"SUBSTATIONS": stubs.static_list()})
+        topology = contract.core_topology()
+        for substation in stubs.ids:
+            topology += contract.substation_topology(substation)
+        declarer = Link(url, name="bench-declare", topology=topology).start()
+        declarer.wait_ready(10)
+        declarer.stop()
         group = ProcessGroup()
         try:
-            for i in range(substations):
-                group.add(substation_process(settings, i)).wait_healthy()
             publish_rate(url, backlog)  # the backlog, waiting in the pending queue
             balancer = group.add(balancer_process(settings))
             balancer.wait_healthy()
@@ -124,6 +177,7 @@ def balancer_drain(backlog: int, substations: int, log_dir: Path) -> dict:
             page = scrape(url_metrics)
         finally:
             group.stop()
+            stubs.stop()
     assert first is not None and last is not None
     span = last[0] - first[0]
     return {
