@@ -46,7 +46,17 @@ class EventObserver:
             amqp_url,
             name=name,
             topology=contract.core_topology(),
-            consumers=[Consumer("smartgrid.loadgen-events", self._on_event, auto_ack=True, bindings=BINDINGS, max_length=1_000_000)],
+            consumers=[
+                Consumer(
+                    "smartgrid.loadgen-events",
+                    self._on_event,
+                    auto_ack=True,
+                    bindings=BINDINGS,
+                    max_length=1_000_000,
+                    # The ledger must not miss an event because the observer reconnected.
+                    durable_subscription=True,
+                )
+            ],
         )
 
     def start(self, timeout: float = 10.0) -> None:

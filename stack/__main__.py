@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--capacity", type=int, default=10, help="charging points per substation")
         p.add_argument("--strategy", default="corrected-min", help="BALANCER_STRATEGY")
         p.add_argument("--gateway-port", type=int, default=8000)
+        p.add_argument("--balancer-port", type=int, default=9400, help="the balancer's /metrics")
+        p.add_argument("--substation-port", type=int, default=9401, help="the first substation's /metrics (then +1 each)")
         p.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="where each service logs")
         if name == "run":
             p.add_argument("--time-scale", type=float, default=0.1, help="1.0 plays the scenario in real time (5 minutes)")
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--session-seconds", type=float, default=SEED_SESSION_SECONDS)
             p.add_argument("--poll-interval", type=float, default=SEED_POLL_INTERVAL)
+            p.add_argument("--prometheus-port", type=int, default=9090, help="0: do not start Prometheus")
     return parser
 
 
@@ -60,6 +63,8 @@ def _settings(args: argparse.Namespace, *, session_seconds: float, poll_interval
         capacity=args.capacity,
         strategy=args.strategy,
         gateway_port=args.gateway_port,
+        balancer_port=args.balancer_port,
+        substation_base_port=args.substation_port,
         session_seconds=session_seconds,
         poll_interval=poll_interval,
         log_dir=args.log_dir,
@@ -141,7 +146,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"balancer     http://{settings.host}:{settings.balancer_port}/metrics")
         for i, substation in enumerate(settings.substation_ids()):
             print(f"{substation:<12} http://{settings.host}:{settings.substation_port(i)}/metrics")
-        _start_prometheus(group, settings)
+        if args.prometheus_port:
+            _start_prometheus(group, settings, port=args.prometheus_port)
         print(f"logs in {settings.log_dir}/; Ctrl-C stops everything", flush=True)
         while not stop.is_set():
             dead = group.first_dead()
@@ -150,7 +156,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        if group is None:
+            print("interrupted while starting; everything started has been stopped", flush=True)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
