@@ -85,10 +85,15 @@ class EventObserver:
             if isinstance(event, contract.RequestRouted):
                 fate.routed_to.append(event.substation)
             elif isinstance(event, contract.SessionStarted):
-                fate.started.append(event)
+                # Events are published at least once: a publisher that lost its connection
+                # before the confirm sends the same event again. An identical event (same
+                # instance, same timestamps) is that resend, not a second session.
+                if event not in fate.started:
+                    fate.started.append(event)
                 self._active[event.substation].add(request_id)
             elif isinstance(event, contract.SessionCompleted):
-                fate.completed.append(event)
+                if event not in fate.completed:
+                    fate.completed.append(event)
                 self._active[event.substation].discard(request_id)
             elif isinstance(event, contract.RequestDeadLettered):
                 fate.dead_lettered = event.reason

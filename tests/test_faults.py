@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from loadgen.observer import RequestFate
 from loadgen.run import LoadResult, LoadSettings, run_load
 from smartgrid import contract
 from stack.local import StackSettings, start_stack
@@ -107,6 +108,12 @@ def _run_with_fault(
     return run
 
 
+def _describe(request_id: str, fate: RequestFate) -> str:
+    started = [(s.substation, s.instance, round(s.at, 2)) for s in fate.started]
+    completed = [(c.substation, c.instance, round(c.at, 2)) for c in fate.completed]
+    return f"{request_id}: routed to {fate.routed_to}, started {started}, completed {completed}"
+
+
 def _assert_ledger(run: FaultRun, *, allow_503: bool = False) -> None:
     report = run.result.report
     assert report.accepted > 0
@@ -115,7 +122,9 @@ def _assert_ledger(run: FaultRun, *, allow_503: bool = False) -> None:
         for rid, fate in run.result.fates.items()
         if len(fate.completed) != 1 and not fate.dead_lettered
     ]
-    assert not lost, f"{len(lost)} accepted requests did not complete exactly once: {lost[:5]}"
+    assert not lost, f"{len(lost)} accepted requests did not complete exactly once: " + "; ".join(
+        _describe(rid, run.result.fates[rid]) for rid in lost[:5]
+    )
     assert report.completed_more_than_once == 0
     assert report.completed_once + report.dead_lettered == report.accepted
     # A request never charges at two substations at once.
