@@ -32,6 +32,9 @@ from smartgrid.deadletter import dead_letter, dead_letter_poison
 
 log = logging.getLogger(__name__)
 
+#: Pause before forwarding again a request whose copy the broker refused (a negative confirm).
+RETRY_REFUSED_AFTER = 0.5
+
 EVENT_BINDINGS = tuple(
     (contract.EVENTS_EXCHANGE, kind)
     for kind in (
@@ -221,11 +224,26 @@ class BalancerService:
             )
             self._held.appendleft((delivery, request))
             self._route_held()
-        else:
+        elif not self.link.is_current(delivery):
             # Connection lost: the broker returns the pending request to its queue by itself.
-            # A refused publish: hand it back for another try (counts toward the delivery limit).
             log.warning("forward of %s to %s failed: %s", routed.request_id, routed.substation, error)
-            self.link.reject(delivery, requeue=True)
+        else:
+            # The broker refused the copy (a substation queue without a leader for a moment,
+            # an internal error). That is no fault of the request: keep it and try again
+            # shortly. Rejecting it would be redelivered at once and, within milliseconds,
+            # burn the delivery limit that is meant for poison messages.
+            log.warning("forward of %s to %s failed: %s; trying again in %.1fs",
+                        routed.request_id, routed.substation, error, RETRY_REFUSED_AFTER)
+            request = contract.ChargeRequest(
+                routed.request_id, routed.ev_id, routed.accepted_at, rerouted_from=routed.rerouted_from
+            )
+            self.link.call_later(RETRY_REFUSED_AFTER, lambda: self._retry(delivery, request))
+
+    def _retry(self, delivery: Delivery, request: contract.ChargeRequest) -> None:
+        if not self.link.is_current(delivery):
+            return  # its channel is gone; the broker has returned it to the pending queue
+        self._held.appendleft((delivery, request))
+        self._route_held()
 
     def _say_hello(self) -> None:
         hello = contract.BalancerStarted(at=time.time(), balancer=self.balancer_id)
@@ -284,7 +302,9 @@ class BalancerService:
                 self.fleet.routed(substation, -1)
                 self.metrics.rerouted.labels(substation).inc()
             else:
-                self.link.reject(delivery, requeue=True)
+                # Not the message's fault (see _after_forward): give it back after a pause,
+                # so that the drain consumer's next attempt is not an immediate loop.
+                self.link.call_later(RETRY_REFUSED_AFTER, lambda: self.link.reject(delivery, requeue=True))
 
         confirmation.add_done_callback(settle)
 

@@ -158,6 +158,7 @@ def _row(scenario: Scenario, strategy: str, result: LoadResult) -> dict:
         "utilisation_spread_mean": getattr(b, "utilisation_spread_mean", None),
         "peak_to_average": b.peak_to_average,
         "jain": b.jain_mean,
+        "jain_over_run": b.jain_over_run,
         "wait_mean": statistics.fmean(waits) if waits else None,
         "wait_p50": percentile(waits, 50),
         "wait_p95": percentile(waits, 95),
@@ -180,7 +181,7 @@ def _plot(scenario: Scenario, results: dict[str, LoadResult], path: Path) -> Non
         b = result.report.balance
         ax.set_title(
             f"{strategy}: spread <= 1 in {b.spread_within_1:.0%} of samples, worst {b.spread_max}, "
-            f"peak {b.peak_load}, Jain {b.jain_mean:.3f}",
+            f"peak {b.peak_load}, Jain {b.jain_mean:.3f} (samples) {b.jain_over_run:.3f} (run)",
             fontsize=9,
         )
         ax.set_ylabel("sessions")
@@ -221,10 +222,12 @@ def main() -> None:
         _plot(scenario, results, RESULTS / f"balance-{name}.png")
 
     save("balance", {"rows": rows, "jsq_ideal": ideals, "scenarios": {k: dataclasses.asdict(v) for k, v in SCENARIOS.items()}})
-    headers = ["scenario", "strategy", "spread <= 1", "mean spread", "worst", "peak/avg", "Jain", "wait mean (s)", "wait p50", "wait p95", "wait p99"]
+    headers = ["scenario", "strategy", "spread <= 1", "mean spread", "worst", "utilisation spread", "peak/avg",
+               "Jain (samples)", "Jain (run)", "wait mean (s)", "wait p50", "wait p95", "wait p99"]
     table = [
-        [r["scenario"], r["strategy"], f"{r['spread_within_1']:.1%}", r["spread_mean"], r["spread_max"], r["peak_to_average"],
-         f"{r['jain']:.3f}", r["wait_mean"], r["wait_p50"], r["wait_p95"], r["wait_p99"]]
+        [r["scenario"], r["strategy"], f"{r['spread_within_1']:.1%}", r["spread_mean"], r["spread_max"],
+         r["utilisation_spread_mean"], r["peak_to_average"], f"{r['jain']:.3f}", f"{r['jain_over_run']:.3f}",
+         r["wait_mean"], r["wait_p50"], r["wait_p95"], r["wait_p99"]]
         for r in rows
     ]
     print()

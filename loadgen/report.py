@@ -92,7 +92,12 @@ class Balance:
     spread_max: int | None = None
     peak_load: int | None = None
     peak_to_average: float | None = None
+    #: Mean of each sample's Jain index: how even the load is moment by moment. With few
+    #: sessions per substation it is capped by whole numbers (5, 5, 4 already scores 0.990).
     jain_mean: float | None = None
+    #: Jain's index of each substation's load averaged over the run (utilisation when
+    #: capacities differ): did every substation carry its share of the work.
+    jain_over_run: float | None = None
     cov_mean: float | None = None
     #: Utilisation (active sessions / charging points) spread, max - min per sample, as a
     #: share of capacity: what "even" means when substations differ in size. None when no
@@ -135,12 +140,14 @@ def balance_of(timeline: LoadTimeline, interval: float, capacities: dict[str, in
     covs = [statistics.pstdev(loads) / statistics.fmean(loads) for loads in busy]
     ratios = [max(loads) / statistics.fmean(loads) for loads in busy]
     caps = capacities_for(timeline.substations, capacities)
+    averages = [statistics.fmean(loads[i] for _, loads in samples) for i in range(len(timeline.substations))]
+    shares = averages if caps is None else [a / c for a, c in zip(averages, caps, strict=True)]
     utilisation: dict[str, object] = {}
     if caps is not None:
-        shares = utilisation_spreads(samples, caps)
+        spreads_of_use = utilisation_spreads(samples, caps)
         utilisation = {
-            "utilisation_spread_mean": statistics.fmean(shares),
-            "utilisation_spread_max": max(shares),
+            "utilisation_spread_mean": statistics.fmean(spreads_of_use),
+            "utilisation_spread_max": max(spreads_of_use),
             "capacities_differ": len(set(caps)) > 1,
             "mean_utilisation": {
                 s: statistics.fmean(loads[i] for _, loads in samples) / caps[i]
@@ -156,6 +163,7 @@ def balance_of(timeline: LoadTimeline, interval: float, capacities: dict[str, in
         peak_load=max(max(loads) for _, loads in samples),
         peak_to_average=statistics.fmean(ratios) if ratios else None,
         jain_mean=statistics.fmean(jains) if jains else None,
+        jain_over_run=jain_index(shares),
         cov_mean=statistics.fmean(covs) if covs else None,
         **utilisation,
     )
@@ -357,7 +365,8 @@ def render(report: Report) -> str:
             f"max - min active sessions <= 1 in {_fmt(b.spread_within_1 * 100)}% of samples; "
             f"mean {_fmt(b.spread_mean, 2)}, worst {b.spread_max}",
             f"peak load on one substation {b.peak_load}; peak-to-average {_fmt(b.peak_to_average, 2)}; "
-            f"Jain's index {_fmt(b.jain_mean, 3)}; coefficient of variation {_fmt(b.cov_mean, 3)}",
+            f"Jain's index {_fmt(b.jain_mean, 3)} (mean of samples), {_fmt(b.jain_over_run, 3)} over the run; "
+            f"coefficient of variation {_fmt(b.cov_mean, 3)}",
         ]
         if b.capacities_differ:
             lines.append(

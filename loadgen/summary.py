@@ -94,7 +94,7 @@ def summary(report: Report) -> RenderableType:
         bal.add_row("spread mean / worst", f"{_num(b.spread_mean, 2)} / {b.spread_max}")
         bal.add_row("peak on one substation", str(b.peak_load))
         bal.add_row("peak-to-average", _num(b.peak_to_average, 2))
-        bal.add_row("Jain's index", _num(b.jain_mean, 3))
+        bal.add_row("Jain's index (samples / run)", f"{_num(b.jain_mean, 3)} / {_num(b.jain_over_run, 3)}")
         bal.add_row("coefficient of variation", _num(b.cov_mean, 3))
         if b.utilisation_spread_mean is not None:
             label = "utilisation spread mean / worst" + (" (capacities differ)" if b.capacities_differ else "")

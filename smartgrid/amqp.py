@@ -305,6 +305,10 @@ class Link:
     def cancel_timer(self, handle: object) -> None:
         self._ioloop.remove_timeout(handle)
 
+    def is_current(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` came on the channel open now (so it can still be settled)."""
+        return self._live_channel_for(delivery) is not None
+
     def ack(self, delivery: Delivery) -> bool:
         """Acknowledge ``delivery``; False if its channel is gone (it will be redelivered)."""
         channel = self._live_channel_for(delivery)
@@ -552,7 +556,12 @@ class Link:
         for outgoing in unconfirmed.values():
             if not (outgoing.reliable and not self._stopping):
                 _resolve(outgoing.future, lost)
-        self._outbox.extendleft(reversed(requeue))
+        # Unreliable publishes made while the channel was being set up were never sent.
+        waiting = [o for o in self._outbox if o.reliable and not self._stopping]
+        for outgoing in self._outbox:
+            if not (outgoing.reliable and not self._stopping):
+                _resolve(outgoing.future, lost)
+        self._outbox = collections.deque(requeue + waiting)
         if was_ready and self._on_lost is not None:
             try:
                 self._on_lost()
@@ -594,7 +603,11 @@ class Link:
     def _send(self, outgoing: _Outgoing) -> None:
         channel = self._channel
         if channel is None or not channel.is_open or not self._ready.is_set():
-            if outgoing.reliable and not self._stopping:
+            setting_up = channel is not None and channel.is_open and not self._stopping
+            # A consumer may publish while the channel is still being set up (deliveries start
+            # as soon as its basic.consume is answered): that waits for readiness, moments
+            # away, instead of failing as "not connected".
+            if (outgoing.reliable or setting_up) and not self._stopping:
                 if len(self._outbox) >= self._outbox_limit:
                     dropped = self._outbox.popleft()
                     _resolve(dropped.future, NotConnected(f"{self.name}: outbox full"))

@@ -204,3 +204,43 @@ def test_a_durable_subscription_keeps_the_events_published_while_the_link_was_aw
         capture_output=True, text=True, check=True,
     ).stdout
     assert "smartgrid.test-events" not in queues
+
+
+def test_what_a_consumer_publishes_before_the_link_is_ready_is_sent_not_refused(amqp_url, broker):
+    # A queue that already holds messages delivers them right after basic.consume-ok, before
+    # the link has finished setting up and calls itself ready. A consumer that forwards each
+    # one (the balancer) must not be told "not connected" for them: it would reject them back,
+    # burning the delivery limit in a tight loop until the broker dead-letters good requests.
+    sent = [broker.send_request() for _ in range(30)]
+    failures: list[BaseException] = []
+    holder: dict[str, Link] = {}
+
+    def forward(delivery: Delivery) -> None:
+        link = holder["link"]
+        future = link.publish(contract.DISPATCH_EXCHANGE, "forwarded", delivery.body)
+
+        def settle(f) -> None:
+            if f.exception() is None:
+                link.ack(delivery)
+            else:
+                failures.append(f.exception())
+                link.reject(delivery, requeue=False)
+
+        future.add_done_callback(settle)
+
+    forwarded = contract.Queue("smartgrid.test-forwarded", {"x-queue-type": "quorum"})
+    link = Link(
+        amqp_url,
+        name="test-forwarder",
+        topology=[*contract.core_topology(), forwarded, contract.Binding(forwarded.name, contract.DISPATCH_EXCHANGE, "forwarded")],
+        consumers=[Consumer(contract.PENDING_QUEUE, forward, prefetch=50)],
+    )
+    holder["link"] = link
+    link.start()
+    try:
+        assert link.wait_ready(10)
+        eventually(lambda: broker.message_count(forwarded.name) == len(sent), what="every message forwarded")
+    finally:
+        link.stop()
+    assert failures == []
+    assert broker.message_count(contract.PENDING_QUEUE) == 0

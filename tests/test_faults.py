@@ -114,6 +114,14 @@ def _describe(request_id: str, fate: RequestFate) -> str:
     return f"{request_id}: routed to {fate.routed_to}, started {started}, completed {completed}"
 
 
+def _logged_about(group: ProcessGroup, request_id: str) -> str:
+    lines = []
+    for service in group.services:
+        with open(service.log_path, errors="replace") as log:
+            lines += [f"{service.name}: {line.rstrip()}" for line in log if request_id in line]
+    return "\n".join(lines) or "(nothing)"
+
+
 def _assert_ledger(run: FaultRun, *, allow_503: bool = False) -> None:
     report = run.result.report
     assert report.accepted > 0
@@ -122,8 +130,11 @@ def _assert_ledger(run: FaultRun, *, allow_503: bool = False) -> None:
         for rid, fate in run.result.fates.items()
         if len(fate.completed) != 1 and not fate.dead_lettered
     ]
-    assert not lost, f"{len(lost)} accepted requests did not complete exactly once: " + "; ".join(
-        _describe(rid, run.result.fates[rid]) for rid in lost[:5]
+    assert not lost, (
+        f"{len(lost)} accepted requests did not complete exactly once: "
+        + "; ".join(_describe(rid, run.result.fates[rid]) for rid in lost[:5])
+        + "\nwhat the services logged about the first:\n"
+        + _logged_about(run.group, lost[0])
     )
     assert report.completed_more_than_once == 0
     assert report.completed_once + report.dead_lettered == report.accepted

@@ -219,6 +219,8 @@ def test_spread_on_a_hand_made_timeline():
     # busy samples: [1,0] [2,0] [2,1] [1,1]
     assert balance.jain_mean == pytest.approx((0.5 + 0.5 + 0.9 + 1.0) / 4)
     assert balance.peak_to_average == pytest.approx((2 + 2 + 4 / 3 + 1) / 4)
+    # over the run a averaged 6/5 sessions and b 2/5: Jain (1.6^2) / (2 * (1.44 + 0.16))
+    assert balance.jain_over_run == pytest.approx(2.56 / 3.2)
     assert balance.utilisation_spread_mean is None  # no capacity known: assumed equal
 
 
@@ -234,6 +236,7 @@ def test_utilisation_normalised_spread_when_capacities_differ():
     assert balance.spread_max == 5 and balance.spread_within_1 == pytest.approx(1 / 11)
     assert balance.capacities_differ
     assert balance.utilisation_spread_mean == 0 and balance.utilisation_spread_max == 0
+    assert balance.jain_over_run == pytest.approx(1.0)  # each carried its share of the work
     assert balance.mean_utilisation["a"] == pytest.approx(0.5 * 10 / 11)
     # equal capacities: the utilisation spread is the raw spread over the capacity
     equal = balance_of(timeline, 1.0, {"a": 10, "b": 10})
