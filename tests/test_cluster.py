@@ -42,7 +42,7 @@ from stack.processes import ProcessGroup, ServiceProcess
 from tests.cluster import RabbitCluster
 from tests.conftest import free_ports
 from tests.helpers import eventually, metric, scrape
-from tests.test_faults import FaultRun, _active_sessions, _assert_ledger
+from tests.test_faults import FaultRun, _active_sessions, _assert_ledger, _redelivered
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -465,7 +465,7 @@ def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_surviv
         f"503s (requests sent): {len(refused)}, {window}\n"
         f"completed/accepted: {report.completed_once}/{report.accepted} (sent {report.sent}, rejected {report.rejected}, "
         f"errors {report.errors}, completed more than once {report.completed_more_than_once}, "
-        f"started more than once {report.started_more_than_once}); exits {exits}"
+        f"started more than once {report.started_more_than_once}); redelivered: {_redelivered(result)}; exits {exits}"
     )
 
     _assert_ledger(FaultRun(result, group, sessions_at_kill, recovery), allow_503=True)

@@ -103,9 +103,18 @@ def _run_with_fault(
         f"\nin flight at the fault: {in_flight} sessions; accepted {report.accepted}/{report.sent} "
         f"(rejected {report.rejected}, errors {report.errors}); completed once {report.completed_once}, "
         f"started more than once {report.started_more_than_once}, dead-lettered {report.dead_lettered}, "
-        f"unfinished {report.unfinished}; recovery {recovery if recovery is None else round(recovery, 2)} s; exits {exits}"
+        f"unfinished {report.unfinished}; redelivered: {_redelivered(run.result)}; "
+        f"recovery {recovery if recovery is None else round(recovery, 2)} s; exits {exits}"
     )
     return run
+
+
+def _redelivered(result: LoadResult) -> str:
+    """What came back from a dead consumer: requests routed more than once (pending
+    redelivered to a balancer) and sessions started again (a substation's queue redelivered)."""
+    routed_again = sum(1 for fate in result.fates.values() if len(fate.routed_to) > 1)
+    restarted = sum(1 for fate in result.fates.values() if len(fate.started) > 1)
+    return f"{routed_again} routed again, {restarted} sessions started again"
 
 
 def _describe(request_id: str, fate: RequestFate) -> str:
