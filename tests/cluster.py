@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from tests.ports import free_ports
+
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQ_USER = "rabbitmq"
 DEFAULT_PLUGINS = ("rabbitmq_management", "rabbitmq_prometheus")
@@ -45,19 +47,6 @@ DEFAULT_PLUGINS = ("rabbitmq_management", "rabbitmq_prometheus")
 
 class ClusterError(RuntimeError):
     """A node did not start, join or answer as expected (with the log's tail)."""
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _listening(port: int) -> bool:
@@ -180,7 +169,7 @@ class RabbitCluster:
         self.boot_timeout = boot_timeout
         token = uuid.uuid4().hex[:6]
         self.root = root or Path(tempfile.mkdtemp(prefix=f"smartgrid-cluster-{token}-", dir="/tmp"))
-        ports = _free_ports(4 * size)
+        ports = free_ports(4 * size)
         self.nodes = [
             Node(
                 index=i + 1,

@@ -8,7 +8,6 @@ Nothing here mocks the broker: if it is not reachable the tests fail, they do no
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import pytest
 
 from smartgrid.config import DEFAULT_AMQP_URL
 from stack.local import StackSettings
+from tests.ports import free_port, free_ports  # noqa: F401 - imported from here by tests
 
 BASE_URL = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
 
@@ -63,25 +63,6 @@ def amqp_url(broker_reachable: None) -> Iterator[str]:
 def module_amqp_url(broker_reachable: None) -> Iterator[str]:
     """A fresh vhost shared by the tests of one module."""
     yield from _make_vhost()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture
