@@ -456,7 +456,10 @@ LOAD_METRIC = "substation_current_load"
 CAPACITY_METRIC = "substation_capacity"
 RECEIVED_METRIC = "substation_requests_received"  # counter: exposed as ..._total
 COMPLETED_METRIC = "substation_sessions_completed"  # counter: exposed as ..._total
-INFO_METRIC = "substation_info"  # labels: substation, instance
+INFO_METRIC = "substation_info"  # labels: substation, instance_id
+#: Not "instance": Prometheus owns that label (the scrape target) and would store ours as
+#: exported_instance.
+INFO_INSTANCE_LABEL = "instance_id"
 
 
 @dataclass(frozen=True)

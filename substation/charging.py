@@ -171,8 +171,8 @@ class ChargingPointsCollector(Collector):
 
         info = GaugeMetricFamily(
             contract.INFO_METRIC,
-            "Always 1; the instance label changes each time the substation process starts",
-            labels=["substation", "instance"],
+            "Always 1; the instance_id label changes each time the substation process starts",
+            labels=["substation", contract.INFO_INSTANCE_LABEL],
         )
         info.add_metric([points.substation_id, points.instance], 1)
         yield info

@@ -175,7 +175,15 @@ def test_a_truncated_page_is_rejected():
 
 def test_an_info_metric_that_is_not_one_gives_no_instance():
     text = page(points(instance="inst-1")).replace(
-        'instance="inst-1",substation="s1"} 1.0', 'instance="inst-1",substation="s1"} 0.0'
+        'instance_id="inst-1",substation="s1"} 1.0', 'instance_id="inst-1",substation="s1"} 0.0'
     )
     with pytest.raises(InvalidReading, match="instance"):
         parse_reading(text, "s1")
+
+
+def test_a_substation_of_an_earlier_build_is_read_by_its_instance_label():
+    # The info metric's label was "instance" before it became "instance_id": a balancer
+    # upgraded first keeps reading substations that have not been restarted yet.
+    text = page(points(instance="inst-1")).replace('instance_id="inst-1"', 'instance="inst-1"')
+    assert 'instance="inst-1"' in text
+    assert parse_reading(text, "s1").instance == "inst-1"
