@@ -35,15 +35,12 @@ log = logging.getLogger(__name__)
 #: Pause before forwarding again a request whose copy the broker refused (a negative confirm).
 RETRY_REFUSED_AFTER = 0.5
 
-EVENT_BINDINGS = tuple(
-    (contract.EVENTS_EXCHANGE, kind)
-    for kind in (
-        contract.RequestRouted.kind,
-        contract.SessionStarted.kind,
-        contract.SessionCompleted.kind,
-        contract.SubstationAnnounced.kind,
-        contract.SubstationLeaving.kind,
-    )
+EVENT_BINDINGS = contract.event_bindings(
+    contract.RequestRouted,
+    contract.SessionStarted,
+    contract.SessionCompleted,
+    contract.SubstationAnnounced,
+    contract.SubstationLeaving,
 )
 
 
@@ -195,10 +192,12 @@ class BalancerService:
             maybe_duplicate=delivery.redelivered,
         )
         confirmation = self.link.publish(contract.DISPATCH_EXCHANGE, substation, routed.to_body(), mandatory=True)
-        confirmation.add_done_callback(lambda f: self._after_forward(f, delivery, routed))
+        confirmation.add_done_callback(lambda f: self._after_forward(f, delivery, request, routed))
         return True
 
-    def _after_forward(self, confirmation: Future, delivery: Delivery, routed: contract.RoutedRequest) -> None:
+    def _after_forward(
+        self, confirmation: Future, delivery: Delivery, request: contract.ChargeRequest, routed: contract.RoutedRequest
+    ) -> None:
         error = confirmation.exception()
         if error is None:
             self.link.ack(delivery)
@@ -219,11 +218,7 @@ class BalancerService:
             # it until it announces itself again, and route this request elsewhere.
             log.warning("substation %s has no queue (%s); not routing there", routed.substation, error)
             self.fleet.mark_unknown(routed.substation)
-            request = contract.ChargeRequest(
-                routed.request_id, routed.ev_id, routed.accepted_at, rerouted_from=routed.rerouted_from
-            )
-            self._held.appendleft((delivery, request))
-            self._route_held()
+            self._hold_again(delivery, request)
         elif not self.link.is_current(delivery):
             # Connection lost: the broker returns the pending request to its queue by itself.
             log.warning("forward of %s to %s failed: %s", routed.request_id, routed.substation, error)
@@ -234,12 +229,10 @@ class BalancerService:
             # burn the delivery limit that is meant for poison messages.
             log.warning("forward of %s to %s failed: %s; trying again in %.1fs",
                         routed.request_id, routed.substation, error, RETRY_REFUSED_AFTER)
-            request = contract.ChargeRequest(
-                routed.request_id, routed.ev_id, routed.accepted_at, rerouted_from=routed.rerouted_from
-            )
-            self.link.call_later(RETRY_REFUSED_AFTER, lambda: self._retry(delivery, request))
+            self.link.call_later(RETRY_REFUSED_AFTER, lambda: self._hold_again(delivery, request))
 
-    def _retry(self, delivery: Delivery, request: contract.ChargeRequest) -> None:
+    def _hold_again(self, delivery: Delivery, request: contract.ChargeRequest) -> None:
+        """Put a request whose forward failed back at the head of the held ones and route."""
         if not self.link.is_current(delivery):
             return  # its channel is gone; the broker has returned it to the pending queue
         self._held.appendleft((delivery, request))

@@ -12,15 +12,12 @@ from smartgrid.amqp import Consumer, Delivery, Link
 
 log = logging.getLogger(__name__)
 
-EVENT_BINDINGS = tuple(
-    (contract.EVENTS_EXCHANGE, kind)
-    for kind in (
-        contract.RequestAccepted.kind,
-        contract.RequestRouted.kind,
-        contract.SessionStarted.kind,
-        contract.SessionCompleted.kind,
-        contract.RequestDeadLettered.kind,
-    )
+EVENT_BINDINGS = contract.event_bindings(
+    contract.RequestAccepted,
+    contract.RequestRouted,
+    contract.SessionStarted,
+    contract.SessionCompleted,
+    contract.RequestDeadLettered,
 )
 
 

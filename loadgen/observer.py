@@ -16,15 +16,12 @@ from dataclasses import dataclass, field
 from smartgrid import contract
 from smartgrid.amqp import Consumer, Delivery, Link
 
-BINDINGS = tuple(
-    (contract.EVENTS_EXCHANGE, kind)
-    for kind in (
-        contract.RequestRouted.kind,
-        contract.SessionStarted.kind,
-        contract.SessionCompleted.kind,
-        contract.RequestDeadLettered.kind,
-        contract.SubstationAnnounced.kind,
-    )
+BINDINGS = contract.event_bindings(
+    contract.RequestRouted,
+    contract.SessionStarted,
+    contract.SessionCompleted,
+    contract.RequestDeadLettered,
+    contract.SubstationAnnounced,
 )
 
 

@@ -149,10 +149,7 @@ def balance_of(timeline: LoadTimeline, interval: float, capacities: dict[str, in
             "utilisation_spread_mean": statistics.fmean(spreads_of_use),
             "utilisation_spread_max": max(spreads_of_use),
             "capacities_differ": len(set(caps)) > 1,
-            "mean_utilisation": {
-                s: statistics.fmean(loads[i] for _, loads in samples) / caps[i]
-                for i, s in enumerate(timeline.substations)
-            },
+            "mean_utilisation": dict(zip(timeline.substations, shares, strict=True)),
         }
     return Balance(
         samples=len(samples),

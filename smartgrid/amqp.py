@@ -551,17 +551,16 @@ class Link:
         self._channel = None
         self._consumer_tags.clear()
         lost = ConnectionLost(f"{self.name}: connection lost before confirmation: {reason}")
-        unconfirmed, self._unconfirmed = self._unconfirmed, {}
-        requeue = [o for o in unconfirmed.values() if o.reliable and not self._stopping]
-        for outgoing in unconfirmed.values():
-            if not (outgoing.reliable and not self._stopping):
+        # Unconfirmed publishes first, then those still waiting (unreliable ones among them were
+        # made while the channel was being set up): reliable ones are sent again, in that order.
+        pending = [*self._unconfirmed.values(), *self._outbox]
+        self._unconfirmed = {}
+        self._outbox = collections.deque()
+        for outgoing in pending:
+            if outgoing.reliable and not self._stopping:
+                self._outbox.append(outgoing)
+            else:
                 _resolve(outgoing.future, lost)
-        # Unreliable publishes made while the channel was being set up were never sent.
-        waiting = [o for o in self._outbox if o.reliable and not self._stopping]
-        for outgoing in self._outbox:
-            if not (outgoing.reliable and not self._stopping):
-                _resolve(outgoing.future, lost)
-        self._outbox = collections.deque(requeue + waiting)
         if was_ready and self._on_lost is not None:
             try:
                 self._on_lost()
@@ -603,7 +602,7 @@ class Link:
     def _send(self, outgoing: _Outgoing) -> None:
         channel = self._channel
         if channel is None or not channel.is_open or not self._ready.is_set():
-            setting_up = channel is not None and channel.is_open and not self._stopping
+            setting_up = channel is not None and channel.is_open
             # A consumer may publish while the channel is still being set up (deliveries start
             # as soon as its basic.consume is answered): that waits for readiness, moments
             # away, instead of failing as "not connected".

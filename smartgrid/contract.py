@@ -438,6 +438,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
+def event_bindings(*events: type[Event]) -> tuple[tuple[str, str], ...]:
+    """The (exchange, routing key) bindings of a subscription to these lifecycle events."""
+    return tuple((EVENTS_EXCHANGE, event.kind) for event in events)
+
+
 def decode_event(routing_key: str, body: bytes) -> Event:
     """Decode a lifecycle event; the routing key names its kind."""
     cls = EVENT_TYPES.get(routing_key)

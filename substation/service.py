@@ -61,13 +61,8 @@ class SubstationService:
                     self._on_event,
                     auto_ack=True,
                     # Only rare events: a substation's cost must not grow with the fleet's traffic.
-                    bindings=tuple(
-                        (contract.EVENTS_EXCHANGE, kind)
-                        for kind in (
-                            contract.BalancerStarted.kind,
-                            contract.SessionLookup.kind,
-                            contract.SessionLookupReply.kind,
-                        )
+                    bindings=contract.event_bindings(
+                        contract.BalancerStarted, contract.SessionLookup, contract.SessionLookupReply
                     ),
                 ),
             ],

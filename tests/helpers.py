@@ -6,6 +6,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pika
@@ -15,6 +16,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from smartgrid import contract
 
 T = TypeVar("T")
+
+ENV_EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"
+
+
+def env_example() -> dict[str, str]:
+    """The variables of .env.example, as compose would read them from a copied .env."""
+    pairs = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -176,7 +176,7 @@ def test_a_durable_subscription_keeps_the_events_published_while_the_link_was_aw
         "smartgrid.test-events",
         lambda d: seen.append(contract.decode_event(d.routing_key, d.body).request_id),
         auto_ack=True,
-        bindings=((contract.EVENTS_EXCHANGE, contract.RequestAccepted.kind),),
+        bindings=contract.event_bindings(contract.RequestAccepted),
         durable_subscription=True,
     )
     link = _link(url, consumers=[consumer], max_backoff=0.5)

@@ -41,7 +41,7 @@ from stack.local import StackSettings, balancer_process, start_stack
 from stack.processes import ProcessGroup, ServiceProcess
 from tests.cluster import RabbitCluster
 from tests.conftest import free_ports
-from tests.helpers import eventually, metric, scrape
+from tests.helpers import env_example, eventually, metric, scrape
 from tests.test_faults import FaultRun, _active_sessions, _assert_ledger, _redelivered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,6 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 CLUSTER_FILE = ROOT / "docker-compose.cluster.yml"
 CLUSTER_CONF = ROOT / "rabbitmq" / "cluster.conf"
 PROMETHEUS_CLUSTER = ROOT / "monitoring" / "prometheus" / "prometheus-cluster.yml"
-ENV_EXAMPLE = ROOT / ".env.example"
 NODES = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
 AMQP_SERVICES = ["gateway", "balancer", "substation-1", "substation-2", "substation-3", "substation", "loadgen"]
 
@@ -61,21 +60,12 @@ needs_docker_compose = pytest.mark.skipif(
 # ------------------------------------------------------------------------------------------
 # The compose override, checked without Docker
 # ------------------------------------------------------------------------------------------
-def _env_example() -> dict[str, str]:
-    pairs = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            pairs[key.strip()] = value.strip()
-    return pairs
-
-
 def _docker_compose(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["docker-compose", "-f", str(COMPOSE_FILE), "-f", str(CLUSTER_FILE),
          "--profile", "loadgen", "--profile", "scale-out", *args],
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", **_env_example()},
+        env={"PATH": "/usr/bin:/bin", **env_example()},
         capture_output=True,
         text=True,
         timeout=120,
@@ -102,7 +92,7 @@ def test_docker_compose_accepts_the_cluster_override_with_the_example_environmen
 
 @needs_docker_compose
 def test_the_cluster_override_refuses_to_start_without_the_cookie():
-    env = {k: v for k, v in _env_example().items() if k != "RABBITMQ_ERLANG_COOKIE"}
+    env = {k: v for k, v in env_example().items() if k != "RABBITMQ_ERLANG_COOKIE"}
     result = subprocess.run(
         ["docker-compose", "-f", str(COMPOSE_FILE), "-f", str(CLUSTER_FILE), "config", "-q"],
         cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=120,
@@ -126,7 +116,7 @@ def test_the_cluster_override_and_the_merged_file_validate_against_the_compose_s
 
 def test_the_cluster_wiring(merged_compose):
     services = merged_compose[1]["services"]
-    cookie = _env_example()["RABBITMQ_ERLANG_COOKIE"]
+    cookie = env_example()["RABBITMQ_ERLANG_COOKIE"]
     for node in NODES:
         service = services[node]
         assert service["image"] == services["rabbitmq"]["image"]  # the same 4.x broker

@@ -32,11 +32,10 @@ from gateway.config import GatewayConfig
 from smartgrid import contract, definitions
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from substation.config import SubstationConfig
-from tests.helpers import eventually
+from tests.helpers import env_example, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-ENV_EXAMPLE = ROOT / ".env.example"
 
 
 def _env_names(config_class: type) -> set[str]:
@@ -62,15 +61,6 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
-def _env_example() -> dict[str, str]:
-    pairs = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            pairs[key.strip()] = value.strip()
-    return pairs
-
-
 def test_the_compose_file_validates_against_the_compose_specification():
     checker = Path(sys.executable).parent / "check-jsonschema"
     result = subprocess.run(
@@ -86,7 +76,7 @@ def test_docker_compose_accepts_the_file_with_the_example_environment():
     result = subprocess.run(
         ["docker-compose", "--profile", "loadgen", "--profile", "scale-out", "config", "-q"],
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", **_env_example()},
+        env={"PATH": "/usr/bin:/bin", **env_example()},
         capture_output=True,
         text=True,
     )
@@ -166,7 +156,7 @@ def test_credentials_come_from_the_environment_not_literals(compose):
         for mapping in service.get("ports", []):
             if not str(mapping).startswith("127.0.0.1:"):
                 assert name in {"gateway", "grafana"}, (name, mapping)
-    assert set(_env_example()) >= set(READS["smartgrid.definitions"])
+    assert set(env_example()) >= set(READS["smartgrid.definitions"])
 
 
 def test_prometheus_targets_are_the_services_metrics_ports(compose):
