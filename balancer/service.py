@@ -29,6 +29,7 @@ from balancer.strategies import make_strategy
 from smartgrid import contract
 from smartgrid.amqp import Consumer, Delivery, Link, Unroutable
 from smartgrid.deadletter import dead_letter, dead_letter_poison
+from smartgrid.events import EventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class BalancerService:
             on_ready=self._say_hello,
             on_lost=self._on_connection_lost,
         )
+        self.events = EventPublisher(self.link)
         self.poller = Poller(
             targets=lambda: self.fleet.poll_targets,
             deliver=lambda results: self.link.call_soon(lambda: self._on_readings(results)),
@@ -209,7 +211,7 @@ class BalancerService:
                 substation=routed.substation,
                 balancer=self.balancer_id,
             )
-            self.link.publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True)
+            self.events.publish(event)
             return
         self.fleet.routed(routed.substation, -1)
         self.metrics.dispatch_failures.labels(type(error).__name__).inc()
@@ -304,14 +306,18 @@ class BalancerService:
     # ------------------------------------------------------------------ events (I/O thread)
     def _on_event(self, delivery: Delivery) -> None:
         try:
-            event = contract.decode_event(delivery.routing_key, delivery.body)
+            events = contract.decode_events(delivery.routing_key, delivery.body)
         except contract.InvalidMessage as exc:
             log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
             return
+        for event in events:
+            self._apply(event)
+        if self._held and isinstance(events[0], contract.SessionCompleted):
+            self._route_held()
+
+    def _apply(self, event: contract.Event) -> None:
         if isinstance(event, contract.SessionCompleted):
             self.fleet.session_completed(event)
-            if self._held:
-                self._route_held()
         elif isinstance(event, contract.SessionStarted):
             self.fleet.session_started(event)
         elif isinstance(event, contract.RequestRouted):

@@ -202,7 +202,6 @@ def create_app(
             return unavailable("the message broker did not confirm the request; it was not accepted")
         metrics.publish_seconds.observe(time.perf_counter() - publish_started)
         tracker.accepted(charge_request)
-        broker.announce_accepted(charge_request)
 
         if routed is not None:
             routed.wait(config.routed_wait)

@@ -63,14 +63,11 @@ class GatewayBroker:
             contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, request.to_body(), mandatory=True
         )
 
-    def announce_accepted(self, request: contract.ChargeRequest) -> None:
-        event = contract.RequestAccepted(at=request.accepted_at, request_id=request.request_id, ev_id=request.ev_id)
-        self.link.publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True)
-
     def _on_event(self, delivery: Delivery) -> None:
         try:
-            event = contract.decode_event(delivery.routing_key, delivery.body)
+            events = contract.decode_events(delivery.routing_key, delivery.body)
         except contract.InvalidMessage as exc:
             log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
             return
-        self.tracker.apply(event)
+        for event in events:
+            self.tracker.apply(event)

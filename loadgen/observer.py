@@ -67,9 +67,13 @@ class EventObserver:
 
     def _on_event(self, delivery: Delivery) -> None:
         try:
-            event = contract.decode_event(delivery.routing_key, delivery.body)
+            events = contract.decode_events(delivery.routing_key, delivery.body)
         except contract.InvalidMessage:
             return
+        for event in events:
+            self._apply(event)
+
+    def _apply(self, event: contract.Event) -> None:
         if isinstance(event, contract.SubstationAnnounced):
             with self._lock:
                 self._capacities[event.substation] = event.capacity

@@ -13,10 +13,18 @@ Flow of a charge request::
     substation <-- smartgrid.substation.<id>
 
 Every service publishes lifecycle events to the topic exchange ``smartgrid.events`` with the
-event kind as routing key (``request.accepted``, ``request.routed``, ``session.started``,
-``session.completed``, ``request.dead_lettered``, ``substation.announced``,
-``substation.leaving``, ``balancer.started``, and between substations ``session.lookup`` and
-``session.lookup_reply``).
+event kind as routing key (``request.routed``, ``session.started``, ``session.completed``,
+``request.dead_lettered``, ``substation.announced``, ``substation.leaving``,
+``balancer.started``, and between substations ``session.lookup`` and ``session.lookup_reply``).
+``request.accepted`` is no longer published: the request itself says it was accepted, and the
+accepting gateway records it; it is still understood, from gateways of earlier versions.
+
+The busy kinds travel in batches: a publisher may put several events of one kind in a single
+message, whose body is then a JSON array of event objects instead of one object (the services
+do so for events that arise together, which under load is most of them). Consumers decode both
+shapes with :func:`decode_events`. Batching is what keeps each request's three events from
+costing every subscriber three deliveries: deliveries, not bytes, are what the broker and pika
+spend their time on.
 
 All queues are durable quorum queues with every argument explicit, so the declarations mean the
 same on RabbitMQ 3.10 and 4.x (4.x changed the default delivery limit and refuses transient
@@ -30,6 +38,7 @@ import json
 import math
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -229,12 +238,19 @@ def _decode_fields(cls: type, data: dict) -> dict[str, Any]:
 
 
 def _load_object(body: bytes) -> dict:
+    return _checked_object(_load_json(body))
+
+
+def _load_json(body: bytes) -> Any:
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidMessage(f"body is not JSON: {exc}") from None
     except RecursionError:
         raise InvalidMessage("body is nested too deeply") from None
+
+
+def _checked_object(data: Any) -> dict:
     if not isinstance(data, dict):
         raise InvalidMessage("body is not a JSON object")
     version = data.get("v", SCHEMA_VERSION)
@@ -444,11 +460,48 @@ def event_bindings(*events: type[Event]) -> tuple[tuple[str, str], ...]:
 
 
 def decode_event(routing_key: str, body: bytes) -> Event:
-    """Decode a lifecycle event; the routing key names its kind."""
+    """Decode a message holding one lifecycle event; the routing key names its kind."""
+    return _event_from(_event_type(routing_key), routing_key, _load_object(body))
+
+
+def decode_events(routing_key: str, body: bytes) -> list[Event]:
+    """Decode a lifecycle event message: one event, or a batch (a JSON array) of that kind.
+
+    A batch with any malformed event is rejected whole, naming the event: its publisher is
+    broken, and half of its batch is no better evidence than none.
+    """
+    cls = _event_type(routing_key)
+    data = _load_json(body)
+    if not isinstance(data, list):
+        return [_event_from(cls, routing_key, _checked_object(data))]
+    if not data:
+        raise InvalidMessage("the batch of events is empty")
+    events = []
+    for index, item in enumerate(data):
+        try:
+            events.append(_event_from(cls, routing_key, _checked_object(item)))
+        except InvalidMessage as exc:
+            raise InvalidMessage(f"event {index} of the batch: {exc}") from None
+    return events
+
+
+def encode_events(events: Sequence[Event]) -> bytes:
+    """The body of a message carrying ``events`` (all of one kind): one object, or an array."""
+    if len({event.kind for event in events}) != 1:
+        raise ValueError("a message carries events of exactly one kind")
+    if len(events) == 1:
+        return events[0].to_body()
+    return b"[" + b",".join(event.to_body() for event in events) + b"]"
+
+
+def _event_type(routing_key: str) -> type[Event]:
     cls = EVENT_TYPES.get(routing_key)
     if cls is None:
         raise InvalidMessage(f"unknown event kind {routing_key!r}")
-    data = _load_object(body)
+    return cls
+
+
+def _event_from(cls: type[Event], routing_key: str, data: dict) -> Event:
     if data.get("kind", routing_key) != routing_key:
         raise InvalidMessage(f"event kind {data.get('kind')!r} does not match {routing_key!r}")
     return cls(**_decode_fields(cls, data))

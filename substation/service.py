@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY, Histogram, start_http_server
 from smartgrid import contract
 from smartgrid.amqp import Consumer, Delivery, Link
 from smartgrid.deadletter import dead_letter, dead_letter_poison
+from smartgrid.events import EventPublisher
 from substation.charging import Admission, ChargingPoints, ChargingPointsCollector, Session
 from substation.config import SubstationConfig
 
@@ -68,6 +69,7 @@ class SubstationService:
             ],
             on_ready=self._announce,
         )
+        self.events = EventPublisher(self.link)
         registry.register(ChargingPointsCollector(self.points, lambda: self.link.ready))
         #: Possible duplicates waiting for the other substations' answers, by request id.
         self._checks: dict[str, _Check] = {}
@@ -152,9 +154,14 @@ class SubstationService:
 
     def _on_event(self, delivery: Delivery) -> None:
         try:
-            event = contract.decode_event(delivery.routing_key, delivery.body)
-        except contract.InvalidMessage:
+            events = contract.decode_events(delivery.routing_key, delivery.body)
+        except contract.InvalidMessage as exc:
+            log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
             return
+        for event in events:
+            self._apply(event)
+
+    def _apply(self, event: contract.Event) -> None:
         me = self.config.substation_id
         if isinstance(event, contract.BalancerStarted):
             self._announce()
@@ -224,9 +231,7 @@ class SubstationService:
             )
 
     def _publish_event(self, event: contract.Event) -> Future:
-        return self.link.publish(
-            contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True
-        )
+        return self.events.publish(event)
 
     def _announce(self) -> None:
         if self._draining:

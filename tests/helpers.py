@@ -134,4 +134,4 @@ class BrokerClient:
             method, _properties, body = self.channel.basic_get(queue, auto_ack=True)
             if method is None:
                 return found
-            found.append(contract.decode_event(method.routing_key, body))
+            found.extend(contract.decode_events(method.routing_key, body))

@@ -427,3 +427,59 @@ def test_the_pending_queue_receives_charge_requests_from_the_requests_exchange()
         )
         in contract.core_topology()
     )
+
+
+def _started(n: int) -> contract.SessionStarted:
+    return contract.SessionStarted(
+        at=100.0 + n,
+        request_id=f"{n:032x}",
+        ev_id=f"EV{n}",
+        substation="substation-1",
+        instance="i1",
+        accepted_at=99.0,
+        expected_end=130.0 + n,
+    )
+
+
+def test_a_batch_of_events_round_trips_in_order_and_a_single_event_stays_a_plain_object():
+    batch = [_started(n) for n in range(5)]
+    assert contract.decode_events(contract.SessionStarted.kind, contract.encode_events(batch)) == batch
+    single = contract.encode_events(batch[:1])
+    assert single == batch[0].to_body()
+    assert contract.decode_event(contract.SessionStarted.kind, single) == batch[0]
+    assert contract.decode_events(contract.SessionStarted.kind, single) == batch[:1]
+
+
+def test_a_batch_with_one_malformed_event_is_rejected_naming_that_event():
+    data = [json.loads(_started(n).to_body()) for n in range(3)]
+    data[1]["ev_id"] = "no spaces allowed"
+    with pytest.raises(contract.InvalidMessage, match="event 1 of the batch: .*ev_id"):
+        contract.decode_events(contract.SessionStarted.kind, encode(data))
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"[]", "batch of events is empty"),
+        (b"[1, 2]", "event 0 of the batch: body is not a JSON object"),
+        (b"[[]]", "event 0 of the batch: body is not a JSON object"),
+        (b'"session.started"', "body is not a JSON object"),
+    ],
+)
+def test_a_batch_that_is_not_a_list_of_event_objects_is_rejected(body, reason):
+    with pytest.raises(contract.InvalidMessage, match=reason):
+        contract.decode_events(contract.SessionStarted.kind, body)
+
+
+def test_a_batch_of_another_kind_than_its_routing_key_is_rejected():
+    body = contract.encode_events([_started(1), _started(2)])
+    with pytest.raises(contract.InvalidMessage, match="event 0 of the batch: event kind 'session.started' does not match"):
+        contract.decode_events(contract.SessionCompleted.kind, body)
+
+
+def test_a_message_carries_events_of_one_kind_only():
+    leaving = contract.SubstationLeaving(at=1.0, substation="s1", instance="i")
+    with pytest.raises(ValueError, match="one kind"):
+        contract.encode_events([_started(1), leaving])
+    with pytest.raises(ValueError, match="one kind"):
+        contract.encode_events([])
