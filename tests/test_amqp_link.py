@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -38,6 +39,34 @@ def test_a_publish_completes_only_when_the_broker_has_confirmed_it(amqp_url, bro
         for future in futures:
             assert future.result(10) is None
         assert broker.message_count(contract.PENDING_QUEUE) == 500
+    finally:
+        link.stop()
+
+
+def test_publishes_from_many_threads_at_once_are_all_sent_each_thread_in_its_own_order(amqp_url, broker):
+    # Request threads share wake-ups of the I/O thread; none of their publishes may be lost
+    # or overtake an earlier one from the same thread.
+    link = _link(amqp_url)
+    threads, per_thread = 8, 150
+    futures: dict[int, list] = {t: [] for t in range(threads)}
+
+    def publish_from(t: int) -> None:
+        for i in range(per_thread):
+            body = json.dumps({"thread": t, "n": i}).encode()
+            futures[t].append(link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, body))
+
+    try:
+        workers = [threading.Thread(target=publish_from, args=(t,)) for t in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(10)
+        for future in (f for fs in futures.values() for f in fs):
+            assert future.result(10) is None
+        sent = [json.loads(body) for _properties, body in broker.get_all(contract.PENDING_QUEUE)]
+        assert len(sent) == threads * per_thread
+        for t in range(threads):
+            assert [m["n"] for m in sent if m["thread"] == t] == list(range(per_thread))
     finally:
         link.stop()
 
