@@ -14,8 +14,9 @@ class GatewayConfig:
     threads: int = setting("GATEWAY_THREADS", 16, "Threads per worker", check=positive, expect="an integer > 0")
     routed_wait: float = setting(
         "ROUTED_WAIT",
-        0.25,
-        "How long POST /charge waits for the routing decision to include routed_to (0: never wait)",
+        0.0,
+        "How long POST /charge may wait for the routing decision, to include routed_to in the 202"
+        " (0: answer once the broker has the request; each waiting request holds a server thread)",
         check=non_negative,
         expect="seconds >= 0",
     )

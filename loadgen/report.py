@@ -339,8 +339,9 @@ def render(report: Report) -> str:
     lines += [
         "accept latency (ms): "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in report.accept_latency_ms.items()),
-        f"routing decision in the 202 reply: {report.routed_in_reply}/{report.accepted}",
     ]
+    if report.routed_in_reply:  # only a gateway with ROUTED_WAIT > 0 waits for the decision
+        lines.append(f"routing decision in the 202 reply: {report.routed_in_reply}/{report.accepted}")
     if report.wait_to_start_s:
         lines.append(
             "wait to session start (s): "

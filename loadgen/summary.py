@@ -49,7 +49,8 @@ def summary(report: Report) -> RenderableType:
     if report.stopped_early:
         run.add_row("stopped early", Text(report.stopped_early, style="bold yellow"))
     run.add_row("accept latency (ms)", _quantiles(report.accept_latency_ms, ("p50", "p95", "p99", "max"), 1))
-    run.add_row("routed in the 202 reply", f"{report.routed_in_reply}/{report.accepted}")
+    if report.routed_in_reply:  # only a gateway with ROUTED_WAIT > 0 waits for the decision
+        run.add_row("routed in the 202 reply", f"{report.routed_in_reply}/{report.accepted}")
     if report.wait_to_start_s:
         run.add_row("wait to start (s)", _quantiles(report.wait_to_start_s, ("p50", "p95", "p99"), 3))
         fates = (
