@@ -163,7 +163,7 @@ async def _send_one(
                 outcome.detail = body.get("error")
             return outcome
     except TimeoutError:
-        return Outcome(ev_id, sent_at, time.perf_counter() - started, error="timeout", detail=f"no answer within {timeout:g} s")
+        return Outcome(ev_id, sent_at, time.perf_counter() - started, error="timeout", detail=f"no answer within {timeout.total:g} s")
     except (aiohttp.ClientConnectionError, OSError) as exc:
         kind = _connection_kind(exc)
         return Outcome(ev_id, sent_at, time.perf_counter() - started, error=kind, detail=str(exc) or type(exc).__name__)
