@@ -215,6 +215,7 @@ class Link:
         self._handoff: collections.deque[Callable[[], None]] = collections.deque()
         self._handoff_lock = threading.Lock()
         self._handoff_pending = False
+        self._stop_hooks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"amqp-{name}", daemon=True)
         self._ready = threading.Event()
         self._stopping = False
@@ -319,6 +320,11 @@ class Link:
     # ----------------------------------------------------------------------------------------
     # I/O thread only
     # ----------------------------------------------------------------------------------------
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on the I/O thread when :meth:`stop` begins, while it can still publish
+        (and have those publishes confirmed before the connection closes)."""
+        self._stop_hooks.append(hook)
+
     def call_later(self, delay: float, callback: Callable[[], None]) -> object:
         """Run ``callback`` on the I/O thread after ``delay`` seconds, across reconnects."""
         return self._ioloop.call_later(delay, callback)
@@ -589,6 +595,8 @@ class Link:
                 log.exception("%s: on_lost hook failed", self.name)
 
     def _begin_stop(self, deadline: float) -> None:
+        for hook in self._stop_hooks:
+            hook()
         self._ready.clear()
         self.cancel_consumers()
         if self._channel is not None and self._channel.is_open:

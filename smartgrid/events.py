@@ -32,6 +32,8 @@ class EventPublisher:
         self._max_batch = max_batch
         self._waiting: dict[str, list[tuple[contract.Event, concurrent.futures.Future]]] = {}
         self._flush_scheduled = False
+        # What waits for the end of the turn must not be left behind by a stop.
+        link.on_stop(self.flush)
 
     def publish(self, event: contract.Event) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()

@@ -103,3 +103,21 @@ def test_a_full_batch_is_sent_without_waiting_for_the_end_of_the_turn(link, brok
     batches = [contract.decode_events(kind, body) for kind, body in messages]
     assert [len(batch) for batch in batches] == [16, 16, 8]
     assert [event for batch in batches for event in batch] == events
+
+
+def test_events_waiting_for_the_end_of_the_turn_are_sent_when_the_link_stops(amqp_url, broker):
+    # A substation's last session.completed is published moments before its shutdown stops
+    # the link; its request is acknowledged only once that event is confirmed.
+    queue = broker.subscribe_events(contract.SessionCompleted.kind)
+    link = Link(amqp_url, name=f"test-events-{uuid.uuid4().hex[:6]}", topology=contract.core_topology()).start()
+    assert link.wait_ready(10)
+    publisher = EventPublisher(link)
+    events = [_completed(n) for n in range(5)]
+    futures: list[concurrent.futures.Future] = []
+    link.call_soon(lambda: futures.extend(publisher.publish(event) for event in events))
+    link.stop()
+    assert len(futures) == 5
+    for future in futures:
+        assert future.result(5) is None
+    [(kind, body)] = _messages(broker, queue, expected=1)
+    assert contract.decode_events(kind, body) == events
