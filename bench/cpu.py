@@ -1,0 +1,147 @@
+"""Where the CPU goes: CPU time per request of every process of the stack, under steady load.
+
+Starts the throughput benchmark's stack (50 ms sessions, 5,000-point substations), sends
+``--rate`` requests/s for ``--duration`` seconds, and divides each process's CPU time over that
+window (``/proc/<pid>/stat``: user + system, children of a service counted with it, so both
+gunicorn workers are the gateway's) by the requests accepted. RabbitMQ is the local broker's
+``beam.smp``; the load generator is this process (loadgen) or a ``wrk`` child (``--client wrk``,
+a C client whose own cost stays small, posting as fast as ``--connections`` allow).
+
+    .venv/bin/python -m bench.cpu [--rate 400] [--duration 20] [--client loadgen|wrk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import bench_settings, markdown_table, private_vhost, save
+from bench.throughput import CAPACITY, SESSION_SECONDS
+from loadgen.run import LoadSettings, run_load
+from stack.local import start_stack
+
+TICKS = os.sysconf("SC_CLK_TCK")
+WRK_SCRIPT = 'wrk.method = "POST"\nwrk.body = \'{"ev_id": "EV1234"}\'\nwrk.headers["Content-Type"] = "application/json"\n'
+
+
+def _processes() -> dict[int, tuple[int, float]]:
+    """Every process: pid -> (parent pid, CPU seconds so far)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        found[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS)
+    return found
+
+
+def _beam_pids() -> set[int]:
+    pids = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/comm") as comm:
+                if comm.read().strip() == "beam.smp":
+                    pids.add(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _cpu_by_service(roots: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds of each service: its processes and all their descendants."""
+    processes = _processes()
+    owner: dict[int, str] = {pid: name for name, pids in roots.items() for pid in pids}
+    totals = dict.fromkeys(roots, 0.0)
+    for pid, (_parent, cpu) in processes.items():
+        seen, walk = [], pid
+        while walk not in owner and walk in processes and walk > 1 and walk not in seen:
+            seen.append(walk)
+            walk = processes[walk][0]
+        if walk in owner:
+            totals[owner[walk]] += cpu
+    return totals
+
+
+def measure(rate: float, duration: float, client: str, connections: int, log_dir: Path) -> dict:
+    with private_vhost("bench-cpu") as url:
+        settings = bench_settings(url, log_dir, capacity=CAPACITY, session_seconds=SESSION_SECONDS, poll_interval=1.0)
+        group = start_stack(settings)
+        try:
+            roots: dict[str, list[int]] = {"rabbitmq": sorted(_beam_pids())}
+            for service in group.services:
+                kind = "substations" if service.module == "substation" else service.module
+                roots.setdefault(kind, []).append(service.pid)
+            time.sleep(2)
+            before, self_before = _cpu_by_service(roots), _own_cpu(client)
+            started = time.monotonic()
+            accepted = _drive(client, settings.gateway_url, rate, duration, connections, log_dir)
+            elapsed = time.monotonic() - started
+            after, self_after = _cpu_by_service(roots), _own_cpu(client)
+        finally:
+            group.stop()
+    cpu = {name: after[name] - before[name] for name in roots}
+    cpu[f"load generator ({client})"] = self_after - self_before
+    return {
+        "client": client,
+        "rate": rate if client == "loadgen" else None,
+        "connections": connections if client == "wrk" else None,
+        "duration": elapsed,
+        "accepted": accepted,
+        "accepted_per_s": accepted / elapsed,
+        "cpu_seconds": cpu,
+        "cpu_us_per_request": {name: seconds / accepted * 1e6 for name, seconds in cpu.items()},
+    }
+
+
+def _own_cpu(client: str) -> float:
+    who = resource.RUSAGE_SELF if client == "loadgen" else resource.RUSAGE_CHILDREN
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _drive(client: str, gateway_url: str, rate: float, duration: float, connections: int, log_dir: Path) -> int:
+    if client == "loadgen":
+        result = run_load(
+            LoadSettings(gateway_url=gateway_url, amqp_url=None, interval=1 / rate, duration=duration, concurrency=512, timeout=10)
+        )
+        return result.report.accepted
+    script = log_dir / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration:.0f}s", "-s", str(script), f"{gateway_url}/charge"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return int(re.search(r"(\d+) requests in", out).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=400.0, help="requests/s sent by loadgen")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--client", choices=("loadgen", "wrk"), default="loadgen")
+    parser.add_argument("--connections", type=int, default=64, help="wrk's connections")
+    args = parser.parse_args()
+    if args.client == "wrk" and shutil.which("wrk") is None:
+        parser.error("wrk is not installed (apt-get install wrk)")
+    result = measure(args.rate, args.duration, args.client, args.connections, Path(tempfile.mkdtemp(prefix="smartgrid-cpu-")))
+    save("cpu", result)
+    per_request = result["cpu_us_per_request"]
+    print(f"{result['accepted']:,} requests accepted, {result['accepted_per_s']:,.0f}/s\n")
+    rows = [[name, result["cpu_seconds"][name], f"{us:,.0f}"] for name, us in sorted(per_request.items(), key=lambda kv: -kv[1])]
+    rows.append(["total", sum(result["cpu_seconds"].values()), f"{sum(per_request.values()):,.0f}"])
+    print(markdown_table(["process", "CPU (s)", "CPU per request (µs)"], rows))
+
+
+if __name__ == "__main__":
+    main()
