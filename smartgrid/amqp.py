@@ -267,6 +267,12 @@ class Link:
         if self._thread.is_alive():
             log.warning("%s: I/O thread did not stop within %.1fs", self.name, timeout)
 
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on the I/O thread when :meth:`stop` begins, while it can still publish
+        (and have those publishes confirmed before the connection closes). Call before
+        :meth:`start`."""
+        self._stop_hooks.append(hook)
+
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the I/O thread (the only thread-safe way into the Link)."""
         if threading.current_thread() is self._thread:
@@ -320,11 +326,6 @@ class Link:
     # ----------------------------------------------------------------------------------------
     # I/O thread only
     # ----------------------------------------------------------------------------------------
-    def on_stop(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` on the I/O thread when :meth:`stop` begins, while it can still publish
-        (and have those publishes confirmed before the connection closes)."""
-        self._stop_hooks.append(hook)
-
     def call_later(self, delay: float, callback: Callable[[], None]) -> object:
         """Run ``callback`` on the I/O thread after ``delay`` seconds, across reconnects."""
         return self._ioloop.call_later(delay, callback)
