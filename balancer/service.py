@@ -29,7 +29,7 @@ from balancer.strategies import make_strategy
 from smartgrid import contract
 from smartgrid.amqp import Consumer, Delivery, Link, Unroutable
 from smartgrid.deadletter import dead_letter, dead_letter_poison
-from smartgrid.events import EventPublisher
+from smartgrid.events import EventPublisher, events_in
 
 log = logging.getLogger(__name__)
 
@@ -305,14 +305,10 @@ class BalancerService:
 
     # ------------------------------------------------------------------ events (I/O thread)
     def _on_event(self, delivery: Delivery) -> None:
-        try:
-            events = contract.decode_events(delivery.routing_key, delivery.body)
-        except contract.InvalidMessage as exc:
-            log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
-            return
+        events = events_in(delivery)
         for event in events:
             self._apply(event)
-        if self._held and isinstance(events[0], contract.SessionCompleted):
+        if self._held and any(isinstance(event, contract.SessionCompleted) for event in events):
             self._route_held()
 
     def _apply(self, event: contract.Event) -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 
 from gateway.tracker import RequestTracker
 from smartgrid import contract
 from smartgrid.amqp import Consumer, Delivery, Link
-
-log = logging.getLogger(__name__)
+from smartgrid.events import events_in
 
 EVENT_BINDINGS = contract.event_bindings(
     contract.RequestAccepted,
@@ -64,10 +62,5 @@ class GatewayBroker:
         )
 
     def _on_event(self, delivery: Delivery) -> None:
-        try:
-            events = contract.decode_events(delivery.routing_key, delivery.body)
-        except contract.InvalidMessage as exc:
-            log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
-            return
-        for event in events:
+        for event in events_in(delivery):
             self.tracker.apply(event)

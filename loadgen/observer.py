@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from smartgrid import contract
 from smartgrid.amqp import Consumer, Delivery, Link
+from smartgrid.events import events_in
 
 BINDINGS = contract.event_bindings(
     contract.RequestRouted,
@@ -66,11 +67,7 @@ class EventObserver:
         self.link.stop()
 
     def _on_event(self, delivery: Delivery) -> None:
-        try:
-            events = contract.decode_events(delivery.routing_key, delivery.body)
-        except contract.InvalidMessage:
-            return
-        for event in events:
+        for event in events_in(delivery):
             self._apply(event)
 
     def _apply(self, event: contract.Event) -> None:

@@ -11,10 +11,13 @@ so batching adds no delay: a lone event still leaves at once, as a plain single-
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from collections.abc import Callable
 
 from smartgrid import contract
-from smartgrid.amqp import Link
+from smartgrid.amqp import Delivery, Link
+
+log = logging.getLogger(__name__)
 
 #: A batch is closed at this many events even within one turn, so a message stays small.
 MAX_BATCH = 256
@@ -61,6 +64,16 @@ class EventPublisher:
         body = contract.encode_events([event for event, _ in batch])
         confirmation = self._link.publish(contract.EVENTS_EXCHANGE, kind, body, mandatory=False, reliable=True)
         confirmation.add_done_callback(_settle([future for _, future in batch]))
+
+
+def events_in(delivery: Delivery) -> list[contract.Event]:
+    """The lifecycle events a delivery carries (one, or a batch); none if it breaks the
+    contract, which is logged: an event is information, so a bad one is dropped, not retried."""
+    try:
+        return contract.decode_events(delivery.routing_key, delivery.body)
+    except contract.InvalidMessage as exc:
+        log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
+        return []
 
 
 def _settle(futures: list[concurrent.futures.Future]) -> Callable[[concurrent.futures.Future], None]:

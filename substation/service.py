@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, Histogram, start_http_server
 from smartgrid import contract
 from smartgrid.amqp import Consumer, Delivery, Link
 from smartgrid.deadletter import dead_letter, dead_letter_poison
-from smartgrid.events import EventPublisher
+from smartgrid.events import EventPublisher, events_in
 from substation.charging import Admission, ChargingPoints, ChargingPointsCollector, Session
 from substation.config import SubstationConfig
 
@@ -153,12 +153,7 @@ class SubstationService:
         )
 
     def _on_event(self, delivery: Delivery) -> None:
-        try:
-            events = contract.decode_events(delivery.routing_key, delivery.body)
-        except contract.InvalidMessage as exc:
-            log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
-            return
-        for event in events:
+        for event in events_in(delivery):
             self._apply(event)
 
     def _apply(self, event: contract.Event) -> None:
