@@ -12,7 +12,8 @@ For each it runs ``stale-min`` (the original rule), ``corrected-min`` (the defau
 ``round-robin`` and ``random``, and reports spread, peak-to-average, Jain's index and
 wait-to-start percentiles in one table, with one plot per scenario. For the Poisson scenarios it
 also simulates, on the very same arrival times, join-the-shortest-queue with perfect, current
-information (each substation queueing its own requests): the ideal the issue asks to compare with.
+information (each substation queueing its own requests): the ideal the issue asks to compare with;
+and one queue shared by every charging point, the floor no strategy can go below.
 
     .venv/bin/python -m bench.balance [--scenarios seed,poisson-90] [--strategies ...]
 """
@@ -134,6 +135,19 @@ def simulate_jsq(arrivals: list[float], capacities: tuple[int, ...], session: fl
     return waits
 
 
+def simulate_one_queue(arrivals: list[float], capacities: tuple[int, ...], session: float) -> list[float]:
+    """Waits when every charging point of every substation serves one shared FIFO queue: each
+    arrival takes the first point to free anywhere. No dispatcher that serves requests in
+    arrival order can do better on the same trace, so this is the floor for any strategy."""
+    free_at = [0.0] * sum(capacities)  # a heap of the times each point frees up
+    waits = []
+    for at in arrivals:
+        start = max(heapq.heappop(free_at), at)
+        waits.append(start - at)
+        heapq.heappush(free_at, start + session)
+    return waits
+
+
 def _waits(result: LoadResult) -> list[float]:
     waits = []
     for fate in result.fates.values():
@@ -217,8 +231,15 @@ def main() -> None:
         if scenario.arrivals == "poisson":
             any_result = next(iter(results.values()))
             sent = sorted(o.sent_at for o in any_result.outcomes)
-            jsq = simulate_jsq([t - sent[0] for t in sent], scenario.capacities, scenario.session_seconds)
-            ideals[name] = {"wait_mean": statistics.fmean(jsq), "wait_p99": percentile(jsq, 99)}
+            offsets = [t - sent[0] for t in sent]
+            jsq = simulate_jsq(offsets, scenario.capacities, scenario.session_seconds)
+            one_queue = simulate_one_queue(offsets, scenario.capacities, scenario.session_seconds)
+            ideals[name] = {
+                "wait_mean": statistics.fmean(jsq),
+                "wait_p99": percentile(jsq, 99),
+                "one_queue_wait_mean": statistics.fmean(one_queue),
+                "one_queue_wait_p99": percentile(one_queue, 99),
+            }
         _plot(scenario, results, RESULTS / f"balance-{name}.png")
 
     save("balance", {"rows": rows, "jsq_ideal": ideals, "scenarios": {k: dataclasses.asdict(v) for k, v in SCENARIOS.items()}})
@@ -235,8 +256,8 @@ def main() -> None:
     if ideals:
         print()
         print(markdown_table(
-            ["scenario", "JSQ ideal wait mean (s)", "JSQ ideal wait p99 (s)"],
-            [[k, v["wait_mean"], v["wait_p99"]] for k, v in ideals.items()],
+            ["scenario", "JSQ ideal wait mean (s)", "JSQ ideal wait p99 (s)", "one queue wait mean (s)", "one queue wait p99 (s)"],
+            [[k, v["wait_mean"], v["wait_p99"], v["one_queue_wait_mean"], v["one_queue_wait_p99"]] for k, v in ideals.items()],
         ))
 
 

@@ -58,7 +58,17 @@ def _beam_pids() -> set[int]:
     return pids
 
 
-def _cpu_by_service(roots: dict[str, list[int]]) -> dict[str, float]:
+def service_roots(group) -> dict[str, list[int]]:
+    """The processes whose CPU is counted, by service: the broker's beam.smp and each stack
+    service's own process (its children are found under it when counting)."""
+    roots: dict[str, list[int]] = {"rabbitmq": sorted(_beam_pids())}
+    for service in group.services:
+        kind = "substations" if service.module == "substation" else service.module
+        roots.setdefault(kind, []).append(service.pid)
+    return roots
+
+
+def cpu_by_service(roots: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds of each service: its processes and all their descendants."""
     processes = _processes()
     owner: dict[int, str] = {pid: name for name, pids in roots.items() for pid in pids}
@@ -78,16 +88,13 @@ def measure(rate: float, duration: float, client: str, connections: int, log_dir
         settings = bench_settings(url, log_dir, capacity=CAPACITY, session_seconds=SESSION_SECONDS, poll_interval=1.0)
         group = start_stack(settings)
         try:
-            roots: dict[str, list[int]] = {"rabbitmq": sorted(_beam_pids())}
-            for service in group.services:
-                kind = "substations" if service.module == "substation" else service.module
-                roots.setdefault(kind, []).append(service.pid)
+            roots = service_roots(group)
             time.sleep(2)
-            before, self_before = _cpu_by_service(roots), _own_cpu(client)
+            before, self_before = cpu_by_service(roots), own_cpu(client)
             started = time.monotonic()
             accepted = _drive(client, settings.gateway_url, rate, duration, connections, log_dir)
             elapsed = time.monotonic() - started
-            after, self_after = _cpu_by_service(roots), _own_cpu(client)
+            after, self_after = cpu_by_service(roots), own_cpu(client)
         finally:
             group.stop()
     cpu = {name: after[name] - before[name] for name in roots}
@@ -104,7 +111,7 @@ def measure(rate: float, duration: float, client: str, connections: int, log_dir
     }
 
 
-def _own_cpu(client: str) -> float:
+def own_cpu(client: str) -> float:
     who = resource.RUSAGE_SELF if client == "loadgen" else resource.RUSAGE_CHILDREN
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
