@@ -13,7 +13,7 @@ For each it runs ``stale-min`` (the original rule), ``corrected-min`` (the defau
 wait-to-start percentiles in one table, with one plot per scenario. For the Poisson scenarios it
 also simulates, on the very same arrival times, join-the-shortest-queue with perfect, current
 information (each substation queueing its own requests): the ideal the issue asks to compare with;
-and one queue shared by every charging point, the floor no strategy can go below.
+and one queue shared by every charging point, whose mean wait no strategy can go below.
 
     .venv/bin/python -m bench.balance [--scenarios seed,poisson-90] [--strategies ...]
 """
@@ -137,8 +137,9 @@ def simulate_jsq(arrivals: list[float], capacities: tuple[int, ...], session: fl
 
 def simulate_one_queue(arrivals: list[float], capacities: tuple[int, ...], session: float) -> list[float]:
     """Waits when every charging point of every substation serves one shared FIFO queue: each
-    arrival takes the first point to free anywhere. No dispatcher that serves requests in
-    arrival order can do better on the same trace, so this is the floor for any strategy."""
+    arrival takes the first point to free anywhere. With sessions of equal length no dispatcher
+    can start requests sooner on the same trace, so its mean wait is the floor for any strategy
+    (and its tail the practical one)."""
     free_at = [0.0] * sum(capacities)  # a heap of the times each point frees up
     waits = []
     for at in arrivals:
