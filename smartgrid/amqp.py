@@ -214,7 +214,6 @@ class Link:
         self._ioloop = IOLoop()
         self._handoff: collections.deque[Callable[[], None]] = collections.deque()
         self._handoff_lock = threading.Lock()
-        self._handoff_pending = False
         self._stop_hooks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"amqp-{name}", daemon=True)
         self._ready = threading.Event()
@@ -282,16 +281,15 @@ class Link:
         # a wake-up is on its way, later callbacks join it instead of sending their own (a
         # busy gateway's request threads publish far faster than one wake-up apiece).
         with self._handoff_lock:
+            # Callbacks are waiting exactly while a wake-up is on its way.
+            wake_up_on_its_way = bool(self._handoff)
             self._handoff.append(callback)
-            if self._handoff_pending:
-                return
-            self._handoff_pending = True
-        self._ioloop.add_callback_threadsafe(self._run_handoff)
+        if not wake_up_on_its_way:
+            self._ioloop.add_callback_threadsafe(self._run_handoff)
 
     def _run_handoff(self) -> None:
         with self._handoff_lock:
             callbacks, self._handoff = self._handoff, collections.deque()
-            self._handoff_pending = False
         for callback in callbacks:
             try:
                 callback()
