@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, Histogram, start_http_server
@@ -147,7 +146,7 @@ class SubstationService:
             accepted_at=request.accepted_at,
             expected_end=session.expected_end,
         )
-        self._publish_event(started)
+        self.events.publish(started)
         session.timer = self.link.call_later(
             self.config.session_seconds, lambda: self._complete(request.request_id)
         )
@@ -168,7 +167,7 @@ class SubstationService:
                 substation=me,
                 status=self.points.claimed_by(event.request_id, event.substation),
             )
-            self._publish_event(reply)
+            self.events.publish(reply)
         elif isinstance(event, contract.SessionLookupReply) and event.asker == me:
             check = self._checks.get(event.request_id)
             if check is not None and event.status in ("running", "completed"):
@@ -188,7 +187,7 @@ class SubstationService:
             self.link.ack(delivery)  # a second copy while the first is being checked
             return
         lookup = contract.SessionLookup(at=time.time(), request_id=request.request_id, substation=self.config.substation_id)
-        self._publish_event(lookup)
+        self.events.publish(lookup)
         timer = self.link.call_later(self.config.duplicate_check_seconds, lambda: self._nobody_has_it(request.request_id))
         self._checks[request.request_id] = _Check(request, delivery, timer)
 
@@ -213,7 +212,7 @@ class SubstationService:
             instance=self.instance,
             started_at=session.started_at,
         )
-        confirmation = self._publish_event(completed)
+        confirmation = self.events.publish(completed)
         # Acknowledge after the event is confirmed: if we die in between, the request comes
         # back, and the completed-set (or, after a restart, a repeat session) settles it.
         confirmation.add_done_callback(lambda _f: self._acknowledge(session))
@@ -224,9 +223,6 @@ class SubstationService:
                 "request %s completed but its delivery's channel is gone; the redelivery will be acknowledged as a duplicate",
                 session.request.request_id,
             )
-
-    def _publish_event(self, event: contract.Event) -> Future:
-        return self.events.publish(event)
 
     def _announce(self) -> None:
         if self._draining:
