@@ -20,13 +20,16 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bench.common import bench_settings, markdown_table, private_vhost, save
 from bench.throughput import CAPACITY, SESSION_SECONDS
 from loadgen.run import LoadSettings, run_load
 from stack.local import start_stack
 
+T = TypeVar("T")
 TICKS = os.sysconf("SC_CLK_TCK")
 WRK_SCRIPT = 'wrk.method = "POST"\nwrk.body = \'{"ev_id": "EV1234"}\'\nwrk.headers["Content-Type"] = "application/json"\n'
 
@@ -90,15 +93,11 @@ def measure(rate: float, duration: float, client: str, connections: int, log_dir
         try:
             roots = service_roots(group)
             time.sleep(2)
-            before, self_before = cpu_by_service(roots), own_cpu(client)
-            started = time.monotonic()
-            accepted = _drive(client, settings.gateway_url, rate, duration, connections, log_dir)
-            elapsed = time.monotonic() - started
-            after, self_after = cpu_by_service(roots), own_cpu(client)
+            accepted, cpu, elapsed = cpu_during(
+                roots, client, lambda: _drive(client, settings.gateway_url, rate, duration, connections, log_dir)
+            )
         finally:
             group.stop()
-    cpu = {name: after[name] - before[name] for name in roots}
-    cpu[f"load generator ({client})"] = self_after - self_before
     return {
         "client": client,
         "rate": rate if client == "loadgen" else None,
@@ -109,6 +108,19 @@ def measure(rate: float, duration: float, client: str, connections: int, log_dir
         "cpu_seconds": cpu,
         "cpu_us_per_request": {name: seconds / accepted * 1e6 for name, seconds in cpu.items()},
     }
+
+
+def cpu_during(roots: dict[str, list[int]], client: str, work: Callable[[], T]) -> tuple[T, dict[str, float], float]:
+    """Run ``work`` (which drives the load); return what it returned, the CPU seconds each
+    service of ``roots`` and the load generator (``client``) spent meanwhile, and the wall time."""
+    before, client_before = cpu_by_service(roots), own_cpu(client)
+    started = time.monotonic()
+    result = work()
+    elapsed = time.monotonic() - started
+    after, client_after = cpu_by_service(roots), own_cpu(client)
+    cpu = {name: after[name] - before[name] for name in roots}
+    cpu[f"load generator ({client})"] = client_after - client_before
+    return result, cpu, elapsed
 
 
 def own_cpu(client: str) -> float:

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.common import RESULTS, bench_settings, markdown_table, private_vhost, save  # noqa: E402
-from bench.cpu import cpu_by_service, own_cpu, service_roots  # noqa: E402
+from bench.cpu import cpu_during, service_roots  # noqa: E402
 from bench.throughput import CAPACITY, SESSION_SECONDS  # noqa: E402
 from loadgen.run import LoadSettings, run_load  # noqa: E402
 from stack.local import start_stack  # noqa: E402
@@ -36,16 +36,9 @@ PROCESS_ORDER = ("gateway", "rabbitmq", "substations", "balancer", "load generat
 
 
 def measure_rate(gateway_url: str, roots: dict[str, list[int]], rate: float, duration: float) -> dict:
-    before, client_before = cpu_by_service(roots), own_cpu("loadgen")
-    started = time.monotonic()
-    result = run_load(
-        LoadSettings(gateway_url=gateway_url, amqp_url=None, interval=1 / rate, duration=duration, concurrency=2048)
-    )
-    elapsed = time.monotonic() - started
-    after, client_after = cpu_by_service(roots), own_cpu("loadgen")
+    settings = LoadSettings(gateway_url=gateway_url, amqp_url=None, interval=1 / rate, duration=duration, concurrency=2048)
+    result, cpu, elapsed = cpu_during(roots, "loadgen", lambda: run_load(settings))
     report = result.report
-    cpu = {name: after[name] - before[name] for name in roots}
-    cpu["load generator (loadgen)"] = client_after - client_before
     accepted = max(report.accepted, 1)
     return {
         "offered_per_s": rate,
