@@ -21,7 +21,11 @@ def parse_static_substations(entries: tuple[str, ...]) -> dict[str, str]:
     for entry in entries:
         substation, sep, url = entry.partition("=")
         substation, url = substation.strip(), url.strip()
-        if not sep or not contract.is_valid_substation_id(substation) or not url.startswith(("http://", "https://")):
+        if (
+            not sep
+            or not contract.is_valid_substation_id(substation)
+            or not url.startswith(("http://", "https://"))
+        ):
             raise ValueError(entry)
         result[substation] = url
     return result
@@ -29,9 +33,15 @@ def parse_static_substations(entries: tuple[str, ...]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class BalancerConfig:
-    amqp_url: str = setting("AMQP_URL", DEFAULT_AMQP_URL, "Broker URL; several, comma-separated, for a cluster")
+    amqp_url: str = setting(
+        "AMQP_URL", DEFAULT_AMQP_URL, "Broker URL; several, comma-separated, for a cluster"
+    )
     poll_interval: float = setting(
-        "POLL_INTERVAL", 5.0, "Seconds between polls of every substation's /metrics", check=positive, expect="seconds > 0"
+        "POLL_INTERVAL",
+        5.0,
+        "Seconds between polls of every substation's /metrics",
+        check=positive,
+        expect="seconds > 0",
     )
     substations: tuple[str, ...] = setting(
         "SUBSTATIONS",
@@ -79,10 +89,22 @@ class BalancerConfig:
     poll_timeout: float = setting(
         "POLL_TIMEOUT", 2.0, "Timeout of one /metrics request", check=positive, expect="seconds > 0"
     )
-    metrics_port: int = setting("METRICS_PORT", 9400, "Port of the balancer's own /metrics", check=positive, expect="a TCP port")
-    metrics_bind: str = setting("METRICS_BIND", "0.0.0.0", "Address the /metrics endpoint listens on")
-    balancer_id: str = setting("BALANCER_ID", "", "Name in routed events and logs (default: balancer-<host>-<random>)")
-    seed: int = setting("BALANCER_SEED", 0, "Seed of the tie-breaking random generator (0: unpredictable)")
+    metrics_port: int = setting(
+        "METRICS_PORT",
+        9400,
+        "Port of the balancer's own /metrics",
+        check=positive,
+        expect="a TCP port",
+    )
+    metrics_bind: str = setting(
+        "METRICS_BIND", "0.0.0.0", "Address the /metrics endpoint listens on"
+    )
+    balancer_id: str = setting(
+        "BALANCER_ID", "", "Name in routed events and logs (default: balancer-<host>-<random>)"
+    )
+    seed: int = setting(
+        "BALANCER_SEED", 0, "Seed of the tie-breaking random generator (0: unpredictable)"
+    )
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
 
     @property

@@ -288,7 +288,12 @@ class Fleet:
             wall_now = self._wall_clock()
             for substation in self._changed:
                 t = self.substations.get(substation)
-                if t is None or t.reading is None or t.reading_at is None or t.leaving_instance == t.reading.instance:
+                if (
+                    t is None
+                    or t.reading is None
+                    or t.reading_at is None
+                    or t.leaving_instance == t.reading.instance
+                ):
                     self._ready.pop(substation, None)
                     continue
                 self._ready[substation] = (
@@ -303,7 +308,9 @@ class Fleet:
                 )
             self._changed.clear()
         now = self._clock()
-        return [candidate for eligible_until, candidate in self._ready.values() if now <= eligible_until]
+        return [
+            candidate for eligible_until, candidate in self._ready.values() if now <= eligible_until
+        ]
 
     def reading_age(self, tracked: TrackedSubstation) -> float:
         return math.inf if tracked.reading_at is None else self._clock() - tracked.reading_at

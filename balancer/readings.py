@@ -42,12 +42,16 @@ def parse_reading(text: str, substation: str) -> contract.SubstationReading:
                 values[_WANTED[sample.name]] = sample.value
             elif sample.name == contract.INFO_METRIC and sample.value == 1:
                 # "instance": its name in earlier builds, so a mixed fleet keeps working during an upgrade.
-                instance = sample.labels.get(contract.INFO_INSTANCE_LABEL) or sample.labels.get("instance")
+                instance = sample.labels.get(contract.INFO_INSTANCE_LABEL) or sample.labels.get(
+                    "instance"
+                )
     missing = sorted(set(_WANTED.values()) - values.keys())
     if missing:
         raise InvalidReading(f"no {', '.join(missing)} for substation {substation!r} on the page")
     if not instance:
-        raise InvalidReading(f"no {contract.INFO_METRIC} with an instance for substation {substation!r}")
+        raise InvalidReading(
+            f"no {contract.INFO_METRIC} with an instance for substation {substation!r}"
+        )
     for name, value in values.items():
         if not math.isfinite(value) or value < 0:
             raise InvalidReading(f"{name} is {value}")

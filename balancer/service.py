@@ -48,19 +48,34 @@ EVENT_BINDINGS = contract.event_bindings(
 class BalancerMetrics:
     def __init__(self, registry=REGISTRY):
         self.routed = Counter(
-            "balancer_routed_requests", "Requests forwarded to a substation (confirmed)", ["substation"], registry=registry
+            "balancer_routed_requests",
+            "Requests forwarded to a substation (confirmed)",
+            ["substation"],
+            registry=registry,
         )
         self.estimated_load = Gauge(
-            "balancer_estimated_load", "The balancer's current estimate of each substation's load", ["substation"], registry=registry
+            "balancer_estimated_load",
+            "The balancer's current estimate of each substation's load",
+            ["substation"],
+            registry=registry,
         )
         self.up = Gauge(
-            "balancer_substation_up", "1 if the substation is eligible (fresh metrics, not leaving)", ["substation"], registry=registry
+            "balancer_substation_up",
+            "1 if the substation is eligible (fresh metrics, not leaving)",
+            ["substation"],
+            registry=registry,
         )
         self.metrics_age = Gauge(
-            "balancer_substation_metrics_age_seconds", "Age of the last good reading of the substation", ["substation"], registry=registry
+            "balancer_substation_metrics_age_seconds",
+            "Age of the last good reading of the substation",
+            ["substation"],
+            registry=registry,
         )
         self.poll_errors = Counter(
-            "balancer_poll_errors", "Failed polls of a substation's /metrics", ["substation"], registry=registry
+            "balancer_poll_errors",
+            "Failed polls of a substation's /metrics",
+            ["substation"],
+            registry=registry,
         )
         self.decision = Histogram(
             "balancer_decision_seconds",
@@ -69,13 +84,20 @@ class BalancerMetrics:
             registry=registry,
         )
         self.held = Gauge(
-            "balancer_held_requests", "Requests held because no substation is eligible or all are full", registry=registry
+            "balancer_held_requests",
+            "Requests held because no substation is eligible or all are full",
+            registry=registry,
         )
         self.dispatch_failures = Counter(
-            "balancer_dispatch_failures", "Forwards that the broker did not confirm", ["reason"], registry=registry
+            "balancer_dispatch_failures",
+            "Forwards that the broker did not confirm",
+            ["reason"],
+            registry=registry,
         )
         self.broker_connected = Gauge(
-            "balancer_broker_connected", "1 while connected to the broker and consuming", registry=registry
+            "balancer_broker_connected",
+            "1 while connected to the broker and consuming",
+            registry=registry,
         )
         self.rerouted = Counter(
             "balancer_rerouted_requests",
@@ -84,22 +106,34 @@ class BalancerMetrics:
             registry=registry,
         )
         self.dead_lettered = Counter(
-            "balancer_dead_lettered_requests", "Pending messages set aside as invalid", registry=registry
+            "balancer_dead_lettered_requests",
+            "Pending messages set aside as invalid",
+            registry=registry,
         )
 
 
 class BalancerService:
     def __init__(self, config: BalancerConfig, *, registry=REGISTRY):
         self.config = config
-        self.balancer_id = config.balancer_id or f"balancer-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.balancer_id = (
+            config.balancer_id or f"balancer-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        )
         self.rng = random.Random(config.seed or None)
         self.strategy = make_strategy(config.strategy)
-        self.fleet = Fleet(stale_after=config.effective_stale_after, forget_after=config.forget_after)
+        self.fleet = Fleet(
+            stale_after=config.effective_stale_after, forget_after=config.forget_after
+        )
         for substation, url in parse_static_substations(config.substations).items():
             self.fleet.add_static(substation, url)
         self.metrics = BalancerMetrics(registry)
         self.metrics.broker_connected.set_function(lambda: 1 if self.link.ready else 0)
-        for reason in ("Unroutable", "ConnectionLost", "NotConnected", "PublishRejected", "LinkClosed"):
+        for reason in (
+            "Unroutable",
+            "ConnectionLost",
+            "NotConnected",
+            "PublishRejected",
+            "LinkClosed",
+        ):
             self.metrics.dispatch_failures.labels(reason)
         self._registry = registry
         self._held: collections.deque[tuple[Delivery, contract.ChargeRequest]] = collections.deque()
@@ -115,9 +149,16 @@ class BalancerService:
                     contract.PENDING_QUEUE,
                     self._on_request,
                     prefetch=config.prefetch,
-                    on_poison=lambda d, e: dead_letter_poison(self.link, d, e, source=contract.PENDING_QUEUE),
+                    on_poison=lambda d, e: dead_letter_poison(
+                        self.link, d, e, source=contract.PENDING_QUEUE
+                    ),
                 ),
-                Consumer("smartgrid.balancer-events", self._on_event, auto_ack=True, bindings=EVENT_BINDINGS),
+                Consumer(
+                    "smartgrid.balancer-events",
+                    self._on_event,
+                    auto_ack=True,
+                    bindings=EVENT_BINDINGS,
+                ),
             ],
             on_ready=self._say_hello,
             on_lost=self._on_connection_lost,
@@ -162,7 +203,12 @@ class BalancerService:
             request = contract.ChargeRequest.from_body(delivery.body)
         except contract.InvalidMessage as exc:
             self.metrics.dead_lettered.inc()
-            dead_letter(self.link, delivery, reason=f"invalid charge request: {exc}", source=contract.PENDING_QUEUE)
+            dead_letter(
+                self.link,
+                delivery,
+                reason=f"invalid charge request: {exc}",
+                source=contract.PENDING_QUEUE,
+            )
             return
         self._held.append((delivery, request))
         self._route_held()
@@ -193,12 +239,18 @@ class BalancerService:
             # Redelivered: a balancer may have forwarded it already and died before its ack.
             maybe_duplicate=delivery.redelivered,
         )
-        confirmation = self.link.publish(contract.DISPATCH_EXCHANGE, substation, routed.to_body(), mandatory=True)
+        confirmation = self.link.publish(
+            contract.DISPATCH_EXCHANGE, substation, routed.to_body(), mandatory=True
+        )
         confirmation.add_done_callback(lambda f: self._after_forward(f, delivery, request, routed))
         return True
 
     def _after_forward(
-        self, confirmation: Future, delivery: Delivery, request: contract.ChargeRequest, routed: contract.RoutedRequest
+        self,
+        confirmation: Future,
+        delivery: Delivery,
+        request: contract.ChargeRequest,
+        routed: contract.RoutedRequest,
     ) -> None:
         error = confirmation.exception()
         if error is None:
@@ -218,19 +270,28 @@ class BalancerService:
         if isinstance(error, Unroutable):
             # The substation's queue does not exist (deleted, or never declared): stop using
             # it until it announces itself again, and route this request elsewhere.
-            log.warning("substation %s has no queue (%s); not routing there", routed.substation, error)
+            log.warning(
+                "substation %s has no queue (%s); not routing there", routed.substation, error
+            )
             self.fleet.mark_unknown(routed.substation)
             self._hold_again(delivery, request)
         elif not self.link.is_current(delivery):
             # Connection lost: the broker returns the pending request to its queue by itself.
-            log.warning("forward of %s to %s failed: %s", routed.request_id, routed.substation, error)
+            log.warning(
+                "forward of %s to %s failed: %s", routed.request_id, routed.substation, error
+            )
         else:
             # The broker refused the copy (a substation queue without a leader for a moment,
             # an internal error). That is no fault of the request: keep it and try again
             # shortly. Rejecting it would be redelivered at once and, within milliseconds,
             # burn the delivery limit that is meant for poison messages.
-            log.warning("forward of %s to %s failed: %s; trying again in %.1fs",
-                        routed.request_id, routed.substation, error, RETRY_REFUSED_AFTER)
+            log.warning(
+                "forward of %s to %s failed: %s; trying again in %.1fs",
+                routed.request_id,
+                routed.substation,
+                error,
+                RETRY_REFUSED_AFTER,
+            )
             self.link.call_later(RETRY_REFUSED_AFTER, lambda: self._hold_again(delivery, request))
 
     def _hold_again(self, delivery: Delivery, request: contract.ChargeRequest) -> None:
@@ -258,7 +319,10 @@ class BalancerService:
         alive = {s for s, t in self.fleet.substations.items() if self.fleet.is_eligible(t)}
         newly_dead = presumed_dead - self._dead
         for substation in sorted(newly_dead):
-            log.warning("substation %s presumed dead; moving the requests in its queue back to pending", substation)
+            log.warning(
+                "substation %s presumed dead; moving the requests in its queue back to pending",
+                substation,
+            )
         self._dead = (self._dead | presumed_dead) - alive
         for substation in list(self._drain_tags):
             if substation not in self._dead:
@@ -283,12 +347,19 @@ class BalancerService:
         try:
             routed = contract.RoutedRequest.from_body(delivery.body)
         except contract.InvalidMessage as exc:
-            dead_letter(self.link, delivery, reason=f"invalid routed request: {exc}",
-                        source=contract.substation_queue_name(substation))
+            dead_letter(
+                self.link,
+                delivery,
+                reason=f"invalid routed request: {exc}",
+                source=contract.substation_queue_name(substation),
+            )
             return
         request = routed.back_to_pending()
         confirmation = self.link.publish(
-            contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, request.to_body(), mandatory=True
+            contract.REQUESTS_EXCHANGE,
+            contract.REQUEST_ROUTING_KEY,
+            request.to_body(),
+            mandatory=True,
         )
 
         def settle(result: Future) -> None:
@@ -299,7 +370,9 @@ class BalancerService:
             else:
                 # Not the message's fault (see _after_forward): give it back after a pause,
                 # so that the drain consumer's next attempt is not an immediate loop.
-                self.link.call_later(RETRY_REFUSED_AFTER, lambda: self.link.reject(delivery, requeue=True))
+                self.link.call_later(
+                    RETRY_REFUSED_AFTER, lambda: self.link.reject(delivery, requeue=True)
+                )
 
         confirmation.add_done_callback(settle)
 
@@ -321,7 +394,9 @@ class BalancerService:
                 self.fleet.routed(event.substation)
         elif isinstance(event, contract.SubstationAnnounced):
             if self.fleet.announced(event):
-                log.info("substation %s announced itself at %s", event.substation, event.metrics_url)
+                log.info(
+                    "substation %s announced itself at %s", event.substation, event.metrics_url
+                )
                 self.poller.poll_soon()
         elif isinstance(event, contract.SubstationLeaving):
             log.info("substation %s is leaving", event.substation)
@@ -342,7 +417,11 @@ class BalancerService:
 
     def _housekeeping(self) -> None:
         for substation in self.fleet.forget_silent():
-            log.warning("substation %s has been silent for %.0fs; forgotten", substation, self.config.forget_after)
+            log.warning(
+                "substation %s has been silent for %.0fs; forgotten",
+                substation,
+                self.config.forget_after,
+            )
             for gauge in (self.metrics.estimated_load, self.metrics.up, self.metrics.metrics_age):
                 gauge.remove(substation)
         self._update_draining()

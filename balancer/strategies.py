@@ -78,7 +78,9 @@ def corrected_min(candidates: Sequence[Candidate], rng: random.Random) -> Candid
     return _best_of(open_, rng)
 
 
-def _weighted_sample(candidates: Sequence[Candidate], k: int, rng: random.Random) -> list[Candidate]:
+def _weighted_sample(
+    candidates: Sequence[Candidate], k: int, rng: random.Random
+) -> list[Candidate]:
     """``k`` distinct candidates, each drawn with probability proportional to capacity."""
     pool = list(candidates)
     chosen: list[Candidate] = []
@@ -140,4 +142,6 @@ def make_strategy(name: str) -> Strategy:
     try:
         return STRATEGIES[name]()
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None
+        raise ValueError(
+            f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}"
+        ) from None

@@ -63,11 +63,15 @@ def _poisson_interval(capacities: tuple[int, ...], session: float, load: float) 
 
 SCENARIOS = {
     "seed": Scenario("seed", (10, 10, 10), 3.0, "constant", 0.2, 30.0),
-    "poisson-90": Scenario("poisson-90", (4, 4, 4), 3.0, "poisson", _poisson_interval((4, 4, 4), 3.0, 0.9), 60.0),
+    "poisson-90": Scenario(
+        "poisson-90", (4, 4, 4), 3.0, "poisson", _poisson_interval((4, 4, 4), 3.0, 0.9), 60.0
+    ),
     "heterogeneous": Scenario(
         "heterogeneous", (2, 4, 8), 3.0, "poisson", _poisson_interval((2, 4, 8), 3.0, 0.9), 60.0
     ),
-    "two-balancers": Scenario("two-balancers", (10, 10, 10), 3.0, "constant", 0.2, 30.0, balancers=2),
+    "two-balancers": Scenario(
+        "two-balancers", (10, 10, 10), 3.0, "constant", 0.2, 30.0, balancers=2
+    ),
 }
 
 
@@ -86,7 +90,13 @@ def run_one(scenario: Scenario, strategy: str, log_dir: Path) -> LoadResult:
         group = start_stack(settings)
         try:
             for replica in range(2, scenario.balancers + 1):
-                group.add(balancer_process(settings, name=f"balancer-{replica}", port=settings.balancer_port + 50 + replica)).wait_healthy()
+                group.add(
+                    balancer_process(
+                        settings,
+                        name=f"balancer-{replica}",
+                        port=settings.balancer_port + 50 + replica,
+                    )
+                ).wait_healthy()
             return run_load(
                 LoadSettings(
                     gateway_url=settings.gateway_url,
@@ -123,7 +133,8 @@ def simulate_jsq(arrivals: list[float], capacities: tuple[int, ...], session: fl
         for i in range(len(capacities)):
             advance(i, at)
         best = min(
-            range(len(capacities)), key=lambda i: ((len(running[i]) + len(queued[i]) + 1) / capacities[i], i)
+            range(len(capacities)),
+            key=lambda i: ((len(running[i]) + len(queued[i]) + 1) / capacities[i], i),
         )
         if len(running[best]) < capacities[best]:
             waits.append(0.0)
@@ -135,7 +146,9 @@ def simulate_jsq(arrivals: list[float], capacities: tuple[int, ...], session: fl
     return waits
 
 
-def simulate_one_queue(arrivals: list[float], capacities: tuple[int, ...], session: float) -> list[float]:
+def simulate_one_queue(
+    arrivals: list[float], capacities: tuple[int, ...], session: float
+) -> list[float]:
     """Waits when every charging point of every substation serves one shared FIFO queue: each
     arrival takes the first point to free anywhere. With sessions of equal length no dispatcher
     can start requests sooner on the same trace, so its mean wait is the floor for any strategy
@@ -183,7 +196,9 @@ def _row(scenario: Scenario, strategy: str, result: LoadResult) -> dict:
 
 
 def _plot(scenario: Scenario, results: dict[str, LoadResult], path: Path) -> None:
-    figure, axes = plt.subplots(len(results), 1, figsize=(10, 2.2 * len(results)), sharex=True, squeeze=False)
+    figure, axes = plt.subplots(
+        len(results), 1, figsize=(10, 2.2 * len(results)), sharex=True, squeeze=False
+    )
     for ax, (strategy, result) in zip(axes[:, 0], results.items(), strict=True):
         substations = sorted({s.substation for f in result.fates.values() for s in f.started})
         timeline = LoadTimeline.from_fates(result.fates, set(substations))
@@ -209,7 +224,9 @@ def _plot(scenario: Scenario, results: dict[str, LoadResult], path: Path) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.balance", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.balance", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     args = parser.parse_args()
@@ -243,23 +260,72 @@ def main() -> None:
             }
         _plot(scenario, results, RESULTS / f"balance-{name}.png")
 
-    save("balance", {"rows": rows, "jsq_ideal": ideals, "scenarios": {k: dataclasses.asdict(v) for k, v in SCENARIOS.items()}})
-    headers = ["scenario", "strategy", "spread <= 1", "mean spread", "worst", "utilisation spread", "peak/avg",
-               "Jain (samples)", "Jain (run)", "wait mean (s)", "wait p50", "wait p95", "wait p99"]
+    save(
+        "balance",
+        {
+            "rows": rows,
+            "jsq_ideal": ideals,
+            "scenarios": {k: dataclasses.asdict(v) for k, v in SCENARIOS.items()},
+        },
+    )
+    headers = [
+        "scenario",
+        "strategy",
+        "spread <= 1",
+        "mean spread",
+        "worst",
+        "utilisation spread",
+        "peak/avg",
+        "Jain (samples)",
+        "Jain (run)",
+        "wait mean (s)",
+        "wait p50",
+        "wait p95",
+        "wait p99",
+    ]
     table = [
-        [r["scenario"], r["strategy"], f"{r['spread_within_1']:.1%}", r["spread_mean"], r["spread_max"],
-         r["utilisation_spread_mean"], r["peak_to_average"], f"{r['jain']:.3f}", f"{r['jain_over_run']:.3f}",
-         r["wait_mean"], r["wait_p50"], r["wait_p95"], r["wait_p99"]]
+        [
+            r["scenario"],
+            r["strategy"],
+            f"{r['spread_within_1']:.1%}",
+            r["spread_mean"],
+            r["spread_max"],
+            r["utilisation_spread_mean"],
+            r["peak_to_average"],
+            f"{r['jain']:.3f}",
+            f"{r['jain_over_run']:.3f}",
+            r["wait_mean"],
+            r["wait_p50"],
+            r["wait_p95"],
+            r["wait_p99"],
+        ]
         for r in rows
     ]
     print()
     print(markdown_table(headers, table))
     if ideals:
         print()
-        print(markdown_table(
-            ["scenario", "JSQ ideal wait mean (s)", "JSQ ideal wait p99 (s)", "one queue wait mean (s)", "one queue wait p99 (s)"],
-            [[k, v["wait_mean"], v["wait_p99"], v["one_queue_wait_mean"], v["one_queue_wait_p99"]] for k, v in ideals.items()],
-        ))
+        print(
+            markdown_table(
+                [
+                    "scenario",
+                    "JSQ ideal wait mean (s)",
+                    "JSQ ideal wait p99 (s)",
+                    "one queue wait mean (s)",
+                    "one queue wait p99 (s)",
+                ],
+                [
+                    [
+                        k,
+                        v["wait_mean"],
+                        v["wait_p99"],
+                        v["one_queue_wait_mean"],
+                        v["one_queue_wait_p99"],
+                    ]
+                    for k, v in ideals.items()
+                ],
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def publish_rate(url: str, messages: int, window: int = 1000) -> float:
 
             def publish_batch(n: int = batch, done: threading.Event = ready) -> None:
                 for _ in range(n):
-                    futures.append(link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, BODY))
+                    futures.append(
+                        link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, BODY)
+                    )
                 done.set()
 
             link.call_soon(publish_batch)  # publish from the I/O thread, as the services do
@@ -84,7 +86,9 @@ def measure(messages: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.broker_limit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.broker_limit", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--messages", type=int, default=30_000)
     args = parser.parse_args()
     result = measure(args.messages)

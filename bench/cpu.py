@@ -88,13 +88,17 @@ def cpu_by_service(roots: dict[str, list[int]]) -> dict[str, float]:
 
 def measure(rate: float, duration: float, client: str, connections: int, log_dir: Path) -> dict:
     with private_vhost("bench-cpu") as url:
-        settings = bench_settings(url, log_dir, capacity=CAPACITY, session_seconds=SESSION_SECONDS, poll_interval=1.0)
+        settings = bench_settings(
+            url, log_dir, capacity=CAPACITY, session_seconds=SESSION_SECONDS, poll_interval=1.0
+        )
         group = start_stack(settings)
         try:
             roots = service_roots(group)
             time.sleep(2)
             accepted, cpu, elapsed = cpu_during(
-                roots, client, lambda: _drive(client, settings.gateway_url, rate, duration, connections, log_dir)
+                roots,
+                client,
+                lambda: _drive(client, settings.gateway_url, rate, duration, connections, log_dir),
             )
         finally:
             group.stop()
@@ -110,7 +114,9 @@ def measure(rate: float, duration: float, client: str, connections: int, log_dir
     }
 
 
-def cpu_during(roots: dict[str, list[int]], client: str, work: Callable[[], T]) -> tuple[T, dict[str, float], float]:
+def cpu_during(
+    roots: dict[str, list[int]], client: str, work: Callable[[], T]
+) -> tuple[T, dict[str, float], float]:
     """Run ``work`` (which drives the load); return what it returned, the CPU seconds each
     service of ``roots`` and the load generator (``client``) spent meanwhile, and the wall time."""
     before, client_before = cpu_by_service(roots), own_cpu(client)
@@ -129,23 +135,44 @@ def own_cpu(client: str) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _drive(client: str, gateway_url: str, rate: float, duration: float, connections: int, log_dir: Path) -> int:
+def _drive(
+    client: str, gateway_url: str, rate: float, duration: float, connections: int, log_dir: Path
+) -> int:
     if client == "loadgen":
         result = run_load(
-            LoadSettings(gateway_url=gateway_url, amqp_url=None, interval=1 / rate, duration=duration, concurrency=512, timeout=10)
+            LoadSettings(
+                gateway_url=gateway_url,
+                amqp_url=None,
+                interval=1 / rate,
+                duration=duration,
+                concurrency=512,
+                timeout=10,
+            )
         )
         return result.report.accepted
     script = log_dir / "post.lua"
     script.write_text(WRK_SCRIPT)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration:.0f}s", "-s", str(script), f"{gateway_url}/charge"],
-        capture_output=True, text=True, check=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration:.0f}s",
+            "-s",
+            str(script),
+            f"{gateway_url}/charge",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return int(re.search(r"(\d+) requests in", out).group(1))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cpu", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--rate", type=float, default=400.0, help="requests/s sent by loadgen")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--client", choices=("loadgen", "wrk"), default="loadgen")
@@ -153,11 +180,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.client == "wrk" and shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install wrk)")
-    result = measure(args.rate, args.duration, args.client, args.connections, Path(tempfile.mkdtemp(prefix="smartgrid-cpu-")))
+    result = measure(
+        args.rate,
+        args.duration,
+        args.client,
+        args.connections,
+        Path(tempfile.mkdtemp(prefix="smartgrid-cpu-")),
+    )
     save("cpu", result)
     per_request = result["cpu_us_per_request"]
     print(f"{result['accepted']:,} requests accepted, {result['accepted_per_s']:,.0f}/s\n")
-    rows = [[name, result["cpu_seconds"][name], f"{us:,.0f}"] for name, us in sorted(per_request.items(), key=lambda kv: -kv[1])]
+    rows = [
+        [name, result["cpu_seconds"][name], f"{us:,.0f}"]
+        for name, us in sorted(per_request.items(), key=lambda kv: -kv[1])
+    ]
     rows.append(["total", sum(result["cpu_seconds"].values()), f"{sum(per_request.values()):,.0f}"])
     print(markdown_table(["process", "CPU (s)", "CPU per request (µs)"], rows))
 

@@ -35,8 +35,16 @@ DEFAULT_RATES = "100,200,300,400,500,600,800,1000"
 PROCESS_ORDER = ("gateway", "rabbitmq", "substations", "balancer", "load generator (loadgen)")
 
 
-def measure_rate(gateway_url: str, roots: dict[str, list[int]], rate: float, duration: float) -> dict:
-    settings = LoadSettings(gateway_url=gateway_url, amqp_url=None, interval=1 / rate, duration=duration, concurrency=2048)
+def measure_rate(
+    gateway_url: str, roots: dict[str, list[int]], rate: float, duration: float
+) -> dict:
+    settings = LoadSettings(
+        gateway_url=gateway_url,
+        amqp_url=None,
+        interval=1 / rate,
+        duration=duration,
+        concurrency=2048,
+    )
     result, cpu, elapsed = cpu_during(roots, "loadgen", lambda: run_load(settings))
     report = result.report
     accepted = max(report.accepted, 1)
@@ -68,14 +76,20 @@ def _plot(rows: list[dict], target_ms: float, path: Path) -> None:
     rates = [r["offered_per_s"] for r in rows]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for key, style in (("p50", "-o"), ("p95", "-s"), ("p99", "-^")):
-        top.plot(rates, [r["accept_latency_ms"].get(key) for r in rows], style, label=key, markersize=4)
-    top.axhline(target_ms, color="red", linestyle="--", linewidth=1, label=f"target p99 {target_ms:g} ms")
+        top.plot(
+            rates, [r["accept_latency_ms"].get(key) for r in rows], style, label=key, markersize=4
+        )
+    top.axhline(
+        target_ms, color="red", linestyle="--", linewidth=1, label=f"target p99 {target_ms:g} ms"
+    )
     top.set_yscale("log")
     top.set_ylabel("accept latency (ms)")
     top.legend(fontsize=8)
     top.set_title("POST /charge accept latency against offered load (loadgen, same host)")
     names = [n for n in PROCESS_ORDER if n in rows[0]["cpu_us_per_request"]]
-    bottom.stackplot(rates, *[[r["cpu_us_per_request"][n] / 1000 for r in rows] for n in names], labels=names)
+    bottom.stackplot(
+        rates, *[[r["cpu_us_per_request"][n] / 1000 for r in rows] for n in names], labels=names
+    )
     bottom.set_ylabel("CPU per request (ms)")
     bottom.set_xlabel("offered requests/s")
     cores = bottom.twinx()
@@ -91,10 +105,16 @@ def _plot(rows: list[dict], target_ms: float, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", default=DEFAULT_RATES, help="offered requests/s, comma-separated, in order")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.latency", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--rates", default=DEFAULT_RATES, help="offered requests/s, comma-separated, in order"
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per rate")
-    parser.add_argument("--target-ms", type=float, default=50.0, help="the p99 accept latency to stay within")
+    parser.add_argument(
+        "--target-ms", type=float, default=50.0, help="the p99 accept latency to stay within"
+    )
     args = parser.parse_args()
     try:
         rates = [float(r) for r in args.rates.split(",")]
@@ -106,8 +126,11 @@ def main() -> None:
     rows = []
     with private_vhost("bench-latency") as url:
         settings = bench_settings(
-            url, Path(tempfile.mkdtemp(prefix="smartgrid-latency-")), capacity=CAPACITY,
-            session_seconds=SESSION_SECONDS, poll_interval=1.0,
+            url,
+            Path(tempfile.mkdtemp(prefix="smartgrid-latency-")),
+            capacity=CAPACITY,
+            session_seconds=SESSION_SECONDS,
+            poll_interval=1.0,
         )
         group = start_stack(settings)
         try:
@@ -130,7 +153,15 @@ def main() -> None:
     best = highest_within(rows, args.target_ms)
     plot = RESULTS / "latency.png"
     _plot(rows, args.target_ms, plot)
-    path = save("latency", {"duration_per_rate": args.duration, "target_p99_ms": args.target_ms, "highest_rate_within_target": best, "rates": rows})
+    path = save(
+        "latency",
+        {
+            "duration_per_rate": args.duration,
+            "target_p99_ms": args.target_ms,
+            "highest_rate_within_target": best,
+            "rates": rows,
+        },
+    )
     names = [n for n in PROCESS_ORDER if n in rows[0]["cpu_us_per_request"]]
     table = [
         [
@@ -143,10 +174,21 @@ def main() -> None:
         ]
         for r in rows
     ]
-    headers = ["offered/s", "accepted/s", "p50 ms", "p95 ms", "p99 ms", *(f"{n} µs" for n in names), "total µs", "cores busy"]
+    headers = [
+        "offered/s",
+        "accepted/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        *(f"{n} µs" for n in names),
+        "total µs",
+        "cores busy",
+    ]
     print()
     print(markdown_table(headers, table))
-    print(f"\nhighest rate with p99 ≤ {args.target_ms:g} ms: {f'{best:,.0f}/s' if best else 'none of those run'}")
+    print(
+        f"\nhighest rate with p99 ≤ {args.target_ms:g} ms: {f'{best:,.0f}/s' if best else 'none of those run'}"
+    )
     print(f"written to {path} and {plot}")
 
 

@@ -22,12 +22,16 @@ from bench.throughput import balancer_drain, end_to_end
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--sizes", default="3,10,30")
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--backlog", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=3, help="balancer-alone drains per size, interleaved")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="balancer-alone drains per size, interleaved"
+    )
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="smartgrid-scale-"))
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -36,7 +40,10 @@ def main() -> None:
         for size in sizes:
             drain = balancer_drain(args.backlog, size, log_dir)
             drains[size].append(drain)
-            print(f"round {round_number}, {size:>3} substations: balancer alone {drain['routed_per_s']:,.0f} routed/s", flush=True)
+            print(
+                f"round {round_number}, {size:>3} substations: balancer alone {drain['routed_per_s']:,.0f} routed/s",
+                flush=True,
+            )
     rows = []
     for size in sizes:
         runs = sorted(drains[size], key=lambda d: d["routed_per_s"])
@@ -49,12 +56,23 @@ def main() -> None:
             f"balancer RSS {drain['balancer_rss_mb']:.0f} MB",
             flush=True,
         )
-    save("scale", {"rate": args.rate, "duration": args.duration, "rounds": args.rounds, "rows": rows})
+    save(
+        "scale", {"rate": args.rate, "duration": args.duration, "rounds": args.rounds, "rows": rows}
+    )
     base = rows[0]["balancer_alone"]["routed_per_s"]
     print()
     print(
         markdown_table(
-            ["substations", "balancer alone (routed/s, median)", "range", "vs first", "end to end (accepted/s)", "accept p99 (ms)", "decision p99 (s, bucket)", "balancer RSS (MB)"],
+            [
+                "substations",
+                "balancer alone (routed/s, median)",
+                "range",
+                "vs first",
+                "end to end (accepted/s)",
+                "accept p99 (ms)",
+                "decision p99 (s, bucket)",
+                "balancer RSS (MB)",
+            ],
             [
                 [
                     r["substations"],

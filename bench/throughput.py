@@ -49,7 +49,10 @@ CAPACITY = 5000
 
 
 def _substation_metrics(settings) -> list[dict]:
-    return [scrape(f"http://{settings.host}:{settings.substation_port(i)}/metrics") for i in range(settings.substations)]
+    return [
+        scrape(f"http://{settings.host}:{settings.substation_port(i)}/metrics")
+        for i in range(settings.substations)
+    ]
 
 
 def _merged(pages: list[dict]) -> dict:
@@ -100,12 +103,14 @@ def end_to_end(rate: float, duration: float, substations: int, log_dir: Path) ->
         "sent": report.sent,
         "accepted": report.accepted,
         "accepted_per_s": report.accepted / sending,
-        "routed_per_s": (total(balancer, "balancer_routed_requests_total") - routed_before) / sending,
+        "routed_per_s": (total(balancer, "balancer_routed_requests_total") - routed_before)
+        / sending,
         "accept_latency_ms": report.accept_latency_ms,
         "rejected": report.rejected,
         "errors": report.errors,
         "accept_to_start_s": {
-            q: histogram_quantile(stations, "substation_wait_seconds", q / 100) for q in (50, 95, 99)
+            q: histogram_quantile(stations, "substation_wait_seconds", q / 100)
+            for q in (50, 95, 99)
         },
         "completed": completed,
         "lost": report.accepted - completed,
@@ -151,7 +156,9 @@ def balancer_drain(backlog: int, substations: int, log_dir: Path) -> dict:
     """The balancer alone, routing a backlog to ``substations`` queues nobody consumes."""
     stubs = StubSubstations(substations)
     with private_vhost("bench-drain") as url:
-        settings = bench_settings(url, log_dir, poll_interval=1.0, extra_env={"SUBSTATIONS": stubs.static_list()})
+        settings = bench_settings(
+            url, log_dir, poll_interval=1.0, extra_env={"SUBSTATIONS": stubs.static_list()}
+        )
         topology = contract.core_topology()
         for substation in stubs.ids:
             topology += contract.substation_topology(substation)
@@ -191,7 +198,9 @@ def balancer_drain(backlog: int, substations: int, log_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--rate", type=float, default=1000.0, help="requests per second sent")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--substations", type=int, default=3)
@@ -201,9 +210,15 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="smartgrid-bench-"))
 
     broker = broker_limit(args.broker_messages)
-    print(f"broker: {broker['publish_per_s']:,.0f} publishes/s, {broker['consume_per_s']:,.0f} consumes/s", flush=True)
+    print(
+        f"broker: {broker['publish_per_s']:,.0f} publishes/s, {broker['consume_per_s']:,.0f} consumes/s",
+        flush=True,
+    )
     e2e = end_to_end(args.rate, args.duration, args.substations, log_dir)
-    print(f"end to end: {e2e['accepted_per_s']:,.0f} accepted/s, {e2e['routed_per_s']:,.0f} routed/s", flush=True)
+    print(
+        f"end to end: {e2e['accepted_per_s']:,.0f} accepted/s, {e2e['routed_per_s']:,.0f} routed/s",
+        flush=True,
+    )
     drain = balancer_drain(args.backlog, args.substations, log_dir)
     print(f"balancer alone: {drain['routed_per_s']:,.0f} routed/s", flush=True)
 
@@ -217,11 +232,31 @@ def main() -> None:
             [
                 ["broker: confirmed persistent publishes/s (pika)", broker["publish_per_s"], "1"],
                 ["broker: consumed and acked/s (pika)", broker["consume_per_s"], "1"],
-                ["gateway: accepted requests/s", e2e["accepted_per_s"], f"{e2e['accepted_per_s'] / broker['publish_per_s']:.1%}"],
-                ["balancer: routed requests/s (end to end)", e2e["routed_per_s"], f"{e2e['routed_per_s'] / broker['consume_per_s']:.1%}"],
-                ["balancer alone: routed requests/s (draining a backlog)", drain["routed_per_s"], f"{drain['routed_per_s'] / broker['consume_per_s']:.1%}"],
-                ["accept latency p50 / p99 / max (ms)", f"{latency['p50']:.1f} / {latency['p99']:.1f} / {latency['max']:.1f}", ""],
-                ["accept -> session start p50 / p99 (s, bucket bound)", f"{waits[50]} / {waits[99]}", ""],
+                [
+                    "gateway: accepted requests/s",
+                    e2e["accepted_per_s"],
+                    f"{e2e['accepted_per_s'] / broker['publish_per_s']:.1%}",
+                ],
+                [
+                    "balancer: routed requests/s (end to end)",
+                    e2e["routed_per_s"],
+                    f"{e2e['routed_per_s'] / broker['consume_per_s']:.1%}",
+                ],
+                [
+                    "balancer alone: routed requests/s (draining a backlog)",
+                    drain["routed_per_s"],
+                    f"{drain['routed_per_s'] / broker['consume_per_s']:.1%}",
+                ],
+                [
+                    "accept latency p50 / p99 / max (ms)",
+                    f"{latency['p50']:.1f} / {latency['p99']:.1f} / {latency['max']:.1f}",
+                    "",
+                ],
+                [
+                    "accept -> session start p50 / p99 (s, bucket bound)",
+                    f"{waits[50]} / {waits[99]}",
+                    "",
+                ],
                 ["accepted but not completed (lost)", e2e["lost"], ""],
             ],
         )

@@ -78,7 +78,9 @@ def _error(status: int, error: str, detail: str, **headers: str) -> Response:
 
 
 def _is_json_content_type(mimetype: str) -> bool:
-    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )
 
 
 def parse_charge_body(raw: bytes) -> str:
@@ -92,7 +94,9 @@ def parse_charge_body(raw: bytes) -> str:
     except ValueError as exc:
         raise _BadBody(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise _BadBody(422, "invalid_request", 'the body must be a JSON object like {"ev_id": "EV1234"}')
+        raise _BadBody(
+            422, "invalid_request", 'the body must be a JSON object like {"ev_id": "EV1234"}'
+        )
     unknown = sorted(set(data) - ACCEPTED_FIELDS)
     if unknown:
         raise _BadBody(422, "invalid_request", f"unknown field(s): {', '.join(unknown)[:200]}")
@@ -108,7 +112,9 @@ def parse_charge_body(raw: bytes) -> str:
 READY_WAIT = 1.0
 
 
-def publish_until_confirmed(broker: GatewayBroker, request: contract.ChargeRequest, *, deadline: float) -> None:
+def publish_until_confirmed(
+    broker: GatewayBroker, request: contract.ChargeRequest, *, deadline: float
+) -> None:
     """Publish until confirmed or ``deadline``. A refusal (``basic.nack``: a quorum queue
     electing a new leader) or a missing connection certainly did not enqueue the message, so
     trying again cannot duplicate it; a connection lost *after* publishing might have, so that
@@ -148,7 +154,9 @@ def create_app(
     metrics = GatewayMetrics(None if multiprocess_dir else registry)
     if broker is None:
         broker = GatewayBroker(
-            config.amqp_url, name=f"gateway-{os.getpid()}", tracker=RequestTracker(config.tracked_requests)
+            config.amqp_url,
+            name=f"gateway-{os.getpid()}",
+            tracker=RequestTracker(config.tracked_requests),
         )
         broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)
         broker.start()
@@ -164,7 +172,9 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name)
+        return _error(
+            exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name
+        )
 
     @app.errorhandler(Exception)
     def unexpected_error(exc: Exception) -> Response:  # pragma: no cover - a bug, not input
@@ -180,7 +190,9 @@ def create_app(
         started = time.perf_counter()
         if not _is_json_content_type(request.mimetype):
             metrics.requests.labels("invalid").inc()
-            return _error(415, "unsupported_media_type", "send the body as Content-Type: application/json")
+            return _error(
+                415, "unsupported_media_type", "send the body as Content-Type: application/json"
+            )
         try:
             ev_id = parse_charge_body(request.get_data(cache=False))
         except _BadBody as bad:
@@ -191,15 +203,21 @@ def create_app(
         if not broker.link.wait_ready(min(config.publish_timeout, READY_WAIT)):
             return unavailable("the message broker is not reachable; the request was not accepted")
 
-        charge_request = contract.ChargeRequest(request_id=uuid.uuid4().hex, ev_id=ev_id, accepted_at=time.time())
+        charge_request = contract.ChargeRequest(
+            request_id=uuid.uuid4().hex, ev_id=ev_id, accepted_at=time.time()
+        )
         routed = tracker.expect(charge_request.request_id) if config.routed_wait > 0 else None
         publish_started = time.perf_counter()
         try:
-            publish_until_confirmed(broker, charge_request, deadline=time.monotonic() + config.publish_timeout)
+            publish_until_confirmed(
+                broker, charge_request, deadline=time.monotonic() + config.publish_timeout
+            )
         except (LinkError, FutureTimeout) as exc:
             tracker.forget_waiter(charge_request.request_id)
             log.warning("request for %s not accepted: %s", ev_id, exc or "confirmation timed out")
-            return unavailable("the message broker did not confirm the request; it was not accepted")
+            return unavailable(
+                "the message broker did not confirm the request; it was not accepted"
+            )
         metrics.publish_seconds.observe(time.perf_counter() - publish_started)
         tracker.accepted(charge_request)
 
@@ -227,7 +245,9 @@ def create_app(
             return _error(400, "invalid_request_id", "a request id is 32 lowercase hex digits")
         record = tracker.get(request_id)
         if record is None:
-            return _error(404, "not_found", "no such request is known to this gateway (or it is too old)")
+            return _error(
+                404, "not_found", "no such request is known to this gateway (or it is too old)"
+            )
         return jsonify(record)
 
     @app.get("/health")

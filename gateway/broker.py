@@ -35,7 +35,12 @@ class GatewayBroker:
             name=name,
             topology=contract.core_topology(),
             consumers=[
-                Consumer("smartgrid.gateway-events", self._on_event, auto_ack=True, bindings=EVENT_BINDINGS)
+                Consumer(
+                    "smartgrid.gateway-events",
+                    self._on_event,
+                    auto_ack=True,
+                    bindings=EVENT_BINDINGS,
+                )
             ],
             on_ready=lambda: self._connection_changed(True),
             on_lost=lambda: self._connection_changed(False),
@@ -58,7 +63,10 @@ class GatewayBroker:
     def publish_request(self, request: contract.ChargeRequest) -> Future:
         """Publish a request to the pending queue; the future succeeds once it is confirmed."""
         return self.link.publish(
-            contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, request.to_body(), mandatory=True
+            contract.REQUESTS_EXCHANGE,
+            contract.REQUEST_ROUTING_KEY,
+            request.to_body(),
+            mandatory=True,
         )
 
     def _on_event(self, delivery: Delivery) -> None:

@@ -7,11 +7,17 @@ from smartgrid.config import DEFAULT_AMQP_URL, non_negative, positive, setting
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    amqp_url: str = setting("AMQP_URL", DEFAULT_AMQP_URL, "Broker URL; several, comma-separated, for a cluster")
+    amqp_url: str = setting(
+        "AMQP_URL", DEFAULT_AMQP_URL, "Broker URL; several, comma-separated, for a cluster"
+    )
     port: int = setting("GATEWAY_PORT", 8000, "HTTP port", check=positive, expect="a TCP port")
     bind: str = setting("GATEWAY_BIND", "0.0.0.0", "HTTP listen address")
-    workers: int = setting("GATEWAY_WORKERS", 2, "gunicorn worker processes", check=positive, expect="an integer > 0")
-    threads: int = setting("GATEWAY_THREADS", 16, "Threads per worker", check=positive, expect="an integer > 0")
+    workers: int = setting(
+        "GATEWAY_WORKERS", 2, "gunicorn worker processes", check=positive, expect="an integer > 0"
+    )
+    threads: int = setting(
+        "GATEWAY_THREADS", 16, "Threads per worker", check=positive, expect="an integer > 0"
+    )
     routed_wait: float = setting(
         "ROUTED_WAIT",
         0.0,
@@ -31,9 +37,17 @@ class GatewayConfig:
         "MAX_BODY_BYTES", 4096, "Largest request body accepted", check=positive, expect="bytes > 0"
     )
     tracked_requests: int = setting(
-        "TRACKED_REQUESTS", 100_000, "Recent requests whose status GET /charge/<id> can report", check=positive, expect="an integer > 0"
+        "TRACKED_REQUESTS",
+        100_000,
+        "Recent requests whose status GET /charge/<id> can report",
+        check=positive,
+        expect="an integer > 0",
     )
     retry_after: int = setting(
-        "RETRY_AFTER", 5, "Seconds a client is told to wait (Retry-After) when the broker is unavailable", check=positive, expect="seconds > 0"
+        "RETRY_AFTER",
+        5,
+        "Seconds a client is told to wait (Retry-After) when the broker is unavailable",
+        check=positive,
+        expect="seconds > 0",
     )
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")

@@ -33,8 +33,8 @@ arrival patterns (one of):
   --profile seed               one every 2 s for 300 s, the original test (--scenario seed)
   --profile rush-hour          off-peak (1/5 of the peak) ramping up to the peak over the
                                first quarter, holding for half, ramping down; --rate is the
-                               peak (default {DEFAULT_PROFILE_RATE['rush-hour']:g}/s)
-  --profile spike              a steady --rate (default {DEFAULT_PROFILE_RATE['spike']:g}/s) with --spike-factor
+                               peak (default {DEFAULT_PROFILE_RATE["rush-hour"]:g}/s)
+  --profile spike              a steady --rate (default {DEFAULT_PROFILE_RATE["spike"]:g}/s) with --spike-factor
                                times that rate for 5% of the duration, half-way through
   Profiles last --duration (default {DEFAULT_PROFILE_DURATION:g} s); --time-scale compresses every interval
   and duration (0.1: ten times faster, ten times the rate).
@@ -85,33 +85,74 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://localhost:8000"), help="gateway base URL")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("GATEWAY_URL", "http://localhost:8000"),
+        help="gateway base URL",
+    )
     parser.add_argument(
         "--amqp-url",
         default=os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/%2F"),
         help="broker to follow lifecycle events on (for fates, waits and load spread)",
     )
-    parser.add_argument("--no-observe", action="store_true", help="do not follow events; report HTTP answers only")
+    parser.add_argument(
+        "--no-observe", action="store_true", help="do not follow events; report HTTP answers only"
+    )
 
     pattern = parser.add_argument_group("arrival pattern")
     pattern.add_argument("--profile", choices=PROFILES, help="a named load profile (see below)")
     pattern.add_argument("--scenario", choices=["seed"], help="same as --profile seed")
     rate = pattern.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=_positive(float), help="requests per second (a profile's peak or base rate)")
+    rate.add_argument(
+        "--rate", type=_positive(float), help="requests per second (a profile's peak or base rate)"
+    )
     rate.add_argument("--interval", type=_positive(float), help="seconds between requests")
-    pattern.add_argument("--arrivals", choices=["constant", "poisson"], default="constant", help="evenly spaced or Poisson arrivals (default constant)")
-    pattern.add_argument("--burst", type=_positive(int), metavar="N", help="send N requests at once...")
-    pattern.add_argument("--burst-every", type=_positive(float), metavar="T", help="...every T seconds (default 10)")
-    pattern.add_argument("--spike-factor", type=_positive(float), help=f"--profile spike: how many times the base rate (default {SPIKE_FACTOR:g})")
-    pattern.add_argument("--time-scale", type=_positive(float), default=1.0, help="multiply every interval and duration (0.1: ten times faster)")
-    pattern.add_argument("--seed", type=int, default=1, help="random seed (Poisson arrivals), for reproducible runs")
+    pattern.add_argument(
+        "--arrivals",
+        choices=["constant", "poisson"],
+        default="constant",
+        help="evenly spaced or Poisson arrivals (default constant)",
+    )
+    pattern.add_argument(
+        "--burst", type=_positive(int), metavar="N", help="send N requests at once..."
+    )
+    pattern.add_argument(
+        "--burst-every", type=_positive(float), metavar="T", help="...every T seconds (default 10)"
+    )
+    pattern.add_argument(
+        "--spike-factor",
+        type=_positive(float),
+        help=f"--profile spike: how many times the base rate (default {SPIKE_FACTOR:g})",
+    )
+    pattern.add_argument(
+        "--time-scale",
+        type=_positive(float),
+        default=1.0,
+        help="multiply every interval and duration (0.1: ten times faster)",
+    )
+    pattern.add_argument(
+        "--seed", type=int, default=1, help="random seed (Poisson arrivals), for reproducible runs"
+    )
 
     stop = parser.add_argument_group("how long, how much")
-    stop.add_argument("--duration", type=_positive(float), help=f"stop sending after this many seconds (default {DEFAULT_DURATION:g}, profiles {DEFAULT_PROFILE_DURATION:g})")
+    stop.add_argument(
+        "--duration",
+        type=_positive(float),
+        help=f"stop sending after this many seconds (default {DEFAULT_DURATION:g}, profiles {DEFAULT_PROFILE_DURATION:g})",
+    )
     stop.add_argument("--count", type=_positive(int), help="stop after this many requests")
-    stop.add_argument("--concurrency", type=_positive(int), default=256, help="most requests in flight at once")
-    stop.add_argument("--timeout", type=_positive(float), default=10.0, help="HTTP timeout per request (seconds)")
-    stop.add_argument("--settle-timeout", type=_positive(float), default=120.0, help="how long to wait for accepted requests to complete")
+    stop.add_argument(
+        "--concurrency", type=_positive(int), default=256, help="most requests in flight at once"
+    )
+    stop.add_argument(
+        "--timeout", type=_positive(float), default=10.0, help="HTTP timeout per request (seconds)"
+    )
+    stop.add_argument(
+        "--settle-timeout",
+        type=_positive(float),
+        default=120.0,
+        help="how long to wait for accepted requests to complete",
+    )
     stop.add_argument(
         "--give-up-after",
         type=_non_negative,
@@ -120,18 +161,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     out = parser.add_argument_group("output")
-    out.add_argument("--sample-interval", type=_positive(float), default=0.1, help="load spread sampling interval (seconds)")
-    out.add_argument("--no-progress", action="store_true", help="no live view (also when stdout is not a terminal)")
+    out.add_argument(
+        "--sample-interval",
+        type=_positive(float),
+        default=0.1,
+        help="load spread sampling interval (seconds)",
+    )
+    out.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live view (also when stdout is not a terminal)",
+    )
     out.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    out.add_argument("--plot", metavar="FILE.png", help="also draw load per substation and the spread over time (PNG)")
-    out.add_argument("--expect-complete", action="store_true", help=f"exit {EXIT_INCOMPLETE} unless every accepted request completed exactly once")
+    out.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw load per substation and the spread over time (PNG)",
+    )
+    out.add_argument(
+        "--expect-complete",
+        action="store_true",
+        help=f"exit {EXIT_INCOMPLETE} unless every accepted request completed exactly once",
+    )
     return parser
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
     """The profile asked for (``--scenario`` is an alias), after the combinations are checked."""
     if args.scenario and args.profile and args.scenario != args.profile:
-        parser.error(f"--scenario {args.scenario} and --profile {args.profile} contradict each other")
+        parser.error(
+            f"--scenario {args.scenario} and --profile {args.profile} contradict each other"
+        )
     profile = args.profile or args.scenario
     if args.burst_every is not None and args.burst is None:
         parser.error("--burst-every needs --burst")
@@ -165,7 +225,9 @@ def _scenario_name(args: argparse.Namespace, profile: str | None, settings: Load
         limits.append(f"for {settings.duration / scale:g} s")
     if args.count is not None:
         limits.append(f"up to {args.count} requests")
-    extra = (" " + ", ".join(limits) if limits else "") + (", poisson" if args.arrivals == "poisson" else "")
+    extra = (" " + ", ".join(limits) if limits else "") + (
+        ", poisson" if args.arrivals == "poisson" else ""
+    )
     extra += f", time x{scale:g}" if scale != 1 else ""
     rate = args.rate or (1 / args.interval if args.interval else None)
     if args.burst:
@@ -180,7 +242,9 @@ def _scenario_name(args: argparse.Namespace, profile: str | None, settings: Load
     return f"{scale / settings.interval:g}/s{extra}"
 
 
-def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> LoadSettings:
+def settings_from_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
+) -> LoadSettings:
     profile = _check(parser or build_parser(), args)
     scale = args.time_scale
     interval = 1.0
@@ -192,7 +256,9 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     elif profile in ("rush-hour", "spike"):
         duration = duration or DEFAULT_PROFILE_DURATION
         rate = args.rate or (1 / args.interval if args.interval else None)
-        rate_profile = named_profile(profile, rate=rate, duration=duration, spike_factor=args.spike_factor or SPIKE_FACTOR).scaled(scale)
+        rate_profile = named_profile(
+            profile, rate=rate, duration=duration, spike_factor=args.spike_factor or SPIKE_FACTOR
+        ).scaled(scale)
     if args.rate:
         interval = 1 / args.rate
     elif args.interval:
@@ -258,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
 
             write_plot(report, result.timeline, args.plot)
     except OSError as exc:
-        print(f"loadgen: cannot write {exc.filename or 'the output'}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"loadgen: cannot write {exc.filename or 'the output'}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return EXIT_OUTPUT
     if report.stopped_early == "interrupted":
         return EXIT_INTERRUPTED

@@ -109,7 +109,11 @@ class LiveView:
         rows.add_column()
         if not snap["sending_done"]:
             if self.duration:
-                done, total, what = min(elapsed, self.duration), self.duration, f"{elapsed:.1f} / {self.duration:g} s"
+                done, total, what = (
+                    min(elapsed, self.duration),
+                    self.duration,
+                    f"{elapsed:.1f} / {self.duration:g} s",
+                )
             elif self.count:
                 done, total, what = snap["sent"], self.count, f"{snap['sent']} / {self.count} sent"
             else:
@@ -117,14 +121,23 @@ class LiveView:
             rows.add_row("sending", _bar(total, done, what))
         elif settling is not None:
             settled, total = settling
-            rows.add_row("settling", _bar(max(total, 1), settled, f"{settled} / {total} accepted requests finished ({elapsed:.1f} s)"))
+            rows.add_row(
+                "settling",
+                _bar(
+                    max(total, 1),
+                    settled,
+                    f"{settled} / {total} accepted requests finished ({elapsed:.1f} s)",
+                ),
+            )
         else:
             rows.add_row("waiting", Text(f"for the last answers ({elapsed:.1f} s)"))
         if snap["stopped_early"]:
             rows.add_row("stopped", Text(snap["stopped_early"], style="yellow"))
 
         rate = self.current_rate(snap["sent"], now)
-        now_rate = "" if snap["sending_done"] else f"  ({'-' if rate is None else f'{rate:.1f}'}/s now)"
+        now_rate = (
+            "" if snap["sending_done"] else f"  ({'-' if rate is None else f'{rate:.1f}'}/s now)"
+        )
         rows.add_row("sent", Text(f"{snap['sent']}{now_rate}"))
         rows.add_row("accepted", Text(str(snap["accepted"]), style="green"))
         rejected = snap["rejected"]
@@ -135,7 +148,11 @@ class LiveView:
             "rejected",
             Text(
                 f"{sum(rejected.values())}"
-                + (" (" + ", ".join(f"{c} {n}" for c, n in sorted(by_class.items())) + ")" if rejected else ""),
+                + (
+                    " (" + ", ".join(f"{c} {n}" for c, n in sorted(by_class.items())) + ")"
+                    if rejected
+                    else ""
+                ),
                 style="yellow" if rejected else "",
             ),
         )
@@ -144,7 +161,13 @@ class LiveView:
             "errors",
             Text(
                 f"{sum(errors.values())}"
-                + (" (" + ", ".join(f"{ERROR_KINDS.get(k, k)} {n}" for k, n in sorted(errors.items())) + ")" if errors else ""),
+                + (
+                    " ("
+                    + ", ".join(f"{ERROR_KINDS.get(k, k)} {n}" for k, n in sorted(errors.items()))
+                    + ")"
+                    if errors
+                    else ""
+                ),
                 style="red" if errors else "",
             ),
         )

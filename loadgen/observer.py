@@ -61,7 +61,9 @@ class EventObserver:
         self.link.start()
         if not self.link.wait_ready(timeout):
             self.link.stop()
-            raise ConnectionError("cannot subscribe to lifecycle events: the broker is not reachable")
+            raise ConnectionError(
+                "cannot subscribe to lifecycle events: the broker is not reachable"
+            )
 
     def stop(self) -> None:
         self.link.stop()
@@ -106,7 +108,8 @@ class EventObserver:
             return sum(
                 1
                 for rid in request_ids
-                if rid in self._fates and (self._fates[rid].completed or self._fates[rid].dead_lettered)
+                if rid in self._fates
+                and (self._fates[rid].completed or self._fates[rid].dead_lettered)
             )
 
     def capacities(self) -> dict[str, int]:

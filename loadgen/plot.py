@@ -27,7 +27,9 @@ def headline(report: Report) -> str:
         if b.jain_mean is not None:
             parts.append(f"Jain {b.jain_mean:.3f}")
     if report.rejected or report.errors:
-        parts.append(f"rejected {sum(report.rejected.values())}, errors {sum(report.errors.values())}")
+        parts.append(
+            f"rejected {sum(report.rejected.values())}, errors {sum(report.errors.values())}"
+        )
     return "; ".join(parts)
 
 
@@ -44,7 +46,15 @@ def write_plot(report: Report, timeline: LoadTimeline | None, path: str | Path) 
     span = timeline.span if timeline is not None else None
     if span is None:
         for ax in (top, bottom):
-            ax.text(0.5, 0.5, "no session events observed", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.text(
+                0.5,
+                0.5,
+                "no session events observed",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="grey",
+            )
     else:
         origin = report.started_at if report.started_at is not None else span[0]
         end = span[1] - origin
@@ -55,7 +65,9 @@ def write_plot(report: Report, timeline: LoadTimeline | None, path: str | Path) 
             (line,) = top.step(times, levels, where="post", label=substation, linewidth=1.2)
             capacity = report.capacities.get(substation)
             if capacity:
-                top.axhline(capacity, color=line.get_color(), linestyle="--", linewidth=0.8, alpha=0.6)
+                top.axhline(
+                    capacity, color=line.get_color(), linestyle="--", linewidth=0.8, alpha=0.6
+                )
         top.set_ylabel("active sessions")
         top.legend(loc="upper left", fontsize="small", ncols=min(len(timeline.substations), 5))
         top.grid(True, alpha=0.3)
@@ -64,7 +76,9 @@ def write_plot(report: Report, timeline: LoadTimeline | None, path: str | Path) 
         samples = timeline.samples(interval)
         times = [at - origin for at, _ in samples]
         spreads = [max(loads) - min(loads) for _, loads in samples]
-        (spread_line,) = bottom.step(times, spreads, where="post", color="tab:red", linewidth=1.0, label="max - min sessions")
+        (spread_line,) = bottom.step(
+            times, spreads, where="post", color="tab:red", linewidth=1.0, label="max - min sessions"
+        )
         bottom.axhline(1, color="grey", linestyle=":", linewidth=0.8)
         bottom.set_ylabel("max - min")
         bottom.set_ylim(bottom=0, top=max(spreads + [2]) + 0.5)
@@ -75,11 +89,19 @@ def write_plot(report: Report, timeline: LoadTimeline | None, path: str | Path) 
                 twin = bottom.twinx()
                 shares = [s * 100 for s in utilisation_spreads(samples, caps)]
                 (share_line,) = twin.step(
-                    times, shares, where="post", color="tab:blue", linewidth=0.8, alpha=0.7, label="utilisation spread %"
+                    times,
+                    shares,
+                    where="post",
+                    color="tab:blue",
+                    linewidth=0.8,
+                    alpha=0.7,
+                    label="utilisation spread %",
                 )
                 twin.set_ylabel("utilisation spread %", color="tab:blue")
                 twin.set_ylim(bottom=0)
-                bottom.legend(handles=[spread_line, share_line], loc="upper right", fontsize="small")
+                bottom.legend(
+                    handles=[spread_line, share_line], loc="upper right", fontsize="small"
+                )
     bottom.set_xlabel("seconds since the first request")
     figure.savefig(path)
     return path

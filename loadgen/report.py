@@ -78,7 +78,10 @@ class LoadTimeline:
         start, end = span
         count = int((end - start) / interval) + 1
         return [
-            (start + i * interval, [self.load_at(s, start + i * interval) for s in self.substations])
+            (
+                start + i * interval,
+                [self.load_at(s, start + i * interval) for s in self.substations],
+            )
             for i in range(count)
         ]
 
@@ -130,7 +133,9 @@ def utilisation_spreads(
     return spreads
 
 
-def balance_of(timeline: LoadTimeline, interval: float, capacities: dict[str, int] | None = None) -> Balance:
+def balance_of(
+    timeline: LoadTimeline, interval: float, capacities: dict[str, int] | None = None
+) -> Balance:
     samples = timeline.samples(interval)
     if not samples:
         return Balance(interval=interval)
@@ -140,7 +145,9 @@ def balance_of(timeline: LoadTimeline, interval: float, capacities: dict[str, in
     covs = [statistics.pstdev(loads) / statistics.fmean(loads) for loads in busy]
     ratios = [max(loads) / statistics.fmean(loads) for loads in busy]
     caps = capacities_for(timeline.substations, capacities)
-    averages = [statistics.fmean(loads[i] for _, loads in samples) for i in range(len(timeline.substations))]
+    averages = [
+        statistics.fmean(loads[i] for _, loads in samples) for i in range(len(timeline.substations))
+    ]
     shares = averages if caps is None else [a / c for a, c in zip(averages, caps, strict=True)]
     utilisation: dict[str, object] = {}
     if caps is not None:
@@ -201,7 +208,11 @@ class Report:
 
     @property
     def every_accepted_completed_once(self) -> bool:
-        return self.accepted > 0 and self.completed_once == self.accepted and self.started_more_than_once == 0
+        return (
+            self.accepted > 0
+            and self.completed_once == self.accepted
+            and self.started_more_than_once == 0
+        )
 
 
 def status_class(status: str | int) -> str:
@@ -217,7 +228,9 @@ def timeline_of(outcomes: list[Outcome], fates: dict[str, RequestFate]) -> LoadT
         fate = fates[outcome.request_id]
         substations.update(fate.routed_to)
         substations.update(e.substation for e in fate.started)
-    return LoadTimeline.from_fates({o.request_id: fates[o.request_id] for o in accepted}, substations)
+    return LoadTimeline.from_fates(
+        {o.request_id: fates[o.request_id] for o in accepted}, substations
+    )
 
 
 def build_report(
@@ -231,7 +244,9 @@ def build_report(
     report = Report(sent=len(outcomes))
     accepted = [o for o in outcomes if o.accepted]
     report.accepted = len(accepted)
-    report.rejected = dict(Counter(str(o.status) for o in outcomes if o.status is not None and not o.accepted))
+    report.rejected = dict(
+        Counter(str(o.status) for o in outcomes if o.status is not None and not o.accepted)
+    )
     by_class: Counter[str] = Counter()
     for status, n in report.rejected.items():
         by_class[status_class(status)] += n
@@ -301,7 +316,9 @@ def rejected_text(rejected: dict[str, int]) -> str:
     for status, n in sorted(rejected.items()):
         classes.setdefault(status_class(status), {})[status] = n
     parts = [
-        f"{cls}: {sum(by_status.values())} [" + ", ".join(f"{st}: {n}" for st, n in by_status.items()) + "]"
+        f"{cls}: {sum(by_status.values())} ["
+        + ", ".join(f"{st}: {n}" for st, n in by_status.items())
+        + "]"
         for cls, by_status in sorted(classes.items())
     ]
     return f"{total} (" + "; ".join(parts) + ")"
@@ -312,7 +329,11 @@ def errors_text(errors: dict[str, int]) -> str:
     total = sum(errors.values())
     if not total:
         return "0"
-    return f"{total} (" + ", ".join(f"{ERROR_KINDS.get(kind, kind)}: {n}" for kind, n in sorted(errors.items())) + ")"
+    return (
+        f"{total} ("
+        + ", ".join(f"{ERROR_KINDS.get(kind, kind)}: {n}" for kind, n in sorted(errors.items()))
+        + ")"
+    )
 
 
 def _rate(value: float | None) -> str:
@@ -341,7 +362,9 @@ def render(report: Report) -> str:
         + ", ".join(f"{k} {_fmt(v)}" for k, v in report.accept_latency_ms.items()),
     ]
     if report.routed_in_reply:  # only a gateway with ROUTED_WAIT > 0 waits for the decision
-        lines.append(f"routing decision in the 202 reply: {report.routed_in_reply}/{report.accepted}")
+        lines.append(
+            f"routing decision in the 202 reply: {report.routed_in_reply}/{report.accepted}"
+        )
     if report.wait_to_start_s:
         lines.append(
             "wait to session start (s): "

@@ -89,7 +89,10 @@ def describe(settings: LoadSettings) -> dict:
     described.pop("amqp_url")
     described["observed"] = settings.amqp_url is not None
     if settings.profile is not None:
-        described["profile"] = {"name": settings.profile.name, "points": [list(p) for p in settings.profile.points]}
+        described["profile"] = {
+            "name": settings.profile.name,
+            "points": [list(p) for p in settings.profile.points],
+        }
     return described
 
 
@@ -103,7 +106,13 @@ def run_load(settings: LoadSettings) -> LoadResult:
     if settings.live:
         from loadgen.live import LiveView
 
-        view = LiveView(stats, duration=settings.duration, count=settings.count, scenario=settings.scenario, observer=observer)
+        view = LiveView(
+            stats,
+            duration=settings.duration,
+            count=settings.count,
+            scenario=settings.scenario,
+            observer=observer,
+        )
     try:
         with view if view is not None else contextlib.nullcontext():
             outcomes = asyncio.run(
@@ -142,7 +151,9 @@ def run_load(settings: LoadSettings) -> LoadResult:
             observer.stop()
 
 
-def _settle(observer: EventObserver, accepted: list[str], settings: LoadSettings, stats: SendStats, view) -> dict[str, RequestFate]:
+def _settle(
+    observer: EventObserver, accepted: list[str], settings: LoadSettings, stats: SendStats, view
+) -> dict[str, RequestFate]:
     """Wait until every accepted request has completed or been dead-lettered (or the settle
     timeout), then take their fates."""
     deadline = time.monotonic() + settings.settle_timeout

@@ -140,7 +140,9 @@ class RateProfile:
         return RateProfile(tuple((t * factor, r / factor) for t, r in self.points), self.name)
 
 
-def profile_arrivals(profile: RateProfile, *, poisson: bool = False, rng: random.Random | None = None) -> Iterator[float]:
+def profile_arrivals(
+    profile: RateProfile, *, poisson: bool = False, rng: random.Random | None = None
+) -> Iterator[float]:
     """Offsets following ``profile``: the n-th arrival where ``n`` arrivals are expected
     (evenly spaced), or at exponential gaps in expected-arrivals (a Poisson process whose rate
     follows the profile). Ends with the profile."""
@@ -160,20 +162,31 @@ def rush_hour(peak: float, duration: float = DEFAULT_PROFILE_DURATION) -> RatePr
     for half the duration, ramping down over the last quarter."""
     low = peak * RUSH_HOUR_OFF_PEAK
     ramp = duration * RUSH_HOUR_RAMP
-    return RateProfile(((0.0, low), (ramp, peak), (duration - ramp, peak), (duration, low)), "rush-hour")
+    return RateProfile(
+        ((0.0, low), (ramp, peak), (duration - ramp, peak), (duration, low)), "rush-hour"
+    )
 
 
-def spike(base: float, duration: float = DEFAULT_PROFILE_DURATION, factor: float = SPIKE_FACTOR) -> RateProfile:
+def spike(
+    base: float, duration: float = DEFAULT_PROFILE_DURATION, factor: float = SPIKE_FACTOR
+) -> RateProfile:
     """``base`` throughout, except ``factor`` x ``base`` for 5% of the duration half-way."""
     start = duration * SPIKE_AT
     end = start + duration * SPIKE_LENGTH
     high = base * factor
     return RateProfile(
-        ((0.0, base), (start, base), (start, high), (end, high), (end, base), (duration, base)), "spike"
+        ((0.0, base), (start, base), (start, high), (end, high), (end, base), (duration, base)),
+        "spike",
     )
 
 
-def named_profile(name: str, *, rate: float | None = None, duration: float | None = None, spike_factor: float = SPIKE_FACTOR) -> RateProfile:
+def named_profile(
+    name: str,
+    *,
+    rate: float | None = None,
+    duration: float | None = None,
+    spike_factor: float = SPIKE_FACTOR,
+) -> RateProfile:
     """A named profile, unscaled: ``seed`` (constant ``rate``, by default one every 2 s, for
     300 s), ``rush-hour`` (``rate`` is the peak) or ``spike`` (``rate`` is the base)."""
     if name not in PROFILES:

@@ -23,10 +23,21 @@ def _quantiles(values: dict[str, float | None], keys: tuple[str, ...], digits: i
 
 def summary(report: Report) -> RenderableType:
     title = f"load run: {report.scenario}" if report.scenario else "load run"
-    run = Table(title=title, box=box.SIMPLE_HEAD, show_header=False, title_justify="left", title_style="bold", min_width=MIN_WIDTH)
+    run = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        show_header=False,
+        title_justify="left",
+        title_style="bold",
+        min_width=MIN_WIDTH,
+    )
     run.add_column(style="dim", justify="right")
     run.add_column()
-    rate = f"  ({_num(report.send_rate, 2)}/s over {_num(report.send_seconds)} s)" if report.send_seconds else ""
+    rate = (
+        f"  ({_num(report.send_rate, 2)}/s over {_num(report.send_seconds)} s)"
+        if report.send_seconds
+        else ""
+    )
     run.add_row("sent", f"{report.sent}{rate}")
     accepted_rate = f"  ({_num(report.accepted_per_s, 2)}/s)" if report.send_seconds else ""
     run.add_row("accepted", Text(f"{report.accepted}{accepted_rate}", style="green"))
@@ -37,22 +48,33 @@ def summary(report: Report) -> RenderableType:
         run.add_row("rejected", "0")
     for cls, by_status in sorted(classes.items()):
         detail = ", ".join(f"{status}: {n}" for status, n in by_status.items())
-        run.add_row(f"rejected {cls}", Text(f"{sum(by_status.values())}  ({detail})", style="yellow"))
+        run.add_row(
+            f"rejected {cls}", Text(f"{sum(by_status.values())}  ({detail})", style="yellow")
+        )
         for status in by_status:
             if status in report.rejected_examples:
-                run.add_row("", Text(f"{status}, e.g.: {report.rejected_examples[status]}", style="dim"))
+                run.add_row(
+                    "", Text(f"{status}, e.g.: {report.rejected_examples[status]}", style="dim")
+                )
     if not report.errors:
         run.add_row("errors", "0")
     for kind, n in sorted(report.errors.items()):
         example = report.error_examples.get(kind)
-        run.add_row(f"error: {ERROR_KINDS.get(kind, kind)}", Text(f"{n}" + (f"  (e.g. {example})" if example else ""), style="red"))
+        run.add_row(
+            f"error: {ERROR_KINDS.get(kind, kind)}",
+            Text(f"{n}" + (f"  (e.g. {example})" if example else ""), style="red"),
+        )
     if report.stopped_early:
         run.add_row("stopped early", Text(report.stopped_early, style="bold yellow"))
-    run.add_row("accept latency (ms)", _quantiles(report.accept_latency_ms, ("p50", "p95", "p99", "max"), 1))
+    run.add_row(
+        "accept latency (ms)", _quantiles(report.accept_latency_ms, ("p50", "p95", "p99", "max"), 1)
+    )
     if report.routed_in_reply:  # only a gateway with ROUTED_WAIT > 0 waits for the decision
         run.add_row("routed in the 202 reply", f"{report.routed_in_reply}/{report.accepted}")
     if report.wait_to_start_s:
-        run.add_row("wait to start (s)", _quantiles(report.wait_to_start_s, ("p50", "p95", "p99"), 3))
+        run.add_row(
+            "wait to start (s)", _quantiles(report.wait_to_start_s, ("p50", "p95", "p99"), 3)
+        )
         fates = (
             f"completed once {report.completed_once}, more than once {report.completed_more_than_once}, "
             f"started more than once {report.started_more_than_once}, dead-lettered {report.dead_lettered}, "
@@ -65,7 +87,13 @@ def summary(report: Report) -> RenderableType:
     b = report.balance
     names = sorted(set(report.requests_per_substation) | set(b.mean_utilisation))
     if names:
-        per = Table(title="per substation", box=box.SIMPLE_HEAD, title_justify="left", title_style="bold", min_width=MIN_WIDTH)
+        per = Table(
+            title="per substation",
+            box=box.SIMPLE_HEAD,
+            title_justify="left",
+            title_style="bold",
+            min_width=MIN_WIDTH,
+        )
         per.add_column("substation", style="cyan")
         per.add_column("requests", justify="right")
         per.add_column("capacity", justify="right")
@@ -95,10 +123,17 @@ def summary(report: Report) -> RenderableType:
         bal.add_row("spread mean / worst", f"{_num(b.spread_mean, 2)} / {b.spread_max}")
         bal.add_row("peak on one substation", str(b.peak_load))
         bal.add_row("peak-to-average", _num(b.peak_to_average, 2))
-        bal.add_row("Jain's index (samples / run)", f"{_num(b.jain_mean, 3)} / {_num(b.jain_over_run, 3)}")
+        bal.add_row(
+            "Jain's index (samples / run)", f"{_num(b.jain_mean, 3)} / {_num(b.jain_over_run, 3)}"
+        )
         bal.add_row("coefficient of variation", _num(b.cov_mean, 3))
         if b.utilisation_spread_mean is not None:
-            label = "utilisation spread mean / worst" + (" (capacities differ)" if b.capacities_differ else "")
-            bal.add_row(label, f"{b.utilisation_spread_mean * 100:.1f}% / {b.utilisation_spread_max * 100:.1f}%")
+            label = "utilisation spread mean / worst" + (
+                " (capacities differ)" if b.capacities_differ else ""
+            )
+            bal.add_row(
+                label,
+                f"{b.utilisation_spread_mean * 100:.1f}% / {b.utilisation_spread_max * 100:.1f}%",
+            )
         parts.append(bal)
     return Group(*parts)

@@ -130,12 +130,18 @@ def _connection_kind(exc: BaseException) -> str:
 
 async def check_gateway(session: aiohttp.ClientSession, base_url: str) -> None:
     try:
-        async with session.get(f"{base_url}/health", timeout=aiohttp.ClientTimeout(total=5)) as response:
+        async with session.get(
+            f"{base_url}/health", timeout=aiohttp.ClientTimeout(total=5)
+        ) as response:
             if response.status != 200:
                 body = await response.text()
-                raise GatewayUnreachable(f"gateway at {base_url} is not ready: {response.status} {body.strip()[:200]}")
+                raise GatewayUnreachable(
+                    f"gateway at {base_url} is not ready: {response.status} {body.strip()[:200]}"
+                )
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise GatewayUnreachable(f"cannot reach the gateway at {base_url}: {exc or type(exc).__name__}") from None
+        raise GatewayUnreachable(
+            f"cannot reach the gateway at {base_url}: {exc or type(exc).__name__}"
+        ) from None
 
 
 #: Sent with every POST: built once, since at a thousand requests a second loadgen shares the
@@ -150,7 +156,10 @@ async def _send_one(
     started = time.perf_counter()
     try:
         async with session.post(
-            charge_url, data=json.dumps({"ev_id": ev_id}).encode(), headers=JSON_HEADERS, timeout=timeout
+            charge_url,
+            data=json.dumps({"ev_id": ev_id}).encode(),
+            headers=JSON_HEADERS,
+            timeout=timeout,
         ) as response:
             try:
                 body = await response.json(content_type=None)
@@ -163,12 +172,30 @@ async def _send_one(
                 outcome.detail = body.get("error")
             return outcome
     except TimeoutError:
-        return Outcome(ev_id, sent_at, time.perf_counter() - started, error="timeout", detail=f"no answer within {timeout.total:g} s")
+        return Outcome(
+            ev_id,
+            sent_at,
+            time.perf_counter() - started,
+            error="timeout",
+            detail=f"no answer within {timeout.total:g} s",
+        )
     except (aiohttp.ClientConnectionError, OSError) as exc:
         kind = _connection_kind(exc)
-        return Outcome(ev_id, sent_at, time.perf_counter() - started, error=kind, detail=str(exc) or type(exc).__name__)
+        return Outcome(
+            ev_id,
+            sent_at,
+            time.perf_counter() - started,
+            error=kind,
+            detail=str(exc) or type(exc).__name__,
+        )
     except aiohttp.ClientError as exc:
-        return Outcome(ev_id, sent_at, time.perf_counter() - started, error="other", detail=str(exc) or type(exc).__name__)
+        return Outcome(
+            ev_id,
+            sent_at,
+            time.perf_counter() - started,
+            error="other",
+            detail=str(exc) or type(exc).__name__,
+        )
 
 
 async def drive(
@@ -271,4 +298,3 @@ async def drive(
             if not interruptible:
                 raise
     return outcomes
-

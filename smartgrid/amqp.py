@@ -261,7 +261,9 @@ class Link:
         if not self._thread.is_alive():
             return
         self._stopping = True
-        self._ioloop.add_callback_threadsafe(lambda: self._begin_stop(deadline=time.monotonic() + timeout / 2))
+        self._ioloop.add_callback_threadsafe(
+            lambda: self._begin_stop(deadline=time.monotonic() + timeout / 2)
+        )
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("%s: I/O thread did not stop within %.1fs", self.name, timeout)
@@ -370,7 +372,8 @@ class Link:
             while not self._stopping:
                 retrying = Retrying(
                     retry=retry_if_exception_type(_NeverReady),
-                    wait=wait_exponential(multiplier=0.2, max=self._max_backoff) + wait_random(0, 0.5),
+                    wait=wait_exponential(multiplier=0.2, max=self._max_backoff)
+                    + wait_random(0, 0.5),
                     stop=lambda _state: self._stopping,
                     sleep=self._idle,
                     before_sleep=self._log_retry,
@@ -646,7 +649,9 @@ class Link:
         tag = self._next_publish_tag
         properties = pika.BasicProperties(
             content_type="application/json",
-            delivery_mode=pika.DeliveryMode.Persistent if outgoing.persistent else pika.DeliveryMode.Transient,
+            delivery_mode=pika.DeliveryMode.Persistent
+            if outgoing.persistent
+            else pika.DeliveryMode.Transient,
             # Lets a basic.return (which carries no delivery tag) find its publish.
             message_id=f"{self._generation}.{tag}",
             timestamp=int(time.time()),
@@ -687,7 +692,10 @@ class Link:
                 # An internal broker error; try again shortly rather than losing an event.
                 self._ioloop.call_later(1.0, lambda o=outgoing: self._send(o))
             else:
-                _resolve(outgoing.future, PublishRejected(f"broker refused message to {outgoing.exchange!r}"))
+                _resolve(
+                    outgoing.future,
+                    PublishRejected(f"broker refused message to {outgoing.exchange!r}"),
+                )
 
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         generation, _, tag = (properties.message_id or "").partition(".")

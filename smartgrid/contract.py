@@ -148,7 +148,9 @@ SUBSTATION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 REQUEST_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 EV_ID_RULE = "1 to 64 characters: letters, digits and . _ : - (starting with a letter or digit)"
-SUBSTATION_ID_RULE = "1 to 63 characters: letters, digits, _ and - (starting with a letter or digit)"
+SUBSTATION_ID_RULE = (
+    "1 to 63 characters: letters, digits, _ and - (starting with a letter or digit)"
+)
 
 
 def is_valid_ev_id(value: object) -> bool:
@@ -331,7 +333,9 @@ class RoutedRequest:
 
     def back_to_pending(self) -> ChargeRequest:
         """The request as it goes back to the pending queue, off a substation that died."""
-        return ChargeRequest(self.request_id, self.ev_id, self.accepted_at, rerouted_from=self.substation)
+        return ChargeRequest(
+            self.request_id, self.ev_id, self.accepted_at, rerouted_from=self.substation
+        )
 
     def to_body(self) -> bytes:
         return _dump(self)

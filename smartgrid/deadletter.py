@@ -23,8 +23,12 @@ def _identity(body: bytes) -> tuple[str | None, str | None]:
         return None, None
     request_id = data.get("request_id")
     ev_id = data.get("ev_id")
-    valid_request_id = isinstance(request_id, str) and contract.REQUEST_ID_PATTERN.fullmatch(request_id)
-    return (request_id if valid_request_id else None), (ev_id if contract.is_valid_ev_id(ev_id) else None)
+    valid_request_id = isinstance(request_id, str) and contract.REQUEST_ID_PATTERN.fullmatch(
+        request_id
+    )
+    return (request_id if valid_request_id else None), (
+        ev_id if contract.is_valid_ev_id(ev_id) else None
+    )
 
 
 def dead_letter(link: Link, delivery: Delivery, *, reason: str, source: str) -> None:

@@ -37,7 +37,9 @@ class DeadLetter:
     body: str
 
     @classmethod
-    def from_message(cls, position: int, properties: pika.BasicProperties, body: bytes) -> DeadLetter:
+    def from_message(
+        cls, position: int, properties: pika.BasicProperties, body: bytes
+    ) -> DeadLetter:
         headers = properties.headers or {}
         reason = _text(headers.get(contract.REASON_HEADER))
         source = _text(headers.get(contract.SOURCE_HEADER))
@@ -83,7 +85,9 @@ def _replay_target(body: bytes, headers: dict) -> tuple[str, str, bytes]:
             message = decode(body)
         except contract.InvalidMessage:
             continue
-        request = message.back_to_pending() if isinstance(message, contract.RoutedRequest) else message
+        request = (
+            message.back_to_pending() if isinstance(message, contract.RoutedRequest) else message
+        )
         return contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, request.to_body()
     exchange = _text(headers.get("x-original-exchange"))
     routing_key = _text(headers.get("x-original-routing-key"))
@@ -154,8 +158,14 @@ def _print_table(letters: list[DeadLetter]) -> None:
         print("no dead letters")
         return
     for letter in letters:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.dead_lettered_at)) if letter.dead_lettered_at else "?"
-        print(f"{letter.position:>4}  {when}  request {letter.request_id or '-'}  ev {letter.ev_id or '-'}  from {letter.source}")
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.dead_lettered_at))
+            if letter.dead_lettered_at
+            else "?"
+        )
+        print(
+            f"{letter.position:>4}  {when}  request {letter.request_id or '-'}  ev {letter.ev_id or '-'}  from {letter.source}"
+        )
         print(f"      reason: {letter.reason}")
 
 
@@ -167,14 +177,18 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--amqp-url", default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL))
-    parser.add_argument("--limit", type=int, default=1000, help="look at most at this many messages")
+    parser.add_argument(
+        "--limit", type=int, default=1000, help="look at most at this many messages"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="show dead letters and why (leaves them in place)")
     listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     replay = sub.add_parser("replay", help="send dead letters back to be routed again")
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every dead letter")
-    which.add_argument("--request-id", action="append", dest="request_ids", help="this request (repeatable)")
+    which.add_argument(
+        "--request-id", action="append", dest="request_ids", help="this request (repeatable)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "list":

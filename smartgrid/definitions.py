@@ -31,14 +31,22 @@ DEFAULT_VHOST = "smartgrid"
 #: read). Every service declares the core topology (configure on it; binding the pending and
 #: dead-letter queues needs write on them and read on their exchanges) and its own exclusive
 #: event subscription queue (smartgrid.<service>-events.*).
-_CORE = [contract.REQUESTS_EXCHANGE, contract.DISPATCH_EXCHANGE, contract.EVENTS_EXCHANGE,
-         contract.DEAD_LETTER_EXCHANGE, contract.PENDING_QUEUE, contract.DEAD_LETTER_QUEUE]
+_CORE = [
+    contract.REQUESTS_EXCHANGE,
+    contract.DISPATCH_EXCHANGE,
+    contract.EVENTS_EXCHANGE,
+    contract.DEAD_LETTER_EXCHANGE,
+    contract.PENDING_QUEUE,
+    contract.DEAD_LETTER_QUEUE,
+]
 _CORE_BIND_WRITE = [contract.PENDING_QUEUE, contract.DEAD_LETTER_QUEUE]
 _CORE_BIND_READ = [contract.REQUESTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE]
 _SUBSTATION_QUEUES = re.escape(contract.SUBSTATION_QUEUE_PREFIX) + ".+"
 
 
-def _permissions(*, extra_configure: str = "", write: list[str], read: list[str], events_queue: str) -> dict:
+def _permissions(
+    *, extra_configure: str = "", write: list[str], read: list[str], events_queue: str
+) -> dict:
     subscription = re.escape(events_queue) + r"\..+"
 
     def pattern(names: list[str], *extra: str) -> str:
@@ -48,7 +56,9 @@ def _permissions(*, extra_configure: str = "", write: list[str], read: list[str]
     return {
         "configure": pattern(_CORE, subscription, extra_configure),
         "write": pattern(_CORE_BIND_WRITE + write, subscription, extra_configure),
-        "read": pattern(_CORE_BIND_READ + read + [contract.EVENTS_EXCHANGE], subscription, extra_configure),
+        "read": pattern(
+            _CORE_BIND_READ + read + [contract.EVENTS_EXCHANGE], subscription, extra_configure
+        ),
     }
 
 
@@ -61,8 +71,12 @@ SERVICE_PERMISSIONS = {
     "balancer": _permissions(
         # It declares and drains the queue of a substation that died.
         extra_configure=_SUBSTATION_QUEUES,
-        write=[contract.DISPATCH_EXCHANGE, contract.EVENTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE,
-               contract.REQUESTS_EXCHANGE],
+        write=[
+            contract.DISPATCH_EXCHANGE,
+            contract.EVENTS_EXCHANGE,
+            contract.DEAD_LETTER_EXCHANGE,
+            contract.REQUESTS_EXCHANGE,
+        ],
         read=[contract.PENDING_QUEUE],
         events_queue="smartgrid.balancer-events",
     ),
@@ -106,19 +120,40 @@ def topology_definitions(vhost: str = DEFAULT_VHOST) -> dict:
     return {
         "vhosts": [{"name": vhost}],
         "exchanges": [
-            {"name": d.name, "vhost": vhost, "type": d.type, "durable": d.durable,
-             "auto_delete": False, "internal": False, "arguments": {}}
-            for d in declarations if isinstance(d, contract.Exchange)
+            {
+                "name": d.name,
+                "vhost": vhost,
+                "type": d.type,
+                "durable": d.durable,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+            for d in declarations
+            if isinstance(d, contract.Exchange)
         ],
         "queues": [
-            {"name": d.name, "vhost": vhost, "durable": d.durable, "auto_delete": False,
-             "arguments": _argument_values(d.arguments)}
-            for d in declarations if isinstance(d, contract.Queue)
+            {
+                "name": d.name,
+                "vhost": vhost,
+                "durable": d.durable,
+                "auto_delete": False,
+                "arguments": _argument_values(d.arguments),
+            }
+            for d in declarations
+            if isinstance(d, contract.Queue)
         ],
         "bindings": [
-            {"source": d.exchange, "vhost": vhost, "destination": d.queue, "destination_type": "queue",
-             "routing_key": d.routing_key, "arguments": {}}
-            for d in declarations if isinstance(d, contract.Binding)
+            {
+                "source": d.exchange,
+                "vhost": vhost,
+                "destination": d.queue,
+                "destination_type": "queue",
+                "routing_key": d.routing_key,
+                "arguments": {},
+            }
+            for d in declarations
+            if isinstance(d, contract.Binding)
         ],
         # Substation queues are declared by each substation from the same contract; their
         # arguments are listed here for operators, as a policy-free reference.
@@ -126,10 +161,16 @@ def topology_definitions(vhost: str = DEFAULT_VHOST) -> dict:
     }
 
 
-def user_definitions(passwords: dict[str, str], admin: tuple[str, str] | None, vhost: str = DEFAULT_VHOST) -> dict:
+def user_definitions(
+    passwords: dict[str, str], admin: tuple[str, str] | None, vhost: str = DEFAULT_VHOST
+) -> dict:
     users = [
-        {"name": name, "password_hash": password_hash(password),
-         "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}
+        {
+            "name": name,
+            "password_hash": password_hash(password),
+            "hashing_algorithm": "rabbit_password_hashing_sha256",
+            "tags": [],
+        }
         for name, password in passwords.items()
     ]
     permissions = [
@@ -137,14 +178,26 @@ def user_definitions(passwords: dict[str, str], admin: tuple[str, str] | None, v
     ]
     if admin is not None:
         admin_name, admin_password = admin
-        users.append({"name": admin_name, "password_hash": password_hash(admin_password),
-                      "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["administrator"]})
-        permissions.append({"user": admin_name, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
+        users.append(
+            {
+                "name": admin_name,
+                "password_hash": password_hash(admin_password),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": ["administrator"],
+            }
+        )
+        permissions.append(
+            {"user": admin_name, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+        )
     return {"users": users, "permissions": permissions}
 
 
 def users_from_env(environ: dict[str, str]) -> tuple[dict[str, str], tuple[str, str]]:
-    missing = [v for v in [*PASSWORD_ENV.values(), ADMIN_USER_ENV, ADMIN_PASSWORD_ENV] if not environ.get(v)]
+    missing = [
+        v
+        for v in [*PASSWORD_ENV.values(), ADMIN_USER_ENV, ADMIN_PASSWORD_ENV]
+        if not environ.get(v)
+    ]
     if missing:
         raise SystemExit(f"definitions: set {', '.join(missing)} (see .env.example)")
     passwords = {user: environ[variable] for user, variable in PASSWORD_ENV.items()}
@@ -155,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m smartgrid.definitions",
         description="Write RabbitMQ definitions for the message contract.",
-        epilog="with --users-from-env: " + ", ".join([ADMIN_USER_ENV, ADMIN_PASSWORD_ENV, *PASSWORD_ENV.values()]),
+        epilog="with --users-from-env: "
+        + ", ".join([ADMIN_USER_ENV, ADMIN_PASSWORD_ENV, *PASSWORD_ENV.values()]),
     )
     parser.add_argument("--vhost", default=DEFAULT_VHOST)
-    parser.add_argument("--users-from-env", action="store_true", help="add the service users and the admin")
-    parser.add_argument("--output", "-o", type=Path, help="file to write (default: standard output)")
+    parser.add_argument(
+        "--users-from-env", action="store_true", help="add the service users and the admin"
+    )
+    parser.add_argument(
+        "--output", "-o", type=Path, help="file to write (default: standard output)"
+    )
     args = parser.parse_args(argv)
     definitions = topology_definitions(args.vhost)
     if args.users_from_env:

@@ -62,7 +62,9 @@ class EventPublisher:
         if not batch:
             return
         body = contract.encode_events([event for event, _ in batch])
-        confirmation = self._link.publish(contract.EVENTS_EXCHANGE, kind, body, mandatory=False, reliable=True)
+        confirmation = self._link.publish(
+            contract.EVENTS_EXCHANGE, kind, body, mandatory=False, reliable=True
+        )
         confirmation.add_done_callback(_settle([future for _, future in batch]))
 
 
@@ -76,7 +78,9 @@ def events_in(delivery: Delivery) -> list[contract.Event]:
         return []
 
 
-def _settle(futures: list[concurrent.futures.Future]) -> Callable[[concurrent.futures.Future], None]:
+def _settle(
+    futures: list[concurrent.futures.Future],
+) -> Callable[[concurrent.futures.Future], None]:
     def settle(confirmation: concurrent.futures.Future) -> None:
         error = confirmation.exception()
         for future in futures:

@@ -24,7 +24,9 @@ def gauge_reads_one(page: str, name: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smartgrid.healthcheck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m smartgrid.healthcheck", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("url")
     parser.add_argument("--metric", help="a gauge on the page that must be 1")
     parser.add_argument("--timeout", type=float, default=3.0)

@@ -38,26 +38,45 @@ def _parser() -> argparse.ArgumentParser:
         epilog="environment variables:\n  AMQP_URL   the broker to use (default amqp://guest:guest@localhost:5672/%%2F)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "run the compressed seed scenario and report"), ("up", "start and keep running")):
+    for name, text in (
+        ("run", "run the compressed seed scenario and report"),
+        ("up", "start and keep running"),
+    ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--substations", type=int, default=3, help="how many substations")
         p.add_argument("--capacity", type=int, default=10, help="charging points per substation")
         p.add_argument("--strategy", default="corrected-min", help="BALANCER_STRATEGY")
         p.add_argument("--gateway-port", type=int, default=8000)
         p.add_argument("--balancer-port", type=int, default=9400, help="the balancer's /metrics")
-        p.add_argument("--substation-port", type=int, default=9401, help="the first substation's /metrics (then +1 each)")
-        p.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="where each service logs")
+        p.add_argument(
+            "--substation-port",
+            type=int,
+            default=9401,
+            help="the first substation's /metrics (then +1 each)",
+        )
+        p.add_argument(
+            "--log-dir", type=Path, default=Path("out/logs"), help="where each service logs"
+        )
         if name == "run":
-            p.add_argument("--time-scale", type=float, default=0.1, help="1.0 plays the scenario in real time (5 minutes)")
+            p.add_argument(
+                "--time-scale",
+                type=float,
+                default=0.1,
+                help="1.0 plays the scenario in real time (5 minutes)",
+            )
             p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
         else:
             p.add_argument("--session-seconds", type=float, default=SEED_SESSION_SECONDS)
             p.add_argument("--poll-interval", type=float, default=SEED_POLL_INTERVAL)
-            p.add_argument("--prometheus-port", type=int, default=9090, help="0: do not start Prometheus")
+            p.add_argument(
+                "--prometheus-port", type=int, default=9090, help="0: do not start Prometheus"
+            )
     return parser
 
 
-def _settings(args: argparse.Namespace, *, session_seconds: float, poll_interval: float) -> StackSettings:
+def _settings(
+    args: argparse.Namespace, *, session_seconds: float, poll_interval: float
+) -> StackSettings:
     return StackSettings(
         substations=args.substations,
         capacity=args.capacity,
@@ -85,7 +104,9 @@ def _stop_on_signals() -> threading.Event:
 
 def cmd_run(args: argparse.Namespace) -> int:
     scale = args.time_scale
-    settings = _settings(args, session_seconds=SEED_SESSION_SECONDS * scale, poll_interval=SEED_POLL_INTERVAL * scale)
+    settings = _settings(
+        args, session_seconds=SEED_SESSION_SECONDS * scale, poll_interval=SEED_POLL_INTERVAL * scale
+    )
     print(
         f"starting {settings.substations} substations ({settings.capacity} points, sessions {settings.session_seconds:g}s), "
         f"balancer ({settings.strategy}, polls every {settings.poll_interval:g}s), gateway on :{settings.gateway_port}; "
@@ -110,7 +131,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         statuses = group.stop()
     print(render(report))
     unclean = {name: code for name, code in statuses.items() if code != 0}
-    print(f"stopped {len(statuses)} processes" + (f"; unclean exits: {unclean}" if unclean else " cleanly"))
+    print(
+        f"stopped {len(statuses)} processes"
+        + (f"; unclean exits: {unclean}" if unclean else " cleanly")
+    )
     if args.json:
         import json
 
@@ -125,7 +149,9 @@ def _start_prometheus(group: ProcessGroup, settings: StackSettings, port: int = 
         return
     from stack.prometheus import prometheus_process
 
-    service = group.add(prometheus_process(settings, port=port, data_dir=settings.log_dir.parent / "prometheus"))
+    service = group.add(
+        prometheus_process(settings, port=port, data_dir=settings.log_dir.parent / "prometheus")
+    )
     try:
         service.wait_healthy()
     except (RuntimeError, TimeoutError) as exc:  # optional: the stack runs on without it
@@ -137,12 +163,16 @@ def _start_prometheus(group: ProcessGroup, settings: StackSettings, port: int = 
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    settings = _settings(args, session_seconds=args.session_seconds, poll_interval=args.poll_interval)
+    settings = _settings(
+        args, session_seconds=args.session_seconds, poll_interval=args.poll_interval
+    )
     stop = _stop_on_signals()
     group = None
     try:
         group = start_stack(settings)
-        print(f"gateway      {settings.gateway_url}  (POST /charge, GET /charge/<id>, /health, /metrics)")
+        print(
+            f"gateway      {settings.gateway_url}  (POST /charge, GET /charge/<id>, /health, /metrics)"
+        )
         print(f"balancer     http://{settings.host}:{settings.balancer_port}/metrics")
         for i, substation in enumerate(settings.substation_ids()):
             print(f"{substation:<12} http://{settings.host}:{settings.substation_port(i)}/metrics")

@@ -71,7 +71,9 @@ def substation_process(settings: StackSettings, index: int) -> ServiceProcess:
     )
 
 
-def balancer_process(settings: StackSettings, name: str = "balancer", port: int | None = None) -> ServiceProcess:
+def balancer_process(
+    settings: StackSettings, name: str = "balancer", port: int | None = None
+) -> ServiceProcess:
     port = port or settings.balancer_port
     return ServiceProcess(
         name=name,
@@ -111,7 +113,9 @@ def start_stack(settings: StackSettings, *, timeout: float = 30.0) -> ProcessGro
     """
     group = ProcessGroup()
     try:
-        substations = [group.add(substation_process(settings, i)) for i in range(settings.substations)]
+        substations = [
+            group.add(substation_process(settings, i)) for i in range(settings.substations)
+        ]
         for service in substations:
             service.wait_healthy(timeout)
         group.add(balancer_process(settings)).wait_healthy(timeout)

@@ -79,7 +79,9 @@ class ServiceProcess:
         last_error = "not started"
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
             if self.health_url is None:
                 return
             try:
@@ -93,7 +95,9 @@ class ServiceProcess:
             except (urllib.error.URLError, OSError) as exc:
                 last_error = str(exc)
             time.sleep(0.1)
-        raise TimeoutError(f"{self.name} not healthy after {timeout}s ({last_error}):\n{self.log_tail()}")
+        raise TimeoutError(
+            f"{self.name} not healthy after {timeout}s ({last_error}):\n{self.log_tail()}"
+        )
 
     def signal(self, signum: int) -> None:
         if self.alive():

@@ -60,12 +60,16 @@ def local_config(
     targets = {
         "gateway": [f"{host}:{settings.gateway_port}"],
         "balancer": [f"{host}:{settings.balancer_port}"],
-        "substations": [f"{host}:{settings.substation_port(i)}" for i in range(settings.substations)],
+        "substations": [
+            f"{host}:{settings.substation_port(i)}" for i in range(settings.substations)
+        ],
         "rabbitmq": [broker],
         "rabbitmq-queues": [broker],
     }
     # A job with no local counterpart (none today) is left out rather than scraping nothing.
-    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in targets]
+    config["scrape_configs"] = [
+        job for job in config["scrape_configs"] if job["job_name"] in targets
+    ]
     for job in config["scrape_configs"]:
         # Compose service discovery (DNS names of scaled-out replicas) means nothing here.
         for key in [k for k in job if k.endswith("_sd_configs")]:

@@ -88,12 +88,16 @@ class ChargingPoints:
                 return Admission.CHECK, None
             return Admission.STARTED, self._start(request, delivery, now, duration)
 
-    def start_checked(self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float) -> Session:
+    def start_checked(
+        self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float
+    ) -> Session:
         """Start a possible duplicate that no other substation turned out to know."""
         with self._lock:
             return self._start(request, delivery, now, duration)
 
-    def _start(self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float) -> Session:
+    def _start(
+        self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float
+    ) -> Session:
         session = Session(request, delivery, started_at=now, expected_end=now + duration)
         self._active[request.request_id] = session
         return session
@@ -164,7 +168,9 @@ class ChargingPointsCollector(Collector):
         yield gauge
 
         gauge = GaugeMetricFamily(
-            contract.CAPACITY_METRIC, "Charging points (sessions that can run at once)", labels=labels
+            contract.CAPACITY_METRIC,
+            "Charging points (sessions that can run at once)",
+            labels=labels,
         )
         gauge.add_metric(values, points.capacity)
         yield gauge
@@ -178,7 +184,9 @@ class ChargingPointsCollector(Collector):
         yield info
 
         counter = CounterMetricFamily(
-            contract.RECEIVED_METRIC, "Requests delivered from this substation's queue", labels=labels
+            contract.RECEIVED_METRIC,
+            "Requests delivered from this substation's queue",
+            labels=labels,
         )
         counter.add_metric(values, received)
         yield counter

@@ -9,7 +9,9 @@ from smartgrid.config import DEFAULT_AMQP_URL, ConfigError, non_negative, positi
 
 @dataclass(frozen=True)
 class SubstationConfig:
-    amqp_url: str = setting("AMQP_URL", DEFAULT_AMQP_URL, "Broker URL; several, comma-separated, for a cluster")
+    amqp_url: str = setting(
+        "AMQP_URL", DEFAULT_AMQP_URL, "Broker URL; several, comma-separated, for a cluster"
+    )
     substation_id: str = setting(
         "SUBSTATION_ID",
         "",
@@ -19,20 +21,36 @@ class SubstationConfig:
         expect=contract.SUBSTATION_ID_RULE,
     )
     capacity: int = setting(
-        "SUBSTATION_CAPACITY", 10, "Charging points: sessions that can run at once", check=positive, expect="an integer > 0"
+        "SUBSTATION_CAPACITY",
+        10,
+        "Charging points: sessions that can run at once",
+        check=positive,
+        expect="an integer > 0",
     )
     session_seconds: float = setting(
-        "SESSION_SECONDS", 30.0, "Length of one charging session", check=positive, expect="seconds > 0"
+        "SESSION_SECONDS",
+        30.0,
+        "Length of one charging session",
+        check=positive,
+        expect="seconds > 0",
     )
-    metrics_port: int = setting("METRICS_PORT", 9401, "Port of the /metrics endpoint", check=positive, expect="a TCP port")
-    metrics_bind: str = setting("METRICS_BIND", "0.0.0.0", "Address the /metrics endpoint listens on")
+    metrics_port: int = setting(
+        "METRICS_PORT", 9401, "Port of the /metrics endpoint", check=positive, expect="a TCP port"
+    )
+    metrics_bind: str = setting(
+        "METRICS_BIND", "0.0.0.0", "Address the /metrics endpoint listens on"
+    )
     metrics_url: str = setting(
         "SUBSTATION_METRICS_URL",
         "",
         "URL the balancer polls, announced on start-up (default http://<hostname>:<METRICS_PORT>/metrics)",
     )
     announce_interval: float = setting(
-        "ANNOUNCE_INTERVAL", 5.0, "Seconds between announcements to balancers", check=positive, expect="seconds > 0"
+        "ANNOUNCE_INTERVAL",
+        5.0,
+        "Seconds between announcements to balancers",
+        check=positive,
+        expect="seconds > 0",
     )
     duplicate_check_seconds: float = setting(
         "DUPLICATE_CHECK_SECONDS",
@@ -54,7 +72,9 @@ class SubstationConfig:
         if not self.substation_id:
             hostname = socket.gethostname().split(".")[0]
             if not contract.is_valid_substation_id(hostname):
-                raise ConfigError(f"host name {hostname!r} is not a valid substation id; set SUBSTATION_ID")
+                raise ConfigError(
+                    f"host name {hostname!r} is not a valid substation id; set SUBSTATION_ID"
+                )
             object.__setattr__(self, "substation_id", hostname)
 
     @property

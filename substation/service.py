@@ -55,14 +55,21 @@ class SubstationService:
             name=f"substation-{config.substation_id}",
             topology=contract.core_topology() + contract.substation_topology(config.substation_id),
             consumers=[
-                Consumer(self.queue, self._on_request, prefetch=config.capacity, on_poison=lambda d, e: dead_letter_poison(self.link, d, e, source=self.queue)),
+                Consumer(
+                    self.queue,
+                    self._on_request,
+                    prefetch=config.capacity,
+                    on_poison=lambda d, e: dead_letter_poison(self.link, d, e, source=self.queue),
+                ),
                 Consumer(
                     "smartgrid.substation-events",
                     self._on_event,
                     auto_ack=True,
                     # Only rare events: a substation's cost must not grow with the fleet's traffic.
                     bindings=contract.event_bindings(
-                        contract.BalancerStarted, contract.SessionLookup, contract.SessionLookupReply
+                        contract.BalancerStarted,
+                        contract.SessionLookup,
+                        contract.SessionLookupReply,
                     ),
                 ),
             ],
@@ -111,7 +118,9 @@ class SubstationService:
         try:
             request = contract.RoutedRequest.from_body(delivery.body)
         except contract.InvalidMessage as exc:
-            dead_letter(self.link, delivery, reason=f"invalid routed request: {exc}", source=self.queue)
+            dead_letter(
+                self.link, delivery, reason=f"invalid routed request: {exc}", source=self.queue
+            )
             return
         if request.substation != self.config.substation_id:
             dead_letter(
@@ -124,7 +133,10 @@ class SubstationService:
         now = time.time()
         admission, session = self.points.admit(request, delivery, now, self.config.session_seconds)
         if admission is Admission.DUPLICATE:
-            log.info("request %s is already charging or done here; acknowledging the duplicate", request.request_id)
+            log.info(
+                "request %s is already charging or done here; acknowledging the duplicate",
+                request.request_id,
+            )
             self.link.ack(delivery)
             return
         if admission is Admission.ADOPTED:
@@ -172,7 +184,10 @@ class SubstationService:
             check = self._checks.get(event.request_id)
             if check is not None and event.status in ("running", "completed"):
                 log.info(
-                    "request %s is %s at %s; acknowledging the duplicate", event.request_id, event.status, event.substation
+                    "request %s is %s at %s; acknowledging the duplicate",
+                    event.request_id,
+                    event.status,
+                    event.substation,
                 )
                 self.link.cancel_timer(check.timer)
                 del self._checks[event.request_id]
@@ -186,9 +201,13 @@ class SubstationService:
             self.points.count_duplicate()
             self.link.ack(delivery)  # a second copy while the first is being checked
             return
-        lookup = contract.SessionLookup(at=time.time(), request_id=request.request_id, substation=self.config.substation_id)
+        lookup = contract.SessionLookup(
+            at=time.time(), request_id=request.request_id, substation=self.config.substation_id
+        )
         self.events.publish(lookup)
-        timer = self.link.call_later(self.config.duplicate_check_seconds, lambda: self._nobody_has_it(request.request_id))
+        timer = self.link.call_later(
+            self.config.duplicate_check_seconds, lambda: self._nobody_has_it(request.request_id)
+        )
         self._checks[request.request_id] = _Check(request, delivery, timer)
 
     def _nobody_has_it(self, request_id: str) -> None:
@@ -196,7 +215,9 @@ class SubstationService:
         if check is None:
             return
         now = time.time()
-        session = self.points.start_checked(check.request, check.delivery, now, self.config.session_seconds)
+        session = self.points.start_checked(
+            check.request, check.delivery, now, self.config.session_seconds
+        )
         self._begin_session(check.request, session, now)
 
     def _complete(self, request_id: str) -> None:
@@ -255,7 +276,9 @@ class SubstationService:
         leaving = contract.SubstationLeaving(
             at=time.time(), substation=self.config.substation_id, instance=self.instance
         )
-        self.link.publish(contract.EVENTS_EXCHANGE, leaving.kind, leaving.to_body(), mandatory=False)
+        self.link.publish(
+            contract.EVENTS_EXCHANGE, leaving.kind, leaving.to_body(), mandatory=False
+        )
         self._wait_for_sessions(deadline, drained)
 
     def _wait_for_sessions(self, deadline: float, drained: threading.Event) -> None:

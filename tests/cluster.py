@@ -119,9 +119,15 @@ class Node:
             "disk_free_limit.absolute = 50MB",
         ]
         if "rabbitmq_management" in self.plugins:
-            lines += [f"management.tcp.port = {self.management_port}", "management.tcp.ip = 127.0.0.1"]
+            lines += [
+                f"management.tcp.port = {self.management_port}",
+                "management.tcp.ip = 127.0.0.1",
+            ]
         if "rabbitmq_prometheus" in self.plugins:
-            lines += [f"prometheus.tcp.port = {self.prometheus_port}", "prometheus.tcp.ip = 127.0.0.1"]
+            lines += [
+                f"prometheus.tcp.port = {self.prometheus_port}",
+                "prometheus.tcp.ip = 127.0.0.1",
+            ]
         self.config_file.write_text("\n".join(lines) + "\n")
         (self.base / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         (self.base / "rabbitmq-env.conf").write_text("# deliberately empty: see environment()\n")
@@ -226,11 +232,15 @@ class RabbitCluster:
             timeout=60,
         )
         if result.returncode != 0:
-            raise ClusterError(f"{node.name}: rabbitmq-server -detached failed:\n{result.stdout}\n{result.stderr}")
+            raise ClusterError(
+                f"{node.name}: rabbitmq-server -detached failed:\n{result.stdout}\n{result.stderr}"
+            )
         deadline = time.monotonic() + self.boot_timeout
         while not _listening(node.amqp_port):
             if time.monotonic() > deadline:
-                raise ClusterError(f"{node.name}: no AMQP listener after {self.boot_timeout}s:\n{node.log_tail()}")
+                raise ClusterError(
+                    f"{node.name}: no AMQP listener after {self.boot_timeout}s:\n{node.log_tail()}"
+                )
             time.sleep(0.25)
         self.ctl(node, "await_startup", timeout=self.boot_timeout)
         node.os_pid = int(self.ctl(node, "eval", "list_to_integer(os:getpid()).").stdout.strip())
@@ -268,10 +278,15 @@ class RabbitCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
     # ------------------------------------------------------------------ rabbitmqctl
-    def ctl(self, node: Node, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def ctl(
+        self, node: Node, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         """``rabbitmqctl -n <node> ...`` (as the rabbitmq user, through Debian's wrapper)."""
         result = subprocess.run(
-            ["rabbitmqctl", "-q", "-n", node.name, *args], capture_output=True, text=True, timeout=timeout + 30
+            ["rabbitmqctl", "-q", "-n", node.name, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 30,
         )
         if check and result.returncode != 0:
             raise ClusterError(
@@ -312,7 +327,16 @@ class RabbitCluster:
 
     def queues(self, vhost: str, via: Node | None = None) -> dict[str, dict]:
         """Every queue of ``vhost``: its type, leader and members (quorum queues)."""
-        rows = self.ctl_json(via or self.any_running(), "list_queues", "-p", vhost, "name", "type", "leader", "members")
+        rows = self.ctl_json(
+            via or self.any_running(),
+            "list_queues",
+            "-p",
+            vhost,
+            "name",
+            "type",
+            "leader",
+            "members",
+        )
         return {row["name"]: row for row in rows}  # type: ignore[union-attr]
 
     def node_named(self, name: str) -> Node:

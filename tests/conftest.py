@@ -79,6 +79,8 @@ def stack_settings(amqp_url: str, tmp_path: Path) -> StackSettings:
     )
 
 
-def blocking_channel(url: str) -> tuple[pika.BlockingConnection, pika.adapters.blocking_connection.BlockingChannel]:
+def blocking_channel(
+    url: str,
+) -> tuple[pika.BlockingConnection, pika.adapters.blocking_connection.BlockingChannel]:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     return connection, connection.channel()

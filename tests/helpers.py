@@ -45,7 +45,9 @@ def metric(url: str, name: str, **labels: str) -> float | None:
     return scrape(url).get((name, tuple(sorted(labels.items()))))
 
 
-def eventually(check: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
+def eventually(
+    check: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = ""
+) -> T:
     """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``.
 
     A connection error counts as "not yet" (a service that is restarting refuses connections).
@@ -75,9 +77,13 @@ class BrokerClient:
             if isinstance(declaration, contract.Exchange):
                 self.channel.exchange_declare(declaration.name, declaration.type, durable=True)
             elif isinstance(declaration, contract.Queue):
-                self.channel.queue_declare(declaration.name, durable=True, arguments=declaration.arguments)
+                self.channel.queue_declare(
+                    declaration.name, durable=True, arguments=declaration.arguments
+                )
             else:
-                self.channel.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
+                self.channel.queue_bind(
+                    declaration.queue, declaration.exchange, declaration.routing_key
+                )
 
     def close(self) -> None:
         try:
@@ -91,16 +97,25 @@ class BrokerClient:
             exchange,
             routing_key,
             body,
-            pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"),
+            pika.BasicProperties(
+                delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"
+            ),
             mandatory=True,
         )
 
     def send_to_substation(
-        self, substation: str, *, request_id: str | None = None, ev_id: str = "EV1", maybe_duplicate: bool = False
+        self,
+        substation: str,
+        *,
+        request_id: str | None = None,
+        ev_id: str = "EV1",
+        maybe_duplicate: bool = False,
     ) -> str:
         request_id = request_id or uuid.uuid4().hex
         now = time.time()
-        routed = contract.RoutedRequest(request_id, ev_id, now, substation, now, "test", maybe_duplicate=maybe_duplicate)
+        routed = contract.RoutedRequest(
+            request_id, ev_id, now, substation, now, "test", maybe_duplicate=maybe_duplicate
+        )
         self.publish(contract.DISPATCH_EXCHANGE, substation, routed.to_body())
         return request_id
 

@@ -24,7 +24,9 @@ def broker(amqp_url: str):
 
 
 def _link(url: str, **kwargs) -> Link:
-    link = Link(url, name=f"test-{uuid.uuid4().hex[:6]}", topology=contract.core_topology(), **kwargs).start()
+    link = Link(
+        url, name=f"test-{uuid.uuid4().hex[:6]}", topology=contract.core_topology(), **kwargs
+    ).start()
     assert link.wait_ready(10)
     return link
 
@@ -43,7 +45,9 @@ def test_a_publish_completes_only_when_the_broker_has_confirmed_it(amqp_url, bro
         link.stop()
 
 
-def test_publishes_from_many_threads_at_once_are_all_sent_each_thread_in_its_own_order(amqp_url, broker):
+def test_publishes_from_many_threads_at_once_are_all_sent_each_thread_in_its_own_order(
+    amqp_url, broker
+):
     # Request threads share wake-ups of the I/O thread; none of their publishes may be lost
     # or overtake an earlier one from the same thread.
     link = _link(amqp_url)
@@ -53,7 +57,9 @@ def test_publishes_from_many_threads_at_once_are_all_sent_each_thread_in_its_own
     def publish_from(t: int) -> None:
         for i in range(per_thread):
             body = json.dumps({"thread": t, "n": i}).encode()
-            futures[t].append(link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, body))
+            futures[t].append(
+                link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, body)
+            )
 
     try:
         workers = [threading.Thread(target=publish_from, args=(t,)) for t in range(threads)]
@@ -110,13 +116,17 @@ def test_a_message_its_consumer_keeps_failing_on_is_dead_lettered_with_the_reaso
                 contract.PENDING_QUEUE,
                 crash,
                 prefetch=1,
-                on_poison=lambda d, e: dead_letter_poison(link, d, e, source=contract.PENDING_QUEUE),
+                on_poison=lambda d, e: dead_letter_poison(
+                    link, d, e, source=contract.PENDING_QUEUE
+                ),
             )
         ],
     )
     try:
         broker.send_request(ev_id="EV-POISON")
-        letters = eventually(lambda: broker.get_all(contract.DEAD_LETTER_QUEUE), what="a dead letter")
+        letters = eventually(
+            lambda: broker.get_all(contract.DEAD_LETTER_QUEUE), what="a dead letter"
+        )
         reason = letters[0][0].headers[contract.REASON_HEADER]
         assert "RuntimeError: cannot handle this" in reason
         assert f"{contract.DELIVERY_LIMIT} times" in reason
@@ -126,15 +136,23 @@ def test_a_message_its_consumer_keeps_failing_on_is_dead_lettered_with_the_reaso
         link.stop()
 
 
-def test_after_connections_are_forced_closed_the_link_reconnects_and_sends_what_waited(amqp_url, broker):
+def test_after_connections_are_forced_closed_the_link_reconnects_and_sends_what_waited(
+    amqp_url, broker
+):
     events = broker.subscribe_events(contract.RequestAccepted.kind)
     received: list[Delivery] = []
-    link = _link(amqp_url, consumers=[Consumer(contract.PENDING_QUEUE, received.append, prefetch=10)])
+    link = _link(
+        amqp_url, consumers=[Consumer(contract.PENDING_QUEUE, received.append, prefetch=10)]
+    )
     try:
         broker.send_request()
         delivery = eventually(lambda: received and received[0])
         vhost = amqp_url.rsplit("/", 1)[1]
-        subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost, "test"], check=True, timeout=60)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost, "test"],
+            check=True,
+            timeout=60,
+        )
         broker = BrokerClient(amqp_url)  # the test's own connection was closed too
         events = broker.subscribe_events(contract.RequestAccepted.kind)
 
@@ -147,7 +165,9 @@ def test_after_connections_are_forced_closed_the_link_reconnects_and_sends_what_
         ).add_done_callback(lambda _f: done.set())
         assert link.wait_ready(20)
         assert done.wait(10)
-        assert [e.request_id for e in eventually(lambda: broker.events(events))] == [event.request_id]
+        assert [e.request_id for e in eventually(lambda: broker.events(events))] == [
+            event.request_id
+        ]
 
         # The old delivery belongs to the dead channel: acking it is a no-op, not a channel
         # error; the broker redelivered the message on the new channel.
@@ -177,7 +197,9 @@ def test_reliable_publishes_wait_out_an_outage_and_unreliable_ones_fail_fast(amq
         eventually(lambda: not link.ready, timeout=30, what="the link noticing the outage")
 
         event = contract.RequestAccepted(at=time.time(), request_id=uuid.uuid4().hex, ev_id="EV1")
-        waiting = link.publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True)
+        waiting = link.publish(
+            contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True
+        )
         failing = link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, b"{}")
         with pytest.raises(NotConnected):
             failing.result(5)
@@ -186,14 +208,18 @@ def test_reliable_publishes_wait_out_an_outage_and_unreliable_ones_fail_fast(amq
 
         proxy.start()  # the broker is back
         assert waiting.result(20) is None
-        assert [e.request_id for e in eventually(lambda: broker.events(events))] == [event.request_id]
+        assert [e.request_id for e in eventually(lambda: broker.events(events))] == [
+            event.request_id
+        ]
         assert link.ready
     finally:
         link.stop()
         proxy.cut()
 
 
-def test_a_durable_subscription_keeps_the_events_published_while_the_link_was_away(amqp_url, broker):
+def test_a_durable_subscription_keeps_the_events_published_while_the_link_was_away(
+    amqp_url, broker
+):
     from tests.proxy import CuttableProxy
 
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
@@ -230,7 +256,9 @@ def test_a_durable_subscription_keeps_the_events_published_while_the_link_was_aw
     # Stopping the link deletes its subscription queue.
     queues = subprocess.run(
         ["rabbitmqctl", "-q", "list_queues", "-p", amqp_url.rsplit("/", 1)[1], "name"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "smartgrid.test-events" not in queues
 
@@ -261,14 +289,21 @@ def test_what_a_consumer_publishes_before_the_link_is_ready_is_sent_not_refused(
     link = Link(
         amqp_url,
         name="test-forwarder",
-        topology=[*contract.core_topology(), forwarded, contract.Binding(forwarded.name, contract.DISPATCH_EXCHANGE, "forwarded")],
+        topology=[
+            *contract.core_topology(),
+            forwarded,
+            contract.Binding(forwarded.name, contract.DISPATCH_EXCHANGE, "forwarded"),
+        ],
         consumers=[Consumer(contract.PENDING_QUEUE, forward, prefetch=50)],
     )
     holder["link"] = link
     link.start()
     try:
         assert link.wait_ready(10)
-        eventually(lambda: broker.message_count(forwarded.name) == len(sent), what="every message forwarded")
+        eventually(
+            lambda: broker.message_count(forwarded.name) == len(sent),
+            what="every message forwarded",
+        )
     finally:
         link.stop()
     assert failures == []

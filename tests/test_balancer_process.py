@@ -26,7 +26,11 @@ def _balancer(settings: StackSettings, **env: str):
 
 
 def _up(settings: StackSettings, substation: str) -> float | None:
-    return metric(f"http://{settings.host}:{settings.balancer_port}/metrics", "balancer_substation_up", substation=substation)
+    return metric(
+        f"http://{settings.host}:{settings.balancer_port}/metrics",
+        "balancer_substation_up",
+        substation=substation,
+    )
 
 
 def _routed(settings: StackSettings, substation: str) -> float:
@@ -52,7 +56,11 @@ def test_requests_wait_in_the_pending_queue_until_a_substation_is_known(stack_se
 
         substation = substation_process(stack_settings, 0).start()
         substation.wait_healthy()
-        completed = eventually(lambda: len(found := broker.events(events)) >= 5 and found, what="five completions", timeout=30)
+        completed = eventually(
+            lambda: len(found := broker.events(events)) >= 5 and found,
+            what="five completions",
+            timeout=30,
+        )
         assert sorted(e.request_id for e in completed) == sorted(ids)
         assert metric(balancer.health_url, "balancer_held_requests") == 0
         assert broker.message_count(contract.PENDING_QUEUE) == 0
@@ -62,7 +70,9 @@ def test_requests_wait_in_the_pending_queue_until_a_substation_is_known(stack_se
             assert substation.stop() == 0
 
 
-def test_a_dead_substation_stops_receiving_requests_once_its_metrics_are_stale(stack_settings, broker):
+def test_a_dead_substation_stops_receiving_requests_once_its_metrics_are_stale(
+    stack_settings, broker
+):
     stack_settings.poll_interval = 0.3
     stack_settings.session_seconds = 0.2
     stack_settings.substations = 2
@@ -71,15 +81,27 @@ def test_a_dead_substation_stops_receiving_requests_once_its_metrics_are_stale(s
         s.wait_healthy()
     balancer = _balancer(stack_settings, STALE_AFTER="1.0")
     try:
-        eventually(lambda: _up(stack_settings, "substation-1") == 1 and _up(stack_settings, "substation-2") == 1)
+        eventually(
+            lambda: (
+                _up(stack_settings, "substation-1") == 1
+                and _up(stack_settings, "substation-2") == 1
+            )
+        )
         substations[0].signal(signal.SIGKILL)
         substations[0].process.wait(10)
-        eventually(lambda: _up(stack_settings, "substation-1") == 0, what="substation-1 marked down", timeout=10)
+        eventually(
+            lambda: _up(stack_settings, "substation-1") == 0,
+            what="substation-1 marked down",
+            timeout=10,
+        )
 
         before = _routed(stack_settings, "substation-1")
         for i in range(10):
             broker.send_request(ev_id=f"EV{i}")
-        eventually(lambda: _routed(stack_settings, "substation-2") >= 10, what="all ten routed to the live one")
+        eventually(
+            lambda: _routed(stack_settings, "substation-2") >= 10,
+            what="all ten routed to the live one",
+        )
         assert _routed(stack_settings, "substation-1") == before
     finally:
         assert balancer.stop() == 0
@@ -94,7 +116,9 @@ def test_an_invalid_pending_message_is_dead_lettered_and_routing_carries_on(stac
     substation.wait_healthy()
     balancer = _balancer(stack_settings)
     try:
-        broker.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, b'{"ev_id": "EV1"}')
+        broker.publish(
+            contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, b'{"ev_id": "EV1"}'
+        )
         dead = eventually(lambda: broker.get_all(contract.DEAD_LETTER_QUEUE), what="a dead letter")
         assert "request_id" in dead[0][0].headers[contract.REASON_HEADER]
         assert dead[0][0].headers[contract.SOURCE_HEADER] == contract.PENDING_QUEUE

@@ -16,7 +16,9 @@ from bench.latency import highest_within
 def test_one_queue_gives_each_arrival_the_first_point_to_free_anywhere():
     # Two points, 1 s sessions: the third and fourth arrivals take the points freed at
     # t = 1.0 and t = 1.1.
-    assert simulate_one_queue([0.0, 0.1, 0.2, 0.3], (1, 1), 1.0) == pytest.approx([0.0, 0.0, 0.8, 0.8])
+    assert simulate_one_queue([0.0, 0.1, 0.2, 0.3], (1, 1), 1.0) == pytest.approx(
+        [0.0, 0.0, 0.8, 0.8]
+    )
 
 
 def test_jsq_can_queue_behind_a_substation_while_a_point_frees_sooner_elsewhere():
@@ -29,7 +31,9 @@ def test_jsq_can_queue_behind_a_substation_while_a_point_frees_sooner_elsewhere(
 
 
 @given(
-    gaps=st.lists(st.floats(min_value=0.0, max_value=2.0, allow_nan=False), min_size=1, max_size=60),
+    gaps=st.lists(
+        st.floats(min_value=0.0, max_value=2.0, allow_nan=False), min_size=1, max_size=60
+    ),
     capacities=st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=4),
     session=st.floats(min_value=0.1, max_value=5.0, allow_nan=False),
 )

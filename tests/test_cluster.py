@@ -50,10 +50,19 @@ CLUSTER_FILE = ROOT / "docker-compose.cluster.yml"
 CLUSTER_CONF = ROOT / "rabbitmq" / "cluster.conf"
 PROMETHEUS_CLUSTER = ROOT / "monitoring" / "prometheus" / "prometheus-cluster.yml"
 NODES = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
-AMQP_SERVICES = ["gateway", "balancer", "substation-1", "substation-2", "substation-3", "substation", "loadgen"]
+AMQP_SERVICES = [
+    "gateway",
+    "balancer",
+    "substation-1",
+    "substation-2",
+    "substation-3",
+    "substation",
+    "loadgen",
+]
 
 needs_docker_compose = pytest.mark.skipif(
-    shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed (.ci/run installs it)"
+    shutil.which("docker-compose") is None,
+    reason="Debian's docker-compose is not installed (.ci/run installs it)",
 )
 
 
@@ -62,8 +71,18 @@ needs_docker_compose = pytest.mark.skipif(
 # ------------------------------------------------------------------------------------------
 def _docker_compose(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE_FILE), "-f", str(CLUSTER_FILE),
-         "--profile", "loadgen", "--profile", "scale-out", *args],
+        [
+            "docker-compose",
+            "-f",
+            str(COMPOSE_FILE),
+            "-f",
+            str(CLUSTER_FILE),
+            "--profile",
+            "loadgen",
+            "--profile",
+            "scale-out",
+            *args,
+        ],
         cwd=ROOT,
         env={"PATH": "/usr/bin:/bin", **env_example()},
         capture_output=True,
@@ -95,7 +114,11 @@ def test_the_cluster_override_refuses_to_start_without_the_cookie():
     env = {k: v for k, v in env_example().items() if k != "RABBITMQ_ERLANG_COOKIE"}
     result = subprocess.run(
         ["docker-compose", "-f", str(COMPOSE_FILE), "-f", str(CLUSTER_FILE), "config", "-q"],
-        cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "RABBITMQ_ERLANG_COOKIE" in result.stderr
@@ -104,12 +127,16 @@ def test_the_cluster_override_refuses_to_start_without_the_cookie():
 def _check_jsonschema(path: Path) -> None:
     checker = Path(sys.executable).parent / "check-jsonschema"
     result = subprocess.run(
-        [str(checker), "--builtin-schema", "vendor.compose-spec", str(path)], capture_output=True, text=True
+        [str(checker), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_cluster_override_and_the_merged_file_validate_against_the_compose_specification(merged_compose):
+def test_the_cluster_override_and_the_merged_file_validate_against_the_compose_specification(
+    merged_compose,
+):
     _check_jsonschema(CLUSTER_FILE)
     _check_jsonschema(merged_compose[0])
 
@@ -127,27 +154,42 @@ def test_the_cluster_wiring(merged_compose):
         assert mounts["/etc/rabbitmq/conf.d/20-smartgrid.conf"].endswith("rabbitmq/rabbitmq.conf")
         assert mounts["/etc/rabbitmq/definitions"] == "rabbitmq-definitions"
         assert mounts["/var/lib/rabbitmq"] == f"{node}-data"  # a data volume of its own
-        assert service["depends_on"]["rabbitmq-definitions"]["condition"] == "service_completed_successfully"
+        assert (
+            service["depends_on"]["rabbitmq-definitions"]["condition"]
+            == "service_completed_successfully"
+        )
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), (node, port)
     # The single broker of the base file is now a gate that waits for the whole cluster.
     gate = services["rabbitmq"]
     assert gate["command"] == ["sleep", "infinity"]
-    assert {n: d["condition"] for n, d in gate["depends_on"].items() if n in NODES} == dict.fromkeys(NODES, "service_healthy")
+    assert {
+        n: d["condition"] for n, d in gate["depends_on"].items() if n in NODES
+    } == dict.fromkeys(NODES, "service_healthy")
 
     # Every service that talks AMQP is given all three nodes, with its own user.
     for name in AMQP_SERVICES:
         urls = services[name]["environment"]["AMQP_URL"].split(",")
-        hosts = sorted(re.fullmatch(r"amqp://\w+:[^@]+@([\w-]+):5672/smartgrid", url).group(1) for url in urls)
+        hosts = sorted(
+            re.fullmatch(r"amqp://\w+:[^@]+@([\w-]+):5672/smartgrid", url).group(1) for url in urls
+        )
         assert hosts == NODES, (name, urls)
         assert services[name]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
 
     # Peer discovery lists exactly the nodes compose runs (rabbit@<host name>).
-    listed = sorted(re.findall(r"^cluster_formation\.classic_config\.nodes\.\d+ = rabbit@([\w-]+)$", CLUSTER_CONF.read_text(), re.M))
+    listed = sorted(
+        re.findall(
+            r"^cluster_formation\.classic_config\.nodes\.\d+ = rabbit@([\w-]+)$",
+            CLUSTER_CONF.read_text(),
+            re.M,
+        )
+    )
     assert listed == NODES
 
     # Prometheus runs the cluster configuration, which scrapes every node on both broker jobs.
-    assert "--config.file=/etc/prometheus/prometheus-cluster.yml" in services["prometheus"]["command"]
+    assert (
+        "--config.file=/etc/prometheus/prometheus-cluster.yml" in services["prometheus"]["command"]
+    )
     config = yaml.safe_load(PROMETHEUS_CLUSTER.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     for job in ("rabbitmq", "rabbitmq-queues"):
@@ -158,11 +200,16 @@ def test_the_cluster_wiring(merged_compose):
     assert config["rule_files"] == base["rule_files"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool is not installed (.ci/run installs it)"
+)
 def test_promtool_accepts_the_cluster_prometheus_configuration():
     result = subprocess.run(
         ["promtool", "check", "config", str(PROMETHEUS_CLUSTER.relative_to(ROOT))],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -175,11 +222,15 @@ SCALE = 0.1
 
 def _substations_up(service: ServiceProcess, substations: list[str]) -> bool:
     samples = scrape(service.health_url)
-    return all(samples.get(("balancer_substation_up", (("substation", s),))) == 1 for s in substations)
+    return all(
+        samples.get(("balancer_substation_up", (("substation", s),))) == 1 for s in substations
+    )
 
 
 @pytest.mark.slow
-def test_two_balancers_at_once_complete_every_request_once_and_keep_the_load_even(stack_settings: StackSettings):
+def test_two_balancers_at_once_complete_every_request_once_and_keep_the_load_even(
+    stack_settings: StackSettings,
+):
     """The compressed seed scenario with 1, then 2, then 3 balancers on the same stack.
 
     Only the 2-balancer spread is asserted (>= 95% of samples within 1); the 1- and
@@ -194,9 +245,17 @@ def test_two_balancers_at_once_complete_every_request_once_and_keep_the_load_eve
     try:
         for balancers in (1, 2, 3):
             if balancers > 1:
-                service = group.add(balancer_process(stack_settings, f"balancer-{balancers}", extra_ports[balancers - 2]))
+                service = group.add(
+                    balancer_process(
+                        stack_settings, f"balancer-{balancers}", extra_ports[balancers - 2]
+                    )
+                )
                 service.wait_healthy()
-                eventually(lambda s=service: _substations_up(s, substations), timeout=20, what=f"{service.name} sees every substation")
+                eventually(
+                    lambda s=service: _substations_up(s, substations),
+                    timeout=20,
+                    what=f"{service.name} sees every substation",
+                )
             results[balancers] = run_load(
                 LoadSettings(
                     gateway_url=stack_settings.gateway_url,
@@ -224,9 +283,16 @@ def test_two_balancers_at_once_complete_every_request_once_and_keep_the_load_eve
     assert not alive, f"died during the runs: {alive}"
     for balancers, result in results.items():
         report = result.report
-        assert report.sent == 150 and report.accepted == report.sent, (balancers, report.rejected, report.errors)
+        assert report.sent == 150 and report.accepted == report.sent, (
+            balancers,
+            report.rejected,
+            report.errors,
+        )
         assert report.completed_once == report.accepted, (balancers, report)
-        assert report.completed_more_than_once == report.dead_lettered == report.unfinished == 0, (balancers, report)
+        assert report.completed_more_than_once == report.dead_lettered == report.unfinished == 0, (
+            balancers,
+            report,
+        )
         # Two balancers can route one request each only if both got it, which never happens:
         # a pending request is delivered to one consumer at a time.
         assert all(len(f.routed_to) == 1 for f in result.fates.values()), balancers
@@ -242,7 +308,9 @@ STALE = 1.5
 
 
 @pytest.mark.slow
-def test_thirty_substations_join_by_announcement_and_a_killed_one_is_dropped(stack_settings: StackSettings):
+def test_thirty_substations_join_by_announcement_and_a_killed_one_is_dropped(
+    stack_settings: StackSettings,
+):
     settings = stack_settings
     settings.substations = 30
     settings.substation_ports = tuple(free_ports(30))
@@ -250,7 +318,11 @@ def test_thirty_substations_join_by_announcement_and_a_killed_one_is_dropped(sta
     settings.session_seconds = 2.0
     settings.poll_interval = POLL
     # Small footprints: 30 Python processes with few malloc arenas each.
-    settings.extra_env = {"POLL_INTERVAL": str(POLL), "STALE_AFTER": str(STALE), "MALLOC_ARENA_MAX": "2"}
+    settings.extra_env = {
+        "POLL_INTERVAL": str(POLL),
+        "STALE_AFTER": str(STALE),
+        "MALLOC_ARENA_MAX": "2",
+    }
     substations = settings.substation_ids()
     victim_index = 16
     victim = substations[victim_index]
@@ -259,9 +331,17 @@ def test_thirty_substations_join_by_announcement_and_a_killed_one_is_dropped(sta
     try:
         balancer = next(s for s in group.services if s.name == "balancer")
         assert "SUBSTATIONS" not in balancer.env  # no static list: they can only have announced
-        eventually(lambda: _substations_up(balancer, substations), timeout=60, what="the balancer sees all 30 up")
-        print(f"\n30 substations up at the balancer {time.monotonic() - started:.1f}s after the start")
-        announced = set(re.findall(r"substation (\S+) announced itself", balancer.log_path.read_text()))
+        eventually(
+            lambda: _substations_up(balancer, substations),
+            timeout=60,
+            what="the balancer sees all 30 up",
+        )
+        print(
+            f"\n30 substations up at the balancer {time.monotonic() - started:.1f}s after the start"
+        )
+        announced = set(
+            re.findall(r"substation (\S+) announced itself", balancer.log_path.read_text())
+        )
         assert announced == set(substations)
 
         dead = next(s for s in group.services if s.name == victim)
@@ -270,11 +350,15 @@ def test_thirty_substations_join_by_announcement_and_a_killed_one_is_dropped(sta
         killed_at = time.monotonic()
         eventually(
             lambda: metric(balancer.health_url, "balancer_substation_up", substation=victim) == 0,
-            timeout=30, interval=0.05, what=f"{victim} marked down",
+            timeout=30,
+            interval=0.05,
+            what=f"{victim} marked down",
         )
         marked_down = time.monotonic() - killed_at
         bound = STALE + POLL
-        print(f"{victim} killed: marked down after {marked_down:.2f}s (STALE_AFTER + POLL_INTERVAL = {bound:.1f}s)")
+        print(
+            f"{victim} killed: marked down after {marked_down:.2f}s (STALE_AFTER + POLL_INTERVAL = {bound:.1f}s)"
+        )
         live = [s for s in substations if s != victim]
         assert _substations_up(balancer, live)
 
@@ -295,8 +379,10 @@ def test_thirty_substations_join_by_announcement_and_a_killed_one_is_dropped(sta
 
     report = result.report
     used = report.requests_per_substation
-    print(f"after the kill: accepted {report.accepted}/{report.sent}, completed once {report.completed_once}; "
-          f"{len(used)} substations used: {used}")
+    print(
+        f"after the kill: accepted {report.accepted}/{report.sent}, completed once {report.completed_once}; "
+        f"{len(used)} substations used: {used}"
+    )
     # Generous slack: a loaded machine polls late; the bound is what matters, not the last 0.1 s.
     assert marked_down <= bound + 3.0, marked_down
     assert not dead_alive and not others_dead, others_dead
@@ -323,8 +409,10 @@ def cluster() -> Iterator[RabbitCluster]:
     """Three extra RabbitMQ nodes clustered together, started once for the module."""
     started = time.monotonic()
     with RabbitCluster(3) as running:
-        print(f"\n[cluster of {len(running.nodes)} nodes up in {time.monotonic() - started:.1f}s: "
-              f"{', '.join(f'{n.name} (:{n.amqp_port})' for n in running.nodes)}]")
+        print(
+            f"\n[cluster of {len(running.nodes)} nodes up in {time.monotonic() - started:.1f}s: "
+            f"{', '.join(f'{n.name} (:{n.amqp_port})' for n in running.nodes)}]"
+        )
         yield running
 
 
@@ -350,7 +438,9 @@ def _broker_connected(service: ServiceProcess, settings: StackSettings) -> bool:
 
 
 @pytest.mark.slow
-def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_survivors(cluster: RabbitCluster, tmp_path: Path):
+def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_survivors(
+    cluster: RabbitCluster, tmp_path: Path
+):
     vhost = f"smartgrid-cluster-{uuid.uuid4().hex[:8]}"
     urls = cluster.add_vhost(vhost)
     ports = free_ports(2 + 3)
@@ -372,7 +462,9 @@ def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_surviv
         queues = cluster.queues(vhost)
         names = sorted(n.name for n in cluster.nodes)
         quorum = {name: q for name, q in queues.items() if q["type"] == "quorum"}
-        assert contract.PENDING_QUEUE in quorum and len(quorum) == 2 + settings.substations, sorted(queues)
+        assert contract.PENDING_QUEUE in quorum and len(quorum) == 2 + settings.substations, sorted(
+            queues
+        )
         for name, queue in quorum.items():
             assert sorted(queue["members"]) == names, (name, queue)
         victim = cluster.node_named(queues[contract.PENDING_QUEUE]["leader"])
@@ -401,7 +493,9 @@ def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_surviv
 
         sessions_at_kill = _active_sessions(settings)
         offsets = {s.name: s.log_path.stat().st_size for s in group.services}
-        on_victim = [s.name for s in group.services if _connected_ports(s)[-1:] == [victim.amqp_port]]
+        on_victim = [
+            s.name for s in group.services if _connected_ports(s)[-1:] == [victim.amqp_port]
+        ]
         killed_wall = time.time()
         killed_at = time.monotonic()
         cluster.kill(victim)
@@ -416,7 +510,9 @@ def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_surviv
                         return False
             return True
 
-        eventually(recovered, timeout=60, interval=0.05, what="every service connected to a surviving node")
+        eventually(
+            recovered, timeout=60, interval=0.05, what="every service connected to a surviving node"
+        )
         recovery = time.monotonic() - killed_at
         after_kill = {s.name: _connected_ports(s, offsets[s.name]) for s in group.services}
 
@@ -443,8 +539,11 @@ def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_surviv
     in_flight = sum(
         1
         for fate in result.fates.values()
-        if fate.started and fate.completed
-        and min(s.accepted_at for s in fate.started) <= killed_wall < min(c.at for c in fate.completed)
+        if fate.started
+        and fate.completed
+        and min(s.accepted_at for s in fate.started)
+        <= killed_wall
+        < min(c.at for c in fate.completed)
     )
     refused = sorted(o.sent_at - killed_wall for o in result.outcomes if o.status == 503)
     window = f"{refused[0]:+.2f}s to {refused[-1]:+.2f}s after the kill" if refused else "none"
@@ -462,7 +561,10 @@ def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_surviv
     assert all(alive and same for alive, same in same_processes.values()), same_processes
     assert exits == {name: 0 for name in exits}, exits
     for name in on_victim:
-        assert after_kill[name] and all(port != victim.amqp_port for port in after_kill[name]), (name, after_kill[name])
+        assert after_kill[name] and all(port != victim.amqp_port for port in after_kill[name]), (
+            name,
+            after_kill[name],
+        )
 
     # The killed node is back in the cluster, and the queues have their three members again.
     assert restarter is not None and not restarter.is_alive() and not restart_error, restart_error
@@ -481,7 +583,12 @@ def test_the_cluster_helper_keeps_clear_of_the_shared_broker_and_cleans_up_after
         shared = {5672, 25672, 15672, 15692, 4369}
         for node in cluster.nodes:
             assert node.name != "rabbit@localhost" and node.name.endswith("@localhost")
-            assert not shared & {node.amqp_port, node.dist_port, node.management_port, node.prometheus_port}
+            assert not shared & {
+                node.amqp_port,
+                node.dist_port,
+                node.management_port,
+                node.prometheus_port,
+            }
             assert node.base.parent == root and str(root).startswith("/tmp/")
         assert len({n.amqp_port for n in cluster.nodes}) == 2
     finally:

@@ -72,7 +72,9 @@ ONE_OF_EACH_EVENT: list[contract.Event] = [
     contract.SubstationLeaving(at=6.0, substation="s1", instance="inst-1"),
     contract.BalancerStarted(at=7.0, balancer="b-1"),
     contract.SessionLookup(at=8.0, request_id=REQUEST_ID, substation="s2"),
-    contract.SessionLookupReply(at=8.1, request_id=REQUEST_ID, asker="s2", substation="s1", status="running"),
+    contract.SessionLookupReply(
+        at=8.1, request_id=REQUEST_ID, asker="s2", substation="s1", status="running"
+    ),
 ]
 
 
@@ -443,7 +445,9 @@ def _started(n: int) -> contract.SessionStarted:
 
 def test_a_batch_of_events_round_trips_in_order_and_a_single_event_stays_a_plain_object():
     batch = [_started(n) for n in range(5)]
-    assert contract.decode_events(contract.SessionStarted.kind, contract.encode_events(batch)) == batch
+    assert (
+        contract.decode_events(contract.SessionStarted.kind, contract.encode_events(batch)) == batch
+    )
     single = contract.encode_events(batch[:1])
     assert single == batch[0].to_body()
     assert contract.decode_event(contract.SessionStarted.kind, single) == batch[0]
@@ -473,7 +477,10 @@ def test_a_batch_that_is_not_a_list_of_event_objects_is_rejected(body, reason):
 
 def test_a_batch_of_another_kind_than_its_routing_key_is_rejected():
     body = contract.encode_events([_started(1), _started(2)])
-    with pytest.raises(contract.InvalidMessage, match="event 0 of the batch: event kind 'session.started' does not match"):
+    with pytest.raises(
+        contract.InvalidMessage,
+        match="event 0 of the batch: event kind 'session.started' does not match",
+    ):
         contract.decode_events(contract.SessionCompleted.kind, body)
 
 

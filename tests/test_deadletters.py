@@ -39,7 +39,10 @@ def _dead_letter_by_hand(broker: BrokerClient, body: bytes, reason: str) -> None
         pika.BasicProperties(
             delivery_mode=2,
             timestamp=int(time.time()),
-            headers={contract.REASON_HEADER: reason, contract.SOURCE_HEADER: contract.PENDING_QUEUE},
+            headers={
+                contract.REASON_HEADER: reason,
+                contract.SOURCE_HEADER: contract.PENDING_QUEUE,
+            },
         ),
         mandatory=True,
     )
@@ -50,7 +53,8 @@ def _poison_through_the_delivery_limit(broker: BrokerClient) -> str:
     request_id = broker.send_request(ev_id="EV-POISON")
     for _ in range(contract.DELIVERY_LIMIT + 1):
         method = eventually(
-            lambda: broker.channel.basic_get(contract.PENDING_QUEUE)[0], what="the request back in pending"
+            lambda: broker.channel.basic_get(contract.PENDING_QUEUE)[0],
+            what="the request back in pending",
         )
         broker.channel.basic_reject(method.delivery_tag, requeue=True)
     return request_id
@@ -77,7 +81,9 @@ def test_listing_shows_reasons_and_leaves_the_dead_letters_in_place(amqp_url, br
 
 def test_replay_sends_chosen_dead_letters_back_to_pending_and_keeps_the_rest(amqp_url, broker):
     first = contract.ChargeRequest(uuid.uuid4().hex, "EV-1", time.time())
-    routed = contract.RoutedRequest(uuid.uuid4().hex, "EV-2", time.time(), "substation-9", time.time(), "b")
+    routed = contract.RoutedRequest(
+        uuid.uuid4().hex, "EV-2", time.time(), "substation-9", time.time(), "b"
+    )
     _dead_letter_by_hand(broker, first.to_body(), "fixed since")
     _dead_letter_by_hand(broker, routed.to_body(), "fixed since")
     eventually(lambda: broker.message_count(contract.DEAD_LETTER_QUEUE) == 2)
@@ -89,14 +95,19 @@ def test_replay_sends_chosen_dead_letters_back_to_pending_and_keeps_the_rest(amq
     pending = broker.get_all(contract.PENDING_QUEUE)
     assert len(pending) == 1
     back = contract.ChargeRequest.from_body(pending[0][1])
-    assert (back.request_id, back.ev_id, back.rerouted_from) == (routed.request_id, "EV-2", "substation-9")
+    assert (back.request_id, back.ev_id, back.rerouted_from) == (
+        routed.request_id,
+        "EV-2",
+        "substation-9",
+    )
 
     result = _cli(amqp_url, "replay", "--all")
     assert "replayed 1" in result.stdout
     assert broker.message_count(contract.DEAD_LETTER_QUEUE) == 0
-    assert [contract.ChargeRequest.from_body(b).request_id for _, b in broker.get_all(contract.PENDING_QUEUE)] == [
-        first.request_id
-    ]
+    assert [
+        contract.ChargeRequest.from_body(b).request_id
+        for _, b in broker.get_all(contract.PENDING_QUEUE)
+    ] == [first.request_id]
 
 
 def test_the_command_reports_an_unreachable_broker_clearly():

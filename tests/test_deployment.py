@@ -71,7 +71,10 @@ def test_the_compose_file_validates_against_the_compose_specification():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="Debian's docker-compose is not installed (.ci/run installs it)",
+)
 def test_docker_compose_accepts_the_file_with_the_example_environment():
     result = subprocess.run(
         ["docker-compose", "--profile", "loadgen", "--profile", "scale-out", "config", "-q"],
@@ -87,7 +90,11 @@ def test_the_compose_file_refuses_to_start_without_credentials():
     if shutil.which("docker-compose") is None:
         pytest.skip("Debian's docker-compose is not installed")
     result = subprocess.run(
-        ["docker-compose", "config", "-q"], cwd=ROOT, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+        ["docker-compose", "config", "-q"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert "set it in .env" in result.stderr
@@ -95,7 +102,9 @@ def test_the_compose_file_refuses_to_start_without_credentials():
 
 def test_images_are_pinned_and_the_broker_is_a_4x_management_image(compose):
     images = {name: service.get("image", "") for name, service in compose["services"].items()}
-    assert re.fullmatch(r"rabbitmq:4\.\d+(\.\d+)?-management", images["rabbitmq"]), images["rabbitmq"]
+    assert re.fullmatch(r"rabbitmq:4\.\d+(\.\d+)?-management", images["rabbitmq"]), images[
+        "rabbitmq"
+    ]
     for name, image in images.items():
         if image.startswith("smartgrid:"):
             continue  # built from this repository
@@ -131,7 +140,10 @@ def test_services_start_only_once_their_dependencies_are_healthy(compose):
             assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
         if name not in {"rabbitmq-definitions", "loadgen"}:
             assert "healthcheck" in service, f"{name} has no healthcheck"
-    assert services["rabbitmq"]["depends_on"]["rabbitmq-definitions"]["condition"] == "service_completed_successfully"
+    assert (
+        services["rabbitmq"]["depends_on"]["rabbitmq-definitions"]["condition"]
+        == "service_completed_successfully"
+    )
 
 
 def test_healthchecks_probe_the_port_each_service_listens_on(compose):
@@ -150,7 +162,9 @@ def test_credentials_come_from_the_environment_not_literals(compose):
     for name, service in compose["services"].items():
         url = (service.get("environment") or {}).get("AMQP_URL")
         if url is not None:
-            assert re.fullmatch(r"amqp://(\w+):\$\{\w+_AMQP_PASSWORD\}@rabbitmq:5672/smartgrid", url), (name, url)
+            assert re.fullmatch(
+                r"amqp://(\w+):\$\{\w+_AMQP_PASSWORD\}@rabbitmq:5672/smartgrid", url
+            ), (name, url)
     # Only the gateway and Grafana are published beyond localhost.
     for name, service in compose["services"].items():
         for mapping in service.get("ports", []):
@@ -178,7 +192,14 @@ def test_prometheus_targets_are_the_services_metrics_ports(compose):
             expected = "15692"
         assert port == expected, f"target {target}: the service listens on {expected}"
     scraped = {t.partition(":")[0] for t in targets}
-    assert {"gateway", "balancer", "substation-1", "substation-2", "substation-3", "rabbitmq"} <= scraped
+    assert {
+        "gateway",
+        "balancer",
+        "substation-1",
+        "substation-2",
+        "substation-3",
+        "rabbitmq",
+    } <= scraped
 
 
 def test_the_image_runs_as_a_non_root_user_without_build_tools():
@@ -214,7 +235,9 @@ def imported_vhost(broker_reachable):
     vhost = f"smartgrid-defs-{uuid.uuid4().hex[:8]}"
     suffix = uuid.uuid4().hex[:6]
     passwords = {user: uuid.uuid4().hex for user in definitions.PASSWORD_ENV}
-    document = definitions.topology_definitions(vhost) | definitions.user_definitions(passwords, None, vhost)
+    document = definitions.topology_definitions(vhost) | definitions.user_definitions(
+        passwords, None, vhost
+    )
     for entry in document["users"]:
         entry["name"] += f"-{suffix}"
     for entry in document["permissions"]:
@@ -228,8 +251,15 @@ def imported_vhost(broker_reachable):
         result = _rabbitmqctl("import_definitions", handle.name)
     assert result.returncode == 0, result.stderr
     # The import finishes asynchronously.
-    eventually(lambda: vhost in _rabbitmqctl("list_vhosts").stdout.split(), timeout=30, what="vhost imported")
-    urls = {user: f"amqp://{user}-{suffix}:{password}@localhost:5672/{vhost}" for user, password in passwords.items()}
+    eventually(
+        lambda: vhost in _rabbitmqctl("list_vhosts").stdout.split(),
+        timeout=30,
+        what="vhost imported",
+    )
+    urls = {
+        user: f"amqp://{user}-{suffix}:{password}@localhost:5672/{vhost}"
+        for user, password in passwords.items()
+    }
     try:
         yield vhost, urls
     finally:
@@ -248,10 +278,15 @@ def _management_api(path: str) -> object:
 @pytest.fixture(scope="module")
 def management_api(broker_reachable) -> None:
     result = subprocess.run(
-        ["rabbitmq-plugins", "enable", "rabbitmq_management"], capture_output=True, text=True, timeout=120
+        ["rabbitmq-plugins", "enable", "rabbitmq_management"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    eventually(lambda: _try(lambda: _management_api("overview")), timeout=60, what="management API up")
+    eventually(
+        lambda: _try(lambda: _management_api("overview")), timeout=60, what="management API up"
+    )
 
 
 def _try(call):
@@ -281,7 +316,11 @@ def test_services_run_on_the_imported_definitions_with_least_privileged_users(
     )
     services = []
     try:
-        for make, user in ((lambda s: substation_process(s, 0), "substation"), (balancer_process, "balancer"), (gateway_process, "gateway")):
+        for make, user in (
+            (lambda s: substation_process(s, 0), "substation"),
+            (balancer_process, "balancer"),
+            (gateway_process, "gateway"),
+        ):
             settings = dataclasses.replace(base, amqp_url=urls[user])
             service = make(settings).start()
             services.append(service)
@@ -291,26 +330,42 @@ def test_services_run_on_the_imported_definitions_with_least_privileged_users(
         # refused (ACCESS_REFUSED) or conflicted with the imported queues (PRECONDITION_FAILED).
         for _ in range(3):
             request = urllib.request.Request(
-                f"{base.gateway_url}/charge", data=b'{"ev_id": "EV1"}', headers={"Content-Type": "application/json"}
+                f"{base.gateway_url}/charge",
+                data=b'{"ev_id": "EV1"}',
+                headers={"Content-Type": "application/json"},
             )
             with urllib.request.urlopen(request, timeout=5) as response:
                 assert response.status == 202
 
         def completed() -> bool:
-            queue = _management_api(f"queues/{vhost}/{contract.substation_queue_name('substation-1')}")
+            queue = _management_api(
+                f"queues/{vhost}/{contract.substation_queue_name('substation-1')}"
+            )
             return queue.get("consumers") == 1 and queue.get("messages", 1) == 0
 
-        eventually(completed, timeout=30, what="the substation consuming its queue and the requests done")
+        eventually(
+            completed, timeout=30, what="the substation consuming its queue and the requests done"
+        )
 
         queues = {q["name"]: q for q in _management_api(f"queues/{vhost}")}
         assert queues[contract.PENDING_QUEUE]["consumers"] == 1
         assert queues[contract.PENDING_QUEUE]["arguments"] == next(
-            d.arguments for d in contract.core_topology() if isinstance(d, contract.Queue) and d.name == contract.PENDING_QUEUE
+            d.arguments
+            for d in contract.core_topology()
+            if isinstance(d, contract.Queue) and d.name == contract.PENDING_QUEUE
         )
         exchanges = {e["name"] for e in _management_api(f"exchanges/{vhost}")}
-        assert {contract.REQUESTS_EXCHANGE, contract.DISPATCH_EXCHANGE, contract.EVENTS_EXCHANGE} <= exchanges
+        assert {
+            contract.REQUESTS_EXCHANGE,
+            contract.DISPATCH_EXCHANGE,
+            contract.EVENTS_EXCHANGE,
+        } <= exchanges
         connections = _management_api("connections")
-        names = {c.get("client_properties", {}).get("connection_name") for c in connections if c["vhost"] == vhost}
+        names = {
+            c.get("client_properties", {}).get("connection_name")
+            for c in connections
+            if c["vhost"] == vhost
+        }
         assert any(n and n.startswith("gateway-") for n in names), names
     finally:
         exits = [s.stop() for s in reversed(services)]

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 SCALE = 0.1
 
 
-def test_compressed_seed_scenario_completes_every_request_once_with_even_load(stack_settings: StackSettings):
+def test_compressed_seed_scenario_completes_every_request_once_with_even_load(
+    stack_settings: StackSettings,
+):
     stack_settings.session_seconds = 30 * SCALE
     stack_settings.poll_interval = 5 * SCALE
     group = start_stack(stack_settings)
@@ -57,7 +59,9 @@ def test_compressed_seed_scenario_completes_every_request_once_with_even_load(st
 
     # Fair shares: 150 requests over three equal substations.
     assert sorted(report.requests_per_substation) == stack_settings.substation_ids()
-    assert all(45 <= n <= 55 for n in report.requests_per_substation.values()), report.requests_per_substation
+    assert all(45 <= n <= 55 for n in report.requests_per_substation.values()), (
+        report.requests_per_substation
+    )
 
     balance = report.balance
     assert balance.samples > 250

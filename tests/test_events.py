@@ -23,23 +23,34 @@ def broker(amqp_url: str):
 
 @pytest.fixture
 def link(amqp_url: str):
-    link = Link(amqp_url, name=f"test-events-{uuid.uuid4().hex[:6]}", topology=contract.core_topology()).start()
+    link = Link(
+        amqp_url, name=f"test-events-{uuid.uuid4().hex[:6]}", topology=contract.core_topology()
+    ).start()
     assert link.wait_ready(10)
     yield link
     link.stop()
 
 
 def _routed(n: int) -> contract.RequestRouted:
-    return contract.RequestRouted(at=float(n), request_id=f"{n:032x}", ev_id=f"EV{n}", substation="s1", balancer="b1")
+    return contract.RequestRouted(
+        at=float(n), request_id=f"{n:032x}", ev_id=f"EV{n}", substation="s1", balancer="b1"
+    )
 
 
 def _completed(n: int) -> contract.SessionCompleted:
     return contract.SessionCompleted(
-        at=float(n), request_id=f"{n:032x}", ev_id=f"EV{n}", substation="s1", instance="i1", started_at=0.5
+        at=float(n),
+        request_id=f"{n:032x}",
+        ev_id=f"EV{n}",
+        substation="s1",
+        instance="i1",
+        started_at=0.5,
     )
 
 
-def _publish_in_one_turn(link: Link, publisher: EventPublisher, events: list[contract.Event]) -> list[concurrent.futures.Future]:
+def _publish_in_one_turn(
+    link: Link, publisher: EventPublisher, events: list[contract.Event]
+) -> list[concurrent.futures.Future]:
     """Publish ``events`` from one callback on the I/O thread, as a consumer callback would."""
     futures: list[concurrent.futures.Future] = []
     done = threading.Event()
@@ -67,7 +78,9 @@ def _messages(broker: BrokerClient, queue: str, expected: int) -> list[tuple[str
     return found
 
 
-def test_events_published_in_one_turn_go_as_one_message_per_kind_and_each_is_confirmed(link, broker):
+def test_events_published_in_one_turn_go_as_one_message_per_kind_and_each_is_confirmed(
+    link, broker
+):
     queue = broker.subscribe_events(contract.RequestRouted.kind, contract.SessionCompleted.kind)
     publisher = EventPublisher(link)
     routed = [_routed(n) for n in range(40)]
@@ -78,9 +91,19 @@ def test_events_published_in_one_turn_go_as_one_message_per_kind_and_each_is_con
 
     messages = dict(_messages(broker, queue, expected=2))
     assert set(messages) == {contract.RequestRouted.kind, contract.SessionCompleted.kind}
-    assert contract.decode_events(contract.RequestRouted.kind, messages[contract.RequestRouted.kind]) == routed
-    assert contract.decode_events(contract.SessionCompleted.kind, messages[contract.SessionCompleted.kind]) == completed
-    assert broker.channel.basic_get(queue, auto_ack=True)[0] is None, "more messages than one per kind"
+    assert (
+        contract.decode_events(contract.RequestRouted.kind, messages[contract.RequestRouted.kind])
+        == routed
+    )
+    assert (
+        contract.decode_events(
+            contract.SessionCompleted.kind, messages[contract.SessionCompleted.kind]
+        )
+        == completed
+    )
+    assert broker.channel.basic_get(queue, auto_ack=True)[0] is None, (
+        "more messages than one per kind"
+    )
 
 
 def test_a_lone_event_leaves_at_once_as_a_plain_event_message(link, broker):
@@ -109,7 +132,9 @@ def test_events_waiting_for_the_end_of_the_turn_are_sent_when_the_link_stops(amq
     # A substation's last session.completed is published moments before its shutdown stops
     # the link; its request is acknowledged only once that event is confirmed.
     queue = broker.subscribe_events(contract.SessionCompleted.kind)
-    link = Link(amqp_url, name=f"test-events-{uuid.uuid4().hex[:6]}", topology=contract.core_topology()).start()
+    link = Link(
+        amqp_url, name=f"test-events-{uuid.uuid4().hex[:6]}", topology=contract.core_topology()
+    ).start()
     assert link.wait_ready(10)
     publisher = EventPublisher(link)
     events = [_completed(n) for n in range(5)]

@@ -52,7 +52,9 @@ def _active_sessions(settings: StackSettings) -> int:
     for i, substation in enumerate(settings.substation_ids()):
         try:
             value = metric(
-                f"http://{settings.host}:{settings.substation_port(i)}/metrics", contract.LOAD_METRIC, substation=substation
+                f"http://{settings.host}:{settings.substation_port(i)}/metrics",
+                contract.LOAD_METRIC,
+                substation=substation,
             )
         except OSError:
             continue  # a killed one
@@ -154,7 +156,9 @@ def _assert_ledger(run: FaultRun, *, allow_503: bool = False) -> None:
             first_end = min(c.at for c in fate.completed)
             starts = sorted(s.at for s in fate.started)
             assert starts[-1] >= first_end or len(fate.completed) == 1, rid
-    unexpected = {status: n for status, n in report.rejected.items() if not (allow_503 and status == "503")}
+    unexpected = {
+        status: n for status, n in report.rejected.items() if not (allow_503 and status == "503")
+    }
     assert not unexpected, report.rejected
     assert not report.errors, report.errors
 
@@ -166,7 +170,9 @@ def test_a_substation_killed_and_restarted_loses_nothing(stack_settings: StackSe
         victim.process.wait(10)
         time.sleep(1.0)
         victim.start()
-        return lambda: metric(victim.health_url, "substation_broker_connected", substation="substation-1") == 1
+        return lambda: (
+            metric(victim.health_url, "substation_broker_connected", substation="substation-1") == 1
+        )
 
     run = _run_with_fault(stack_settings, fault)
     _assert_ledger(run)
@@ -213,7 +219,9 @@ def test_forcibly_closed_broker_connections_lose_nothing(stack_settings: StackSe
     _assert_ledger(run, allow_503=True)
 
 
-def test_a_substation_that_dies_for_good_has_its_requests_moved_to_live_ones(stack_settings: StackSettings):
+def test_a_substation_that_dies_for_good_has_its_requests_moved_to_live_ones(
+    stack_settings: StackSettings,
+):
     stack_settings.extra_env = {"DRAIN_AFTER": "2", "STALE_AFTER": "1"}
 
     def fault(group: ProcessGroup):
@@ -221,7 +229,9 @@ def test_a_substation_that_dies_for_good_has_its_requests_moved_to_live_ones(sta
         victim.signal(signal.SIGKILL)
         victim.process.wait(10)
         balancer = _service(group, "balancer")
-        return lambda: (metric(balancer.health_url, "balancer_substation_up", substation="substation-1") == 0)
+        return lambda: (
+            metric(balancer.health_url, "balancer_substation_up", substation="substation-1") == 0
+        )
 
     run = _run_with_fault(stack_settings, fault)
     _assert_ledger(run)

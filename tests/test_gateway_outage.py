@@ -21,7 +21,9 @@ def test_while_the_broker_is_unreachable_the_gateway_answers_503_and_recovers_by
     broker = GatewayBroker(url, name="gateway-outage-test", tracker=RequestTracker())
     broker.link._max_backoff = 0.5
     broker.start()
-    app = create_app(GatewayConfig(amqp_url=url, routed_wait=0), broker=broker, registry=CollectorRegistry())
+    app = create_app(
+        GatewayConfig(amqp_url=url, routed_wait=0), broker=broker, registry=CollectorRegistry()
+    )
     client = app.test_client()
     observer = BrokerClient(amqp_url)
     try:
@@ -29,18 +31,30 @@ def test_while_the_broker_is_unreachable_the_gateway_answers_503_and_recovers_by
         assert client.post("/charge", json={"ev_id": "EV-BEFORE"}).status_code == 202
 
         proxy.cut()
-        eventually(lambda: client.get("/health").status_code == 503, timeout=30, what="health reporting the outage")
+        eventually(
+            lambda: client.get("/health").status_code == 503,
+            timeout=30,
+            what="health reporting the outage",
+        )
         answer = client.post("/charge", json={"ev_id": "EV-DURING"})
         assert answer.status_code == 503
         assert answer.headers["Retry-After"] == "5"
         assert answer.get_json()["error"] == "broker_unavailable"
 
         proxy.start()
-        eventually(lambda: client.get("/health").status_code == 200, timeout=30, what="health back to ok")
+        eventually(
+            lambda: client.get("/health").status_code == 200, timeout=30, what="health back to ok"
+        )
         assert client.post("/charge", json={"ev_id": "EV-AFTER"}).status_code == 202
 
-        pending = [contract.ChargeRequest.from_body(body).ev_id for _, body in observer.get_all(contract.PENDING_QUEUE)]
-        assert pending == ["EV-BEFORE", "EV-AFTER"]  # nothing accepted is missing, nothing refused slipped in
+        pending = [
+            contract.ChargeRequest.from_body(body).ev_id
+            for _, body in observer.get_all(contract.PENDING_QUEUE)
+        ]
+        assert pending == [
+            "EV-BEFORE",
+            "EV-AFTER",
+        ]  # nothing accepted is missing, nothing refused slipped in
     finally:
         observer.close()
         broker.stop()

@@ -111,11 +111,17 @@ def test_spike_is_a_short_burst_of_factor_times_the_base_rate():
     before = [t for t in offsets if 90.0 <= t < 100.0]
     assert len(in_spike) == 100 and len(before) == 10
     assert len(offsets) == 190 + 100
-    assert profile.rate_at(99.9) == 1.0 and profile.rate_at(100.0) == 10.0 and profile.rate_at(110.0) == 1.0
+    assert (
+        profile.rate_at(99.9) == 1.0
+        and profile.rate_at(100.0) == 10.0
+        and profile.rate_at(110.0) == 1.0
+    )
 
 
 def test_the_seed_profile_is_the_seed_scenario():
-    assert list(profile_arrivals(named_profile("seed"))) == take_until(constant_arrivals(2.0), 300.0)
+    assert list(profile_arrivals(named_profile("seed"))) == take_until(
+        constant_arrivals(2.0), 300.0
+    )
     assert named_profile("rush-hour", rate=3.0).points[2] == (225.0, 3.0)
     with pytest.raises(ValueError):
         named_profile("lunch")
@@ -136,21 +142,38 @@ def test_time_scale_compresses_every_schedule():
     fast = profile.scaled(0.1)
     assert fast.duration == pytest.approx(30.0) and fast.rate_at(15.0) == pytest.approx(10.0)
     assert fast.expected() == pytest.approx(profile.expected())
-    assert list(profile_arrivals(fast)) == pytest.approx([t * 0.1 for t in profile_arrivals(profile)])
+    assert list(profile_arrivals(fast)) == pytest.approx(
+        [t * 0.1 for t in profile_arrivals(profile)]
+    )
     slow = list(profile_arrivals(profile, poisson=True, rng=random.Random(1)))
     quick = list(profile_arrivals(fast, poisson=True, rng=random.Random(1)))
     assert quick == pytest.approx([t * 0.1 for t in slow])
     # and through the CLI: intervals, bursts, durations, profiles
-    seed = cli.settings_from_args(cli.build_parser().parse_args(["--scenario", "seed", "--time-scale", "0.1"]))
+    seed = cli.settings_from_args(
+        cli.build_parser().parse_args(["--scenario", "seed", "--time-scale", "0.1"])
+    )
     assert (seed.interval, seed.duration) == (pytest.approx(0.2), pytest.approx(30.0))
-    bursts = cli.settings_from_args(cli.build_parser().parse_args(["--burst", "5", "--burst-every", "4", "--time-scale", "0.5"]))
+    bursts = cli.settings_from_args(
+        cli.build_parser().parse_args(["--burst", "5", "--burst-every", "4", "--time-scale", "0.5"])
+    )
     assert (bursts.burst, bursts.burst_every, bursts.duration) == (5, 2.0, 30.0)
-    rush = cli.settings_from_args(cli.build_parser().parse_args(["--profile", "rush-hour", "--rate", "2", "--time-scale", "0.1"]))
-    assert rush.duration == pytest.approx(30.0) and rush.profile.rate_at(15.0) == pytest.approx(20.0)
+    rush = cli.settings_from_args(
+        cli.build_parser().parse_args(
+            ["--profile", "rush-hour", "--rate", "2", "--time-scale", "0.1"]
+        )
+    )
+    assert rush.duration == pytest.approx(30.0) and rush.profile.rate_at(15.0) == pytest.approx(
+        20.0
+    )
 
 
 def test_rate_profiles_refuse_nonsense():
-    for points in (((0.0, 1.0),), ((1.0, 1.0), (2.0, 1.0)), ((0.0, 1.0), (2.0, 1.0), (1.0, 1.0)), ((0.0, -1.0), (1.0, 1.0))):
+    for points in (
+        ((0.0, 1.0),),
+        ((1.0, 1.0), (2.0, 1.0)),
+        ((0.0, 1.0), (2.0, 1.0), (1.0, 1.0)),
+        ((0.0, -1.0), (1.0, 1.0)),
+    ):
         with pytest.raises(ValueError):
             RateProfile(points)
 
@@ -161,15 +184,25 @@ def test_settings_choose_the_arrival_generator():
 
     assert first(LoadSettings(interval=0.5)) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
     assert first(LoadSettings(burst=3, burst_every=2.0)) == [0.0, 0.0, 0.0, 2.0, 2.0, 2.0]
-    assert first(LoadSettings(arrivals="poisson", interval=0.5, seed=5)) == first(LoadSettings(arrivals="poisson", interval=0.5, seed=5))
-    assert first(LoadSettings(arrivals="poisson", interval=0.5, seed=5)) != first(LoadSettings(arrivals="poisson", interval=0.5, seed=6))
+    assert first(LoadSettings(arrivals="poisson", interval=0.5, seed=5)) == first(
+        LoadSettings(arrivals="poisson", interval=0.5, seed=5)
+    )
+    assert first(LoadSettings(arrivals="poisson", interval=0.5, seed=5)) != first(
+        LoadSettings(arrivals="poisson", interval=0.5, seed=6)
+    )
     assert first(LoadSettings(profile=spike(1.0, 100.0)), 3) == [0.0, 1.0, 2.0]
 
 
 def test_profile_and_scenario_flags():
     parse = cli.build_parser().parse_args
-    assert cli.settings_from_args(parse(["--profile", "seed"])).interval == cli.settings_from_args(parse(["--scenario", "seed"])).interval == 2.0
-    spiky = cli.settings_from_args(parse(["--profile", "spike", "--spike-factor", "4", "--duration", "100"]))
+    assert (
+        cli.settings_from_args(parse(["--profile", "seed"])).interval
+        == cli.settings_from_args(parse(["--scenario", "seed"])).interval
+        == 2.0
+    )
+    spiky = cli.settings_from_args(
+        parse(["--profile", "spike", "--spike-factor", "4", "--duration", "100"])
+    )
     assert spiky.profile.rate_at(50.0) == pytest.approx(2.0) and spiky.duration == 100.0
     assert "spike" in spiky.scenario
     assert cli.settings_from_args(parse([])).duration == 60.0
@@ -179,7 +212,14 @@ def test_profile_and_scenario_flags():
 # ------------------------------------------------------------------------------ report maths
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(10, 0, -1)]
-    assert [percentile(values, q) for q in (0, 50, 90, 95, 99, 100)] == [1.0, 5.0, 9.0, 10.0, 10.0, 10.0]
+    assert [percentile(values, q) for q in (0, 50, 90, 95, 99, 100)] == [
+        1.0,
+        5.0,
+        9.0,
+        10.0,
+        10.0,
+        10.0,
+    ]
     assert percentile([], 50) is None
     assert percentile([3.0], 99) == 3.0
 
@@ -193,9 +233,13 @@ def test_jain_index():
 
 def _fate(substation: str, start: float, end: float | None, request_id: str) -> RequestFate:
     fate = RequestFate(routed_to=[substation])
-    fate.started.append(contract.SessionStarted(start, request_id, "EV1", substation, "i", start - 0.5, start + 10))
+    fate.started.append(
+        contract.SessionStarted(start, request_id, "EV1", substation, "i", start - 0.5, start + 10)
+    )
     if end is not None:
-        fate.completed.append(contract.SessionCompleted(end, request_id, "EV1", substation, "i", start))
+        fate.completed.append(
+            contract.SessionCompleted(end, request_id, "EV1", substation, "i", start)
+        )
     return fate
 
 
@@ -250,7 +294,13 @@ def test_utilisation_normalised_spread_when_capacities_differ():
 def _outcome(status: int | None = None, error: str | None = None, latency: float = 0.01) -> Outcome:
     accepted = status == 202
     return Outcome(
-        "EV1", 0.0, latency, status=status, error=error, request_id=uuid.uuid4().hex if accepted else None, routed_to="a" if accepted else None
+        "EV1",
+        0.0,
+        latency,
+        status=status,
+        error=error,
+        request_id=uuid.uuid4().hex if accepted else None,
+        routed_to="a" if accepted else None,
     )
 
 
@@ -258,7 +308,12 @@ def test_report_counts_rejections_and_errors_apart_and_the_rates():
     outcomes = (
         [_outcome(202, latency=i / 1000) for i in range(1, 11)]
         + [_outcome(422), _outcome(413), _outcome(503), _outcome(503)]
-        + [_outcome(error="refused"), _outcome(error="timeout"), _outcome(error="disconnected"), _outcome(error="refused")]
+        + [
+            _outcome(error="refused"),
+            _outcome(error="timeout"),
+            _outcome(error="disconnected"),
+            _outcome(error="refused"),
+        ]
     )
     report = build_report(outcomes, None, send_seconds=9.0)
     assert (report.sent, report.accepted) == (18, 10)
@@ -266,15 +321,29 @@ def test_report_counts_rejections_and_errors_apart_and_the_rates():
     assert report.rejected_by_class == {"4xx": 2, "5xx": 2}
     assert report.errors == {"refused": 2, "timeout": 1, "disconnected": 1}
     assert report.send_rate == pytest.approx(2.0) and report.accepted_per_s == pytest.approx(10 / 9)
-    assert report.accept_latency_ms == {"p50": pytest.approx(5.0), "p95": pytest.approx(10.0), "p99": pytest.approx(10.0), "max": pytest.approx(10.0)}
+    assert report.accept_latency_ms == {
+        "p50": pytest.approx(5.0),
+        "p95": pytest.approx(10.0),
+        "p99": pytest.approx(10.0),
+        "max": pytest.approx(10.0),
+    }
     text = render(report)
     assert "rejected 4 (4xx: 2 [413: 1, 422: 1]; 5xx: 2 [503: 2])" in text
-    assert "errors 4 (connection closed without an answer: 1, connection refused: 2, timeout: 1)" in text
+    assert (
+        "errors 4 (connection closed without an answer: 1, connection refused: 2, timeout: 1)"
+        in text
+    )
     assert "send rate 2.00/s over 9.0 s; accepted 1.11/s" in text
     console = Console(file=io.StringIO(), width=140, color_system=None)
     console.print(summary(report))
     table = console.file.getvalue()
-    for row in ("rejected 4xx", "rejected 5xx", "error: connection refused", "error: timeout", "error: connection closed without an answer"):
+    for row in (
+        "rejected 4xx",
+        "rejected 5xx",
+        "error: connection refused",
+        "error: timeout",
+        "error: connection closed without an answer",
+    ):
         assert row in table
 
 
@@ -285,7 +354,9 @@ def test_report_with_fates_and_capacities_renders_everywhere(tmp_path: Path):
         substation = "a" if i < 2 else "b"
         o.routed_to = substation
         fates[o.request_id] = _fate(substation, float(i), float(i) + 5, o.request_id)
-    report = build_report(outcomes, fates, sample_interval=0.5, capacities={"a": 2, "b": 4}, send_seconds=6.0)
+    report = build_report(
+        outcomes, fates, sample_interval=0.5, capacities={"a": 2, "b": 4}, send_seconds=6.0
+    )
     report.scenario = "hand-made"
     assert report.requests_per_substation == {"a": 2, "b": 4}
     assert report.completed_once == 6 and report.every_accepted_completed_once
@@ -319,11 +390,18 @@ class FakeObserver:
 def test_live_view_renders_counters_without_the_sender():
     stats = SendStats()
     console = Console(file=io.StringIO(), width=120, force_terminal=True, color_system=None)
-    view = LiveView(stats, duration=30.0, scenario="seed x0.1", observer=FakeObserver(), console=console)
+    view = LiveView(
+        stats, duration=30.0, scenario="seed x0.1", observer=FakeObserver(), console=console
+    )
     console.print(view.render())  # before the start
     assert "checking the gateway" in console.file.getvalue()
     stats.started_mono, stats.started_at = time.monotonic(), time.time()
-    for outcome in [_outcome(202, latency=0.005), _outcome(503), _outcome(error="refused"), _outcome(error="timeout")]:
+    for outcome in [
+        _outcome(202, latency=0.005),
+        _outcome(503),
+        _outcome(error="refused"),
+        _outcome(error="timeout"),
+    ]:
         stats.sent += 1
         stats.record(outcome)
     console.print(view.render())
@@ -331,15 +409,38 @@ def test_live_view_renders_counters_without_the_sender():
     view.settling(1, 1)
     console.print(view.render())
     out = console.file.getvalue()
-    for text in ("sending", "5xx 1", "connection refused 1", "timeout 1", "p50 5.0 ms", "substation-1", "3/10", "settling", "1 / 1 accepted"):
+    for text in (
+        "sending",
+        "5xx 1",
+        "connection refused 1",
+        "timeout 1",
+        "p50 5.0 ms",
+        "substation-1",
+        "3/10",
+        "settling",
+        "1 / 1 accepted",
+    ):
         assert text in out, text
 
 
 # ------------------------------------------------------------------------------ the CLI
 def test_help_lists_the_options():
-    result = subprocess.run([sys.executable, "-m", "loadgen", "--help"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "loadgen", "--help"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
-    for option in ("--profile", "--burst", "--burst-every", "--seed", "--time-scale", "--no-progress", "--json", "--plot", "rush-hour", "spike"):
+    for option in (
+        "--profile",
+        "--burst",
+        "--burst-every",
+        "--seed",
+        "--time-scale",
+        "--no-progress",
+        "--json",
+        "--plot",
+        "rush-hour",
+        "spike",
+    ):
         assert option in result.stdout
 
 
@@ -348,7 +449,10 @@ def test_help_lists_the_options():
     [
         (["--burst-every", "3"], "--burst-every needs --burst"),
         (["--burst", "5", "--profile", "spike"], "--burst cannot be combined with --profile"),
-        (["--burst", "5", "--arrivals", "poisson"], "--burst cannot be combined with --arrivals poisson"),
+        (
+            ["--burst", "5", "--arrivals", "poisson"],
+            "--burst cannot be combined with --arrivals poisson",
+        ),
         (["--scenario", "seed", "--profile", "spike"], "contradict"),
         (["--spike-factor", "3"], "--spike-factor only applies"),
         (["--rate", "1", "--interval", "2"], "not allowed with argument"),
@@ -358,7 +462,9 @@ def test_help_lists_the_options():
         (["--give-up-after", "-1"], "must be >= 0"),
     ],
 )
-def test_argument_errors_exit_2_with_a_message(argv: list[str], message: str, capsys: pytest.CaptureFixture):
+def test_argument_errors_exit_2_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
@@ -406,7 +512,14 @@ class FakeGateway:
                         threading.Thread(target=gateway.stop, daemon=True).start()
                     mode = "ok" if index < 3 else "close"
                 if mode == "ok":
-                    self._json(202, {"request_id": uuid.uuid4().hex, "ev_id": body["ev_id"], "status": "queued"})
+                    self._json(
+                        202,
+                        {
+                            "request_id": uuid.uuid4().hex,
+                            "ev_id": body["ev_id"],
+                            "status": "queued",
+                        },
+                    )
                 elif mode in ("422", "503"):
                     self._json(int(mode), {"error": "no", "detail": mode})
                 elif mode == "close":
@@ -444,10 +557,24 @@ def gateway() -> Iterator[FakeGateway]:
     server.stop()
 
 
-def test_each_kind_of_failure_is_counted_apart(gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_each_kind_of_failure_is_counted_apart(
+    gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     out = tmp_path / "mixed.json"
     code = cli.main(
-        ["--url", gateway.url("mixed"), "--no-observe", "--count", "10", "--rate", "100", "--timeout", "0.3", "--json", str(out)]
+        [
+            "--url",
+            gateway.url("mixed"),
+            "--no-observe",
+            "--count",
+            "10",
+            "--rate",
+            "100",
+            "--timeout",
+            "0.3",
+            "--json",
+            str(out),
+        ]
     )
     assert code == 0
     report = json.loads(out.read_text())
@@ -456,22 +583,42 @@ def test_each_kind_of_failure_is_counted_apart(gateway: FakeGateway, tmp_path: P
     assert report["rejected_by_class"] == {"4xx": 2, "5xx": 2}
     assert report["errors"] == {"disconnected": 2, "timeout": 2}
     printed = capsys.readouterr().out  # not a terminal: the plain report, no live view
-    assert "rejected 4 (4xx: 2 [422: 2]; 5xx: 2 [503: 2]), errors 4 (connection closed without an answer: 2, timeout: 2)" in printed
+    assert (
+        "rejected 4 (4xx: 2 [422: 2]; 5xx: 2 [503: 2]), errors 4 (connection closed without an answer: 2, timeout: 2)"
+        in printed
+    )
 
 
 def test_exit_3_when_nothing_listens(capsys: pytest.CaptureFixture):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert cli.main(["--url", f"http://127.0.0.1:{port}", "--no-observe", "--count", "3"]) == cli.EXIT_UNREACHABLE
+    assert (
+        cli.main(["--url", f"http://127.0.0.1:{port}", "--no-observe", "--count", "3"])
+        == cli.EXIT_UNREACHABLE
+    )
     captured = capsys.readouterr()
     assert "cannot reach the gateway" in captured.err and "Traceback" not in captured.err
 
 
-def test_a_gateway_dying_mid_run_ends_it_with_the_counts(gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_a_gateway_dying_mid_run_ends_it_with_the_counts(
+    gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     out = tmp_path / "died.json"
     code = cli.main(
-        ["--url", gateway.url("die"), "--no-observe", "--rate", "40", "--duration", "20", "--give-up-after", "0.5", "--json", str(out)]
+        [
+            "--url",
+            gateway.url("die"),
+            "--no-observe",
+            "--rate",
+            "40",
+            "--duration",
+            "20",
+            "--give-up-after",
+            "0.5",
+            "--json",
+            str(out),
+        ]
     )
     captured = capsys.readouterr()
     assert code == cli.EXIT_UNREACHABLE
@@ -496,7 +643,17 @@ def test_plot_and_json_with_the_new_fields(gateway: FakeGateway, tmp_path: Path)
     assert code == 0
     assert_png(png)
     report = json.loads(out.read_text())
-    for key in ("send_rate", "accepted_per_s", "send_seconds", "rejected_by_class", "capacities", "stopped_early", "scenario", "started_at", "settings"):
+    for key in (
+        "send_rate",
+        "accepted_per_s",
+        "send_seconds",
+        "rejected_by_class",
+        "capacities",
+        "stopped_early",
+        "scenario",
+        "started_at",
+        "settings",
+    ):
         assert key in report, key
     assert report["accepted"] == report["sent"] > 10
     assert report["send_rate"] > 0 and report["send_seconds"] > 0
@@ -530,7 +687,9 @@ def test_cancelling_the_sender_keeps_what_was_answered(gateway: FakeGateway):
 
 def test_a_run_with_the_live_view_on_a_non_terminal_still_reports(gateway: FakeGateway):
     result = run_load(
-        LoadSettings(gateway_url=gateway.url("ok"), interval=0.01, duration=0.3, live=True, scenario="live")
+        LoadSettings(
+            gateway_url=gateway.url("ok"), interval=0.01, duration=0.3, live=True, scenario="live"
+        )
     )
     assert result.report.accepted == result.report.sent > 10
     assert result.report.send_seconds >= 0.3  # the schedule's end, or later if sending ran late

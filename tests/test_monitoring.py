@@ -53,7 +53,9 @@ def _tool(name: str) -> str:
 
 
 def _promtool(*args: str) -> None:
-    result = subprocess.run([_tool("promtool"), *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [_tool("promtool"), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
 
 
@@ -61,7 +63,9 @@ def _promtool(*args: str) -> None:
 
 
 def _rules() -> list[dict]:
-    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    return [
+        rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+    ]
 
 
 def _alerts() -> dict[str, dict]:
@@ -123,7 +127,21 @@ def _readme_metrics() -> set[str]:
     return names
 
 
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -142,11 +160,16 @@ def metric_names(expr: str) -> set[str]:
 
 
 def test_metric_names_reads_what_a_query_reads():
-    assert metric_names('sum by (substation) (rate(balancer_routed_requests_total{substation=~"$s"}[$__rate_interval]))') == {
-        "balancer_routed_requests_total"
+    assert metric_names(
+        'sum by (substation) (rate(balancer_routed_requests_total{substation=~"$s"}[$__rate_interval]))'
+    ) == {"balancer_routed_requests_total"}
+    assert metric_names(
+        "histogram_quantile(0.99, sum by (le) (rate(x_bucket[5m]))) > 1e-3 or on() vector(0)"
+    ) == {"x_bucket"}
+    assert metric_names('smartgrid:load_cv >= 0 or count(up{job="a"}) * 0') == {
+        "smartgrid:load_cv",
+        "up",
     }
-    assert metric_names("histogram_quantile(0.99, sum by (le) (rate(x_bucket[5m]))) > 1e-3 or on() vector(0)") == {"x_bucket"}
-    assert metric_names("smartgrid:load_cv >= 0 or count(up{job=\"a\"}) * 0") == {"smartgrid:load_cv", "up"}
 
 
 # ------------------------------------------------------------------------------- promtool
@@ -167,11 +190,15 @@ def test_the_rules_unit_tests_pass():
 def test_every_alert_is_unit_tested_firing_and_not_firing_and_every_recording_rule_checked():
     tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
     alert_cases = [case for test in tests for case in test.get("alert_rule_test", [])]
-    checked_exprs = " ".join(case["expr"] for test in tests for case in test.get("promql_expr_test", []))
+    checked_exprs = " ".join(
+        case["expr"] for test in tests for case in test.get("promql_expr_test", [])
+    )
     for alert in _alerts():
         cases = [case for case in alert_cases if case["alertname"] == alert]
         assert any(case.get("exp_alerts") for case in cases), f"{alert}: no test where it fires"
-        assert any(not case.get("exp_alerts") for case in cases), f"{alert}: no test where it does not fire"
+        assert any(not case.get("exp_alerts") for case in cases), (
+            f"{alert}: no test where it does not fire"
+        )
     for record in _recording_rules():
         assert record in checked_exprs, f"recording rule {record} has no promql_expr_test"
 
@@ -188,7 +215,9 @@ def test_alerts_say_what_is_wrong_and_how_bad():
     } <= set(alerts)
     for name, alert in alerts.items():
         assert alert["labels"]["severity"] in {"warning", "critical"}, name
-        assert alert["annotations"]["summary"].strip() and alert["annotations"]["description"].strip(), name
+        assert (
+            alert["annotations"]["summary"].strip() and alert["annotations"]["description"].strip()
+        ), name
 
 
 def test_the_compose_scrape_jobs_are_all_there():
@@ -220,8 +249,12 @@ def test_grafana_provisioning_parses_and_matches_the_compose_mounts():
     assert grafana_mounts["./monitoring/grafana/dashboards"] == provider["options"]["path"]
     assert grafana_mounts["./monitoring/grafana/provisioning"] == "/etc/grafana/provisioning"
     prometheus_mounts = dict(volume.split(":")[:2] for volume in services["prometheus"]["volumes"])
-    config_flag = next(a for a in services["prometheus"]["command"] if a.startswith("--config.file="))
-    assert prometheus_mounts["./monitoring/prometheus"] == str(Path(config_flag.split("=", 1)[1]).parent)
+    config_flag = next(
+        a for a in services["prometheus"]["command"] if a.startswith("--config.file=")
+    )
+    assert prometheus_mounts["./monitoring/prometheus"] == str(
+        Path(config_flag.split("=", 1)[1]).parent
+    )
 
 
 def test_the_dashboard_is_well_formed():
@@ -270,20 +303,29 @@ def test_every_metric_on_the_dashboard_is_one_that_exists():
     known = _readme_metrics() | set(_recording_rules()) | {"up"}
     dashboard = _dashboard()
     exprs = [expr for _, expr in _panel_queries(dashboard)] + list(_recording_rules().values())
-    exprs += [re.sub(r"^label_values\((\w+).*", r"\1", query) for query in _variable_queries(dashboard)]
+    exprs += [
+        re.sub(r"^label_values\((\w+).*", r"\1", query) for query in _variable_queries(dashboard)
+    ]
     unknown = {
-        name for expr in exprs for name in metric_names(expr) if name not in known and not name.startswith("rabbitmq_")
+        name
+        for expr in exprs
+        for name in metric_names(expr)
+        if name not in known and not name.startswith("rabbitmq_")
     }
     assert not unknown, f"not in README's metrics, not a recording rule: {sorted(unknown)}"
 
 
 def test_dashboard_queries_use_grafana_intervals_and_defined_variables():
     dashboard = _dashboard()
-    defined = {variable["name"] for variable in dashboard["templating"]["list"]} | set(GRAFANA_VARIABLES)
+    defined = {variable["name"] for variable in dashboard["templating"]["list"]} | set(
+        GRAFANA_VARIABLES
+    )
     for title, expr in _panel_queries(dashboard):
         without_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
         for window in re.findall(r"\[([^\]]*)\]", without_strings):
-            assert window in {"$__rate_interval", "$__range"}, f"{title}: fixed window [{window}] in {expr}"
+            assert window in {"$__rate_interval", "$__range"}, (
+                f"{title}: fixed window [{window}] in {expr}"
+            )
         used = set(re.findall(r"\$\{?(\w+)", expr))
         assert used <= defined, f"{title}: undefined variables {used - defined}"
         # Queue metrics come from every vhost (compose uses "smartgrid", tests their own).
@@ -313,9 +355,14 @@ def _ensure_rabbitmq_prometheus(host: str) -> None:
     if _answers(url):
         return
     result = subprocess.run(
-        ["rabbitmq-plugins", "enable", "rabbitmq_prometheus"], capture_output=True, text=True, timeout=120
+        ["rabbitmq-plugins", "enable", "rabbitmq_prometheus"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert result.returncode == 0, f"rabbitmq-plugins enable rabbitmq_prometheus:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"rabbitmq-plugins enable rabbitmq_prometheus:\n{result.stdout}\n{result.stderr}"
+    )
     eventually(lambda: _answers(url), timeout=60, interval=0.5, what=f"{url} answers")
 
 
@@ -341,7 +388,9 @@ def _substitute(expr: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(stack_settings: StackSettings, tmp_path: Path):
+def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(
+    stack_settings: StackSettings, tmp_path: Path
+):
     _tool("prometheus")
     _ensure_rabbitmq_prometheus("127.0.0.1")
     stack_settings.session_seconds = 1
@@ -372,7 +421,10 @@ def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(stack_sett
 
         targets = eventually(targets_up, timeout=15, interval=0.5, what="every scrape target up")
         jobs = sorted(t["labels"]["job"] for t in targets)
-        assert jobs == sorted(["gateway", "balancer", "rabbitmq", "rabbitmq-queues"] + ["substations"] * stack_settings.substations)
+        assert jobs == sorted(
+            ["gateway", "balancer", "rabbitmq", "rabbitmq-queues"]
+            + ["substations"] * stack_settings.substations
+        )
 
         result = run_load(
             LoadSettings(
@@ -392,9 +444,19 @@ def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(stack_sett
         def scraped_everything() -> bool:
             accepted = query('sum(gateway_charge_requests_total{outcome="accepted"})')
             routed = query("sum(balancer_routed_requests_total)")
-            return bool(accepted and routed) and float(accepted[0]["value"][1]) == float(routed[0]["value"][1]) == report.accepted
+            return (
+                bool(accepted and routed)
+                and float(accepted[0]["value"][1])
+                == float(routed[0]["value"][1])
+                == report.accepted
+            )
 
-        eventually(scraped_everything, timeout=15, interval=0.5, what="Prometheus saw every request accepted and routed")
+        eventually(
+            scraped_everything,
+            timeout=15,
+            interval=0.5,
+            what="Prometheus saw every request accepted and routed",
+        )
         assert eventually(targets_up, timeout=5, what="every target still up")
 
         # Every rule is loaded and evaluates without error.
@@ -404,21 +466,32 @@ def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(stack_sett
 
         expected = set(_alerts()) | set(_recording_rules())
         assert expected <= set(rules()), f"rules not loaded: {sorted(expected - set(rules()))}"
-        unhealthy = {name: rule.get("lastError") for name, rule in rules().items() if rule["health"] != "ok"}
+        unhealthy = {
+            name: rule.get("lastError") for name, rule in rules().items() if rule["health"] != "ok"
+        }
         assert not unhealthy, unhealthy
         assert query("smartgrid:routed_rate"), "recording rules evaluated"
 
         # Every query of every panel, and every template variable, returns data.
         dashboard = _dashboard()
-        empty = [(title, _substitute(expr)) for title, expr in _panel_queries(dashboard) if not query(_substitute(expr))]
-        assert not empty, "panels without data:\n" + "\n".join(f"  {title}: {expr}" for title, expr in empty)
+        empty = [
+            (title, _substitute(expr))
+            for title, expr in _panel_queries(dashboard)
+            if not query(_substitute(expr))
+        ]
+        assert not empty, "panels without data:\n" + "\n".join(
+            f"  {title}: {expr}" for title, expr in empty
+        )
         for variable_query in _variable_queries(dashboard):
             metric, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable_query).groups()
             assert query(f"group by ({label}) ({metric})"), variable_query
 
         # The queue panels see this test's own vhost, whatever else is on the shared broker.
         vhost = urllib.parse.unquote(stack_settings.amqp_url.rsplit("/", 1)[1])
-        queues = {r["metric"]["queue"] for r in query(f'rabbitmq_detailed_queue_messages{{vhost="{vhost}"}}')}
+        queues = {
+            r["metric"]["queue"]
+            for r in query(f'rabbitmq_detailed_queue_messages{{vhost="{vhost}"}}')
+        }
         assert {"smartgrid.pending", "smartgrid.dead-letters"} | {
             f"smartgrid.substation.{s}" for s in stack_settings.substation_ids()
         } <= queues
@@ -426,12 +499,22 @@ def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(stack_sett
         # The services expose every metric README lists, and nothing on the dashboard is
         # missing from what they really expose.
         exposed = _exposed_metrics(f"{stack_settings.gateway_url}/metrics")
-        exposed |= _exposed_metrics(f"http://{stack_settings.host}:{stack_settings.balancer_port}/metrics")
+        exposed |= _exposed_metrics(
+            f"http://{stack_settings.host}:{stack_settings.balancer_port}/metrics"
+        )
         for i in range(stack_settings.substations):
-            exposed |= _exposed_metrics(f"http://{stack_settings.host}:{stack_settings.substation_port(i)}/metrics")
-        assert _readme_metrics() <= exposed, f"in README, not exposed: {sorted(_readme_metrics() - exposed)}"
+            exposed |= _exposed_metrics(
+                f"http://{stack_settings.host}:{stack_settings.substation_port(i)}/metrics"
+            )
+        assert _readme_metrics() <= exposed, (
+            f"in README, not exposed: {sorted(_readme_metrics() - exposed)}"
+        )
         used = {name for _, expr in _panel_queries(dashboard) for name in metric_names(expr)}
-        foreign = {n for n in used - exposed - set(_recording_rules()) - {"up"} if not n.startswith("rabbitmq_")}
+        foreign = {
+            n
+            for n in used - exposed - set(_recording_rules()) - {"up"}
+            if not n.startswith("rabbitmq_")
+        }
         assert not foreign, f"dashboard metrics no service exposes: {sorted(foreign)}"
     finally:
         exits = group.stop()

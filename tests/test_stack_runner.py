@@ -30,13 +30,22 @@ def test_ctrl_c_stops_every_process_of_the_local_stack(amqp_url, tmp_path):
     gateway, balancer, substation_base = free_ports(3)  # substations use the base and the next port
     runner = subprocess.Popen(
         [
-            sys.executable, "-m", "stack", "up",
-            "--gateway-port", str(gateway),
-            "--balancer-port", str(balancer),
-            "--substation-port", str(substation_base),
-            "--substations", "2",
-            "--prometheus-port", "0",
-            "--log-dir", str(tmp_path / "logs"),
+            sys.executable,
+            "-m",
+            "stack",
+            "up",
+            "--gateway-port",
+            str(gateway),
+            "--balancer-port",
+            str(balancer),
+            "--substation-port",
+            str(substation_base),
+            "--substations",
+            "2",
+            "--prometheus-port",
+            "0",
+            "--log-dir",
+            str(tmp_path / "logs"),
         ],
         env={**os.environ, "AMQP_URL": amqp_url},
         stdout=subprocess.PIPE,
@@ -47,7 +56,11 @@ def test_ctrl_c_stops_every_process_of_the_local_stack(amqp_url, tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(runner.stdout), daemon=True)
     reader.start()
     try:
-        eventually(lambda: any("Ctrl-C stops everything" in line for line in lines), timeout=60, what="the stack up")
+        eventually(
+            lambda: any("Ctrl-C stops everything" in line for line in lines),
+            timeout=60,
+            what="the stack up",
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{gateway}/health", timeout=2) as response:
             assert response.status == 200
         children = _children(runner.pid)
@@ -58,13 +71,17 @@ def test_ctrl_c_stops_every_process_of_the_local_stack(amqp_url, tmp_path):
         assert runner.wait(timeout=60) == 0
         reader.join(timeout=10)
         assert any("stopping" in line for line in lines), lines
-        eventually(lambda: not any(_alive(pid) for pid in processes), timeout=10, what="every process gone")
+        eventually(
+            lambda: not any(_alive(pid) for pid in processes), timeout=10, what="every process gone"
+        )
     finally:
         if runner.poll() is None:
             runner.kill()
 
 
 def test_the_runner_explains_itself():
-    result = subprocess.run([sys.executable, "-m", "stack", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "stack", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     assert "run" in result.stdout and "up" in result.stdout

@@ -36,7 +36,9 @@ def _start(settings: StackSettings, *, capacity: int, session_seconds: float):
 def test_sessions_never_exceed_capacity_and_the_load_returns_to_zero(stack_settings, broker):
     service, metrics_url = _start(stack_settings, capacity=2, session_seconds=0.5)
     try:
-        events = broker.subscribe_events(contract.SessionStarted.kind, contract.SessionCompleted.kind)
+        events = broker.subscribe_events(
+            contract.SessionStarted.kind, contract.SessionCompleted.kind
+        )
         ids = [broker.send_to_substation(SUBSTATION, ev_id=f"EV{i}") for i in range(6)]
 
         seen_loads = []
@@ -50,7 +52,10 @@ def test_sessions_never_exceed_capacity_and_the_load_returns_to_zero(stack_setti
         sampler = threading.Thread(target=sample)
         sampler.start()
         eventually(
-            lambda: metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 6,
+            lambda: (
+                metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION)
+                == 6
+            ),
             what="six sessions completed",
         )
         stop.set()
@@ -76,11 +81,26 @@ def test_a_request_delivered_twice_is_charged_once(stack_settings, broker):
         events = broker.subscribe_events(contract.SessionStarted.kind)
         request_id = broker.send_to_substation(SUBSTATION)
         broker.send_to_substation(SUBSTATION, request_id=request_id)
-        eventually(lambda: metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION) == 1)
-        eventually(lambda: metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 1)
+        eventually(
+            lambda: (
+                metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION)
+                == 1
+            )
+        )
+        eventually(
+            lambda: (
+                metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION)
+                == 1
+            )
+        )
         # A duplicate arriving after completion is recognised too.
         broker.send_to_substation(SUBSTATION, request_id=request_id)
-        eventually(lambda: metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION) == 2)
+        eventually(
+            lambda: (
+                metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION)
+                == 2
+            )
+        )
         time.sleep(0.7)
         assert metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 1
         assert [e.request_id for e in broker.events(events)] == [request_id]
@@ -89,7 +109,9 @@ def test_a_request_delivered_twice_is_charged_once(stack_settings, broker):
         assert service.stop() == 0
 
 
-def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_substation_carries_on(stack_settings, broker):
+def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_substation_carries_on(
+    stack_settings, broker
+):
     service, metrics_url = _start(stack_settings, capacity=2, session_seconds=0.2)
     try:
         events = broker.subscribe_events(contract.RequestDeadLettered.kind)
@@ -98,12 +120,19 @@ def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_substation
         properties, body = dead[0]
         assert body == b'{"request_id": 42}'
         assert "request_id" in properties.headers[contract.REASON_HEADER]
-        assert properties.headers[contract.SOURCE_HEADER] == contract.substation_queue_name(SUBSTATION)
+        assert properties.headers[contract.SOURCE_HEADER] == contract.substation_queue_name(
+            SUBSTATION
+        )
         notice = eventually(lambda: broker.events(events))
         assert isinstance(notice[0], contract.RequestDeadLettered)
 
         broker.send_to_substation(SUBSTATION)
-        eventually(lambda: metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 1)
+        eventually(
+            lambda: (
+                metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION)
+                == 1
+            )
+        )
         assert service.alive()
     finally:
         assert service.stop() == 0
@@ -121,10 +150,14 @@ def test_sigterm_returns_unfinished_sessions_to_the_queue_and_exits_zero(stack_s
     assert service.stop(timeout=15) == 0
     assert time.monotonic() - started < 10  # bounded: grace 0.5 s + closing
 
-    eventually(lambda: broker.message_count(queue) == 3, what="the three requests back in the queue")
+    eventually(
+        lambda: broker.message_count(queue) == 3, what="the three requests back in the queue"
+    )
 
 
-def test_a_substation_killed_mid_session_charges_the_request_again_after_restart(stack_settings, broker):
+def test_a_substation_killed_mid_session_charges_the_request_again_after_restart(
+    stack_settings, broker
+):
     service, metrics_url = _start(stack_settings, capacity=2, session_seconds=30)
     broker.send_to_substation(SUBSTATION, ev_id="EV-KILLED")
     eventually(lambda: metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) == 1)
@@ -134,7 +167,10 @@ def test_a_substation_killed_mid_session_charges_the_request_again_after_restart
     restarted, metrics_url = _start(stack_settings, capacity=2, session_seconds=0.3)
     try:
         eventually(
-            lambda: metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 1,
+            lambda: (
+                metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION)
+                == 1
+            ),
             what="the unacknowledged request charged by the restarted substation",
         )
         assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
@@ -159,15 +195,26 @@ def test_a_request_forwarded_to_two_substations_is_charged_at_only_one(stack_set
         request_id = broker.send_to_substation("substation-1")
         eventually(lambda: metric(first, contract.LOAD_METRIC, substation="substation-1") == 1)
         broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
-        eventually(lambda: metric(second, "substation_duplicate_requests_total", substation="substation-2") == 1)
+        eventually(
+            lambda: (
+                metric(second, "substation_duplicate_requests_total", substation="substation-2")
+                == 1
+            )
+        )
         assert metric(second, contract.LOAD_METRIC, substation="substation-2") == 0
 
         # The flagged copy arrives first, nobody knows it: substation-2 charges it after asking,
         # and the unflagged first copy, reaching substation-1 later, is recognised as claimed.
         other = broker.send_to_substation("substation-2", maybe_duplicate=True)
-        eventually(lambda: metric(second, contract.LOAD_METRIC, substation="substation-2") == 1, timeout=10)
+        eventually(
+            lambda: metric(second, contract.LOAD_METRIC, substation="substation-2") == 1, timeout=10
+        )
         broker.send_to_substation("substation-1", request_id=other)
-        eventually(lambda: metric(first, "substation_duplicate_requests_total", substation="substation-1") == 1)
+        eventually(
+            lambda: (
+                metric(first, "substation_duplicate_requests_total", substation="substation-1") == 1
+            )
+        )
 
         eventually(lambda: metric(first, count, substation="substation-1") == 1, timeout=15)
         eventually(lambda: metric(second, count, substation="substation-2") == 1, timeout=15)
