@@ -26,7 +26,12 @@ shapes with :func:`decode_events`. Batching is what keeps each request's three e
 costing every subscriber three deliveries: deliveries, not bytes, are what the broker and pika
 spend their time on.
 
-All queues are durable quorum queues with every argument explicit, so the declarations mean the
+The history stream (``smartgrid.history``, see :func:`history_topology`) keeps every charge
+request and every event about a request, in order, for a retention window: gateways and the
+balancer replay it at start to rebuild request statuses, idempotency records and which EV is
+busy. It is the one queue that is not a quorum queue.
+
+All work queues are durable quorum queues with every argument explicit, so the declarations mean the
 same on RabbitMQ 3.10 and 4.x (4.x changed the default delivery limit and refuses transient
 non-exclusive queues). Messages are persistent JSON.
 """
@@ -127,6 +132,38 @@ def core_topology() -> list[Declaration]:
     ]
 
 
+#: The log of requests and their lifecycle (an append-only stream, replayed at start).
+HISTORY_STREAM = "smartgrid.history"
+
+
+def history_topology(*, max_age_seconds: int, max_bytes: int) -> list[Declaration]:
+    """The history stream, bound to the requests exchange (so a request reaches the stream and
+    the pending queue in one publish, confirmed once both have it) and to every event kind that
+    changes a request's status (:data:`HISTORY_EVENTS`). Retention drops whole segments older
+    than ``max_age_seconds`` or beyond ``max_bytes``, whichever comes first."""
+    if max_age_seconds <= 0 or max_bytes <= 0:
+        raise ValueError("a history stream needs a positive age and size limit")
+    # The exchanges are those of core_topology(), declared with it.
+    declarations: list[Declaration] = [
+        Queue(
+            HISTORY_STREAM,
+            {
+                "x-queue-type": "stream",
+                "x-max-age": f"{int(max_age_seconds)}s",
+                "x-max-length-bytes": int(max_bytes),
+                # Retention works per segment: keep segments small next to the limit, so that
+                # what is dropped at once is a small part of what is kept.
+                "x-stream-max-segment-size-bytes": max(
+                    1_000_000, min(int(max_bytes) // 20, 500_000_000)
+                ),
+            },
+        ),
+        Binding(HISTORY_STREAM, REQUESTS_EXCHANGE, REQUEST_ROUTING_KEY),
+    ]
+    declarations += [Binding(HISTORY_STREAM, EVENTS_EXCHANGE, cls.kind) for cls in HISTORY_EVENTS]
+    return declarations
+
+
 def substation_queue_name(substation_id: str) -> str:
     return SUBSTATION_QUEUE_PREFIX + substation_id
 
@@ -146,8 +183,12 @@ def substation_topology(substation_id: str) -> list[Declaration]:
 EV_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 SUBSTATION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 REQUEST_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+CLIENT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: A fingerprint of a request body: 128 bits of SHA-256, as hex.
+FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 EV_ID_RULE = "1 to 64 characters: letters, digits and . _ : - (starting with a letter or digit)"
+CLIENT_RULE = "1 to 64 characters: letters, digits and . _ - (starting with a letter or digit)"
 SUBSTATION_ID_RULE = (
     "1 to 63 characters: letters, digits, _ and - (starting with a letter or digit)"
 )
@@ -172,6 +213,9 @@ _ID_CHECKS = {
     "request_id": (REQUEST_ID_PATTERN, "32 lowercase hex digits"),
     "ev_id": (EV_ID_PATTERN, EV_ID_RULE),
     "substation": (SUBSTATION_ID_PATTERN, SUBSTATION_ID_RULE),
+    "active_request_id": (REQUEST_ID_PATTERN, "32 lowercase hex digits"),
+    "client": (CLIENT_PATTERN, CLIENT_RULE),
+    "body_fingerprint": (FINGERPRINT_PATTERN, "32 lowercase hex digits"),
 }
 
 
@@ -285,6 +329,13 @@ class ChargeRequest:
     #: Set when a balancer moved the request out of the queue of a substation that died: it
     #: may have started there, and must run again elsewhere rather than count as a duplicate.
     rerouted_from: str | None = None
+    #: The client (named in the gateway's tokens file) the request belongs to; None when the
+    #: API is open. Kept in the history stream, so ownership survives a gateway restart.
+    client: str | None = None
+    #: Set when the request came with an ``Idempotency-Key`` (the request id is then derived
+    #: from the client and the key): the fingerprint of the body, so that a repeat of the key
+    #: with another body is told apart, by any gateway, after any restart.
+    body_fingerprint: str | None = None
 
     def to_body(self) -> bytes:
         return _dump(self)
@@ -450,6 +501,62 @@ class BalancerStarted(Event):
     balancer: str
 
 
+#: Why a request was rejected after it was accepted (``RequestRejected.reason``).
+#: ev_busy: another request for the same EV was active; the balancer, the one consumer of the
+#: pending queue, decided (two gateways raced on one EV).
+REJECTED_EV_BUSY = "ev_busy"
+#: not_enqueued: the broker refused the request (a negative confirm) when it was published; the
+#: gateway answered 503, and a repeat of the same Idempotency-Key may try again.
+REJECTED_NOT_ENQUEUED = "not_enqueued"
+REJECTION_REASONS = (REJECTED_EV_BUSY, REJECTED_NOT_ENQUEUED)
+
+
+@dataclass(frozen=True)
+class RequestRejected(Event):
+    """An accepted request that will never run, and why (one of :data:`REJECTION_REASONS`)."""
+
+    kind: ClassVar[str] = "request.rejected"
+    request_id: str
+    ev_id: str
+    reason: str
+    #: Words for the driver, shown by ``GET /charge/<id>``.
+    detail: str
+    #: Who decided: a balancer or gateway id.
+    source: str
+    #: Which acceptance of the request this rejects (a repeat after ``not_enqueued`` is a new
+    #: acceptance of the same request id, with a later ``accepted_at``).
+    accepted_at: float
+    #: For ev_busy: the request that holds the EV.
+    active_request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelRequested(Event):
+    """A command to everyone who may hold the request: the balancer obeys for a request not yet
+    forwarded (held, or still in the pending queue), the substation for one delivered to it
+    (waiting in its queue, or charging). Whoever obeys publishes :class:`RequestCancelled`."""
+
+    kind: ClassVar[str] = "request.cancel_requested"
+    request_id: str
+    ev_id: str
+    client: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestCancelled(Event):
+    """A request that was cancelled: it never started (``started_at`` is None) or its session
+    was stopped at ``substation`` and its charging point freed."""
+
+    kind: ClassVar[str] = "request.cancelled"
+    request_id: str
+    ev_id: str
+    #: Who obeyed: a balancer id or a substation id.
+    source: str
+    substation: str | None = None
+    instance: str | None = None
+    started_at: float | None = None
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
@@ -460,11 +567,26 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SessionLookup,
         SessionLookupReply,
         RequestDeadLettered,
+        RequestRejected,
+        CancelRequested,
+        RequestCancelled,
         SubstationAnnounced,
         SubstationLeaving,
         BalancerStarted,
     )
 }
+
+#: The events that change a request's status, kept in the history stream.
+HISTORY_EVENTS: tuple[type[Event], ...] = (
+    RequestAccepted,
+    RequestRouted,
+    SessionStarted,
+    SessionCompleted,
+    RequestDeadLettered,
+    RequestRejected,
+    CancelRequested,
+    RequestCancelled,
+)
 
 
 def event_bindings(*events: type[Event]) -> tuple[tuple[str, str], ...]:

@@ -75,6 +75,28 @@ ONE_OF_EACH_EVENT: list[contract.Event] = [
     contract.SessionLookupReply(
         at=8.1, request_id=REQUEST_ID, asker="s2", substation="s1", status="running"
     ),
+    contract.RequestRejected(
+        at=9.0,
+        request_id=REQUEST_ID,
+        ev_id="EV1",
+        reason=contract.REJECTED_EV_BUSY,
+        detail="EV1 has an active request",
+        source="b-1",
+        accepted_at=1.5,
+        active_request_id="f" * 32,
+    ),
+    contract.CancelRequested(at=10.0, request_id=REQUEST_ID, ev_id="EV1", client="fleet-1"),
+    contract.CancelRequested(at=10.0, request_id=REQUEST_ID, ev_id="EV1"),
+    contract.RequestCancelled(at=10.5, request_id=REQUEST_ID, ev_id="EV1", source="b-1"),
+    contract.RequestCancelled(
+        at=10.5,
+        request_id=REQUEST_ID,
+        ev_id="EV1",
+        source="s1",
+        substation="s1",
+        instance="inst-1",
+        started_at=3.0,
+    ),
 ]
 
 
@@ -490,3 +512,66 @@ def test_a_message_carries_events_of_one_kind_only():
         contract.encode_events([_started(1), leaving])
     with pytest.raises(ValueError, match="one kind"):
         contract.encode_events([])
+
+
+# ------------------------------------------------------------------------------ issue 14 fields
+def test_a_charge_request_with_a_client_and_a_body_fingerprint_round_trips():
+    request = contract.ChargeRequest(
+        request_id=REQUEST_ID,
+        ev_id="EV1",
+        accepted_at=1.5,
+        client="fleet-1",
+        body_fingerprint="0" * 32,
+    )
+    assert contract.ChargeRequest.from_body(request.to_body()) == request
+
+
+def test_a_charge_request_of_an_earlier_version_has_no_client_and_no_fingerprint():
+    request = contract.ChargeRequest.from_body(encode(charge_request_dict()))
+    assert request.client is None and request.body_fingerprint is None
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("client", "has space"),
+        ("client", ""),
+        ("client", "x" * 65),
+        ("body_fingerprint", "abc"),
+        ("body_fingerprint", "G" * 32),
+    ],
+)
+def test_a_malformed_client_or_fingerprint_is_rejected_naming_the_field(field: str, value: str):
+    assert field in reason_for(encode(charge_request_dict(**{field: value})))
+
+
+def test_a_rejection_naming_a_malformed_active_request_is_rejected():
+    event = dataclasses.replace(ONE_OF_EACH_EVENT[-5], active_request_id="nope")
+    assert isinstance(event, contract.RequestRejected)
+    with pytest.raises(contract.InvalidMessage, match="active_request_id"):
+        contract.decode_event(event.kind, event.to_body())
+
+
+def test_the_history_stream_is_a_stream_with_retention_by_age_and_size():
+    queue, *bindings = contract.history_topology(max_age_seconds=90_000, max_bytes=2_000_000_000)
+    assert queue.name == contract.HISTORY_STREAM and queue.durable
+    assert queue.arguments["x-queue-type"] == "stream"
+    assert queue.arguments["x-max-age"] == "90000s"
+    assert queue.arguments["x-max-length-bytes"] == 2_000_000_000
+    assert 0 < queue.arguments["x-stream-max-segment-size-bytes"] <= 2_000_000_000 // 20
+    assert (
+        contract.Binding(
+            contract.HISTORY_STREAM, contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY
+        )
+        in bindings
+    )
+    kinds = {b.routing_key for b in bindings if b.exchange == contract.EVENTS_EXCHANGE}
+    assert kinds == {cls.kind for cls in contract.HISTORY_EVENTS}
+    # Chatter that changes no request's status stays out of the history.
+    assert not kinds & {"substation.announced", "session.lookup", "balancer.started"}
+
+
+@pytest.mark.parametrize("age, size", [(0, 1), (1, 0), (-5, 10)])
+def test_a_history_stream_without_limits_is_refused(age: int, size: int):
+    with pytest.raises(ValueError):
+        contract.history_topology(max_age_seconds=age, max_bytes=size)
