@@ -50,6 +50,8 @@ class PublishCancel:
     """Publish ``event`` (reliably), then answer with :func:`after_cancel`."""
 
     event: contract.CancelRequested
+    #: The request's status when the cancel was decided.
+    status: str = QUEUED
 
 
 class Outcome(enum.Enum):
@@ -246,7 +248,8 @@ def plan_cancel(
     # obeys once), and covers a command lost with a gateway that died before confirming it.
     assert record.ev_id is not None
     return PublishCancel(
-        contract.CancelRequested(at=now, request_id=request_id, ev_id=record.ev_id, client=client)
+        contract.CancelRequested(at=now, request_id=request_id, ev_id=record.ev_id, client=client),
+        status=record.status,
     )
 
 
@@ -264,6 +267,11 @@ def after_cancel(
     body = (
         record.to_json()
         if record is not None
-        else {"request_id": plan.event.request_id, "ev_id": plan.event.ev_id}
+        else {
+            "request_id": plan.event.request_id,
+            "ev_id": plan.event.ev_id,
+            "status": plan.status,
+            "cancel_requested_at": plan.event.at,
+        }
     )
     return Answer(202, body, _location(plan.event.request_id))
