@@ -6,13 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run up test lint broker clean help
+.PHONY: run up test lint dashboard broker clean help
 
 help:
 	@echo "make run   start the stack, run the compressed seed scenario, print the report, stop"
 	@echo "make up    start the stack and keep it running until Ctrl-C"
 	@echo "make test  run the test suite (against the local RabbitMQ)"
 	@echo "make lint  ruff"
+	@echo "make dashboard  write the Grafana dashboard's JSON from its code, monitoring/dashboard.py"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,10 @@ test: $(STAMP) broker
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The Grafana dashboard is code (monitoring/dashboard.py); this writes the JSON Grafana reads.
+dashboard: $(STAMP)
+	$(BIN)/python -m monitoring.dashboard
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
