@@ -4,9 +4,10 @@
 smartgrid.json, the file Grafana provisions; tests/test_dashboard.py fails while the committed
 file differs from what this module builds. Edit this module, never the JSON.
 
-:func:`dashboard` lists the panels in groups, top to bottom; each panel is a function below
+:func:`dashboard` lists the rows and their panels, top to bottom; each panel is a function below
 it. Grafana's grafana-foundation-sdk builders lay the panels out left to right, wrapping at the
-grid's 24 columns, so a panel is added by writing its function and naming it in its group. The code states only what differs from Grafana's defaults.
+grid's 24 columns, and a row header starts a new line, so a panel is added by writing its
+function and naming it in its row. The code states only what differs from Grafana's defaults.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from grafana_foundation_sdk.builders.dashboard import (
     Dashboard,
     FieldColor,
     QueryVariable,
+    Row,
     ThresholdsConfig,
     TimePicker,
 )
@@ -107,7 +109,8 @@ def dashboard() -> Dashboard:
         "Health": [substations_up(), broker_connections(), held_requests(), restarts()],
         "Balancer internals": [age_of_readings(), decision_time()],
     }
-    for panels in rows.values():
+    for title, panels in rows.items():
+        board.with_row(Row(title))
         for each in panels:
             board.with_panel(each)
     return board
@@ -369,7 +372,7 @@ def broker_connections() -> stat.Panel:
         "1 while the service is connected to RabbitMQ and consuming; and whether Prometheus can"
         " scrape RabbitMQ itself.",
         query("balancer_broker_connected", "balancer {{instance}}"),
-        query("substation_broker_connected", "{{instance}}"),
+        query("substation_broker_connected", "{{substation}}"),
         query('up{job="rabbitmq"}', "RabbitMQ scrape"),
         query("gateway_broker_connected", "gateway"),
         down="disconnected",

@@ -66,6 +66,27 @@ def test_the_command_has_help():
     assert "--check" in result.stdout and "--output" in result.stdout
 
 
+def test_every_panel_sits_under_its_row_and_rows_are_full_width():
+    panels = json.loads(render())["panels"]
+    rows = [panel for panel in panels if panel["type"] == "row"]
+    assert len(rows) > 1
+    assert all(
+        row["gridPos"] == {"x": 0, "y": row["gridPos"]["y"], "w": 24, "h": 1} for row in rows
+    )
+    assert panels[0]["type"] == "row", "the first thing on the dashboard is a row header"
+    row_y = None
+    bottom = 0  # the lowest edge of the panels so far
+    for panel in panels:
+        pos = panel["gridPos"]
+        if panel["type"] == "row":
+            assert pos["y"] == bottom, f"row {panel['title']!r} is not right below the panels above"
+            row_y, bottom = pos["y"], pos["y"] + 1
+            continue
+        assert pos["y"] > row_y, f"{panel['title']} is above its row"
+        bottom = max(bottom, pos["y"] + pos["h"])
+    assert [panel["id"] for panel in panels] == list(range(1, len(panels) + 1))
+
+
 def test_the_queue_panels_show_smartgrids_own_queues_and_no_others():
     # Prometheus anchors a regular expression at both ends, as fullmatch does.
     ours = [
