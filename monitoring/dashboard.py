@@ -67,7 +67,6 @@ QUEUES = "|".join(
         contract.SUBSTATION_QUEUE_PREFIX.replace(".", "[.]") + ".+",
     )
 )
-QUEUE_MATCHERS = f'vhost=~"$vhost", queue=~"{QUEUES}"'
 
 #: The LoadImbalance alert fires while the spread stays above this (rules/smartgrid.yml).
 LOAD_IMBALANCE_ABOVE = 3
@@ -253,10 +252,7 @@ def messages_waiting() -> timeseries.Panel:
         "Ready messages in each smartgrid queue (RabbitMQ per-queue metrics). smartgrid.pending:"
         " accepted requests the balancer has not taken yet; smartgrid.substation.<id>: routed"
         " requests waiting for a charging point; smartgrid.dead-letters: requests set aside.",
-        query(
-            f"sum by (queue) (rabbitmq_detailed_queue_messages_ready{{{QUEUE_MATCHERS}}})",
-            "{{queue}}",
-        ),
+        each_queue("rabbitmq_detailed_queue_messages_ready"),
         decimals=0,
     )
 
@@ -267,10 +263,7 @@ def messages_unacknowledged() -> timeseries.Panel:
         "Unacknowledged messages per queue: on smartgrid.pending the requests the balancer is"
         " holding or forwarding; on a substation's queue its running sessions (acknowledged when"
         " the session completes).",
-        query(
-            f"sum by (queue) (rabbitmq_detailed_queue_messages_unacked{{{QUEUE_MATCHERS}}})",
-            "{{queue}}",
-        ),
+        each_queue("rabbitmq_detailed_queue_messages_unacked"),
         decimals=0,
     )
 
@@ -451,6 +444,11 @@ def decision_time() -> timeseries.Panel:
 def selected(metric: str) -> str:
     """The metric's series of the substations chosen in the dashboard's variable."""
     return f'{metric}{{substation=~"$substation"}}'
+
+
+def each_queue(metric: str) -> Dataquery:
+    """A RabbitMQ per-queue metric of each of smartgrid's queues, in the vhosts chosen."""
+    return query(f'sum by (queue) ({metric}{{vhost=~"$vhost", queue=~"{QUEUES}"}})', "{{queue}}")
 
 
 def quantile(q: float, buckets: str, *, by: str = "") -> str:
