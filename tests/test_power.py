@@ -7,7 +7,7 @@ import random
 from fractions import Fraction
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartgrid.power import (
@@ -21,6 +21,9 @@ from smartgrid.power import (
 )
 
 E, F, S = Priority.EMERGENCY, Priority.FLEET, Priority.STANDARD
+
+#: The machine is shared: a slow example is not a failure.
+no_deadline = settings(deadline=None)
 
 
 def session(name: str, min_kw: float, max_kw: float, priority=S, seniority: int = 0):
@@ -184,6 +187,7 @@ guarantees = st.one_of(
 )
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits, guaranteed=guarantees)
 def test_never_exceeds_the_limit_and_every_session_runs_between_its_bounds_or_pauses(
     sessions, limit, guaranteed
@@ -199,6 +203,7 @@ def test_never_exceeds_the_limit_and_every_session_runs_between_its_bounds_or_pa
     assert sum(result.paused_by_class.values()) == len(result.paused)
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits)
 def test_a_session_is_paused_only_when_its_minimum_does_not_fit_after_those_ahead_of_it(
     sessions, limit
@@ -212,6 +217,7 @@ def test_a_session_is_paused_only_when_its_minimum_does_not_fit_after_those_ahea
             ahead += s.min_w
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits)
 def test_paused_sessions_are_listed_in_the_order_they_resume(sessions, limit):
     result = allocate(limit, sessions)
@@ -219,6 +225,7 @@ def test_paused_sessions_are_listed_in_the_order_they_resume(sessions, limit):
     assert list(result.paused) == sorted(result.paused, key=order.__getitem__)
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits)
 def test_water_filling_is_max_min_fair_within_a_class(sessions, limit):
     result = allocate(limit, sessions)
@@ -236,6 +243,7 @@ def test_water_filling_is_max_min_fair_within_a_class(sessions, limit):
                 assert power[b.session] <= power[a.session] + 1
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits)
 def test_a_lower_class_gets_extra_power_only_when_every_higher_one_is_at_its_maximum(
     sessions, limit
@@ -250,6 +258,7 @@ def test_a_lower_class_gets_extra_power_only_when_every_higher_one_is_at_its_max
                     assert power[high.session] == high.max_w
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits, guaranteed=guarantees)
 def test_the_whole_limit_is_used_unless_every_running_car_is_at_its_maximum(
     sessions, limit, guaranteed
@@ -260,6 +269,7 @@ def test_the_whole_limit_is_used_unless_every_running_car_is_at_its_maximum(
         assert result.total_w == limit
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits, guaranteed=guarantees, seed=st.integers(0, 2**32))
 def test_the_result_does_not_depend_on_the_order_of_the_input(sessions, limit, guaranteed, seed):
     shuffled = list(sessions)
@@ -267,11 +277,13 @@ def test_the_result_does_not_depend_on_the_order_of_the_input(sessions, limit, g
     assert allocate(limit, sessions, guaranteed) == allocate(limit, shuffled, guaranteed)
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits, extra=st.integers(0, 100_000))
 def test_more_power_never_lowers_the_total_drawn(sessions, limit, extra):
     assert allocate(limit + extra, sessions).total_w >= allocate(limit, sessions).total_w
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits, extra=st.integers(0, 100_000))
 def test_more_power_never_lowers_a_session_while_the_same_sessions_run(sessions, limit, extra):
     lower, higher = allocate(limit, sessions), allocate(limit + extra, sessions)
@@ -280,6 +292,7 @@ def test_more_power_never_lowers_a_session_while_the_same_sessions_run(sessions,
             assert higher.power_w[s.session] >= lower.power_w[s.session]
 
 
+@no_deadline
 @given(sessions=demands(), limit=limits, extra=st.integers(0, 100_000))
 def test_more_power_never_pauses_a_session_ahead_of_every_paused_one(sessions, limit, extra):
     """The sessions served before the first pause (in resume order) stay served."""
@@ -292,6 +305,7 @@ def test_more_power_never_pauses_a_session_ahead_of_every_paused_one(sessions, l
     assert served_prefix(higher) >= served_prefix(lower)
 
 
+@no_deadline
 @given(
     count=st.integers(0, 40),
     capacity_extra=st.integers(0, 20),
@@ -317,6 +331,7 @@ def fill_inputs(draw):
     return budget, bounds
 
 
+@no_deadline
 @given(fill_inputs())
 def test_weighted_water_filling_fits_and_is_fair_per_unit_of_weight(case):
     budget, bounds = case
@@ -333,6 +348,7 @@ def test_weighted_water_filling_fits_and_is_fair_per_unit_of_weight(case):
                 assert Fraction(share_b - 1, w_b) <= Fraction(share_a + 1, w_a)
 
 
+@no_deadline
 @given(fill_inputs(), st.integers(0, 50_000))
 def test_water_filling_is_monotone_in_the_budget(case, extra):
     budget, bounds = case
