@@ -28,11 +28,12 @@ B's old lease has run out).
 
 **Failover.** A new allocator takes a higher ``term`` (its activation time in ms), so its grants
 replace any of its predecessor's. Until a substation has acknowledged a grant of the new term,
-or until ``lease + 2 x skew`` has passed since activation (every earlier grant has run out by
-then, whatever the three clocks say),
-the new allocator assumes that substation may draw its whole own limit, so its first shares are
-small and grow as acknowledgements come in (within a report interval). A substation process that restarts
-refuses grants issued before it started (they may have been replaced already).
+or until ``lease + 2 x skew`` has passed since activation (by then every earlier grant has run
+out, whatever the clocks say), the new allocator assumes that substation may draw its whole own
+limit: its first shares are small (0 under a full feeder) and grow as the acknowledgements come
+in, within a report interval. A restarted substation refuses grants issued before it started
+(they may have been replaced already). A lost grant is repaired by the next renewal
+(``renew_after``, a third of the lease by default).
 
 Every class here is a pure state machine: times are arguments, nothing reads a clock.
 """
