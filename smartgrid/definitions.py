@@ -6,6 +6,13 @@ compose, ``--users-from-env`` adds one user per service with the least permissio
 passwords taken from the environment (``.env``) and stored only as RabbitMQ password hashes;
 the broker imports that file at boot, so no ``guest`` user is ever created there.
 
+What each service may do is written once, as a :class:`Role` (what it publishes, consumes,
+and which event kinds it publishes and subscribes to), and turned into permissions here.
+Topic permissions on the events exchange hold every role to its own event kinds.
+``--admin-declares-topology`` also takes from the services the right to declare (and so to
+delete) the core topology, and ``--substation-users`` gives each substation a user of its
+own, held to its own queue; tests/test_permissions.py tries every attack against both.
+
     python -m smartgrid.definitions --output rabbitmq/definitions.json
     python -m smartgrid.definitions --users-from-env --output /definitions/definitions.json
 """
@@ -20,6 +27,8 @@ import os
 import re
 import secrets
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from smartgrid import contract
@@ -27,10 +36,101 @@ from smartgrid import contract
 DEFAULT_VHOST = "smartgrid"
 
 
-#: What each service does on the broker, as RabbitMQ permission regexes (configure, write,
-#: read). Every service declares the core topology (configure on it; binding the pending and
-#: dead-letter queues needs write on them and read on their exchanges) and its own exclusive
-#: event subscription queue (smartgrid.<service>-events.*).
+@dataclass(frozen=True)
+class Role:
+    """What one service does on the broker, by name; the permissions are worked out from it.
+
+    RabbitMQ checks three things per resource (https://www.rabbitmq.com/docs/access-control):
+    *configure* to declare (even an identical redeclare) or delete a queue or exchange;
+    *write* to publish to an exchange, or to be the destination of a binding; *read* to consume
+    (or purge) a queue, or to be the source of a binding. On the topic exchange of lifecycle
+    events, topic permissions also check the routing key, which is the event kind: *write*
+    when publishing, *read* when binding. A passive declare needs no permission at all.
+    """
+
+    #: Exchanges it publishes to.
+    publishes_to: tuple[str, ...] = ()
+    #: Queues it consumes.
+    consumes: tuple[str, ...] = ()
+    #: Event kinds it publishes, and the kinds its event subscription binds.
+    publishes: tuple[type[contract.Event], ...] = ()
+    subscribes: tuple[type[contract.Event], ...] = ()
+    #: Its event subscription queues are named <subscription>.<anything>.
+    subscription: str = ""
+    #: Substation queues it declares, binds to the dispatch exchange and consumes: a regex.
+    substation_queues: str = ""
+
+
+_ANY_SUBSTATION_QUEUE = (
+    re.escape(contract.SUBSTATION_QUEUE_PREFIX) + contract.SUBSTATION_ID_PATTERN.pattern
+)
+
+ROLES: dict[str, Role] = {
+    # Internet-facing: it only publishes requests and follows their fate.
+    "gateway": Role(
+        publishes_to=(contract.REQUESTS_EXCHANGE,),
+        subscribes=(
+            contract.RequestAccepted,
+            contract.RequestRouted,
+            contract.SessionStarted,
+            contract.SessionCompleted,
+            contract.RequestDeadLettered,
+        ),
+        subscription="smartgrid.gateway-events",
+    ),
+    "balancer": Role(
+        publishes_to=(
+            contract.DISPATCH_EXCHANGE,
+            contract.EVENTS_EXCHANGE,
+            contract.DEAD_LETTER_EXCHANGE,
+            # Requests off a substation presumed dead go back to pending.
+            contract.REQUESTS_EXCHANGE,
+        ),
+        consumes=(contract.PENDING_QUEUE,),
+        publishes=(contract.RequestRouted, contract.BalancerStarted, contract.RequestDeadLettered),
+        subscribes=(
+            contract.RequestRouted,
+            contract.SessionStarted,
+            contract.SessionCompleted,
+            contract.SubstationAnnounced,
+            contract.SubstationLeaving,
+        ),
+        subscription="smartgrid.balancer-events",
+        # It declares and drains the queue of any substation presumed dead.
+        substation_queues=_ANY_SUBSTATION_QUEUE,
+    ),
+    "substation": Role(
+        publishes_to=(contract.EVENTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE),
+        publishes=(
+            contract.SessionStarted,
+            contract.SessionCompleted,
+            contract.SessionLookup,
+            contract.SessionLookupReply,
+            contract.SubstationAnnounced,
+            contract.SubstationLeaving,
+            contract.RequestDeadLettered,
+        ),
+        subscribes=(contract.BalancerStarted, contract.SessionLookup, contract.SessionLookupReply),
+        subscription="smartgrid.substation-events",
+        # One user shared by every substation cannot be held to one queue.
+        substation_queues=_ANY_SUBSTATION_QUEUE,
+    ),
+    # It reads the lifecycle events to build its ledger, and sends requests over HTTP only.
+    "loadgen": Role(
+        subscribes=(
+            contract.RequestRouted,
+            contract.SessionStarted,
+            contract.SessionCompleted,
+            contract.RequestDeadLettered,
+            contract.SubstationAnnounced,
+        ),
+        subscription="smartgrid.loadgen-events",
+    ),
+}
+
+#: The core topology, which services declare themselves until they can check it passively
+#: (``services_declare``): that needs configure on every entity (so also lets them delete
+#: it), write on the queues it binds and read on the exchanges they are bound to.
 _CORE = [
     contract.REQUESTS_EXCHANGE,
     contract.DISPATCH_EXCHANGE,
@@ -41,58 +141,65 @@ _CORE = [
 ]
 _CORE_BIND_WRITE = [contract.PENDING_QUEUE, contract.DEAD_LETTER_QUEUE]
 _CORE_BIND_READ = [contract.REQUESTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE]
-_SUBSTATION_QUEUES = re.escape(contract.SUBSTATION_QUEUE_PREFIX) + ".+"
+
+#: A regex that matches no name a client can use ("^$" is RabbitMQ's own "nothing").
+NOTHING = "^$"
 
 
-def _permissions(
-    *, extra_configure: str = "", write: list[str], read: list[str], events_queue: str
-) -> dict:
-    subscription = re.escape(events_queue) + r"\..+"
+def _exactly(names: Iterable[str], *regexes: str) -> str:
+    parts = sorted({re.escape(n) for n in names}) + sorted({r for r in regexes if r})
+    return "^(" + "|".join(parts) + ")$" if parts else NOTHING
 
-    def pattern(names: list[str], *extra: str) -> str:
-        parts = [re.escape(n) for n in names] + [e for e in extra if e]
-        return "^(" + "|".join(parts) + ")$"
 
-    return {
-        "configure": pattern(_CORE, subscription, extra_configure),
-        "write": pattern(_CORE_BIND_WRITE + write, subscription, extra_configure),
-        "read": pattern(
-            _CORE_BIND_READ + read + [contract.EVENTS_EXCHANGE], subscription, extra_configure
-        ),
+def substation_user(substation_id: str) -> str:
+    """The broker user of one substation, in the one-user-per-substation setup."""
+    return f"substation-{substation_id}"
+
+
+def role_permissions(
+    role: Role, *, services_declare: bool = True, substation_id: str | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The (resource, topic) permissions of ``role``, as RabbitMQ regexes.
+
+    ``services_declare``: the services declare the core topology themselves (today's
+    services) instead of checking it passively. Then every user may also delete it; only
+    without it are the core queues and exchanges the admin's alone.
+
+    ``substation_id``: a substation's own user, held to its own queue, which the admin's
+    definitions declare and bind (:func:`topology_definitions` ``substations``).
+    """
+    subscription = re.escape(role.subscription) + r"\..+" if role.subscription else ""
+    configure: list[str] = []
+    write = list(role.publishes_to)
+    read = list(role.consumes)
+    if role.subscribes:
+        read.append(contract.EVENTS_EXCHANGE)
+    own_queues = role.substation_queues
+    binds_own_queue = bool(own_queues)
+    if substation_id is not None:
+        own_queues = re.escape(contract.substation_queue_name(substation_id))
+        # Its queue and binding come from the admin: binding needs read on the dispatch
+        # exchange, a direct exchange whose routing keys no permission checks, so a user that
+        # may bind could bind its queue to another substation's id as well.
+        binds_own_queue = services_declare
+    if services_declare:
+        configure += _CORE
+        write += _CORE_BIND_WRITE
+        read += _CORE_BIND_READ
+    if binds_own_queue:
+        read.append(contract.DISPATCH_EXCHANGE)
+    resource = {
+        "configure": _exactly(configure, subscription, own_queues if binds_own_queue else ""),
+        "write": _exactly(write, subscription, own_queues if binds_own_queue else ""),
+        "read": _exactly(read, subscription, own_queues),
     }
+    topic = {
+        "exchange": contract.EVENTS_EXCHANGE,
+        "write": _exactly(e.kind for e in role.publishes),
+        "read": _exactly(e.kind for e in role.subscribes),
+    }
+    return resource, topic
 
-
-SERVICE_PERMISSIONS = {
-    "gateway": _permissions(
-        write=[contract.REQUESTS_EXCHANGE, contract.EVENTS_EXCHANGE],
-        read=[],
-        events_queue="smartgrid.gateway-events",
-    ),
-    "balancer": _permissions(
-        # It declares and drains the queue of a substation that died.
-        extra_configure=_SUBSTATION_QUEUES,
-        write=[
-            contract.DISPATCH_EXCHANGE,
-            contract.EVENTS_EXCHANGE,
-            contract.DEAD_LETTER_EXCHANGE,
-            contract.REQUESTS_EXCHANGE,
-        ],
-        read=[contract.PENDING_QUEUE],
-        events_queue="smartgrid.balancer-events",
-    ),
-    "substation": _permissions(
-        # Each substation declares and binds its own queue.
-        extra_configure=_SUBSTATION_QUEUES,
-        write=[contract.EVENTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE],
-        read=[contract.DISPATCH_EXCHANGE],
-        events_queue="smartgrid.substation-events",
-    ),
-    "loadgen": _permissions(
-        write=[],
-        read=[],
-        events_queue="smartgrid.loadgen-events",
-    ),
-}
 
 #: Environment variables holding each user's password in docker compose.
 PASSWORD_ENV = {
@@ -105,6 +212,11 @@ ADMIN_USER_ENV = "RABBITMQ_ADMIN_USER"
 ADMIN_PASSWORD_ENV = "RABBITMQ_ADMIN_PASSWORD"
 
 
+def substation_password_env(substation_id: str) -> str:
+    """Where one substation's own user finds its password (one user per substation)."""
+    return "SUBSTATION_AMQP_PASSWORD_" + re.sub(r"[^A-Za-z0-9]", "_", substation_id).upper()
+
+
 def password_hash(password: str, salt: bytes | None = None) -> str:
     """RabbitMQ's ``rabbit_password_hashing_sha256``: base64(salt + sha256(salt + password))."""
     salt = secrets.token_bytes(4) if salt is None else salt
@@ -115,8 +227,12 @@ def _argument_values(arguments: dict) -> dict:
     return dict(sorted(arguments.items()))
 
 
-def topology_definitions(vhost: str = DEFAULT_VHOST) -> dict:
+def topology_definitions(vhost: str = DEFAULT_VHOST, *, substations: Iterable[str] = ()) -> dict:
+    """The core topology; with ``substations``, also their queues and bindings (for users
+    that may not declare them: one user per substation)."""
     declarations = contract.core_topology()
+    for substation in substations:
+        declarations += contract.substation_topology(substation)
     return {
         "vhosts": [{"name": vhost}],
         "exchanges": [
@@ -155,53 +271,83 @@ def topology_definitions(vhost: str = DEFAULT_VHOST) -> dict:
             for d in declarations
             if isinstance(d, contract.Binding)
         ],
-        # Substation queues are declared by each substation from the same contract; their
-        # arguments are listed here for operators, as a policy-free reference.
         "policies": [],
     }
 
 
+def _user(name: str, password: str, tags: list[str]) -> dict:
+    return {
+        "name": name,
+        "password_hash": password_hash(password),
+        "hashing_algorithm": "rabbit_password_hashing_sha256",
+        "tags": tags,
+    }
+
+
 def user_definitions(
-    passwords: dict[str, str], admin: tuple[str, str] | None, vhost: str = DEFAULT_VHOST
+    passwords: dict[str, str],
+    admin: tuple[str, str] | None,
+    vhost: str = DEFAULT_VHOST,
+    *,
+    services_declare: bool = True,
+    substation_passwords: dict[str, str] | None = None,
 ) -> dict:
-    users = [
-        {
-            "name": name,
-            "password_hash": password_hash(password),
-            "hashing_algorithm": "rabbit_password_hashing_sha256",
-            "tags": [],
-        }
-        for name, password in passwords.items()
-    ]
-    permissions = [
-        {"user": name, "vhost": vhost, **SERVICE_PERMISSIONS[name]} for name in passwords
-    ]
+    """Users and permissions: one user per role in ``passwords`` (role -> password), and with
+    ``substation_passwords`` (substation id -> password) one user per substation instead of
+    the shared ``substation`` user."""
+    users, permissions, topic_permissions = [], [], []
+
+    def grant(user: str, role: Role, substation_id: str | None = None) -> None:
+        resource, topic = role_permissions(
+            role, services_declare=services_declare, substation_id=substation_id
+        )
+        permissions.append({"user": user, "vhost": vhost, **resource})
+        topic_permissions.append({"user": user, "vhost": vhost, **topic})
+
+    for name, password in passwords.items():
+        users.append(_user(name, password, []))
+        grant(name, ROLES[name])
+    for substation, password in (substation_passwords or {}).items():
+        name = substation_user(substation)
+        users.append(_user(name, password, []))
+        grant(name, ROLES["substation"], substation)
     if admin is not None:
         admin_name, admin_password = admin
-        users.append(
-            {
-                "name": admin_name,
-                "password_hash": password_hash(admin_password),
-                "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": ["administrator"],
-            }
-        )
+        users.append(_user(admin_name, admin_password, ["administrator"]))
         permissions.append(
             {"user": admin_name, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
         )
-    return {"users": users, "permissions": permissions}
+    return {"users": users, "permissions": permissions, "topic_permissions": topic_permissions}
 
 
-def users_from_env(environ: dict[str, str]) -> tuple[dict[str, str], tuple[str, str]]:
+def users_from_env(
+    environ: dict[str, str], substations: Iterable[str] = ()
+) -> tuple[dict[str, str], tuple[str, str], dict[str, str]]:
+    """(role passwords, admin, substation passwords) from the environment. With
+    ``substations`` each has a user of its own, and there is no shared substation user."""
+    substations = list(substations)
+    roles = {r: v for r, v in PASSWORD_ENV.items() if not (substations and r == "substation")}
+    own = {s: substation_password_env(s) for s in substations}
     missing = [
         v
-        for v in [*PASSWORD_ENV.values(), ADMIN_USER_ENV, ADMIN_PASSWORD_ENV]
+        for v in [*roles.values(), *own.values(), ADMIN_USER_ENV, ADMIN_PASSWORD_ENV]
         if not environ.get(v)
     ]
     if missing:
         raise SystemExit(f"definitions: set {', '.join(missing)} (see .env.example)")
-    passwords = {user: environ[variable] for user, variable in PASSWORD_ENV.items()}
-    return passwords, (environ[ADMIN_USER_ENV], environ[ADMIN_PASSWORD_ENV])
+    return (
+        {role: environ[variable] for role, variable in roles.items()},
+        (environ[ADMIN_USER_ENV], environ[ADMIN_PASSWORD_ENV]),
+        {substation: environ[variable] for substation, variable in own.items()},
+    )
+
+
+def _substation_ids(value: str) -> list[str]:
+    ids = [part.strip() for part in value.split(",") if part.strip()]
+    bad = [i for i in ids if not contract.is_valid_substation_id(i)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"invalid substation id(s): {', '.join(bad)}")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,20 +355,44 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m smartgrid.definitions",
         description="Write RabbitMQ definitions for the message contract.",
         epilog="with --users-from-env: "
-        + ", ".join([ADMIN_USER_ENV, ADMIN_PASSWORD_ENV, *PASSWORD_ENV.values()]),
+        + ", ".join([ADMIN_USER_ENV, ADMIN_PASSWORD_ENV, *PASSWORD_ENV.values()])
+        + "; with --substation-users also "
+        + substation_password_env("<ID>"),
     )
     parser.add_argument("--vhost", default=DEFAULT_VHOST)
     parser.add_argument(
         "--users-from-env", action="store_true", help="add the service users and the admin"
     )
     parser.add_argument(
+        "--admin-declares-topology",
+        action="store_true",
+        help="only the admin may declare or delete the core topology; the services must check "
+        "it passively (they do not yet: see the README's security section)",
+    )
+    parser.add_argument(
+        "--substation-users",
+        type=_substation_ids,
+        default=[],
+        metavar="ID,ID,...",
+        help="one user per substation, held to its own queue (declared here), instead of one "
+        "shared substation user",
+    )
+    parser.add_argument(
         "--output", "-o", type=Path, help="file to write (default: standard output)"
     )
     args = parser.parse_args(argv)
-    definitions = topology_definitions(args.vhost)
+    definitions = topology_definitions(args.vhost, substations=args.substation_users)
     if args.users_from_env:
-        passwords, admin = users_from_env(dict(os.environ))
-        definitions |= user_definitions(passwords, admin, args.vhost)
+        passwords, admin, substation_passwords = users_from_env(
+            dict(os.environ), args.substation_users
+        )
+        definitions |= user_definitions(
+            passwords,
+            admin,
+            args.vhost,
+            services_declare=not args.admin_declares_topology,
+            substation_passwords=substation_passwords,
+        )
     text = json.dumps(definitions, indent=2) + "\n"
     if args.output is None:
         sys.stdout.write(text)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,6 +69,50 @@ def eventually(
                 return last
         time.sleep(interval)
     raise AssertionError(f"not true after {timeout}s: {what or check} (last value {last!r})")
+
+
+def rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=120)
+
+
+@contextlib.contextmanager
+def imported_definitions(document: dict, passwords: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Import broker definitions into the local RabbitMQ and yield each user's AMQP URL.
+
+    Users are renamed with a random suffix, so they cannot collide with anything else on the
+    broker (users are not per vhost); the vhost and the users are deleted afterwards.
+    """
+    vhost = document["vhosts"][0]["name"]
+    suffix = "-" + uuid.uuid4().hex[:6]
+    document = json.loads(json.dumps(document))
+    for entry in document.get("users", []):
+        entry["name"] += suffix
+    for key in ("permissions", "topic_permissions"):
+        for entry in document.get(key, []):
+            entry["user"] += suffix
+    # rabbitmqctl runs as the rabbitmq user, who cannot read pytest's private tmp_path (and
+    # 3.10 does not read "-" as standard input): a readable file directly in /tmp.
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir="/tmp") as handle:
+        json.dump(document, handle)
+        handle.flush()
+        os.chmod(handle.name, 0o644)
+        result = rabbitmqctl("import_definitions", handle.name)
+    assert result.returncode == 0, result.stderr
+    try:
+        # The import finishes asynchronously.
+        eventually(
+            lambda: vhost in rabbitmqctl("list_vhosts").stdout.split(),
+            timeout=30,
+            what="vhost imported",
+        )
+        yield {
+            user: f"amqp://{user}{suffix}:{password}@localhost:5672/{vhost}"
+            for user, password in passwords.items()
+        }
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+        for entry in document.get("users", []):
+            rabbitmqctl("delete_user", entry["name"])
 
 
 class BrokerClient:

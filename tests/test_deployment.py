@@ -14,12 +14,10 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.request
 import uuid
 from pathlib import Path
@@ -32,7 +30,7 @@ from gateway.config import GatewayConfig
 from smartgrid import contract, definitions
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from substation.config import SubstationConfig
-from tests.helpers import env_example, eventually
+from tests.helpers import env_example, eventually, imported_definitions
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -224,48 +222,17 @@ def test_password_hashes_use_rabbitmqs_salted_sha256():
     assert raw[:4] == salt and raw[4:] == hashlib.sha256(salt + b"secret").digest()
 
 
-def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture
 def imported_vhost(broker_reachable):
     """The compose definitions (users included) imported into the local broker, renamed so
     that they cannot collide with anything else on it; removed afterwards."""
     vhost = f"smartgrid-defs-{uuid.uuid4().hex[:8]}"
-    suffix = uuid.uuid4().hex[:6]
     passwords = {user: uuid.uuid4().hex for user in definitions.PASSWORD_ENV}
     document = definitions.topology_definitions(vhost) | definitions.user_definitions(
         passwords, None, vhost
     )
-    for entry in document["users"]:
-        entry["name"] += f"-{suffix}"
-    for entry in document["permissions"]:
-        entry["user"] += f"-{suffix}"
-    # rabbitmqctl runs as the rabbitmq user, who cannot read pytest's private tmp_path (and
-    # 3.10 does not read "-" as standard input): a readable file directly in /tmp.
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir="/tmp") as handle:
-        json.dump(document, handle)
-        handle.flush()
-        os.chmod(handle.name, 0o644)
-        result = _rabbitmqctl("import_definitions", handle.name)
-    assert result.returncode == 0, result.stderr
-    # The import finishes asynchronously.
-    eventually(
-        lambda: vhost in _rabbitmqctl("list_vhosts").stdout.split(),
-        timeout=30,
-        what="vhost imported",
-    )
-    urls = {
-        user: f"amqp://{user}-{suffix}:{password}@localhost:5672/{vhost}"
-        for user, password in passwords.items()
-    }
-    try:
+    with imported_definitions(document, passwords) as urls:
         yield vhost, urls
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
-        for user in passwords:
-            _rabbitmqctl("delete_user", f"{user}-{suffix}")
 
 
 def _management_api(path: str) -> object:
