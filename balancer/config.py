@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from balancer.poller import DEFAULT_METRICS_HOSTS
 from balancer.strategies import DEFAULT_STRATEGY, STRATEGIES
 from smartgrid import contract
 from smartgrid.config import DEFAULT_AMQP_URL, non_negative, positive, setting
@@ -87,7 +88,19 @@ class BalancerConfig:
         expect="seconds > 0",
     )
     poll_timeout: float = setting(
-        "POLL_TIMEOUT", 2.0, "Timeout of one /metrics request", check=positive, expect="seconds > 0"
+        "POLL_TIMEOUT",
+        2.0,
+        "Deadline of one /metrics fetch, from connecting to the last byte (at most POLL_INTERVAL)",
+        check=positive,
+        expect="seconds > 0",
+    )
+    metrics_hosts: tuple[str, ...] = setting(
+        "METRICS_HOSTS",
+        DEFAULT_METRICS_HOSTS,
+        "Hosts a substation's metrics URL may name (patterns such as substation-*); other URLs, "
+        "and any not http(s)://host[:port]/.../metrics, are never fetched",
+        check=lambda hosts: bool(hosts) and all(hosts),
+        expect="comma-separated host names or patterns",
     )
     metrics_port: int = setting(
         "METRICS_PORT",
