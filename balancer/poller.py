@@ -44,9 +44,10 @@ PollResult = tuple[str, contract.SubstationReading | None, str | None]
 #: A substation's page is a few kilobytes; anything much larger is not one.
 MAX_PAGE_BYTES = 1024 * 1024
 
-#: Hosts a metrics URL may name by default: this machine (``make run``, the tests) and the
-#: compose stack's substations.
-DEFAULT_METRICS_HOSTS = ("localhost", "127.0.0.1", "::1", "substation-*")
+#: Hosts a metrics URL may name by default: this machine (``make run``, the tests), the
+#: compose stack's named substations, and its scale-out ones, which advertise their container's
+#: host name (Docker's are 12 hex digits).
+DEFAULT_METRICS_HOSTS = ("localhost", "127.0.0.1", "::1", "substation-*", "[0-9a-f]" * 12)
 
 #: New targets wait this long before their first poll, so that a fleet announcing itself at
 #: once is read in one batch rather than one substation at a time.

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from balancer.poller import (
+    DEFAULT_METRICS_HOSTS,
     MAX_PAGE_BYTES,
     FetchFailed,
     Poller,
@@ -201,6 +202,10 @@ def test_host_patterns_match_as_configured():
     assert check_target("http://SUBSTATION-1/x/metrics", ("substation-*",))[1] == "substation-1"
     with pytest.raises(TargetRefused):
         check_target("http://substation.evil/metrics", ("substation-*",))
+    assert check_target("http://0123456789ab:9401/metrics", DEFAULT_METRICS_HOSTS)
+    for refused in ("http://0123456789abc:9401/metrics", "http://rabbitmq:15672/metrics"):
+        with pytest.raises(TargetRefused):
+            check_target(refused, DEFAULT_METRICS_HOSTS)
 
 
 # ------------------------------------------------------------------------------ the poller
