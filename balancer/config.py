@@ -47,7 +47,8 @@ class BalancerConfig:
     substations: tuple[str, ...] = setting(
         "SUBSTATIONS",
         (),
-        "Optional static list of substations, id=metrics-url,... (others join by announcing themselves)",
+        "Optional static list of substations, id=metrics-url,... (others join by announcing "
+        "themselves)",
         check=_valid_static_list,
         expect="comma-separated id=http://host:port/metrics entries",
     )
@@ -61,14 +62,16 @@ class BalancerConfig:
     prefetch: int = setting(
         "BALANCER_PREFETCH",
         200,
-        "Pending requests taken from the queue at once (also the most held while all substations are full)",
+        "Pending requests taken from the queue at once (also the most held while all substations "
+        "are full)",
         check=positive,
         expect="an integer > 0",
     )
     stale_after: float = setting(
         "STALE_AFTER",
         0.0,
-        "A substation whose last good reading is older than this is not routed to (0: 3 x POLL_INTERVAL)",
+        "A substation whose last good reading is older than this is not routed to (0: 3 x "
+        "POLL_INTERVAL)",
         check=non_negative,
         expect="seconds >= 0",
     )

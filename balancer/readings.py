@@ -41,7 +41,8 @@ def parse_reading(text: str, substation: str) -> contract.SubstationReading:
             if sample.name in _WANTED:
                 values[_WANTED[sample.name]] = sample.value
             elif sample.name == contract.INFO_METRIC and sample.value == 1:
-                # "instance": its name in earlier builds, so a mixed fleet keeps working during an upgrade.
+                # "instance": its name in earlier builds, so a mixed fleet keeps working during
+                # an upgrade.
                 instance = sample.labels.get(contract.INFO_INSTANCE_LABEL) or sample.labels.get(
                     "instance"
                 )

@@ -181,7 +181,8 @@ class BalancerService:
         self.poller.start()
         self.link.call_soon(self._housekeeping)
         log.info(
-            "%s: strategy %s, polling every %.2fs, stale after %.2fs, %d static substation(s), metrics on :%d",
+            "%s: strategy %s, polling every %.2fs, stale after %.2fs, %d static substation(s), "
+            "metrics on :%d",
             self.balancer_id,
             self.config.strategy,
             self.config.poll_interval,
@@ -312,7 +313,7 @@ class BalancerService:
         self.metrics.held.set(0)
         self._drain_tags.clear()
 
-    # ------------------------------------------------------------------ dead substations (I/O thread)
+    # ---------------------------------------------------------- dead substations (I/O thread)
     def _update_draining(self) -> None:
         presumed_dead = set(self.fleet.presumed_dead(self.config.effective_drain_after))
         # A forgotten substation stays dead (and drained) until it shows up alive again.

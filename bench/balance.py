@@ -242,7 +242,8 @@ def main() -> None:
             rows.append(_row(scenario, strategy, result))
             row = rows[-1]
             print(
-                f"{name:14s} {strategy:14s} spread<=1 {row['spread_within_1']:.1%}  mean {row['spread_mean']:.2f}  "
+                f"{name:14s} {strategy:14s} spread<=1 {row['spread_within_1']:.1%}  mean "
+                f"{row['spread_mean']:.2f}  "
                 f"Jain {row['jain']:.3f}  wait p99 {row['wait_p99']}",
                 flush=True,
             )

@@ -31,7 +31,11 @@ from stack.local import start_stack
 
 T = TypeVar("T")
 TICKS = os.sysconf("SC_CLK_TCK")
-WRK_SCRIPT = 'wrk.method = "POST"\nwrk.body = \'{"ev_id": "EV1234"}\'\nwrk.headers["Content-Type"] = "application/json"\n'
+WRK_SCRIPT = (
+    'wrk.method = "POST"\n'
+    'wrk.body = \'{"ev_id": "EV1234"}\'\n'
+    'wrk.headers["Content-Type"] = "application/json"\n'
+)
 
 
 def _processes() -> dict[int, tuple[int, float]]:

@@ -142,7 +142,8 @@ def main() -> None:
                 latency = row["accept_latency_ms"]
                 print(
                     f"{rate:,.0f}/s offered: {row['accepted_per_s'] or 0:,.0f}/s accepted, "
-                    f"p50 {latency.get('p50') or 0:,.1f} ms, p99 {latency.get('p99') or 0:,.1f} ms, "
+                    f"p50 {latency.get('p50') or 0:,.1f} ms, "
+                    f"p99 {latency.get('p99') or 0:,.1f} ms, "
                     f"{sum(row['cpu_us_per_request'].values()) / 1000:.2f} ms CPU per request, "
                     f"{row['cores_busy']:.2f} cores busy",
                     flush=True,
@@ -187,7 +188,8 @@ def main() -> None:
     print()
     print(markdown_table(headers, table))
     print(
-        f"\nhighest rate with p99 ≤ {args.target_ms:g} ms: {f'{best:,.0f}/s' if best else 'none of those run'}"
+        f"\nhighest rate with p99 ≤ {args.target_ms:g} ms: "
+        f"{f'{best:,.0f}/s' if best else 'none of those run'}"
     )
     print(f"written to {path} and {plot}")
 

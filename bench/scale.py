@@ -41,7 +41,8 @@ def main() -> None:
             drain = balancer_drain(args.backlog, size, log_dir)
             drains[size].append(drain)
             print(
-                f"round {round_number}, {size:>3} substations: balancer alone {drain['routed_per_s']:,.0f} routed/s",
+                f"round {round_number}, {size:>3} substations: balancer alone "
+                f"{drain['routed_per_s']:,.0f} routed/s",
                 flush=True,
             )
     rows = []
@@ -51,8 +52,10 @@ def main() -> None:
         e2e = end_to_end(args.rate, args.duration, size, log_dir)
         rows.append({"substations": size, "balancer_alone": drain, "end_to_end": e2e})
         print(
-            f"{size:>3} substations: balancer alone {drain['routed_per_s']:,.0f} routed/s (median), "
-            f"end to end {e2e['accepted_per_s']:,.0f} accepted/s, decision p99 <= {drain['decision_p99_s']} s, "
+            f"{size:>3} substations: "
+            f"balancer alone {drain['routed_per_s']:,.0f} routed/s (median), "
+            f"end to end {e2e['accepted_per_s']:,.0f} accepted/s, "
+            f"decision p99 <= {drain['decision_p99_s']} s, "
             f"balancer RSS {drain['balancer_rss_mb']:.0f} MB",
             flush=True,
         )

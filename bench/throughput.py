@@ -211,7 +211,8 @@ def main() -> None:
 
     broker = broker_limit(args.broker_messages)
     print(
-        f"broker: {broker['publish_per_s']:,.0f} publishes/s, {broker['consume_per_s']:,.0f} consumes/s",
+        f"broker: {broker['publish_per_s']:,.0f} publishes/s, {broker['consume_per_s']:,.0f} "
+        "consumes/s",
         flush=True,
     )
     e2e = end_to_end(args.rate, args.duration, args.substations, log_dir)

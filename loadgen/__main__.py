@@ -34,10 +34,11 @@ arrival patterns (one of):
   --profile rush-hour          off-peak (1/5 of the peak) ramping up to the peak over the
                                first quarter, holding for half, ramping down; --rate is the
                                peak (default {DEFAULT_PROFILE_RATE["rush-hour"]:g}/s)
-  --profile spike              a steady --rate (default {DEFAULT_PROFILE_RATE["spike"]:g}/s) with --spike-factor
-                               times that rate for 5% of the duration, half-way through
-  Profiles last --duration (default {DEFAULT_PROFILE_DURATION:g} s); --time-scale compresses every interval
-  and duration (0.1: ten times faster, ten times the rate).
+  --profile spike              a steady --rate (default {DEFAULT_PROFILE_RATE["spike"]:g}/s) with
+                               --spike-factor times that rate for 5% of the duration,
+                               half-way through
+  Profiles last --duration (default {DEFAULT_PROFILE_DURATION:g} s); --time-scale compresses every
+  interval and duration (0.1: ten times faster, ten times the rate).
 
 exit status:
   0    the run finished (whatever the answers: they are in the report)
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument(
         "--duration",
         type=_positive(float),
-        help=f"stop sending after this many seconds (default {DEFAULT_DURATION:g}, profiles {DEFAULT_PROFILE_DURATION:g})",
+        help=f"stop sending after this many seconds (default {DEFAULT_DURATION:g}, profiles "
+        f"{DEFAULT_PROFILE_DURATION:g})",
     )
     stop.add_argument("--count", type=_positive(int), help="stop after this many requests")
     stop.add_argument(
@@ -157,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--give-up-after",
         type=_non_negative,
         default=DEFAULT_GIVE_UP_AFTER,
-        help=f"stop sending once the gateway has refused connections for this many seconds (default {DEFAULT_GIVE_UP_AFTER:g}; 0: never)",
+        help="stop sending once the gateway has refused connections for this many seconds "
+        f"(default {DEFAULT_GIVE_UP_AFTER:g}; 0: never)",
     )
 
     out = parser.add_argument_group("output")

@@ -349,7 +349,8 @@ def render(report: Report) -> str:
     ]
     if report.send_seconds:
         lines.append(
-            f"send rate {_rate(report.send_rate)} over {report.send_seconds:.1f} s; accepted {_rate(report.accepted_per_s)}"
+            f"send rate {_rate(report.send_rate)} over {report.send_seconds:.1f} s; accepted "
+            f"{_rate(report.accepted_per_s)}"
         )
     for kind, example in sorted(report.error_examples.items()):
         lines.append(f"  {ERROR_KINDS.get(kind, kind)}, e.g.: {example}")
@@ -372,7 +373,8 @@ def render(report: Report) -> str:
         )
         lines.append(
             f"fates: completed once {report.completed_once}, completed more than once "
-            f"{report.completed_more_than_once}, started more than once {report.started_more_than_once}, "
+            f"{report.completed_more_than_once}, started more than once "
+            f"{report.started_more_than_once}, "
             f"dead-lettered {report.dead_lettered}, unfinished {report.unfinished}"
         )
     lines.append(
@@ -382,11 +384,14 @@ def render(report: Report) -> str:
     b = report.balance
     if b.samples:
         lines += [
-            f"== load spread between substations ({b.samples} samples every {b.interval * 1000:.0f} ms) ==",
+            f"== load spread between substations ({b.samples} samples every "
+            f"{b.interval * 1000:.0f} ms) ==",
             f"max - min active sessions <= 1 in {_fmt(b.spread_within_1 * 100)}% of samples; "
             f"mean {_fmt(b.spread_mean, 2)}, worst {b.spread_max}",
-            f"peak load on one substation {b.peak_load}; peak-to-average {_fmt(b.peak_to_average, 2)}; "
-            f"Jain's index {_fmt(b.jain_mean, 3)} (mean of samples), {_fmt(b.jain_over_run, 3)} over the run; "
+            f"peak load on one substation {b.peak_load}; peak-to-average "
+            f"{_fmt(b.peak_to_average, 2)}; "
+            f"Jain's index {_fmt(b.jain_mean, 3)} (mean of samples), {_fmt(b.jain_over_run, 3)} "
+            "over the run; "
             f"coefficient of variation {_fmt(b.cov_mean, 3)}",
         ]
         if b.capacities_differ:

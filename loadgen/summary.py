@@ -1,4 +1,5 @@
-"""The end-of-run summary as rich tables (on a terminal; elsewhere :func:`loadgen.report.render`)."""
+"""The end-of-run summary as rich tables (on a terminal; elsewhere
+:func:`loadgen.report.render`)."""
 
 from __future__ import annotations
 
@@ -76,8 +77,10 @@ def summary(report: Report) -> RenderableType:
             "wait to start (s)", _quantiles(report.wait_to_start_s, ("p50", "p95", "p99"), 3)
         )
         fates = (
-            f"completed once {report.completed_once}, more than once {report.completed_more_than_once}, "
-            f"started more than once {report.started_more_than_once}, dead-lettered {report.dead_lettered}, "
+            f"completed once {report.completed_once}, more than once "
+            f"{report.completed_more_than_once}, "
+            f"started more than once {report.started_more_than_once}, dead-lettered "
+            f"{report.dead_lettered}, "
             f"unfinished {report.unfinished}"
         )
         healthy = report.every_accepted_completed_once
@@ -110,7 +113,8 @@ def summary(report: Report) -> RenderableType:
 
     if b.samples:
         bal = Table(
-            title=f"load spread between substations ({b.samples} samples every {b.interval * 1000:.0f} ms)",
+            title=f"load spread between substations ({b.samples} samples every "
+            f"{b.interval * 1000:.0f} ms)",
             box=box.SIMPLE_HEAD,
             show_header=False,
             title_justify="left",

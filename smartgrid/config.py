@@ -88,7 +88,8 @@ def from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
             value = _parser_for(annotation)(raw)
         except ValueError:
             raise ConfigError(
-                f"{env}={raw!r} is not a valid {annotation.__name__ if hasattr(annotation, '__name__') else annotation}"
+                f"{env}={raw!r} is not a valid "
+                f"{annotation.__name__ if hasattr(annotation, '__name__') else annotation}"
             ) from None
         check = field.metadata["check"]
         if check is not None and not check(value):

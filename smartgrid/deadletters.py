@@ -164,7 +164,8 @@ def _print_table(letters: list[DeadLetter]) -> None:
             else "?"
         )
         print(
-            f"{letter.position:>4}  {when}  request {letter.request_id or '-'}  ev {letter.ev_id or '-'}  from {letter.source}"
+            f"{letter.position:>4}  {when}  request {letter.request_id or '-'}  ev "
+            f"{letter.ev_id or '-'}  from {letter.source}"
         )
         print(f"      reason: {letter.reason}")
 
@@ -172,7 +173,8 @@ def _print_table(letters: list[DeadLetter]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m smartgrid.deadletters",
-        description="List or replay the messages in the dead-letter queue (smartgrid.dead-letters).",
+        description="List or replay the messages in the dead-letter queue "
+        "(smartgrid.dead-letters).",
         epilog="environment variables:\n  AMQP_URL   the broker (default amqp://guest:guest@localhost:5672/%%2F)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

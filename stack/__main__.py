@@ -108,8 +108,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         args, session_seconds=SEED_SESSION_SECONDS * scale, poll_interval=SEED_POLL_INTERVAL * scale
     )
     print(
-        f"starting {settings.substations} substations ({settings.capacity} points, sessions {settings.session_seconds:g}s), "
-        f"balancer ({settings.strategy}, polls every {settings.poll_interval:g}s), gateway on :{settings.gateway_port}; "
+        f"starting {settings.substations} substations ({settings.capacity} points, sessions "
+        f"{settings.session_seconds:g}s), "
+        f"balancer ({settings.strategy}, polls every {settings.poll_interval:g}s), gateway on "
+        f":{settings.gateway_port}; "
         f"logs in {settings.log_dir}/",
         flush=True,
     )
@@ -171,7 +173,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         group = start_stack(settings)
         print(
-            f"gateway      {settings.gateway_url}  (POST /charge, GET /charge/<id>, /health, /metrics)"
+            f"gateway      {settings.gateway_url}  (POST /charge, GET /charge/<id>, /health, "
+            "/metrics)"
         )
         print(f"balancer     http://{settings.host}:{settings.balancer_port}/metrics")
         for i, substation in enumerate(settings.substation_ids()):

@@ -199,7 +199,8 @@ class ChargingPointsCollector(Collector):
 
         counter = CounterMetricFamily(
             "substation_duplicate_requests",
-            "Deliveries of a request already charging or completed here (acknowledged, not charged twice)",
+            "Deliveries of a request already charging or completed here (acknowledged, not "
+            "charged twice)",
             labels=labels,
         )
         counter.add_metric(values, duplicates)

@@ -62,7 +62,8 @@ class SubstationConfig:
     shutdown_grace: float = setting(
         "SHUTDOWN_GRACE",
         10.0,
-        "On SIGTERM, sessions ending within this many seconds finish; later ones go back to the queue",
+        "On SIGTERM, sessions ending within this many seconds finish; later ones go back to the "
+        "queue",
         check=non_negative,
         expect="seconds >= 0",
     )

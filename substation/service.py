@@ -126,7 +126,8 @@ class SubstationService:
             dead_letter(
                 self.link,
                 delivery,
-                reason=f"routed to {request.substation!r} but delivered to {self.config.substation_id!r}",
+                reason=f"routed to {request.substation!r} but delivered to "
+                f"{self.config.substation_id!r}",
                 source=self.queue,
             )
             return
@@ -241,7 +242,8 @@ class SubstationService:
     def _acknowledge(self, session: Session) -> None:
         if not self.link.ack(session.delivery):
             log.info(
-                "request %s completed but its delivery's channel is gone; the redelivery will be acknowledged as a duplicate",
+                "request %s completed but its delivery's channel is gone; the redelivery will be "
+                "acknowledged as a duplicate",
                 session.request.request_id,
             )
 

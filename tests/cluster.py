@@ -319,7 +319,8 @@ class RabbitCluster:
         raise ClusterError(f"{count} nodes not running after {timeout}s: {running}")
 
     def add_vhost(self, vhost: str, user: str = "guest") -> list[str]:
-        """Create ``vhost`` on the cluster with full permissions for ``user``; its URL on each node."""
+        """Create ``vhost`` on the cluster with full permissions for ``user``; its URL on each
+        node."""
         via = self.any_running()
         self.ctl(via, "add_vhost", vhost)
         self.ctl(via, "set_permissions", "-p", vhost, user, ".*", ".*", ".*")

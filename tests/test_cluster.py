@@ -274,10 +274,13 @@ def test_two_balancers_at_once_complete_every_request_once_and_keep_the_load_eve
     for balancers, result in results.items():
         report, balance = result.report, result.report.balance
         print(
-            f"{balancers} balancer(s): spread <= 1 in {balance.spread_within_1 * 100:.1f}% of {balance.samples} samples, "
-            f"mean {balance.spread_mean:.2f}, worst {balance.spread_max}, peak {balance.peak_load}; "
+            f"{balancers} balancer(s): spread <= 1 in {balance.spread_within_1 * 100:.1f}% of "
+            f"{balance.samples} samples, "
+            f"mean {balance.spread_mean:.2f}, worst {balance.spread_max}, peak "
+            f"{balance.peak_load}; "
             f"accepted {report.accepted}/{report.sent}, completed once {report.completed_once}, "
-            f"more than once {report.completed_more_than_once}, started more than once {report.started_more_than_once}; "
+            f"more than once {report.completed_more_than_once}, started more than once "
+            f"{report.started_more_than_once}; "
             f"per substation {report.requests_per_substation}"
         )
     assert not alive, f"died during the runs: {alive}"
@@ -357,7 +360,8 @@ def test_thirty_substations_join_by_announcement_and_a_killed_one_is_dropped(
         marked_down = time.monotonic() - killed_at
         bound = STALE + POLL
         print(
-            f"{victim} killed: marked down after {marked_down:.2f}s (STALE_AFTER + POLL_INTERVAL = {bound:.1f}s)"
+            f"{victim} killed: marked down after {marked_down:.2f}s (STALE_AFTER + POLL_INTERVAL "
+            f"= {bound:.1f}s)"
         )
         live = [s for s in substations if s != victim]
         assert _substations_up(balancer, live)
@@ -380,7 +384,8 @@ def test_thirty_substations_join_by_announcement_and_a_killed_one_is_dropped(
     report = result.report
     used = report.requests_per_substation
     print(
-        f"after the kill: accepted {report.accepted}/{report.sent}, completed once {report.completed_once}; "
+        f"after the kill: accepted {report.accepted}/{report.sent}, completed once "
+        f"{report.completed_once}; "
         f"{len(used)} substations used: {used}"
     )
     # Generous slack: a loaded machine polls late; the bound is what matters, not the last 0.1 s.
@@ -548,13 +553,18 @@ def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_surviv
     refused = sorted(o.sent_at - killed_wall for o in result.outcomes if o.status == 503)
     window = f"{refused[0]:+.2f}s to {refused[-1]:+.2f}s after the kill" if refused else "none"
     print(
-        f"node killed: {victim.name}, leader of smartgrid.pending; services connected to it: {on_victim}\n"
-        f"requests in flight at the kill: {in_flight} accepted and not yet completed ({sessions_at_kill} charging)\n"
-        f"recovery (kill -> every service connected to a survivor): {recovery:.2f}s; reconnections: {after_kill}\n"
+        f"node killed: {victim.name}, leader of smartgrid.pending; services connected to it: "
+        f"{on_victim}\n"
+        f"requests in flight at the kill: {in_flight} accepted and not yet completed "
+        f"({sessions_at_kill} charging)\n"
+        f"recovery (kill -> every service connected to a survivor): {recovery:.2f}s; "
+        f"reconnections: {after_kill}\n"
         f"503s (requests sent): {len(refused)}, {window}\n"
-        f"completed/accepted: {report.completed_once}/{report.accepted} (sent {report.sent}, rejected {report.rejected}, "
+        f"completed/accepted: {report.completed_once}/{report.accepted} (sent {report.sent}, "
+        f"rejected {report.rejected}, "
         f"errors {report.errors}, completed more than once {report.completed_more_than_once}, "
-        f"started more than once {report.started_more_than_once}); redelivered: {_redelivered(result)}; exits {exits}"
+        f"started more than once {report.started_more_than_once}); redelivered: "
+        f"{_redelivered(result)}; exits {exits}"
     )
 
     _assert_ledger(FaultRun(result, group, sessions_at_kill, recovery), allow_503=True)

@@ -103,8 +103,10 @@ def _run_with_fault(
     report = run.result.report
     print(
         f"\nin flight at the fault: {in_flight} sessions; accepted {report.accepted}/{report.sent} "
-        f"(rejected {report.rejected}, errors {report.errors}); completed once {report.completed_once}, "
-        f"started more than once {report.started_more_than_once}, dead-lettered {report.dead_lettered}, "
+        f"(rejected {report.rejected}, errors {report.errors}); completed once "
+        f"{report.completed_once}, "
+        f"started more than once {report.started_more_than_once}, dead-lettered "
+        f"{report.dead_lettered}, "
         f"unfinished {report.unfinished}; redelivered: {_redelivered(run.result)}; "
         f"recovery {recovery if recovery is None else round(recovery, 2)} s; exits {exits}"
     )

@@ -584,8 +584,8 @@ def test_each_kind_of_failure_is_counted_apart(
     assert report["errors"] == {"disconnected": 2, "timeout": 2}
     printed = capsys.readouterr().out  # not a terminal: the plain report, no live view
     assert (
-        "rejected 4 (4xx: 2 [422: 2]; 5xx: 2 [503: 2]), errors 4 (connection closed without an answer: 2, timeout: 2)"
-        in printed
+        "rejected 4 (4xx: 2 [422: 2]; 5xx: 2 [503: 2]), errors 4 (connection closed without an "
+        "answer: 2, timeout: 2)" in printed
     )
 
 
@@ -636,8 +636,9 @@ def test_plot_and_json_with_the_new_fields(gateway: FakeGateway, tmp_path: Path)
     png, out = tmp_path / "run.png", tmp_path / "run.json"
     code = cli.main(
         [
-            "--url", gateway.url("ok"), "--no-observe", "--profile", "spike", "--rate", "20", "--duration", "1",
-            "--arrivals", "poisson", "--seed", "3", "--json", str(out), "--plot", str(png),
+            "--url", gateway.url("ok"), "--no-observe", "--profile", "spike", "--rate", "20",
+            "--duration", "1", "--arrivals", "poisson", "--seed", "3",
+            "--json", str(out), "--plot", str(png),
         ]
     )  # fmt: skip
     assert code == 0
@@ -671,8 +672,8 @@ def test_cancelling_the_sender_keeps_what_was_answered(gateway: FakeGateway):
     async def run_and_cancel() -> list[Outcome]:
         task = asyncio.create_task(
             drive(
-                gateway.url("ok"), constant_arrivals(0.01), count=None, duration=60.0, concurrency=8,
-                timeout=5.0, ev_prefix="EV", stats=stats, interruptible=True,
+                gateway.url("ok"), constant_arrivals(0.01), count=None, duration=60.0,
+                concurrency=8, timeout=5.0, ev_prefix="EV", stats=stats, interruptible=True,
             )
         )  # fmt: skip
         while stats.accepted < 5:

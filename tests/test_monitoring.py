@@ -161,7 +161,8 @@ def metric_names(expr: str) -> set[str]:
 
 def test_metric_names_reads_what_a_query_reads():
     assert metric_names(
-        'sum by (substation) (rate(balancer_routed_requests_total{substation=~"$s"}[$__rate_interval]))'
+        "sum by (substation) "
+        '(rate(balancer_routed_requests_total{substation=~"$s"}[$__rate_interval]))'
     ) == {"balancer_routed_requests_total"}
     assert metric_names(
         "histogram_quantile(0.99, sum by (le) (rate(x_bucket[5m]))) > 1e-3 or on() vector(0)"

@@ -191,7 +191,8 @@ def test_a_request_forwarded_to_two_substations_is_charged_at_only_one(stack_set
         first, second = (s.health_url for s in services)
         count = contract.COMPLETED_METRIC + "_total"
 
-        # The first copy is already charging at substation-1 when the flagged copy reaches substation-2.
+        # The first copy is already charging at substation-1 when the flagged copy reaches
+        # substation-2.
         request_id = broker.send_to_substation("substation-1")
         eventually(lambda: metric(first, contract.LOAD_METRIC, substation="substation-1") == 1)
         broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
