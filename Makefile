@@ -12,7 +12,7 @@ help:
 	@echo "make run   start the stack, run the compressed seed scenario, print the report, stop"
 	@echo "make up    start the stack and keep it running until Ctrl-C"
 	@echo "make test  run the test suite (against the local RabbitMQ)"
-	@echo "make lint  ruff"
+	@echo "make lint  ruff check, ruff format --check, mypy (as CI runs them)"
 	@echo "make dashboard  write the Grafana dashboard's JSON from its code, monitoring/dashboard.py"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -34,6 +34,8 @@ test: $(STAMP) broker
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The Grafana dashboard is code (monitoring/dashboard.py); this writes the JSON Grafana reads.
 dashboard: $(STAMP)

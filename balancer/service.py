@@ -13,12 +13,14 @@ announcement). The prefetch bounds how many are held; the rest wait in the pendi
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import random
 import socket
 import time
 import uuid
 from concurrent.futures import Future
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
@@ -140,7 +142,7 @@ class BalancerService:
         #: Substations presumed dead, whose queues are being drained: id -> consumer tag.
         self._dead: set[str] = set()
         self._drain_tags: dict[str, str] = {}
-        self.link = Link(
+        self.link: Link = Link(
             config.amqp_url,
             name=self.balancer_id,
             topology=contract.core_topology(),
@@ -170,7 +172,7 @@ class BalancerService:
             interval=config.poll_interval,
             timeout=config.effective_poll_timeout,
         )
-        self._http = None
+        self._http: WSGIServer | None = None
 
     # ------------------------------------------------------------------ lifecycle (any thread)
     def start(self) -> None:
@@ -337,7 +339,7 @@ class BalancerService:
             tag = self.link.add_consumer(
                 Consumer(
                     contract.substation_queue_name(substation),
-                    lambda delivery, s=substation: self._reroute(s, delivery),
+                    functools.partial(self._reroute, substation),
                     prefetch=50,
                 )
             )

@@ -54,7 +54,7 @@ def consume_rate(url: str, messages: int, prefetch: int = 200) -> float:
     received = 0
     done = threading.Event()
     first: list[float] = []
-    link: Link | None = None
+    link: Link  # assigned below, before any message can arrive
 
     def on_message(delivery: Delivery) -> None:
         nonlocal received

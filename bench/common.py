@@ -11,7 +11,7 @@ import time
 import timeit
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -116,7 +116,7 @@ def save(name: str, document: dict) -> Path:
     return path
 
 
-def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def cell(value: object) -> str:
         if isinstance(value, float):
             return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"

@@ -170,7 +170,10 @@ def _drive(
         text=True,
         check=True,
     ).stdout
-    return int(re.search(r"(\d+) requests in", out).group(1))
+    found = re.search(r"(\d+) requests in", out)
+    if found is None:
+        raise RuntimeError(f"wrk printed no request count:\n{out}")
+    return int(found.group(1))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.common import markdown_table, save
 from bench.throughput import balancer_drain, end_to_end
@@ -45,7 +46,7 @@ def main() -> None:
                 f"{drain['routed_per_s']:,.0f} routed/s",
                 flush=True,
             )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for size in sizes:
         runs = sorted(drains[size], key=lambda d: d["routed_per_s"])
         drain = {**runs[len(runs) // 2], "rounds": [d["routed_per_s"] for d in drains[size]]}

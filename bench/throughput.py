@@ -171,6 +171,7 @@ def balancer_drain(backlog: int, substations: int, log_dir: Path) -> dict:
             balancer = group.add(balancer_process(settings))
             balancer.wait_healthy()
             url_metrics = balancer.health_url
+            assert url_metrics is not None  # balancer_process always sets one
             first = last = None
             routed = 0.0
             deadline = time.monotonic() + 600

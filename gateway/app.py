@@ -167,7 +167,7 @@ def create_app(
 
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # the default provider has it
     app.extensions["smartgrid.broker"] = broker
 
     @app.errorhandler(HTTPException)
@@ -263,6 +263,7 @@ def create_app(
             exposition = CollectorRegistry()
             multiprocess.MultiProcessCollector(exposition)
         else:
+            assert registry is not None  # made above when not in multiprocess mode
             exposition = registry
         return Response(generate_latest(exposition), mimetype=CONTENT_TYPE_LATEST)
 

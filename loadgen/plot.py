@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loadgen.report import LoadTimeline, Report, capacities_for, utilisation_spreads
+from loadgen.report import (
+    LoadTimeline,
+    Report,
+    capacities_for,
+    fmt,
+    percent,
+    utilisation_spreads,
+)
 
 
 def headline(report: Report) -> str:
@@ -23,7 +30,7 @@ def headline(report: Report) -> str:
         parts.append(f"accept p99 {p99:.1f} ms")
     b = report.balance
     if b.samples:
-        parts.append(f"spread <= 1 in {b.spread_within_1 * 100:.1f}% (worst {b.spread_max})")
+        parts.append(f"spread <= 1 in {fmt(percent(b.spread_within_1))}% (worst {b.spread_max})")
         if b.jain_mean is not None:
             parts.append(f"Jain {b.jain_mean:.3f}")
     if report.rejected or report.errors:
@@ -44,7 +51,7 @@ def write_plot(report: Report, timeline: LoadTimeline | None, path: str | Path) 
     figure.suptitle(f"{report.scenario or 'load run'}\n{headline(report)}", fontsize=11)
 
     span = timeline.span if timeline is not None else None
-    if span is None:
+    if timeline is None or span is None:
         for ax in (top, bottom):
             ax.text(
                 0.5,

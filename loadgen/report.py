@@ -6,6 +6,7 @@ import bisect
 import math
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from loadgen.observer import RequestFate
@@ -21,7 +22,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
-def jain_index(loads: list[float]) -> float | None:
+def jain_index(loads: Sequence[float]) -> float | None:
     """Jain's fairness index: 1 when all equal, 1/n when one has everything."""
     squares = sum(x * x for x in loads)
     if squares == 0:
@@ -149,16 +150,7 @@ def balance_of(
         statistics.fmean(loads[i] for _, loads in samples) for i in range(len(timeline.substations))
     ]
     shares = averages if caps is None else [a / c for a, c in zip(averages, caps, strict=True)]
-    utilisation: dict[str, object] = {}
-    if caps is not None:
-        spreads_of_use = utilisation_spreads(samples, caps)
-        utilisation = {
-            "utilisation_spread_mean": statistics.fmean(spreads_of_use),
-            "utilisation_spread_max": max(spreads_of_use),
-            "capacities_differ": len(set(caps)) > 1,
-            "mean_utilisation": dict(zip(timeline.substations, shares, strict=True)),
-        }
-    return Balance(
+    balance = Balance(
         samples=len(samples),
         interval=interval,
         spread_within_1=sum(1 for s in spreads if s <= 1) / len(spreads),
@@ -169,8 +161,14 @@ def balance_of(
         jain_mean=statistics.fmean(jains) if jains else None,
         jain_over_run=jain_index(shares),
         cov_mean=statistics.fmean(covs) if covs else None,
-        **utilisation,
     )
+    if caps is not None:
+        spreads_of_use = utilisation_spreads(samples, caps)
+        balance.utilisation_spread_mean = statistics.fmean(spreads_of_use)
+        balance.utilisation_spread_max = max(spreads_of_use)
+        balance.capacities_differ = len(set(caps)) > 1
+        balance.mean_utilisation = dict(zip(timeline.substations, shares, strict=True))
+    return balance
 
 
 @dataclass
@@ -222,15 +220,16 @@ def status_class(status: str | int) -> str:
 
 def timeline_of(outcomes: list[Outcome], fates: dict[str, RequestFate]) -> LoadTimeline:
     """The load timeline of the accepted requests among ``outcomes``."""
-    accepted = [o for o in outcomes if o.accepted and o.request_id in fates]
+    followed = {
+        o.request_id: fates[o.request_id]
+        for o in outcomes
+        if o.accepted and o.request_id is not None and o.request_id in fates
+    }
     substations: set[str] = set()
-    for outcome in accepted:
-        fate = fates[outcome.request_id]
+    for fate in followed.values():
         substations.update(fate.routed_to)
         substations.update(e.substation for e in fate.started)
-    return LoadTimeline.from_fates(
-        {o.request_id: fates[o.request_id] for o in accepted}, substations
-    )
+    return LoadTimeline.from_fates(followed, substations)
 
 
 def build_report(
@@ -277,7 +276,7 @@ def build_report(
     waits: list[float] = []
     per_substation: Counter[str] = Counter()
     for outcome in accepted:
-        fate = fates.get(outcome.request_id) or RequestFate()
+        fate = (fates.get(outcome.request_id) if outcome.request_id else None) or RequestFate()
         if fate.started:
             first = min(fate.started, key=lambda e: e.at)
             waits.append(first.at - first.accepted_at)
@@ -303,8 +302,13 @@ def build_report(
     return report
 
 
-def _fmt(value: float | None, digits: int = 1, unit: str = "") -> str:
+def fmt(value: float | None, digits: int = 1, unit: str = "") -> str:
+    """A number for the report, or "-" where there is none."""
     return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def percent(share: float | None) -> float | None:
+    return None if share is None else share * 100
 
 
 def rejected_text(rejected: dict[str, int]) -> str:
@@ -360,7 +364,7 @@ def render(report: Report) -> str:
         lines.append(f"stopped early: {report.stopped_early}")
     lines += [
         "accept latency (ms): "
-        + ", ".join(f"{k} {_fmt(v)}" for k, v in report.accept_latency_ms.items()),
+        + ", ".join(f"{k} {fmt(v)}" for k, v in report.accept_latency_ms.items()),
     ]
     if report.routed_in_reply:  # only a gateway with ROUTED_WAIT > 0 waits for the decision
         lines.append(
@@ -369,7 +373,7 @@ def render(report: Report) -> str:
     if report.wait_to_start_s:
         lines.append(
             "wait to session start (s): "
-            + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in report.wait_to_start_s.items())
+            + ", ".join(f"{k} {fmt(v, 3)}" for k, v in report.wait_to_start_s.items())
         )
         lines.append(
             f"fates: completed once {report.completed_once}, completed more than once "
@@ -386,20 +390,20 @@ def render(report: Report) -> str:
         lines += [
             f"== load spread between substations ({b.samples} samples every "
             f"{b.interval * 1000:.0f} ms) ==",
-            f"max - min active sessions <= 1 in {_fmt(b.spread_within_1 * 100)}% of samples; "
-            f"mean {_fmt(b.spread_mean, 2)}, worst {b.spread_max}",
+            f"max - min active sessions <= 1 in {fmt(percent(b.spread_within_1))}% of samples; "
+            f"mean {fmt(b.spread_mean, 2)}, worst {b.spread_max}",
             f"peak load on one substation {b.peak_load}; peak-to-average "
-            f"{_fmt(b.peak_to_average, 2)}; "
-            f"Jain's index {_fmt(b.jain_mean, 3)} (mean of samples), {_fmt(b.jain_over_run, 3)} "
+            f"{fmt(b.peak_to_average, 2)}; "
+            f"Jain's index {fmt(b.jain_mean, 3)} (mean of samples), {fmt(b.jain_over_run, 3)} "
             "over the run; "
-            f"coefficient of variation {_fmt(b.cov_mean, 3)}",
+            f"coefficient of variation {fmt(b.cov_mean, 3)}",
         ]
         if b.capacities_differ:
             lines.append(
                 "capacities differ ("
                 + ", ".join(f"{s} {c}" for s, c in report.capacities.items())
-                + f"): utilisation spread mean {_fmt(b.utilisation_spread_mean * 100)}%, "
-                f"worst {_fmt(b.utilisation_spread_max * 100)}%; mean utilisation "
+                + f"): utilisation spread mean {fmt(percent(b.utilisation_spread_mean))}%, "
+                f"worst {fmt(percent(b.utilisation_spread_max))}%; mean utilisation "
                 + ", ".join(f"{s} {u * 100:.0f}%" for s, u in b.mean_utilisation.items())
             )
     return "\n".join(lines)

@@ -131,7 +131,7 @@ def run_load(settings: LoadSettings) -> LoadResult:
             )
             fates = None
             if observer is not None:
-                accepted = [o.request_id for o in outcomes if o.accepted]
+                accepted = [o.request_id for o in outcomes if o.accepted and o.request_id]
                 fates = _settle(observer, accepted, settings, stats, view)
         report = build_report(
             outcomes,

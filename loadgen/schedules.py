@@ -154,7 +154,7 @@ def profile_arrivals(
         if at is None or at >= profile.duration:
             return
         yield at
-        work += rng.expovariate(1.0) if poisson else 1.0
+        work += rng.expovariate(1.0) if rng is not None and poisson else 1.0
 
 
 def rush_hour(peak: float, duration: float = DEFAULT_PROFILE_DURATION) -> RateProfile:

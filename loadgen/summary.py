@@ -8,18 +8,14 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from loadgen.report import Report, status_class
+from loadgen.report import Report, fmt, percent, status_class
 from loadgen.traffic import ERROR_KINDS
 
 MIN_WIDTH = 72  # so that no table's title wraps
 
 
-def _num(value: float | None, digits: int = 1, unit: str = "") -> str:
-    return "-" if value is None else f"{value:.{digits}f}{unit}"
-
-
 def _quantiles(values: dict[str, float | None], keys: tuple[str, ...], digits: int) -> str:
-    return "  ".join(f"{k} {_num(values.get(k), digits)}" for k in keys if k in values) or "-"
+    return "  ".join(f"{k} {fmt(values.get(k), digits)}" for k in keys if k in values) or "-"
 
 
 def summary(report: Report) -> RenderableType:
@@ -35,12 +31,12 @@ def summary(report: Report) -> RenderableType:
     run.add_column(style="dim", justify="right")
     run.add_column()
     rate = (
-        f"  ({_num(report.send_rate, 2)}/s over {_num(report.send_seconds)} s)"
+        f"  ({fmt(report.send_rate, 2)}/s over {fmt(report.send_seconds)} s)"
         if report.send_seconds
         else ""
     )
     run.add_row("sent", f"{report.sent}{rate}")
-    accepted_rate = f"  ({_num(report.accepted_per_s, 2)}/s)" if report.send_seconds else ""
+    accepted_rate = f"  ({fmt(report.accepted_per_s, 2)}/s)" if report.send_seconds else ""
     run.add_row("accepted", Text(f"{report.accepted}{accepted_rate}", style="green"))
     classes: dict[str, dict[str, int]] = {}
     for status, n in sorted(report.rejected.items()):
@@ -123,21 +119,22 @@ def summary(report: Report) -> RenderableType:
         )
         bal.add_column(style="dim", justify="right")
         bal.add_column()
-        bal.add_row("max - min <= 1", f"{_num(b.spread_within_1 * 100)}% of samples")
-        bal.add_row("spread mean / worst", f"{_num(b.spread_mean, 2)} / {b.spread_max}")
+        bal.add_row("max - min <= 1", f"{fmt(percent(b.spread_within_1))}% of samples")
+        bal.add_row("spread mean / worst", f"{fmt(b.spread_mean, 2)} / {b.spread_max}")
         bal.add_row("peak on one substation", str(b.peak_load))
-        bal.add_row("peak-to-average", _num(b.peak_to_average, 2))
+        bal.add_row("peak-to-average", fmt(b.peak_to_average, 2))
         bal.add_row(
-            "Jain's index (samples / run)", f"{_num(b.jain_mean, 3)} / {_num(b.jain_over_run, 3)}"
+            "Jain's index (samples / run)", f"{fmt(b.jain_mean, 3)} / {fmt(b.jain_over_run, 3)}"
         )
-        bal.add_row("coefficient of variation", _num(b.cov_mean, 3))
+        bal.add_row("coefficient of variation", fmt(b.cov_mean, 3))
         if b.utilisation_spread_mean is not None:
             label = "utilisation spread mean / worst" + (
                 " (capacities differ)" if b.capacities_differ else ""
             )
             bal.add_row(
                 label,
-                f"{b.utilisation_spread_mean * 100:.1f}% / {b.utilisation_spread_max * 100:.1f}%",
+                f"{fmt(percent(b.utilisation_spread_mean))}% / "
+                f"{fmt(percent(b.utilisation_spread_max))}%",
             )
         parts.append(bal)
     return Group(*parts)

@@ -326,7 +326,7 @@ class Link:
     # ----------------------------------------------------------------------------------------
     # I/O thread only
     # ----------------------------------------------------------------------------------------
-    def call_later(self, delay: float, callback: Callable[[], None]) -> object:
+    def call_later(self, delay: float, callback: Callable[[], object]) -> object:
         """Run ``callback`` on the I/O thread after ``delay`` seconds, across reconnects."""
         return self._ioloop.call_later(delay, callback)
 

@@ -78,10 +78,9 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout
         last_error = "not started"
         while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(
-                    f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
+            if self.process is None or not self.alive():
+                status = self.process.returncode if self.process is not None else "not started"
+                raise RuntimeError(f"{self.name} exited with {status}:\n{self.log_tail()}")
             if self.health_url is None:
                 return
             try:
@@ -100,7 +99,7 @@ class ServiceProcess:
         )
 
     def signal(self, signum: int) -> None:
-        if self.alive():
+        if self.process is not None and self.alive():
             self.process.send_signal(signum)
 
     def stop(self, timeout: float = 20.0) -> int:

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Histogram, start_http_server
 
@@ -79,7 +80,7 @@ class SubstationService:
         registry.register(ChargingPointsCollector(self.points, lambda: self.link.ready))
         #: Possible duplicates waiting for the other substations' answers, by request id.
         self._checks: dict[str, _Check] = {}
-        self._http = None
+        self._http: WSGIServer | None = None
         self._draining = False
         self._announce_timer: object | None = None
 
