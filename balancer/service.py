@@ -29,7 +29,7 @@ from balancer.fleet import Fleet
 from balancer.poller import Poller, PollResult
 from balancer.strategies import make_strategy
 from smartgrid import contract
-from smartgrid.amqp import Consumer, Delivery, Link, Unroutable
+from smartgrid.amqp import ConsumerSpec, Delivery, Link, Unroutable
 from smartgrid.deadletter import dead_letter, dead_letter_poison
 from smartgrid.events import EventPublisher, events_in
 
@@ -37,14 +37,6 @@ log = logging.getLogger(__name__)
 
 #: Pause before forwarding again a request whose copy the broker refused (a negative confirm).
 RETRY_REFUSED_AFTER = 0.5
-
-EVENT_BINDINGS = contract.event_bindings(
-    contract.RequestRouted,
-    contract.SessionStarted,
-    contract.SessionCompleted,
-    contract.SubstationAnnounced,
-    contract.SubstationLeaving,
-)
 
 
 class BalancerMetrics:
@@ -147,7 +139,7 @@ class BalancerService:
             name=self.balancer_id,
             topology=contract.core_topology(),
             consumers=[
-                Consumer(
+                ConsumerSpec(
                     contract.PENDING_QUEUE,
                     self._on_request,
                     prefetch=config.prefetch,
@@ -155,12 +147,7 @@ class BalancerService:
                         self.link, d, e, source=contract.PENDING_QUEUE
                     ),
                 ),
-                Consumer(
-                    "smartgrid.balancer-events",
-                    self._on_event,
-                    auto_ack=True,
-                    bindings=EVENT_BINDINGS,
-                ),
+                ConsumerSpec(contract.BALANCER_EVENTS, self._on_event, auto_ack=True),
             ],
             on_ready=self._say_hello,
             on_lost=self._on_connection_lost,
@@ -337,7 +324,7 @@ class BalancerService:
             if not self.link.declare(contract.substation_topology(substation)):
                 return
             tag = self.link.add_consumer(
-                Consumer(
+                ConsumerSpec(
                     contract.substation_queue_name(substation),
                     functools.partial(self._reroute, substation),
                     prefetch=50,

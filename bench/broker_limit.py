@@ -16,7 +16,7 @@ from concurrent.futures import Future, wait
 
 from bench.common import private_vhost
 from smartgrid import contract
-from smartgrid.amqp import Consumer, Delivery, Link
+from smartgrid.amqp import ConsumerSpec, Delivery, Link
 
 BODY = contract.ChargeRequest("0" * 32, "EV000001", 1.0).to_body()
 
@@ -69,7 +69,7 @@ def consume_rate(url: str, messages: int, prefetch: int = 200) -> float:
         url,
         name="bench-consumer",
         topology=contract.core_topology(),
-        consumers=[Consumer(contract.PENDING_QUEUE, on_message, prefetch=prefetch)],
+        consumers=[ConsumerSpec(contract.PENDING_QUEUE, on_message, prefetch=prefetch)],
     ).start()
     try:
         assert done.wait(300), f"consumed only {received} of {messages}"

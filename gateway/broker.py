@@ -7,16 +7,8 @@ from concurrent.futures import Future
 
 from gateway.tracker import RequestTracker
 from smartgrid import contract
-from smartgrid.amqp import Consumer, Delivery, Link
+from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.events import events_in
-
-EVENT_BINDINGS = contract.event_bindings(
-    contract.RequestAccepted,
-    contract.RequestRouted,
-    contract.SessionStarted,
-    contract.SessionCompleted,
-    contract.RequestDeadLettered,
-)
 
 
 class GatewayBroker:
@@ -34,14 +26,7 @@ class GatewayBroker:
             amqp_url,
             name=name,
             topology=contract.core_topology(),
-            consumers=[
-                Consumer(
-                    "smartgrid.gateway-events",
-                    self._on_event,
-                    auto_ack=True,
-                    bindings=EVENT_BINDINGS,
-                )
-            ],
+            consumers=[ConsumerSpec(contract.GATEWAY_EVENTS, self._on_event, auto_ack=True)],
             on_ready=lambda: self._connection_changed(True),
             on_lost=lambda: self._connection_changed(False),
         )

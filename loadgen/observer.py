@@ -14,16 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from smartgrid import contract
-from smartgrid.amqp import Consumer, Delivery, Link
+from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.events import events_in
-
-BINDINGS = contract.event_bindings(
-    contract.RequestRouted,
-    contract.SessionStarted,
-    contract.SessionCompleted,
-    contract.RequestDeadLettered,
-    contract.SubstationAnnounced,
-)
 
 
 @dataclass
@@ -44,17 +36,7 @@ class EventObserver:
             amqp_url,
             name=name,
             topology=contract.core_topology(),
-            consumers=[
-                Consumer(
-                    "smartgrid.loadgen-events",
-                    self._on_event,
-                    auto_ack=True,
-                    bindings=BINDINGS,
-                    max_length=1_000_000,
-                    # The ledger must not miss an event because the observer reconnected.
-                    durable_subscription=True,
-                )
-            ],
+            consumers=[ConsumerSpec(contract.LOADGEN_EVENTS, self._on_event, auto_ack=True)],
         )
 
     def start(self, timeout: float = 10.0) -> None:

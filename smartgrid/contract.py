@@ -87,6 +87,9 @@ class Queue:
     name: str
     arguments: dict[str, Any]
     durable: bool = True
+    #: Private to the connection that declares it, and deleted with it.
+    exclusive: bool = False
+    auto_delete: bool = False
 
 
 @dataclass(frozen=True)
@@ -589,9 +592,77 @@ HISTORY_EVENTS: tuple[type[Event], ...] = (
 )
 
 
-def event_bindings(*events: type[Event]) -> tuple[tuple[str, str], ...]:
-    """The (exchange, routing key) bindings of a subscription to these lifecycle events."""
-    return tuple((EVENTS_EXCHANGE, event.kind) for event in events)
+#: A durable event subscription that nobody consumes (its process died) is deleted after this.
+SUBSCRIPTION_EXPIRES_MS = 600_000
+#: A subscription keeps at most this many events; a slow subscriber loses the oldest first, so
+#: it cannot fill the broker's memory.
+SUBSCRIPTION_MAX_LENGTH = 100_000
+
+
+@dataclass(frozen=True)
+class EventSubscription:
+    """A service's own queue of lifecycle events, bound to the events exchange by kind.
+
+    Each subscriber (each process, even of one service) has its own queue, named
+    ``smartgrid.<service>-events.<suffix>`` with a suffix the subscriber makes unique. By
+    default the queue is exclusive and vanishes with the connection. ``durable`` keeps it in a
+    quorum queue that outlives a connection (and a cluster node), so that events published
+    while the subscriber reconnects are not missed; its subscriber deletes it when it stops,
+    and it expires by itself if the subscriber dies.
+    """
+
+    service: str
+    events: tuple[type[Event], ...]
+    durable: bool = False
+    max_length: int = SUBSCRIPTION_MAX_LENGTH
+
+    @property
+    def prefix(self) -> str:
+        return f"smartgrid.{self.service}-events"
+
+    def queue_name(self, suffix: str) -> str:
+        return f"{self.prefix}.{suffix}"
+
+    @property
+    def bindings(self) -> tuple[tuple[str, str], ...]:
+        """(exchange, routing key) of each kind of event subscribed to."""
+        return tuple((EVENTS_EXCHANGE, event.kind) for event in self.events)
+
+    def declarations(self, suffix: str) -> list[Declaration]:
+        name = self.queue_name(suffix)
+        # drop-head: a slow subscriber keeps the newest events, the ones that matter now.
+        limit = {"x-max-length": self.max_length, "x-overflow": "drop-head"}
+        if self.durable:
+            queue = Queue(
+                name,
+                {"x-queue-type": "quorum", "x-expires": SUBSCRIPTION_EXPIRES_MS, **limit},
+            )
+        else:
+            queue = Queue(name, limit, durable=False, exclusive=True, auto_delete=True)
+        return [queue, *(Binding(name, exchange, key) for exchange, key in self.bindings)]
+
+
+#: What each service follows of the lifecycle events.
+GATEWAY_EVENTS = EventSubscription(
+    "gateway",
+    (RequestAccepted, RequestRouted, SessionStarted, SessionCompleted, RequestDeadLettered),
+)
+BALANCER_EVENTS = EventSubscription(
+    "balancer",
+    (RequestRouted, SessionStarted, SessionCompleted, SubstationAnnounced, SubstationLeaving),
+)
+#: Only rare events: a substation's cost must not grow with the fleet's traffic.
+SUBSTATION_EVENTS = EventSubscription(
+    "substation", (BalancerStarted, SessionLookup, SessionLookupReply)
+)
+#: The load generator's ledger must not miss an event because it reconnected, nor the oldest
+#: of a long run's events because the run is long.
+LOADGEN_EVENTS = EventSubscription(
+    "loadgen",
+    (RequestRouted, SessionStarted, SessionCompleted, RequestDeadLettered, SubstationAnnounced),
+    durable=True,
+    max_length=1_000_000,
+)
 
 
 def decode_event(routing_key: str, body: bytes) -> Event:

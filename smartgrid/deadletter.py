@@ -65,7 +65,7 @@ def dead_letter(link: Link, delivery: Delivery, *, reason: str, source: str) -> 
 
 
 def dead_letter_poison(link: Link, delivery: Delivery, error: Exception, *, source: str) -> None:
-    """Dead-letter a message its consumer kept failing on (a ``Consumer.on_poison`` hook)."""
+    """Dead-letter a message its consumer kept failing on (a ``ConsumerSpec.on_poison`` hook)."""
     deliveries = int(delivery.headers.get("x-delivery-count", 0)) + 1
     dead_letter(
         link,

@@ -19,7 +19,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import REGISTRY, Histogram, start_http_server
 
 from smartgrid import contract
-from smartgrid.amqp import Consumer, Delivery, Link
+from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.deadletter import dead_letter, dead_letter_poison
 from smartgrid.events import EventPublisher, events_in
 from substation.charging import Admission, ChargingPoints, ChargingPointsCollector, Session
@@ -56,23 +56,13 @@ class SubstationService:
             name=f"substation-{config.substation_id}",
             topology=contract.core_topology() + contract.substation_topology(config.substation_id),
             consumers=[
-                Consumer(
+                ConsumerSpec(
                     self.queue,
                     self._on_request,
                     prefetch=config.capacity,
                     on_poison=lambda d, e: dead_letter_poison(self.link, d, e, source=self.queue),
                 ),
-                Consumer(
-                    "smartgrid.substation-events",
-                    self._on_event,
-                    auto_ack=True,
-                    # Only rare events: a substation's cost must not grow with the fleet's traffic.
-                    bindings=contract.event_bindings(
-                        contract.BalancerStarted,
-                        contract.SessionLookup,
-                        contract.SessionLookupReply,
-                    ),
-                ),
+                ConsumerSpec(contract.SUBSTATION_EVENTS, self._on_event, auto_ack=True),
             ],
             on_ready=self._announce,
         )

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from smartgrid import contract
-from smartgrid.amqp import Consumer, Delivery, Link, NotConnected, Unroutable
+from smartgrid.amqp import ConsumerSpec, Delivery, Link, NotConnected, Unroutable
 from smartgrid.deadletter import dead_letter_poison
 from tests.helpers import BrokerClient, eventually
 
@@ -112,7 +112,7 @@ def test_a_message_its_consumer_keeps_failing_on_is_dead_lettered_with_the_reaso
     link = _link(
         amqp_url,
         consumers=[
-            Consumer(
+            ConsumerSpec(
                 contract.PENDING_QUEUE,
                 crash,
                 prefetch=1,
@@ -142,7 +142,7 @@ def test_after_connections_are_forced_closed_the_link_reconnects_and_sends_what_
     events = broker.subscribe_events(contract.RequestAccepted.kind)
     received: list[Delivery] = []
     link = _link(
-        amqp_url, consumers=[Consumer(contract.PENDING_QUEUE, received.append, prefetch=10)]
+        amqp_url, consumers=[ConsumerSpec(contract.PENDING_QUEUE, received.append, prefetch=10)]
     )
     try:
         broker.send_request()
@@ -227,12 +227,10 @@ def test_a_durable_subscription_keeps_the_events_published_while_the_link_was_aw
     credentials, _, path = rest.partition("@")
     url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
     seen: list[str] = []
-    consumer = Consumer(
-        "smartgrid.test-events",
+    consumer = ConsumerSpec(
+        contract.EventSubscription("test", (contract.RequestAccepted,), durable=True),
         lambda d: seen.append(contract.decode_event(d.routing_key, d.body).request_id),
         auto_ack=True,
-        bindings=contract.event_bindings(contract.RequestAccepted),
-        durable_subscription=True,
     )
     link = _link(url, consumers=[consumer], max_backoff=0.5)
 
@@ -294,7 +292,7 @@ def test_what_a_consumer_publishes_before_the_link_is_ready_is_sent_not_refused(
             forwarded,
             contract.Binding(forwarded.name, contract.DISPATCH_EXCHANGE, "forwarded"),
         ],
-        consumers=[Consumer(contract.PENDING_QUEUE, forward, prefetch=50)],
+        consumers=[ConsumerSpec(contract.PENDING_QUEUE, forward, prefetch=50)],
     )
     holder["link"] = link
     link.start()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smartgrid import contract
+from smartgrid import contract, definitions
 
 REQUEST_ID = "0123456789abcdef0123456789abcdef"
 
@@ -575,3 +576,37 @@ def test_the_history_stream_is_a_stream_with_retention_by_age_and_size():
 def test_a_history_stream_without_limits_is_refused(age: int, size: int):
     with pytest.raises(ValueError):
         contract.history_topology(max_age_seconds=age, max_bytes=size)
+
+
+SUBSCRIPTIONS = [
+    contract.GATEWAY_EVENTS,
+    contract.BALANCER_EVENTS,
+    contract.SUBSTATION_EVENTS,
+    contract.LOADGEN_EVENTS,
+]
+
+
+@pytest.mark.parametrize("subscription", SUBSCRIPTIONS, ids=lambda s: s.service)
+def test_an_event_subscription_is_a_bounded_queue_bound_to_each_kind_it_follows(subscription):
+    queue, *bindings = subscription.declarations("abc123")
+    assert queue.name == f"smartgrid.{subscription.service}-events.abc123"
+    assert queue.arguments["x-max-length"] == subscription.max_length
+    assert queue.arguments["x-overflow"] == "drop-head"
+    assert bindings == [
+        contract.Binding(queue.name, contract.EVENTS_EXCHANGE, event.kind)
+        for event in subscription.events
+    ]
+    if subscription.durable:
+        assert queue.durable and not queue.exclusive
+        assert queue.arguments["x-queue-type"] == "quorum"
+        assert queue.arguments["x-expires"] == contract.SUBSCRIPTION_EXPIRES_MS
+    else:
+        assert queue.exclusive and queue.auto_delete and not queue.durable
+
+
+@pytest.mark.parametrize("subscription", SUBSCRIPTIONS, ids=lambda s: s.service)
+def test_every_service_may_declare_and_read_its_own_event_subscription(subscription):
+    permissions = definitions.SERVICE_PERMISSIONS[subscription.service]
+    name = subscription.queue_name("1.abc123")
+    for access in ("configure", "write", "read"):
+        assert re.fullmatch(permissions[access], name), (access, name)

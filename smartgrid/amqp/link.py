@@ -33,7 +33,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pika
@@ -47,34 +46,12 @@ from tenacity import (
     wait_random,
 )
 
-from smartgrid.contract import Binding, Declaration, Exchange, Queue
+from smartgrid.amqp.consuming import ConsumerSpec, Delivery, message_handler
+from smartgrid.amqp.errors import ConnectionLost, LinkClosed, NotConnected, Unroutable
+from smartgrid.amqp.publishing import Outgoing, Publishes
+from smartgrid.contract import Binding, Declaration, EventSubscription, Exchange, Queue
 
 log = logging.getLogger(__name__)
-
-
-class LinkError(Exception):
-    """A publish did not reach the broker's confirmation."""
-
-
-class NotConnected(LinkError):
-    """There is no usable connection to the broker right now."""
-
-
-class ConnectionLost(LinkError):
-    """The connection closed before the broker confirmed the message; it may or may not have
-    been enqueued."""
-
-
-class Unroutable(LinkError):
-    """A ``mandatory`` message matched no queue and was returned by the broker."""
-
-
-class PublishRejected(LinkError):
-    """The broker refused the message (``basic.nack``)."""
-
-
-class LinkClosed(LinkError):
-    """The link was stopped before the message could be confirmed."""
 
 
 class _NeverReady(Exception):
@@ -118,69 +95,24 @@ def connection_parameters(url: str, *, name: str) -> pika.URLParameters:
     return params
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """A message handed to a consumer, tied to the channel it arrived on."""
-
-    generation: int
-    delivery_tag: int
-    exchange: str
-    routing_key: str
-    redelivered: bool
-    properties: pika.BasicProperties
-    body: bytes
-
-    @property
-    def headers(self) -> dict[str, Any]:
-        return self.properties.headers or {}
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """What a Link consumes once connected.
-
-    With ``bindings`` the queue is a private, exclusive subscription queue that the Link
-    declares on each connection and binds as listed (used for lifecycle events); it vanishes
-    with the connection, so it needs no name from the contract.
-    """
-
-    queue: str
-    on_message: Callable[[Delivery], None]
-    prefetch: int = 100
-    auto_ack: bool = False
-    bindings: tuple[tuple[str, str], ...] = ()
-    max_length: int = 100_000
-    #: Called instead of requeueing when ``on_message`` has raised on the same message this
-    #: many times (quorum queues count deliveries in ``x-delivery-count``), so the consumer can
-    #: dead-letter it with the reason before the broker's delivery limit drops the reason.
-    on_poison: Callable[[Delivery, Exception], None] | None = None
-    poison_after: int = 5
-    #: With ``bindings``: keep the subscription in a quorum queue that outlives a connection
-    #: (and a cluster node), so events published while the link reconnects are not missed. It
-    #: is deleted when the link stops, and expires by itself if the process dies.
-    durable_subscription: bool = False
-    subscription_expires_ms: int = 600_000
-
-
-@dataclass
-class _Outgoing:
-    exchange: str
-    routing_key: str
-    body: bytes
-    headers: dict[str, Any] | None
-    persistent: bool
-    mandatory: bool
-    reliable: bool
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-
-def _resolve(future: concurrent.futures.Future, error: BaseException | None = None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def declare(channel: pika.channel.Channel, declaration: Declaration) -> None:
+    """Declare one entity of the contract's topology on ``channel``."""
+    if isinstance(declaration, Exchange):
+        channel.exchange_declare(
+            declaration.name, exchange_type=declaration.type, durable=declaration.durable
+        )
+    elif isinstance(declaration, Queue):
+        channel.queue_declare(
+            declaration.name,
+            durable=declaration.durable,
+            exclusive=declaration.exclusive,
+            auto_delete=declaration.auto_delete,
+            arguments=declaration.arguments,
+        )
+    elif isinstance(declaration, Binding):
+        channel.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
+    else:  # pragma: no cover
+        raise TypeError(declaration)
 
 
 class Link:
@@ -196,7 +128,7 @@ class Link:
         *,
         name: str,
         topology: Iterable[Declaration] = (),
-        consumers: Iterable[Consumer] = (),
+        consumers: Iterable[ConsumerSpec] = (),
         on_ready: Callable[[], None] | None = None,
         on_lost: Callable[[], None] | None = None,
         outbox_limit: int = 100_000,
@@ -208,7 +140,6 @@ class Link:
         self._consumers = list(consumers)
         self._on_ready = on_ready
         self._on_lost = on_lost
-        self._outbox_limit = outbox_limit
         self._max_backoff = max_backoff
 
         self._ioloop = IOLoop()
@@ -230,9 +161,7 @@ class Link:
         self._generation = 0
         self._became_ready = False
         self._close_reason: BaseException | None = None
-        self._next_publish_tag = 1
-        self._unconfirmed: dict[int, _Outgoing] = {}
-        self._outbox: collections.deque[_Outgoing] = collections.deque()
+        self._publishes = Publishes(name=name, outbox_limit=outbox_limit)
         self._consumer_tags: list[str] = []
         self._link_id = uuid.uuid4().hex[:10]
         self._durable_subscriptions: set[str] = set()
@@ -316,9 +245,9 @@ class Link:
         matters more than a duplicate and whose consumers deduplicate. Other messages fail
         fast, which is what a caller that can still say "try again" wants.
         """
-        outgoing = _Outgoing(exchange, routing_key, body, headers, persistent, mandatory, reliable)
+        outgoing = Outgoing(exchange, routing_key, body, headers, persistent, mandatory, reliable)
         if self._stopped.is_set():
-            _resolve(outgoing.future, LinkClosed(f"{self.name}: link is stopped"))
+            outgoing.fail(LinkClosed(f"{self.name}: link is stopped"))
         else:
             self.call_soon(lambda: self._send(outgoing))
         return outgoing.future
@@ -360,10 +289,6 @@ class Link:
                 self._channel.basic_cancel(tag)
         self._consumer_tags.clear()
 
-    @property
-    def unsettled_publishes(self) -> int:
-        return len(self._unconfirmed) + len(self._outbox)
-
     # ----------------------------------------------------------------------------------------
     # Connection lifecycle (I/O thread)
     # ----------------------------------------------------------------------------------------
@@ -388,7 +313,7 @@ class Link:
         finally:
             self._ready.clear()
             self._stopped.set()
-            self._fail_everything(LinkClosed(f"{self.name}: link stopped"))
+            self._publishes.fail_all(LinkClosed(f"{self.name}: link stopped"))
 
     def _log_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -403,7 +328,7 @@ class Link:
         """Back-off sleep that keeps the I/O loop (timers, thread-safe calls) running."""
         if self._stopping:
             return
-        self._idle_timer = self._ioloop.call_later(seconds, self._ioloop.stop)
+        self._ioloop.call_later(seconds, self._ioloop.stop)
         self._ioloop.start()
 
     def _serve_one_connection(self) -> None:
@@ -443,88 +368,37 @@ class Link:
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
         self._generation += 1
         self._channel = channel
-        self._next_publish_tag = 1
+        self._publishes.new_channel()
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(self._on_confirm)
         for declaration in self._topology:
-            self._declare(channel, declaration)
+            declare(channel, declaration)
         for consumer in self._consumers:
             self._start_consumer(channel, consumer)
         # Every call above is a synchronous AMQP method that pika sends in order, one at a
         # time; a no-op qos queued last answers only when all of them have succeeded.
         channel.basic_qos(prefetch_count=0, callback=lambda _frame: self._on_channel_ready(channel))
 
-    def _declare(self, channel: pika.channel.Channel, declaration: Declaration) -> None:
-        if isinstance(declaration, Exchange):
-            channel.exchange_declare(
-                declaration.name, exchange_type=declaration.type, durable=declaration.durable
-            )
-        elif isinstance(declaration, Queue):
-            channel.queue_declare(
-                declaration.name, durable=declaration.durable, arguments=declaration.arguments
-            )
-        elif isinstance(declaration, Binding):
-            channel.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
-        else:  # pragma: no cover
-            raise TypeError(declaration)
-
-    def _start_consumer(self, channel: pika.channel.Channel, consumer: Consumer) -> str:
-        queue = consumer.queue
-        if consumer.bindings and consumer.durable_subscription:
-            queue = f"{consumer.queue}.{self._link_id}"
-            self._durable_subscriptions.add(queue)
-            channel.queue_declare(
-                queue,
-                durable=True,
-                arguments={
-                    "x-queue-type": "quorum",
-                    "x-expires": consumer.subscription_expires_ms,
-                    "x-max-length": consumer.max_length,
-                    "x-overflow": "drop-head",
-                },
-            )
-            for exchange, routing_key in consumer.bindings:
-                channel.queue_bind(queue, exchange, routing_key)
-        elif consumer.bindings:
-            queue = f"{consumer.queue}.{self._generation}.{self._link_id}"
-            channel.queue_declare(
-                queue,
-                exclusive=True,
-                auto_delete=True,
-                # A slow subscriber must not fill the broker's memory: keep the newest.
-                arguments={"x-max-length": consumer.max_length, "x-overflow": "drop-head"},
-            )
-            for exchange, routing_key in consumer.bindings:
-                channel.queue_bind(queue, exchange, routing_key)
-        generation = self._generation
-
-        def on_message(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
-            delivery = Delivery(
-                generation=generation,
-                delivery_tag=method.delivery_tag,
-                exchange=method.exchange,
-                routing_key=method.routing_key,
-                redelivered=method.redelivered,
-                properties=properties,
-                body=body,
-            )
-            try:
-                consumer.on_message(delivery)
-            except Exception as exc:
-                log.exception("%s: consumer of %s failed on a message", self.name, consumer.queue)
-                if consumer.auto_ack:
-                    return
-                deliveries = int(delivery.headers.get("x-delivery-count", 0)) + 1
-                if consumer.on_poison is not None and deliveries >= consumer.poison_after:
-                    consumer.on_poison(delivery, exc)
-                else:
-                    # Back to the queue for another try; the queue's delivery limit
-                    # dead-letters it if it keeps failing.
-                    self.reject(delivery, requeue=True)
-
-        channel.basic_qos(prefetch_count=0 if consumer.auto_ack else consumer.prefetch)
-        tag = channel.basic_consume(queue, on_message, auto_ack=consumer.auto_ack)
+    def _start_consumer(self, channel: pika.channel.Channel, spec: ConsumerSpec) -> str:
+        if isinstance(spec.queue, EventSubscription):
+            # Unique to this process and, unless durable, to this connection.
+            suffix = self._link_id if spec.queue.durable else f"{self._generation}.{self._link_id}"
+            for declaration in spec.queue.declarations(suffix):
+                declare(channel, declaration)
+            queue = spec.queue.queue_name(suffix)
+            if spec.queue.durable:
+                self._durable_subscriptions.add(queue)
+        else:
+            queue = spec.queue
+        on_message = message_handler(
+            spec,
+            generation=self._generation,
+            requeue=lambda delivery: self.reject(delivery, requeue=True),
+            link_name=self.name,
+        )
+        channel.basic_qos(prefetch_count=0 if spec.auto_ack else spec.prefetch)
+        tag = channel.basic_consume(queue, on_message, auto_ack=spec.auto_ack)
         self._consumer_tags.append(tag)
         return tag
 
@@ -533,15 +407,15 @@ class Link:
         if self._channel is None or not self.ready:
             return False
         for declaration in declarations:
-            self._declare(self._channel, declaration)
+            declare(self._channel, declaration)
         return True
 
-    def add_consumer(self, consumer: Consumer) -> str | None:
-        """Start consuming ``consumer`` now (I/O thread). Unlike the consumers given to the
+    def add_consumer(self, spec: ConsumerSpec) -> str | None:
+        """Start consuming as ``spec`` says now (I/O thread). Unlike the consumers given to the
         constructor it is not restarted after a reconnect. None when not connected."""
         if self._channel is None or not self.ready:
             return None
-        return self._start_consumer(self._channel, consumer)
+        return self._start_consumer(self._channel, spec)
 
     def cancel_consumer(self, tag: str) -> None:
         if tag in self._consumer_tags:
@@ -555,8 +429,7 @@ class Link:
         self._became_ready = True
         self._ready.set()
         log.info("%s: connected to %s and ready", self.name, _redact(self._current_url))
-        pending, self._outbox = self._outbox, collections.deque()
-        for outgoing in pending:
+        for outgoing in self._publishes.take_waiting():
             self._send(outgoing)
         if self._on_ready is not None:
             self._on_ready()
@@ -582,14 +455,7 @@ class Link:
         lost = ConnectionLost(f"{self.name}: connection lost before confirmation: {reason}")
         # Unconfirmed publishes first, then those still waiting (unreliable ones among them were
         # made while the channel was being set up): reliable ones are sent again, in that order.
-        pending = [*self._unconfirmed.values(), *self._outbox]
-        self._unconfirmed = {}
-        self._outbox = collections.deque()
-        for outgoing in pending:
-            if outgoing.reliable and not self._stopping:
-                self._outbox.append(outgoing)
-            else:
-                _resolve(outgoing.future, lost)
+        self._publishes.connection_lost(lost, keep_reliable=not self._stopping)
         if was_ready and self._on_lost is not None:
             try:
                 self._on_lost()
@@ -613,7 +479,7 @@ class Link:
         connection = self._connection
         if connection is None:
             return
-        if self._unconfirmed and time.monotonic() < deadline and connection.is_open:
+        if self._publishes.unconfirmed and time.monotonic() < deadline and connection.is_open:
             self._ioloop.call_later(0.02, lambda: self._close_when_settled(deadline))
             return
         if connection.is_closed:
@@ -621,16 +487,10 @@ class Link:
         elif not connection.is_closing:
             connection.close()  # also aborts a connection still being opened
 
-    def _fail_everything(self, error: LinkError) -> None:
-        for outgoing in list(self._unconfirmed.values()) + list(self._outbox):
-            _resolve(outgoing.future, error)
-        self._unconfirmed.clear()
-        self._outbox.clear()
-
     # ----------------------------------------------------------------------------------------
     # Publishing (I/O thread)
     # ----------------------------------------------------------------------------------------
-    def _send(self, outgoing: _Outgoing) -> None:
+    def _send(self, outgoing: Outgoing) -> None:
         channel = self._channel
         if channel is None or not channel.is_open or not self._ready.is_set():
             setting_up = channel is not None and channel.is_open
@@ -638,22 +498,17 @@ class Link:
             # as soon as its basic.consume is answered): that waits for readiness, moments
             # away, instead of failing as "not connected".
             if (outgoing.reliable or setting_up) and not self._stopping:
-                if len(self._outbox) >= self._outbox_limit:
-                    dropped = self._outbox.popleft()
-                    _resolve(dropped.future, NotConnected(f"{self.name}: outbox full"))
-                    log.error("%s: outbox full; dropped the oldest waiting message", self.name)
-                self._outbox.append(outgoing)
+                self._publishes.wait(outgoing)
             else:
-                _resolve(outgoing.future, NotConnected(f"{self.name}: not connected to the broker"))
+                outgoing.fail(NotConnected(f"{self.name}: not connected to the broker"))
             return
-        tag = self._next_publish_tag
         properties = pika.BasicProperties(
             content_type="application/json",
             delivery_mode=pika.DeliveryMode.Persistent
             if outgoing.persistent
             else pika.DeliveryMode.Transient,
             # Lets a basic.return (which carries no delivery tag) find its publish.
-            message_id=f"{self._generation}.{tag}",
+            message_id=f"{self._generation}.{self._publishes.next_tag}",
             timestamp=int(time.time()),
             headers=outgoing.headers,
         )
@@ -666,50 +521,32 @@ class Link:
                 mandatory=outgoing.mandatory,
             )
         except (pika.exceptions.AMQPError, OSError) as exc:
-            _resolve(outgoing.future, NotConnected(f"{self.name}: publish failed: {exc}"))
+            outgoing.fail(NotConnected(f"{self.name}: publish failed: {exc}"))
             return
-        self._next_publish_tag += 1
-        self._unconfirmed[tag] = outgoing
+        self._publishes.sent(outgoing)
 
     def _on_confirm(self, frame: pika.frame.Method) -> None:
         method = frame.method
-        acked = isinstance(method, pika.spec.Basic.Ack)
-        if method.multiple:
-            tags = []
-            for tag in self._unconfirmed:  # insertion order is tag order
-                if tag > method.delivery_tag:
-                    break
-                tags.append(tag)
-        else:
-            tags = [method.delivery_tag]
-        for tag in tags:
-            outgoing = self._unconfirmed.pop(tag, None)
-            if outgoing is None:
-                continue
-            if acked:
-                _resolve(outgoing.future)
-            elif outgoing.reliable:
-                # An internal broker error; try again shortly rather than losing an event.
-                self._ioloop.call_later(1.0, lambda o=outgoing: self._send(o))
-            else:
-                _resolve(
-                    outgoing.future,
-                    PublishRejected(f"broker refused message to {outgoing.exchange!r}"),
-                )
+        refused = self._publishes.confirmed(
+            method.delivery_tag,
+            multiple=method.multiple,
+            acked=isinstance(method, pika.spec.Basic.Ack),
+        )
+        for outgoing in refused:
+            # An internal broker error; try again shortly rather than losing an event.
+            self._ioloop.call_later(1.0, lambda o=outgoing: self._send(o))
 
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         generation, _, tag = (properties.message_id or "").partition(".")
         if generation != str(self._generation) or not tag.isdigit():
             return
-        outgoing = self._unconfirmed.pop(int(tag), None)
-        if outgoing is not None:
-            _resolve(
-                outgoing.future,
-                Unroutable(
-                    f"{method.reply_text}: no queue for exchange {method.exchange!r} "
-                    f"routing key {method.routing_key!r}"
-                ),
-            )
+        self._publishes.returned(
+            int(tag),
+            Unroutable(
+                f"{method.reply_text}: no queue for exchange {method.exchange!r} "
+                f"routing key {method.routing_key!r}"
+            ),
+        )
 
     def _live_channel_for(self, delivery: Delivery) -> pika.channel.Channel | None:
         channel = self._channel

@@ -1,0 +1,93 @@
+"""Consumers: what a Link consumes, and what it does with a message its consumer fails on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+
+from smartgrid.contract import EventSubscription
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A message handed to a consumer, tied to the channel it arrived on."""
+
+    generation: int
+    delivery_tag: int
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    properties: pika.BasicProperties
+    body: bytes
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self.properties.headers or {}
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """What a Link consumes once connected, and how: a specification, not a consumer.
+
+    ``queue`` is a queue of the contract, or a service's :class:`EventSubscription`, which the
+    Link declares on each connection under a name of its own.
+    """
+
+    queue: str | EventSubscription
+    on_message: Callable[[Delivery], None]
+    prefetch: int = 100
+    auto_ack: bool = False
+    #: Called instead of requeueing when ``on_message`` has raised on the same message this
+    #: many times (quorum queues count deliveries in ``x-delivery-count``), so the consumer can
+    #: dead-letter it with the reason before the broker's delivery limit drops the reason.
+    on_poison: Callable[[Delivery, Exception], None] | None = None
+    poison_after: int = 5
+
+    @property
+    def description(self) -> str:
+        return self.queue.prefix if isinstance(self.queue, EventSubscription) else self.queue
+
+
+def message_handler(
+    spec: ConsumerSpec,
+    *,
+    generation: int,
+    requeue: Callable[[Delivery], object],
+    link_name: str,
+) -> Callable[[Any, Any, Any, bytes], None]:
+    """The ``basic_consume`` callback for ``spec`` on the channel of ``generation``.
+
+    A consumer that raises gets the message back in its queue (``requeue``) for another try,
+    and the queue's delivery limit dead-letters it if it keeps failing; with ``on_poison`` the
+    consumer sets it aside itself first, with the reason.
+    """
+
+    def on_message(_channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        delivery = Delivery(
+            generation=generation,
+            delivery_tag=method.delivery_tag,
+            exchange=method.exchange,
+            routing_key=method.routing_key,
+            redelivered=method.redelivered,
+            properties=properties,
+            body=body,
+        )
+        try:
+            spec.on_message(delivery)
+        except Exception as exc:
+            log.exception("%s: consumer of %s failed on a message", link_name, spec.description)
+            if spec.auto_ack:
+                return
+            deliveries = int(delivery.headers.get("x-delivery-count", 0)) + 1
+            if spec.on_poison is not None and deliveries >= spec.poison_after:
+                spec.on_poison(delivery, exc)
+            else:
+                requeue(delivery)
+
+    return on_message
