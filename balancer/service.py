@@ -30,7 +30,7 @@ from balancer.poller import Poller, PollResult
 from balancer.strategies import make_strategy
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link, Unroutable
-from smartgrid.deadletter import dead_letter, dead_letter_poison
+from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ class BalancerService:
                     contract.PENDING_QUEUE,
                     self._on_request,
                     prefetch=config.prefetch,
-                    on_poison=lambda d, e: dead_letter_poison(
-                        self.link, d, e, source=contract.PENDING_QUEUE
+                    on_poison=lambda d, e: self.dead_letters.poisoned(
+                        d, e, source=contract.PENDING_QUEUE
                     ),
                 ),
                 ConsumerSpec(contract.BALANCER_EVENTS, self._on_event, auto_ack=True),
@@ -153,6 +153,7 @@ class BalancerService:
             on_lost=self._on_connection_lost,
         )
         self.events = EventPublisher(self.link)
+        self.dead_letters = DeadLetterer(self.link, self.events)
         self.poller = Poller(
             targets=lambda: self.fleet.poll_targets,
             deliver=lambda results: self.link.call_soon(lambda: self._on_readings(results)),
@@ -193,8 +194,7 @@ class BalancerService:
             request = contract.ChargeRequest.from_body(delivery.body)
         except contract.InvalidMessage as exc:
             self.metrics.dead_lettered.inc()
-            dead_letter(
-                self.link,
+            self.dead_letters.dead_letter(
                 delivery,
                 reason=f"invalid charge request: {exc}",
                 source=contract.PENDING_QUEUE,
@@ -293,7 +293,7 @@ class BalancerService:
 
     def _say_hello(self) -> None:
         hello = contract.BalancerStarted(at=time.time(), balancer=self.balancer_id)
-        self.link.publish(contract.EVENTS_EXCHANGE, hello.kind, hello.to_body(), mandatory=False)
+        self.events.publish(hello, reliable=False)
 
     def _on_connection_lost(self) -> None:
         # Held deliveries belonged to the dead channel; the broker requeues them. Drain
@@ -337,8 +337,7 @@ class BalancerService:
         try:
             routed = contract.RoutedRequest.from_body(delivery.body)
         except contract.InvalidMessage as exc:
-            dead_letter(
-                self.link,
+            self.dead_letters.dead_letter(
                 delivery,
                 reason=f"invalid routed request: {exc}",
                 source=contract.substation_queue_name(substation),

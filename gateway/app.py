@@ -241,7 +241,7 @@ def create_app(
 
     @app.get("/charge/<request_id>")
     def charge_status(request_id: str) -> Response:
-        if contract.REQUEST_ID_PATTERN.fullmatch(request_id) is None:
+        if not contract.is_valid_request_id(request_id):
             return _error(400, "invalid_request_id", "a request id is 32 lowercase hex digits")
         record = tracker.get(request_id)
         if record is None:

@@ -18,6 +18,7 @@ from loadgen.schedules import (
     named_profile,
 )
 from loadgen.traffic import GatewayUnreachable
+from smartgrid.config import DEFAULT_AMQP_URL
 
 EXIT_UNREACHABLE = 3
 EXIT_INCOMPLETE = 4
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--amqp-url",
-        default=os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/%2F"),
+        default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
         help="broker to follow lifecycle events on (for fates, waits and load spread)",
     )
     parser.add_argument(

@@ -205,6 +205,26 @@ def is_valid_substation_id(value: object) -> bool:
     return isinstance(value, str) and SUBSTATION_ID_PATTERN.fullmatch(value) is not None
 
 
+def is_valid_request_id(value: object) -> bool:
+    return isinstance(value, str) and REQUEST_ID_PATTERN.fullmatch(value) is not None
+
+
+def request_identity(body: bytes) -> tuple[str | None, str | None]:
+    """The request and EV ids of any message body, where they are readable and valid: what
+    can be said of a message that may break the contract (a dead letter, say)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    request_id, ev_id = data.get("request_id"), data.get("ev_id")
+    return (
+        request_id if is_valid_request_id(request_id) else None,
+        ev_id if is_valid_ev_id(ev_id) else None,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Messages
 # --------------------------------------------------------------------------------------------

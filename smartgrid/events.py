@@ -1,4 +1,5 @@
-"""Publishing lifecycle events, batched per kind when they arise together.
+"""Publishing lifecycle events (every service's, through one :class:`EventPublisher`),
+batched per kind when they arise together.
 
 Every subscriber pays per delivery, not per byte: under load, a request's ``request.routed``,
 ``session.started`` and ``session.completed`` would otherwise cost each subscriber (the
@@ -24,10 +25,12 @@ MAX_BATCH = 256
 
 
 class EventPublisher:
-    """Reliable, batched publishing of lifecycle events over a :class:`Link` (I/O thread only).
+    """Publishing of lifecycle events over a :class:`Link` (I/O thread only).
 
     Each event's future succeeds when the broker has confirmed the message that carried it.
-    Events are "reliable" publishes: while the broker is away they wait in the Link's outbox.
+    Events are "reliable" publishes by default: batched, and while the broker is away they wait
+    in the Link's outbox. An event that is only worth something now (an announcement, a
+    greeting) is published with ``reliable=False``: at once, on its own, or not at all.
     """
 
     def __init__(self, link: Link, *, max_batch: int = MAX_BATCH) -> None:
@@ -38,7 +41,11 @@ class EventPublisher:
         # What waits for the end of the turn must not be left behind by a stop.
         link.on_stop(self.flush)
 
-    def publish(self, event: contract.Event) -> concurrent.futures.Future:
+    def publish(self, event: contract.Event, *, reliable: bool = True) -> concurrent.futures.Future:
+        if not reliable:
+            return self._link.publish(
+                contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False
+            )
         future: concurrent.futures.Future = concurrent.futures.Future()
         batch = self._waiting.setdefault(event.kind, [])
         batch.append((event, future))

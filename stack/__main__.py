@@ -20,6 +20,7 @@ from pathlib import Path
 
 from loadgen.report import render
 from loadgen.run import SEED_SCENARIO, LoadSettings, run_load
+from smartgrid.config import DEFAULT_AMQP_URL
 from stack.local import StackSettings, start_stack
 from stack.processes import ProcessGroup
 
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m stack",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="environment variables:\n  AMQP_URL   the broker to use (default amqp://guest:guest@localhost:5672/%%2F)",
+        epilog=f"environment variables:\n  AMQP_URL   the broker (default {DEFAULT_AMQP_URL})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (

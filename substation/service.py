@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY, Histogram, start_http_server
 
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
-from smartgrid.deadletter import dead_letter, dead_letter_poison
+from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
 from substation.charging import Admission, ChargingPoints, ChargingPointsCollector, Session
 from substation.config import SubstationConfig
@@ -60,13 +60,14 @@ class SubstationService:
                     self.queue,
                     self._on_request,
                     prefetch=config.capacity,
-                    on_poison=lambda d, e: dead_letter_poison(self.link, d, e, source=self.queue),
+                    on_poison=lambda d, e: self.dead_letters.poisoned(d, e, source=self.queue),
                 ),
                 ConsumerSpec(contract.SUBSTATION_EVENTS, self._on_event, auto_ack=True),
             ],
             on_ready=self._announce,
         )
         self.events = EventPublisher(self.link)
+        self.dead_letters = DeadLetterer(self.link, self.events)
         registry.register(ChargingPointsCollector(self.points, lambda: self.link.ready))
         #: Possible duplicates waiting for the other substations' answers, by request id.
         self._checks: dict[str, _Check] = {}
@@ -109,13 +110,12 @@ class SubstationService:
         try:
             request = contract.RoutedRequest.from_body(delivery.body)
         except contract.InvalidMessage as exc:
-            dead_letter(
-                self.link, delivery, reason=f"invalid routed request: {exc}", source=self.queue
+            self.dead_letters.dead_letter(
+                delivery, reason=f"invalid routed request: {exc}", source=self.queue
             )
             return
         if request.substation != self.config.substation_id:
-            dead_letter(
-                self.link,
+            self.dead_letters.dead_letter(
                 delivery,
                 reason=f"routed to {request.substation!r} but delivered to "
                 f"{self.config.substation_id!r}",
@@ -249,9 +249,7 @@ class SubstationService:
             metrics_url=self.config.advertised_metrics_url,
             session_seconds=self.config.session_seconds,
         )
-        self.link.publish(
-            contract.EVENTS_EXCHANGE, announcement.kind, announcement.to_body(), mandatory=False
-        )
+        self.events.publish(announcement, reliable=False)
 
     def _schedule_announcements(self) -> None:
         if self.link.ready:
@@ -269,9 +267,7 @@ class SubstationService:
         leaving = contract.SubstationLeaving(
             at=time.time(), substation=self.config.substation_id, instance=self.instance
         )
-        self.link.publish(
-            contract.EVENTS_EXCHANGE, leaving.kind, leaving.to_body(), mandatory=False
-        )
+        self.events.publish(leaving, reliable=False)
         self._wait_for_sessions(deadline, drained)
 
     def _wait_for_sessions(self, deadline: float, drained: threading.Event) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link, NotConnected, Unroutable
-from smartgrid.deadletter import dead_letter_poison
+from smartgrid.dead_lettering import DeadLetterer
+from smartgrid.events import EventPublisher
 from tests.helpers import BrokerClient, eventually
 
 
@@ -108,20 +109,25 @@ def test_a_message_its_consumer_keeps_failing_on_is_dead_lettered_with_the_reaso
         attempts.append(delivery.delivery_tag)
         raise RuntimeError("cannot handle this")
 
-    link: Link | None = None
-    link = _link(
+    holder: dict[str, DeadLetterer] = {}
+    link = Link(
         amqp_url,
+        name=f"test-{uuid.uuid4().hex[:6]}",
+        topology=contract.core_topology(),
         consumers=[
             ConsumerSpec(
                 contract.PENDING_QUEUE,
                 crash,
                 prefetch=1,
-                on_poison=lambda d, e: dead_letter_poison(
-                    link, d, e, source=contract.PENDING_QUEUE
+                on_poison=lambda d, e: holder["dead_letters"].poisoned(
+                    d, e, source=contract.PENDING_QUEUE
                 ),
             )
         ],
     )
+    holder["dead_letters"] = DeadLetterer(link, EventPublisher(link))
+    link.start()
+    assert link.wait_ready(10)
     try:
         broker.send_request(ev_id="EV-POISON")
         letters = eventually(

@@ -610,3 +610,19 @@ def test_every_service_may_declare_and_read_its_own_event_subscription(subscript
     name = subscription.queue_name("1.abc123")
     for access in ("configure", "write", "read"):
         assert re.fullmatch(permissions[access], name), (access, name)
+
+
+@pytest.mark.parametrize(
+    ("body", "identity"),
+    [
+        (b'{"request_id": "%s", "ev_id": "EV1"}' % (b"a" * 32), ("a" * 32, "EV1")),
+        (b'{"request_id": "not-an-id", "ev_id": "EV 1"}', (None, None)),
+        (b'{"request_id": 7}', (None, None)),
+        (b"[1, 2]", (None, None)),
+        (b"\xff\xfe", (None, None)),
+        (b"[" * 100_000, (None, None)),
+        (b"", (None, None)),
+    ],
+)
+def test_the_identity_of_any_body_is_what_is_readable_and_valid_in_it(body, identity):
+    assert contract.request_identity(body) == identity

@@ -24,7 +24,7 @@ def broker(amqp_url: str):
 
 def _cli(amqp_url: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "smartgrid.deadletters", "--amqp-url", amqp_url, *args],
+        [sys.executable, "-m", "smartgrid.tools.deadletters", "--amqp-url", amqp_url, *args],
         capture_output=True,
         text=True,
         timeout=60,

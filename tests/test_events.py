@@ -146,3 +146,11 @@ def test_events_waiting_for_the_end_of_the_turn_are_sent_when_the_link_stops(amq
         assert future.result(5) is None
     [(kind, body)] = _messages(broker, queue, expected=1)
     assert contract.decode_events(kind, body) == events
+
+
+def test_an_unreliable_event_goes_out_at_once_on_its_own(link, broker):
+    queue = broker.subscribe_events(contract.SubstationLeaving.kind)
+    publisher = EventPublisher(link)
+    event = contract.SubstationLeaving(at=1.0, substation="s1", instance="i1")
+    assert publisher.publish(event, reliable=False).result(10) is None
+    assert eventually(lambda: broker.events(queue)) == [event]

@@ -1,4 +1,4 @@
-"""python -m smartgrid.deadletters: list and replay dead-lettered messages.
+"""python -m smartgrid.tools.deadletters: list and replay dead-lettered messages.
 
 A message lands in ``smartgrid.dead-letters`` either because a consumer set it aside (the
 reason is in ``x-smartgrid-reason``) or because the broker gave up on it after the queue's
@@ -48,7 +48,7 @@ class DeadLetter:
             death = deaths[0]
             reason = reason or f"broker: {_text(death.get('reason'))} (count {death.get('count')})"
             source = source or _text(death.get("queue"))
-        request_id, ev_id = _identity(body)
+        request_id, ev_id = contract.request_identity(body)
         return cls(
             position=position,
             request_id=request_id,
@@ -64,18 +64,6 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return "" if value is None else str(value)
-
-
-def _identity(body: bytes) -> tuple[str | None, str | None]:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    request_id = data.get("request_id") if isinstance(data.get("request_id"), str) else None
-    ev_id = data.get("ev_id") if isinstance(data.get("ev_id"), str) else None
-    return request_id, ev_id
 
 
 def _replay_target(body: bytes, headers: dict) -> tuple[str, str, bytes]:
@@ -172,10 +160,10 @@ def _print_table(letters: list[DeadLetter]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m smartgrid.deadletters",
+        prog="python -m smartgrid.tools.deadletters",
         description="List or replay the messages in the dead-letter queue "
         "(smartgrid.dead-letters).",
-        epilog="environment variables:\n  AMQP_URL   the broker (default amqp://guest:guest@localhost:5672/%%2F)",
+        epilog=f"environment variables:\n  AMQP_URL   the broker (default {DEFAULT_AMQP_URL})",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--amqp-url", default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL))

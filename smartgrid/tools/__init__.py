@@ -1,0 +1,1 @@
+"""Command-line tools for operators (``python -m smartgrid.tools.<name>``)."""
