@@ -252,7 +252,13 @@ class Fleet:
             self._changed.add(substation)
 
     def routed(self, substation: str, count: int = 1) -> None:
+        """Requests were forwarded there (by this balancer, or another one's event says so)."""
         self._track(substation).routed += count
+
+    def unrouted(self, substation: str) -> None:
+        """A request counted by :meth:`routed` did not stay there: its forward failed, or it
+        was moved back off the queue of a substation presumed dead."""
+        self._track(substation).routed -= 1
 
     def session_started(self, event: contract.SessionStarted) -> None:
         self._track(event.substation).session_started(event)

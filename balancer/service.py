@@ -5,14 +5,13 @@ acknowledged only after the substation's queue has confirmed the forwarded copy,
 any point leaves it in the pending queue (at worst it is forwarded twice; substations
 deduplicate by request id). Confirms are asynchronous, so many requests are in flight at once.
 
-When the strategy holds a request (no eligible substation, or all full), it stays unacknowledged
-here, in order, and is retried whenever something changes (a poll, a completed session, an
-announcement). The prefetch bounds how many are held; the rest wait in the pending queue.
+This module is the wiring; the decisions are elsewhere and pure: which substation
+(balancer.strategies over balancer.fleet's estimates), which requests wait and what follows a
+failed forward (balancer.dispatch), which dead substations are drained (balancer.draining).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import random
@@ -25,18 +24,22 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 from balancer.config import BalancerConfig, parse_static_substations
+from balancer.dispatch import (
+    RETRY_REFUSED_AFTER,
+    AfterFailedForward,
+    HeldRequests,
+    after_failed_forward,
+)
+from balancer.draining import Draining
 from balancer.fleet import Fleet
 from balancer.poller import Poller, PollResult
 from balancer.strategies import make_strategy
 from smartgrid import contract
-from smartgrid.amqp import ConsumerSpec, Delivery, Link, Unroutable
+from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
 
 log = logging.getLogger(__name__)
-
-#: Pause before forwarding again a request whose copy the broker refused (a negative confirm).
-RETRY_REFUSED_AFTER = 0.5
 
 
 class BalancerMetrics:
@@ -130,10 +133,9 @@ class BalancerService:
         ):
             self.metrics.dispatch_failures.labels(reason)
         self._registry = registry
-        self._held: collections.deque[tuple[Delivery, contract.ChargeRequest]] = collections.deque()
-        #: Substations presumed dead, whose queues are being drained: id -> consumer tag.
-        self._dead: set[str] = set()
-        self._drain_tags: dict[str, str] = {}
+        self._held: HeldRequests[Delivery] = HeldRequests()
+        #: Substations presumed dead, whose queues are drained by a consumer (its tag).
+        self._draining: Draining[str] = Draining()
         self.link: Link = Link(
             config.amqp_url,
             name=self.balancer_id,
@@ -200,16 +202,11 @@ class BalancerService:
                 source=contract.PENDING_QUEUE,
             )
             return
-        self._held.append((delivery, request))
+        self._held.arrived(delivery, request)
         self._route_held()
 
     def _route_held(self) -> None:
-        """Route held requests in arrival order until the strategy holds one."""
-        while self._held:
-            delivery, request = self._held[0]
-            if not self._try_route(delivery, request):
-                break
-            self._held.popleft()
+        self._held.place(self._try_route)
         self.metrics.held.set(len(self._held))
 
     def _try_route(self, delivery: Delivery, request: contract.ChargeRequest) -> bool:
@@ -255,26 +252,20 @@ class BalancerService:
             )
             self.events.publish(event)
             return
-        self.fleet.routed(routed.substation, -1)
+        self.fleet.unrouted(routed.substation)
         self.metrics.dispatch_failures.labels(type(error).__name__).inc()
-        if isinstance(error, Unroutable):
-            # The substation's queue does not exist (deleted, or never declared): stop using
-            # it until it announces itself again, and route this request elsewhere.
+        next_step = after_failed_forward(error, still_settleable=self.link.is_current(delivery))
+        if next_step is AfterFailedForward.ROUTE_ELSEWHERE:
             log.warning(
                 "substation %s has no queue (%s); not routing there", routed.substation, error
             )
             self.fleet.mark_unknown(routed.substation)
             self._hold_again(delivery, request)
-        elif not self.link.is_current(delivery):
-            # Connection lost: the broker returns the pending request to its queue by itself.
+        elif next_step is AfterFailedForward.LET_THE_BROKER_REQUEUE:
             log.warning(
                 "forward of %s to %s failed: %s", routed.request_id, routed.substation, error
             )
         else:
-            # The broker refused the copy (a substation queue without a leader for a moment,
-            # an internal error). That is no fault of the request: keep it and try again
-            # shortly. Rejecting it would be redelivered at once and, within milliseconds,
-            # burn the delivery limit that is meant for poison messages.
             log.warning(
                 "forward of %s to %s failed: %s; trying again in %.1fs",
                 routed.request_id,
@@ -288,7 +279,7 @@ class BalancerService:
         """Put a request whose forward failed back at the head of the held ones and route."""
         if not self.link.is_current(delivery):
             return  # its channel is gone; the broker has returned it to the pending queue
-        self._held.appendleft((delivery, request))
+        self._held.forward_failed(delivery, request)
         self._route_held()
 
     def _say_hello(self) -> None:
@@ -300,25 +291,23 @@ class BalancerService:
         # consumers went with it; housekeeping starts them again.
         self._held.clear()
         self.metrics.held.set(0)
-        self._drain_tags.clear()
+        self._draining.connection_lost()
 
     # ---------------------------------------------------------- dead substations (I/O thread)
     def _update_draining(self) -> None:
-        presumed_dead = set(self.fleet.presumed_dead(self.config.effective_drain_after))
-        # A forgotten substation stays dead (and drained) until it shows up alive again.
-        alive = {s for s, t in self.fleet.substations.items() if self.fleet.is_eligible(t)}
-        newly_dead = presumed_dead - self._dead
-        for substation in sorted(newly_dead):
+        changes = self._draining.update(
+            presumed_dead=set(self.fleet.presumed_dead(self.config.effective_drain_after)),
+            alive={s for s, t in self.fleet.substations.items() if self.fleet.is_eligible(t)},
+        )
+        for substation in changes.newly_dead:
             log.warning(
                 "substation %s presumed dead; moving the requests in its queue back to pending",
                 substation,
             )
-        self._dead = (self._dead | presumed_dead) - alive
-        for substation in list(self._drain_tags):
-            if substation not in self._dead:
-                log.info("substation %s is back; no longer draining its queue", substation)
-                self.link.cancel_consumer(self._drain_tags.pop(substation))
-        for substation in self._dead - self._drain_tags.keys():
+        for substation, drain in changes.revived.items():
+            log.info("substation %s is back; no longer draining its queue", substation)
+            self.link.cancel_consumer(drain)
+        for substation in changes.to_drain:
             # Declared from the contract first, so that consuming cannot fail on a queue that
             # was never created (a static substation that never started).
             if not self.link.declare(contract.substation_topology(substation)):
@@ -331,7 +320,7 @@ class BalancerService:
                 )
             )
             if tag is not None:
-                self._drain_tags[substation] = tag
+                self._draining.draining(substation, tag)
 
     def _reroute(self, substation: str, delivery: Delivery) -> None:
         try:
@@ -354,7 +343,7 @@ class BalancerService:
         def settle(result: Future) -> None:
             if result.exception() is None:
                 self.link.ack(delivery)
-                self.fleet.routed(substation, -1)
+                self.fleet.unrouted(substation)
                 self.metrics.rerouted.labels(substation).inc()
             else:
                 # Not the message's fault (see _after_forward): give it back after a pause,

@@ -189,6 +189,14 @@ def test_requests_routed_without_a_new_poll_raise_the_estimate_one_each(fleet: F
     assert candidate.polled_load == 1  # the stale view stays where it was
 
 
+def test_a_request_that_did_not_stay_where_it_was_routed_no_longer_counts_there(fleet: Fleet):
+    fleet.reading("s1", reading(load=1, received=4, completed=3))
+    fleet.routed("s1")
+    fleet.routed("s1")
+    fleet.unrouted("s1")  # its forward failed
+    assert estimate_of(fleet) == 2
+
+
 def test_completions_reduce_the_estimate_but_never_below_zero(fleet: Fleet):
     fleet.reading("s1", reading(load=2, received=5, completed=3))
     fleet.session_completed(completed("a"))
