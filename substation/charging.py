@@ -3,6 +3,9 @@
 The I/O thread changes this state and the HTTP thread serving /metrics reads it; both go
 through one lock so that a scrape sees load, received and completed from the same instant.
 The balancer subtracts these numbers from each other, so a torn read would skew its estimate.
+
+Pure: each request comes with an opaque token (the service's AMQP delivery) that the session
+hands back when it ends, so that the service can acknowledge it.
 """
 
 from __future__ import annotations
@@ -12,21 +15,23 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from smartgrid import contract
-from smartgrid.amqp import Delivery
+
+#: What settles a request once its session ends (the substation's AMQP delivery).
+Token = TypeVar("Token")
 
 
 @dataclass
-class Session:
+class Session(Generic[Token]):
     request: contract.RoutedRequest
-    delivery: Delivery
+    token: Token
     started_at: float
     expected_end: float
-    timer: object | None = None
 
 
 class Admission(Enum):
@@ -40,13 +45,24 @@ class Admission(Enum):
     CHECK = "check"
 
 
-class ChargingPoints:
-    def __init__(self, substation_id: str, capacity: int, instance: str, *, remember: int = 50_000):
+class ChargingPoints(Generic[Token]):
+    def __init__(
+        self,
+        substation_id: str,
+        capacity: int,
+        instance: str,
+        *,
+        remember: int = 50_000,
+        settleable: Callable[[Token], bool] = lambda _token: True,
+    ):
         self.substation_id = substation_id
         self.capacity = capacity
         self.instance = instance
         self._lock = threading.Lock()
-        self._active: dict[str, Session] = {}
+        #: Whether a token can still settle its request (its delivery came on the channel
+        #: open now); a running session whose token cannot adopts the request's redelivery.
+        self._settleable = settleable
+        self._active: dict[str, Session[Token]] = {}
         self._recently_completed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._remember = remember
         self.received = 0
@@ -62,17 +78,23 @@ class ChargingPoints:
         return len(self._active)
 
     def admit(
-        self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float
-    ) -> tuple[Admission, Session | None]:
+        self,
+        request: contract.RoutedRequest,
+        token: Token,
+        now: float,
+        duration: float,
+        *,
+        redelivered: bool = False,
+    ) -> tuple[Admission, Session[Token] | None]:
         with self._lock:
-            if not delivery.redelivered:
+            if not redelivered:
                 # A redelivery was counted when it first arrived; counting it again would make
                 # the balancer believe fewer requests are still on their way here.
                 self.received += 1
             current = self._active.get(request.request_id)
             if current is not None:
-                if current.delivery.generation != delivery.generation:
-                    current.delivery = delivery
+                if not self._settleable(current.token):
+                    current.token = token
                     return Admission.ADOPTED, current
                 self.duplicates += 1
                 return Admission.DUPLICATE, None
@@ -86,19 +108,19 @@ class ChargingPoints:
                 return Admission.DUPLICATE, None
             if request.maybe_duplicate:
                 return Admission.CHECK, None
-            return Admission.STARTED, self._start(request, delivery, now, duration)
+            return Admission.STARTED, self._start(request, token, now, duration)
 
     def start_checked(
-        self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float
-    ) -> Session:
+        self, request: contract.RoutedRequest, token: Token, now: float, duration: float
+    ) -> Session[Token]:
         """Start a possible duplicate that no other substation turned out to know."""
         with self._lock:
-            return self._start(request, delivery, now, duration)
+            return self._start(request, token, now, duration)
 
     def _start(
-        self, request: contract.RoutedRequest, delivery: Delivery, now: float, duration: float
-    ) -> Session:
-        session = Session(request, delivery, started_at=now, expected_end=now + duration)
+        self, request: contract.RoutedRequest, token: Token, now: float, duration: float
+    ) -> Session[Token]:
+        session = Session(request, token, started_at=now, expected_end=now + duration)
         self._active[request.request_id] = session
         return session
 
@@ -123,7 +145,7 @@ class ChargingPoints:
         if len(self._recently_completed) > self._remember:
             self._recently_completed.popitem(last=False)
 
-    def finish(self, request_id: str) -> Session | None:
+    def finish(self, request_id: str) -> Session[Token] | None:
         with self._lock:
             session = self._active.pop(request_id, None)
             if session is None:
@@ -131,10 +153,6 @@ class ChargingPoints:
             self.completed += 1
             self._remember_completed(request_id)
             return session
-
-    def sessions(self) -> list[Session]:
-        with self._lock:
-            return list(self._active.values())
 
     def snapshot(self) -> tuple[int, int, int, int]:
         with self._lock:
@@ -144,7 +162,9 @@ class ChargingPoints:
 class ChargingPointsCollector(Collector):
     """Exposes :class:`ChargingPoints` in the names the balancer reads (the contract)."""
 
-    def __init__(self, points: ChargingPoints, broker_connected: Callable[[], bool] = lambda: True):
+    def __init__(
+        self, points: ChargingPoints[Any], broker_connected: Callable[[], bool] = lambda: True
+    ):
         self._points = points
         self._broker_connected = broker_connected
 

@@ -41,7 +41,12 @@ class SubstationService:
     def __init__(self, config: SubstationConfig, *, registry=REGISTRY):
         self.config = config
         self.instance = uuid.uuid4().hex[:12]
-        self.points = ChargingPoints(config.substation_id, config.capacity, self.instance)
+        self.points: ChargingPoints[Delivery] = ChargingPoints(
+            config.substation_id,
+            config.capacity,
+            self.instance,
+            settleable=lambda delivery: self.link.is_current(delivery),
+        )
         self._registry = registry
         self._wait = Histogram(
             "substation_wait_seconds",
@@ -123,7 +128,9 @@ class SubstationService:
             )
             return
         now = time.time()
-        admission, session = self.points.admit(request, delivery, now, self.config.session_seconds)
+        admission, session = self.points.admit(
+            request, delivery, now, self.config.session_seconds, redelivered=delivery.redelivered
+        )
         if admission is Admission.DUPLICATE:
             log.info(
                 "request %s is already charging or done here; acknowledging the duplicate",
@@ -139,7 +146,9 @@ class SubstationService:
         assert session is not None
         self._begin_session(request, session, now)
 
-    def _begin_session(self, request: contract.RoutedRequest, session: Session, now: float) -> None:
+    def _begin_session(
+        self, request: contract.RoutedRequest, session: Session[Delivery], now: float
+    ) -> None:
         self._wait.observe(max(0.0, now - request.accepted_at))
         started = contract.SessionStarted(
             at=now,
@@ -151,7 +160,7 @@ class SubstationService:
             expected_end=session.expected_end,
         )
         self.events.publish(started)
-        session.timer = self.link.call_later(
+        self.link.call_later(
             self.config.session_seconds, lambda: self._complete(request.request_id)
         )
 
@@ -230,8 +239,8 @@ class SubstationService:
         # back, and the completed-set (or, after a restart, a repeat session) settles it.
         confirmation.add_done_callback(lambda _f: self._acknowledge(session))
 
-    def _acknowledge(self, session: Session) -> None:
-        if not self.link.ack(session.delivery):
+    def _acknowledge(self, session: Session[Delivery]) -> None:
+        if not self.link.ack(session.token):
             log.info(
                 "request %s completed but its delivery's channel is gone; the redelivery will be "
                 "acknowledged as a duplicate",

@@ -1,0 +1,142 @@
+"""A substation's admission of requests, without a broker: tokens are plain strings."""
+
+from __future__ import annotations
+
+from smartgrid import contract
+from substation.charging import Admission, ChargingPoints
+
+SESSION = 30.0
+
+
+def routed(
+    n: int = 1,
+    *,
+    substation: str = "s1",
+    maybe_duplicate: bool = False,
+    rerouted_from: str | None = None,
+) -> contract.RoutedRequest:
+    return contract.RoutedRequest(
+        f"{n:032x}",
+        f"EV{n}",
+        1.0,
+        substation,
+        2.0,
+        "b1",
+        rerouted_from=rerouted_from,
+        maybe_duplicate=maybe_duplicate,
+    )
+
+
+def points(*, dead: set[str] | None = None, remember: int = 50_000) -> ChargingPoints[str]:
+    """Charging points whose tokens in ``dead`` came on a channel that has since closed."""
+    gone = dead if dead is not None else set()
+    return ChargingPoints(
+        "s1", 4, "inst-1", remember=remember, settleable=lambda token: token not in gone
+    )
+
+
+def test_a_new_request_starts_a_session_that_holds_its_token():
+    charging = points()
+    admission, session = charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    assert admission is Admission.STARTED
+    assert session is not None
+    assert (session.token, session.started_at, session.expected_end) == ("d1", 10.0, 40.0)
+    assert charging.load == 1 and charging.received == 1
+
+
+def test_a_second_copy_of_a_running_request_is_a_duplicate_and_not_charged_twice():
+    charging = points()
+    charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    admission, session = charging.admit(routed(), "d2", now=11.0, duration=SESSION)
+    assert (admission, session) == (Admission.DUPLICATE, None)
+    assert charging.load == 1 and charging.duplicates == 1
+
+
+def test_a_redelivery_of_a_running_request_whose_token_died_is_adopted():
+    dead: set[str] = set()
+    charging = points(dead=dead)
+    _, first = charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    dead.add("d1")  # the connection it came on closed; the broker redelivers it
+    admission, session = charging.admit(
+        routed(), "d2", now=12.0, duration=SESSION, redelivered=True
+    )
+    assert admission is Admission.ADOPTED
+    assert session is first and session is not None and session.token == "d2"
+    assert session.started_at == 10.0  # the session runs on; it does not start again
+    assert charging.load == 1 and charging.duplicates == 0
+
+
+def test_a_redelivery_is_not_counted_as_received_again():
+    charging = points()
+    charging.admit(routed(1), "d1", now=10.0, duration=SESSION, redelivered=True)
+    charging.admit(routed(2), "d2", now=10.0, duration=SESSION)
+    assert charging.received == 1
+
+
+def test_a_request_completed_here_is_a_duplicate():
+    charging = points()
+    charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    finished = charging.finish(routed().request_id)
+    assert finished is not None and finished.token == "d1"
+    assert charging.admit(routed(), "d2", now=50.0, duration=SESSION)[0] is Admission.DUPLICATE
+    assert (charging.load, charging.completed, charging.duplicates) == (0, 1, 1)
+
+
+def test_completed_requests_are_remembered_up_to_a_limit_oldest_forgotten_first():
+    charging = points(remember=2)
+    for n in (1, 2, 3):
+        charging.admit(routed(n), f"d{n}", now=10.0, duration=SESSION)
+        charging.finish(routed(n).request_id)
+    assert charging.admit(routed(1), "again", now=50.0, duration=SESSION)[0] is Admission.STARTED
+    assert charging.admit(routed(3), "again", now=50.0, duration=SESSION)[0] is Admission.DUPLICATE
+
+
+def test_a_possible_duplicate_unknown_here_is_checked_with_the_fleet_first():
+    charging = points()
+    admission, session = charging.admit(
+        routed(maybe_duplicate=True), "d1", now=10.0, duration=SESSION
+    )
+    assert (admission, session) == (Admission.CHECK, None)
+    assert charging.load == 0
+    started = charging.start_checked(routed(), "d1", now=11.0, duration=SESSION)
+    assert started.token == "d1" and charging.load == 1
+
+
+def test_a_request_rerouted_from_a_dead_substation_is_checked_too():
+    charging = points()
+    admission, _ = charging.admit(routed(rerouted_from="s0"), "d1", now=10.0, duration=SESSION)
+    # RoutedRequest.from_request sets maybe_duplicate for rerouted requests; admission follows
+    # the flag alone.
+    assert admission is Admission.STARTED
+    flagged = routed(rerouted_from="s0", maybe_duplicate=True)
+    assert charging.admit(flagged, "d2", now=10.0, duration=SESSION)[0] is Admission.DUPLICATE
+
+
+def test_a_request_another_live_substation_asked_about_is_a_duplicate_here():
+    charging = points()
+    assert charging.claimed_by(routed().request_id, "s2") == "unknown"
+    admission, _ = charging.admit(routed(maybe_duplicate=True), "d1", now=10.0, duration=SESSION)
+    assert admission is Admission.DUPLICATE
+
+
+def test_a_claim_by_the_substation_it_was_rerouted_from_does_not_stop_it():
+    charging = points()
+    charging.claimed_by(routed().request_id, "s0")  # s0 asked, then died
+    request = routed(rerouted_from="s0", maybe_duplicate=True)
+    assert charging.admit(request, "d1", now=10.0, duration=SESSION)[0] is Admission.CHECK
+
+
+def test_a_lookup_is_answered_with_what_is_known_here():
+    charging = points()
+    charging.admit(routed(1), "d1", now=10.0, duration=SESSION)
+    charging.admit(routed(2), "d2", now=10.0, duration=SESSION)
+    charging.finish(routed(2).request_id)
+    assert charging.claimed_by(routed(1).request_id, "s2") == "running"
+    assert charging.claimed_by(routed(2).request_id, "s2") == "completed"
+    assert charging.claimed_by(routed(3).request_id, "s2") == "unknown"
+
+
+def test_finishing_an_unknown_request_changes_nothing():
+    charging = points()
+    assert charging.finish(routed().request_id) is None
+    assert charging.snapshot() == (0, 0, 0, 0)
