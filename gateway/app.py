@@ -31,7 +31,7 @@ from gateway.broker import GatewayBroker
 from gateway.config import GatewayConfig
 from gateway.tracker import RequestTracker
 from smartgrid import contract
-from smartgrid.amqp import LinkError, NotConnected, PublishRejected
+from smartgrid.amqp import LinkError
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +84,27 @@ def _is_json_content_type(mimetype: str) -> bool:
 
 
 def parse_charge_body(raw: bytes) -> str:
-    """The ``ev_id`` of a POST /charge body, or ValueError with a message for the client."""
+    """The ``ev_id`` of a POST /charge body; :class:`BadBody` says what is wrong with it."""
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise _BadBody(400, "invalid_json", "the body is not UTF-8") from None
+        raise BadBody(400, "invalid_json", "the body is not UTF-8") from None
     except RecursionError:
-        raise _BadBody(400, "invalid_json", "the body is nested too deeply") from None
+        raise BadBody(400, "invalid_json", "the body is nested too deeply") from None
     except ValueError as exc:
-        raise _BadBody(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        raise BadBody(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise _BadBody(
+        raise BadBody(
             422, "invalid_request", 'the body must be a JSON object like {"ev_id": "EV1234"}'
         )
     unknown = sorted(set(data) - ACCEPTED_FIELDS)
     if unknown:
-        raise _BadBody(422, "invalid_request", f"unknown field(s): {', '.join(unknown)[:200]}")
+        raise BadBody(422, "invalid_request", f"unknown field(s): {', '.join(unknown)[:200]}")
     if "ev_id" not in data:
-        raise _BadBody(422, "invalid_request", "missing field 'ev_id'")
+        raise BadBody(422, "invalid_request", "missing field 'ev_id'")
     ev_id = data["ev_id"]
     if not contract.is_valid_ev_id(ev_id):
-        raise _BadBody(422, "invalid_ev_id", f"'ev_id' must be a string of {contract.EV_ID_RULE}")
+        raise BadBody(422, "invalid_ev_id", f"'ev_id' must be a string of {contract.EV_ID_RULE}")
     return ev_id
 
 
@@ -112,33 +112,121 @@ def parse_charge_body(raw: bytes) -> str:
 READY_WAIT = 1.0
 
 
-def publish_until_confirmed(
-    broker: GatewayBroker, request: contract.ChargeRequest, *, deadline: float
-) -> None:
-    """Publish until confirmed or ``deadline``. A refusal (``basic.nack``: a quorum queue
-    electing a new leader) or a missing connection certainly did not enqueue the message, so
-    trying again cannot duplicate it; a connection lost *after* publishing might have, so that
-    is never retried (the driver gets 503 and may try again with a new request)."""
-    delay = 0.05
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise FutureTimeout()
-        try:
-            broker.publish_request(request).result(timeout=remaining)
-            return
-        except (PublishRejected, NotConnected):
-            if deadline - time.monotonic() <= delay:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-            broker.link.wait_ready(max(0.0, deadline - time.monotonic()))
+class BadBody(Exception):
+    """A POST /charge body the gateway cannot accept: the status and error to answer with."""
 
-
-class _BadBody(Exception):
     def __init__(self, status: int, error: str, detail: str):
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
+
+
+class _Endpoints:
+    """The HTTP endpoints of one gateway process."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        broker: GatewayBroker,
+        metrics: GatewayMetrics,
+        registry: CollectorRegistry | None,
+        multiprocess_dir: str | None,
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.tracker = broker.tracker
+        self.metrics = metrics
+        self.registry = registry
+        self.multiprocess_dir = multiprocess_dir
+
+    def _unavailable(self, detail: str) -> Response:
+        self.metrics.requests.labels("unavailable").inc()
+        return _error(503, "broker_unavailable", detail, Retry_After=str(self.config.retry_after))
+
+    def charge(self) -> Response:
+        started = time.perf_counter()
+        if not _is_json_content_type(request.mimetype):
+            self.metrics.requests.labels("invalid").inc()
+            return _error(
+                415, "unsupported_media_type", "send the body as Content-Type: application/json"
+            )
+        try:
+            ev_id = parse_charge_body(request.get_data(cache=False))
+        except BadBody as bad:
+            self.metrics.requests.labels("invalid").inc()
+            return _error(bad.status, bad.error, bad.detail)
+        # A reconnect (a broker restart, a cluster node failing over) takes well under a second:
+        # worth waiting for, rather than refusing the driver.
+        if not self.broker.wait_ready(min(self.config.publish_timeout, READY_WAIT)):
+            return self._unavailable(
+                "the message broker is not reachable; the request was not accepted"
+            )
+
+        charge_request = contract.ChargeRequest(
+            request_id=uuid.uuid4().hex, ev_id=ev_id, accepted_at=time.time()
+        )
+        request_id = charge_request.request_id
+        routed = self.tracker.expect(request_id) if self.config.routed_wait > 0 else None
+        publish_started = time.perf_counter()
+        try:
+            self.broker.accept(
+                charge_request, deadline=time.monotonic() + self.config.publish_timeout
+            )
+        except (LinkError, FutureTimeout) as exc:
+            self.tracker.forget_waiter(request_id)
+            log.warning("request for %s not accepted: %s", ev_id, exc or "confirmation timed out")
+            return self._unavailable(
+                "the message broker did not confirm the request; it was not accepted"
+            )
+        self.metrics.publish_seconds.observe(time.perf_counter() - publish_started)
+        self.tracker.accepted(charge_request)
+
+        if routed is not None:
+            routed.wait(self.config.routed_wait)
+            self.tracker.forget_waiter(request_id)
+        record = self.tracker.get(request_id) or {}
+        body = {"request_id": request_id, "ev_id": ev_id, "status": record.get("status", "queued")}
+        if record.get("substation"):
+            body["routed_to"] = record["substation"]
+        self.metrics.requests.labels("accepted").inc()
+        self.metrics.accept_seconds.observe(time.perf_counter() - started)
+        response = jsonify(body)
+        response.status_code = 202
+        response.headers["Location"] = f"/charge/{request_id}"
+        return response
+
+    def charge_status(self, request_id: str) -> Response:
+        if not contract.is_valid_request_id(request_id):
+            return _error(400, "invalid_request_id", "a request id is 32 lowercase hex digits")
+        record = self.tracker.get(request_id)
+        if record is None:
+            return _error(
+                404, "not_found", "no such request is known to this gateway (or it is too old)"
+            )
+        return jsonify(record)
+
+    def health(self) -> Response:
+        ready = self.broker.ready
+        response = jsonify({"status": "ok" if ready else "unavailable", "broker_connected": ready})
+        response.status_code = 200 if ready else 503
+        return response
+
+    def metrics_page(self) -> Response:
+        if self.multiprocess_dir:
+            exposition = CollectorRegistry()
+            multiprocess.MultiProcessCollector(exposition)
+        else:
+            assert self.registry is not None  # made by create_app when not multiprocess
+            exposition = self.registry
+        return Response(generate_latest(exposition), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name)
+
+
+def _unexpected_error(exc: Exception) -> Response:  # pragma: no cover - a bug, not input
+    log.exception("unexpected error")
+    return _error(500, "internal_error", "an unexpected error occurred; it has been logged")
 
 
 def create_app(
@@ -152,119 +240,27 @@ def create_app(
     if registry is None and not multiprocess_dir:
         registry = CollectorRegistry()
     metrics = GatewayMetrics(None if multiprocess_dir else registry)
+    own_broker = broker is None
     if broker is None:
         broker = GatewayBroker(
             config.amqp_url,
             name=f"gateway-{os.getpid()}",
             tracker=RequestTracker(config.tracked_requests),
         )
-        broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)
+    broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)
+    if own_broker:
         broker.start()
-    else:
-        broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)
     metrics.broker_connected.set(1 if broker.ready else 0)
-    tracker = broker.tracker
 
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.json.sort_keys = False  # type: ignore[attr-defined]  # the default provider has it
     app.extensions["smartgrid.broker"] = broker
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Response:
-        return _error(
-            exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name
-        )
-
-    @app.errorhandler(Exception)
-    def unexpected_error(exc: Exception) -> Response:  # pragma: no cover - a bug, not input
-        log.exception("unexpected error")
-        return _error(500, "internal_error", "an unexpected error occurred; it has been logged")
-
-    def unavailable(detail: str) -> Response:
-        metrics.requests.labels("unavailable").inc()
-        return _error(503, "broker_unavailable", detail, Retry_After=str(config.retry_after))
-
-    @app.post("/charge")
-    def charge() -> Response:
-        started = time.perf_counter()
-        if not _is_json_content_type(request.mimetype):
-            metrics.requests.labels("invalid").inc()
-            return _error(
-                415, "unsupported_media_type", "send the body as Content-Type: application/json"
-            )
-        try:
-            ev_id = parse_charge_body(request.get_data(cache=False))
-        except _BadBody as bad:
-            metrics.requests.labels("invalid").inc()
-            return _error(bad.status, bad.error, bad.detail)
-        # A reconnect (a broker restart, a cluster node failing over) takes well under a second:
-        # worth waiting for, rather than refusing the driver.
-        if not broker.link.wait_ready(min(config.publish_timeout, READY_WAIT)):
-            return unavailable("the message broker is not reachable; the request was not accepted")
-
-        charge_request = contract.ChargeRequest(
-            request_id=uuid.uuid4().hex, ev_id=ev_id, accepted_at=time.time()
-        )
-        routed = tracker.expect(charge_request.request_id) if config.routed_wait > 0 else None
-        publish_started = time.perf_counter()
-        try:
-            publish_until_confirmed(
-                broker, charge_request, deadline=time.monotonic() + config.publish_timeout
-            )
-        except (LinkError, FutureTimeout) as exc:
-            tracker.forget_waiter(charge_request.request_id)
-            log.warning("request for %s not accepted: %s", ev_id, exc or "confirmation timed out")
-            return unavailable(
-                "the message broker did not confirm the request; it was not accepted"
-            )
-        metrics.publish_seconds.observe(time.perf_counter() - publish_started)
-        tracker.accepted(charge_request)
-
-        if routed is not None:
-            routed.wait(config.routed_wait)
-            tracker.forget_waiter(charge_request.request_id)
-        record = tracker.get(charge_request.request_id) or {}
-        body = {
-            "request_id": charge_request.request_id,
-            "ev_id": ev_id,
-            "status": record.get("status", "queued"),
-        }
-        if record.get("substation"):
-            body["routed_to"] = record["substation"]
-        metrics.requests.labels("accepted").inc()
-        metrics.accept_seconds.observe(time.perf_counter() - started)
-        response = jsonify(body)
-        response.status_code = 202
-        response.headers["Location"] = f"/charge/{charge_request.request_id}"
-        return response
-
-    @app.get("/charge/<request_id>")
-    def charge_status(request_id: str) -> Response:
-        if not contract.is_valid_request_id(request_id):
-            return _error(400, "invalid_request_id", "a request id is 32 lowercase hex digits")
-        record = tracker.get(request_id)
-        if record is None:
-            return _error(
-                404, "not_found", "no such request is known to this gateway (or it is too old)"
-            )
-        return jsonify(record)
-
-    @app.get("/health")
-    def health() -> Response:
-        ready = broker.ready
-        response = jsonify({"status": "ok" if ready else "unavailable", "broker_connected": ready})
-        response.status_code = 200 if ready else 503
-        return response
-
-    @app.get("/metrics")
-    def metrics_endpoint() -> Response:
-        if multiprocess_dir:
-            exposition = CollectorRegistry()
-            multiprocess.MultiProcessCollector(exposition)
-        else:
-            assert registry is not None  # made above when not in multiprocess mode
-            exposition = registry
-        return Response(generate_latest(exposition), mimetype=CONTENT_TYPE_LATEST)
-
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    endpoints = _Endpoints(config, broker, metrics, registry, multiprocess_dir)
+    app.add_url_rule("/charge", view_func=endpoints.charge, methods=["POST"])
+    app.add_url_rule("/charge/<request_id>", view_func=endpoints.charge_status, methods=["GET"])
+    app.add_url_rule("/health", view_func=endpoints.health, methods=["GET"])
+    app.add_url_rule("/metrics", view_func=endpoints.metrics_page, methods=["GET"])
     return app

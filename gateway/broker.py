@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from gateway.tracker import RequestTracker
 from smartgrid import contract
-from smartgrid.amqp import ConsumerSpec, Delivery, Link
+from smartgrid.amqp import ConsumerSpec, Delivery, Link, NotConnected, PublishRejected
 from smartgrid.events import events_in
 
 
@@ -39,6 +41,10 @@ class GatewayBroker:
     def ready(self) -> bool:
         return self.link.ready
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a connection being (re-)established; whether it is up."""
+        return self.link.wait_ready(timeout)
+
     def start(self) -> None:
         self.link.start()
 
@@ -53,6 +59,32 @@ class GatewayBroker:
             request.to_body(),
             mandatory=True,
         )
+
+    def accept(self, request: contract.ChargeRequest, *, deadline: float) -> None:
+        """Publish ``request`` to the pending queue and return once the broker has confirmed
+        it, trying again until ``deadline`` (time.monotonic()) where that is safe.
+
+        A refusal (``basic.nack``: a quorum queue electing a new leader) or a missing
+        connection certainly did not enqueue the message, so trying again cannot duplicate it;
+        a connection lost *after* publishing might have, so that is never retried (the driver
+        gets 503 and may try again with a new request). Raises a
+        :class:`~smartgrid.amqp.LinkError`, or :class:`concurrent.futures.TimeoutError` at
+        the deadline.
+        """
+        delay = 0.05
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FutureTimeout()
+            try:
+                self.publish_request(request).result(timeout=remaining)
+                return
+            except (PublishRejected, NotConnected):
+                if deadline - time.monotonic() <= delay:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                self.link.wait_ready(max(0.0, deadline - time.monotonic()))
 
     def _on_event(self, delivery: Delivery) -> None:
         for event in events_in(delivery):
