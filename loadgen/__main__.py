@@ -9,11 +9,12 @@ import os
 import sys
 
 from loadgen.report import render
-from loadgen.run import SEED_SCENARIO, LoadSettings, run_load
+from loadgen.run import LoadSettings, run_load
 from loadgen.schedules import (
     DEFAULT_PROFILE_DURATION,
     DEFAULT_PROFILE_RATE,
     PROFILES,
+    SEED,
     SPIKE_FACTOR,
     named_profile,
 )
@@ -255,8 +256,8 @@ def settings_from_args(
     duration = args.duration
     rate_profile = None
     if profile == "seed":
-        interval = SEED_SCENARIO["interval"]
-        duration = duration or SEED_SCENARIO["duration"]
+        interval = SEED.interval
+        duration = duration or SEED.duration
     elif profile in ("rush-hour", "spike"):
         duration = duration or DEFAULT_PROFILE_DURATION
         rate = args.rate or (1 / args.interval if args.interval else None)

@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, field
 from loadgen.observer import EventObserver, RequestFate
 from loadgen.report import LoadTimeline, Report, build_report, timeline_of
 from loadgen.schedules import (
-    SEED_DURATION,
-    SEED_INTERVAL,
     RateProfile,
     burst_arrivals,
     constant_arrivals,
@@ -24,10 +22,6 @@ from loadgen.schedules import (
 from loadgen.traffic import Outcome, SendStats, drive
 
 log = logging.getLogger(__name__)
-
-#: The original tester's case: one EV every 2 s for 5 minutes (sessions of 30 s on the
-#: substations, metrics polled every 5 s).
-SEED_SCENARIO = {"interval": SEED_INTERVAL, "duration": SEED_DURATION}
 
 
 @dataclass

@@ -23,16 +23,26 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-#: The original tester's case: one EV every 2 s for 5 minutes.
-SEED_INTERVAL = 2.0
-SEED_DURATION = 300.0
+
+@dataclass(frozen=True)
+class SeedScenario:
+    """The original tester's case: one EV every 2 s for 5 minutes, against substations whose
+    sessions last 30 s and whose metrics the balancer polls every 5 s."""
+
+    interval: float = 2.0
+    duration: float = 300.0
+    session_seconds: float = 30.0
+    poll_interval: float = 5.0
+
+
+SEED = SeedScenario()
 
 PROFILES = ("seed", "rush-hour", "spike")
 #: Default rates (per second) of the named profiles when --rate is not given: rush-hour's peak
 #: is what the default stack can just take (3 substations x 10 points / 30 s sessions = 1/s),
 #: spike's base is the seed scenario's rate.
-DEFAULT_PROFILE_RATE = {"seed": 1 / SEED_INTERVAL, "rush-hour": 1.0, "spike": 1 / SEED_INTERVAL}
-DEFAULT_PROFILE_DURATION = SEED_DURATION
+DEFAULT_PROFILE_RATE = {"seed": 1 / SEED.interval, "rush-hour": 1.0, "spike": 1 / SEED.interval}
+DEFAULT_PROFILE_DURATION = SEED.duration
 #: rush-hour: off-peak rate as a share of the peak; ramp up over the first quarter, hold for
 #: half, ramp down over the last quarter.
 RUSH_HOUR_OFF_PEAK = 0.2

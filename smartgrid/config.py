@@ -99,6 +99,30 @@ def from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
     return cls(**values)
 
 
+def environment(cls: type, **values: Any) -> dict[str, str]:
+    """The environment variables that give ``cls``'s fields these ``values`` (by field name):
+    how to start a service with chosen settings without spelling its variables' names."""
+    env_of = {field.name: field.metadata["env"] for field, _ in _settings(cls)}
+    unknown = values.keys() - env_of.keys()
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no setting {', '.join(sorted(unknown))}")
+    return {env_of[name]: _render(value) for name, value in values.items()}
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(str(part) for part in value)
+    return str(value)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of ``cls``'s setting ``name``, to build on without writing it again."""
+    (field,) = [f for f, _ in _settings(cls) if f.name == name]
+    return field.default
+
+
 def describe(cls: type) -> str:
     """Render the settings of ``cls`` as the environment section of ``--help``."""
     lines = ["environment variables:"]

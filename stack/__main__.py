@@ -19,16 +19,13 @@ import time
 from pathlib import Path
 
 from loadgen.report import render
-from loadgen.run import SEED_SCENARIO, LoadSettings, run_load
+from loadgen.run import LoadSettings, run_load
+from loadgen.schedules import SEED
 from smartgrid.config import DEFAULT_AMQP_URL
 from stack.local import StackSettings, start_stack
 from stack.processes import ProcessGroup
 
 log = logging.getLogger("stack")
-
-#: The original scenario: sessions of 30 s and polls every 5 s against one arrival every 2 s.
-SEED_SESSION_SECONDS = 30.0
-SEED_POLL_INTERVAL = 5.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,24 +36,37 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"environment variables:\n  AMQP_URL   the broker (default {DEFAULT_AMQP_URL})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = StackSettings()
     for name, text in (
         ("run", "run the compressed seed scenario and report"),
         ("up", "start and keep running"),
     ):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--substations", type=int, default=3, help="how many substations")
-        p.add_argument("--capacity", type=int, default=10, help="charging points per substation")
-        p.add_argument("--strategy", default="corrected-min", help="BALANCER_STRATEGY")
-        p.add_argument("--gateway-port", type=int, default=8000)
-        p.add_argument("--balancer-port", type=int, default=9400, help="the balancer's /metrics")
+        p.add_argument(
+            "--substations", type=int, default=defaults.substations, help="how many substations"
+        )
+        p.add_argument(
+            "--capacity",
+            type=int,
+            default=defaults.capacity,
+            help="charging points per substation",
+        )
+        p.add_argument("--strategy", default=defaults.strategy, help="BALANCER_STRATEGY")
+        p.add_argument("--gateway-port", type=int, default=defaults.gateway_port)
+        p.add_argument(
+            "--balancer-port",
+            type=int,
+            default=defaults.balancer_port,
+            help="the balancer's /metrics",
+        )
         p.add_argument(
             "--substation-port",
             type=int,
-            default=9401,
+            default=defaults.substation_base_port,
             help="the first substation's /metrics (then +1 each)",
         )
         p.add_argument(
-            "--log-dir", type=Path, default=Path("out/logs"), help="where each service logs"
+            "--log-dir", type=Path, default=defaults.log_dir, help="where each service logs"
         )
         if name == "run":
             p.add_argument(
@@ -67,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
         else:
-            p.add_argument("--session-seconds", type=float, default=SEED_SESSION_SECONDS)
-            p.add_argument("--poll-interval", type=float, default=SEED_POLL_INTERVAL)
+            p.add_argument("--session-seconds", type=float, default=SEED.session_seconds)
+            p.add_argument("--poll-interval", type=float, default=SEED.poll_interval)
             p.add_argument(
                 "--prometheus-port", type=int, default=9090, help="0: do not start Prometheus"
             )
@@ -106,7 +116,7 @@ def _stop_on_signals() -> threading.Event:
 def cmd_run(args: argparse.Namespace) -> int:
     scale = args.time_scale
     settings = _settings(
-        args, session_seconds=SEED_SESSION_SECONDS * scale, poll_interval=SEED_POLL_INTERVAL * scale
+        args, session_seconds=SEED.session_seconds * scale, poll_interval=SEED.poll_interval * scale
     )
     print(
         f"starting {settings.substations} substations ({settings.capacity} points, sessions "
@@ -121,8 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         load = LoadSettings(
             gateway_url=settings.gateway_url,
             amqp_url=settings.amqp_url,
-            interval=SEED_SCENARIO["interval"] * scale,
-            duration=SEED_SCENARIO["duration"] * scale,
+            interval=SEED.interval * scale,
+            duration=SEED.duration * scale,
             settle_timeout=settings.session_seconds * 4 + 30,
         )
         print(

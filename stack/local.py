@@ -1,32 +1,42 @@
-"""The whole system as local processes: the same services and variables as docker-compose."""
+"""The whole system as local processes: the same services and variables as docker-compose.
+
+Each service's environment is built from its configuration's declarations
+(:func:`smartgrid.config.environment`), and the defaults here are the services' own, so a
+renamed variable or a changed default cannot leave the stack behind.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from smartgrid.config import DEFAULT_AMQP_URL
+from balancer.config import BalancerConfig
+from gateway.config import GatewayConfig
+from smartgrid.config import DEFAULT_AMQP_URL, default_of, environment
 from stack.processes import ProcessGroup, ServiceProcess
+from substation.config import SubstationConfig
 
 
 @dataclass
 class StackSettings:
     amqp_url: str = field(default_factory=lambda: os.environ.get("AMQP_URL", DEFAULT_AMQP_URL))
     substations: int = 3
-    capacity: int = 10
+    capacity: int = default_of(SubstationConfig, "capacity")
     capacities: tuple[int, ...] = ()  # per substation; overrides ``capacity`` when given
-    session_seconds: float = 30.0
-    poll_interval: float = 5.0
-    strategy: str = "corrected-min"
+    session_seconds: float = default_of(SubstationConfig, "session_seconds")
+    poll_interval: float = default_of(BalancerConfig, "poll_interval")
+    strategy: str = default_of(BalancerConfig, "strategy")
     host: str = "127.0.0.1"
-    gateway_port: int = 8000
-    balancer_port: int = 9400
-    substation_base_port: int = 9401
+    gateway_port: int = default_of(GatewayConfig, "port")
+    balancer_port: int = default_of(BalancerConfig, "metrics_port")
+    substation_base_port: int = default_of(SubstationConfig, "metrics_port")
     substation_ports: tuple[int, ...] = ()  # explicit ports; overrides the base port
-    gateway_workers: int = 2
+    gateway_workers: int = default_of(GatewayConfig, "workers")
     log_dir: Path = Path("out/logs")
-    log_level: str = "INFO"
+    log_level: str = default_of(GatewayConfig, "log_level")
+    #: Further variables for every service, by name (tests use it to reach into details).
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -45,8 +55,9 @@ class StackSettings:
         return self.capacities[index] if self.capacities else self.capacity
 
 
-def _common_env(settings: StackSettings) -> dict[str, str]:
-    return {"AMQP_URL": settings.amqp_url, "LOG_LEVEL": settings.log_level, **settings.extra_env}
+def _environment(config: type, settings: StackSettings, **values: Any) -> dict[str, str]:
+    common = environment(config, amqp_url=settings.amqp_url, log_level=settings.log_level)
+    return {**common, **environment(config, **values), **settings.extra_env}
 
 
 def substation_process(settings: StackSettings, index: int) -> ServiceProcess:
@@ -56,15 +67,16 @@ def substation_process(settings: StackSettings, index: int) -> ServiceProcess:
     return ServiceProcess(
         name=substation,
         module="substation",
-        env={
-            **_common_env(settings),
-            "SUBSTATION_ID": substation,
-            "SUBSTATION_CAPACITY": str(settings.capacity_of(index)),
-            "SESSION_SECONDS": str(settings.session_seconds),
-            "METRICS_PORT": str(port),
-            "METRICS_BIND": settings.host,
-            "SUBSTATION_METRICS_URL": metrics_url,
-        },
+        env=_environment(
+            SubstationConfig,
+            settings,
+            substation_id=substation,
+            capacity=settings.capacity_of(index),
+            session_seconds=settings.session_seconds,
+            metrics_port=port,
+            metrics_bind=settings.host,
+            metrics_url=metrics_url,
+        ),
         log_path=settings.log_dir / f"{substation}.log",
         health_url=metrics_url,
         ready_metric="substation_broker_connected",
@@ -78,13 +90,14 @@ def balancer_process(
     return ServiceProcess(
         name=name,
         module="balancer",
-        env={
-            **_common_env(settings),
-            "POLL_INTERVAL": str(settings.poll_interval),
-            "BALANCER_STRATEGY": settings.strategy,
-            "METRICS_PORT": str(port),
-            "METRICS_BIND": settings.host,
-        },
+        env=_environment(
+            BalancerConfig,
+            settings,
+            poll_interval=settings.poll_interval,
+            strategy=settings.strategy,
+            metrics_port=port,
+            metrics_bind=settings.host,
+        ),
         log_path=settings.log_dir / f"{name}.log",
         health_url=f"http://{settings.host}:{port}/metrics",
         ready_metric="balancer_broker_connected",
@@ -95,12 +108,13 @@ def gateway_process(settings: StackSettings) -> ServiceProcess:
     return ServiceProcess(
         name="gateway",
         module="gateway",
-        env={
-            **_common_env(settings),
-            "GATEWAY_PORT": str(settings.gateway_port),
-            "GATEWAY_BIND": settings.host,
-            "GATEWAY_WORKERS": str(settings.gateway_workers),
-        },
+        env=_environment(
+            GatewayConfig,
+            settings,
+            port=settings.gateway_port,
+            bind=settings.host,
+            workers=settings.gateway_workers,
+        ),
         log_path=settings.log_dir / "gateway.log",
         health_url=f"{settings.gateway_url}/health",
     )
