@@ -37,6 +37,7 @@ from grafana_foundation_sdk.builders.dashboard import (
     TimePicker,
 )
 from grafana_foundation_sdk.builders.prometheus import Dataquery
+from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
@@ -93,7 +94,7 @@ def dashboard() -> Dashboard:
             )
         )
     )
-    rows = {
+    rows: dict[str, list[cogbuilder.Builder[model.Panel]]] = {
         "Load and balance": [
             load_per_substation(),
             charging_points_in_use(),
