@@ -20,6 +20,7 @@ far behind its schedule polling is, for the balancer's metrics and health.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import http.client
 import io
 import logging
@@ -275,7 +276,7 @@ class Poller:
             future = self._pool.submit(
                 fetch_reading, substation, targets[substation], self._timeout, self._allowed_hosts
             )
-            future.add_done_callback(lambda f, s=substation: self._done(s, f))
+            future.add_done_callback(functools.partial(self._done, substation))
         # Only readings of targets still polled: one removed meanwhile is no longer wanted.
         finished = [r for r in finished if r[0] in targets]
         if finished:

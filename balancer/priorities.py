@@ -90,7 +90,7 @@ class ReleaseScheduler:
         policy = policy or ReleasePolicy()
         self.policy = policy
         shares = {c.value: Fraction(policy.guaranteed.get(c, 0)) for c in CLASS_ORDER}
-        shares[_PRIORITY_SLOT] = 1 - sum(shares.values())
+        shares[_PRIORITY_SLOT] = 1 - sum(shares.values(), Fraction(0))
         scale = math.lcm(*(s.denominator for s in shares.values()))
         self._slots = _SmoothRoundRobin({k: int(s * scale) for k, s in shares.items()})
         self._by_weight = _SmoothRoundRobin({c.value: w for c, w in policy.weights.items()})

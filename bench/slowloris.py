@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(6)
         ended = sum(_ended(sock) for sock in slow)
         print(
-            f"  slow {phase} conns answered or closed by the server after 6.5 s: {ended} of {len(slow)}"
+            f"  slow {phase} conns answered or closed by the server after 6.5 s: {ended} of "
+            f"{len(slow)}"
         )
         for sock in slow:
             sock.close()

@@ -45,7 +45,7 @@ import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 SCHEMA_VERSION = 1
 
@@ -197,15 +197,15 @@ SUBSTATION_ID_RULE = (
 )
 
 
-def is_valid_ev_id(value: object) -> bool:
+def is_valid_ev_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and EV_ID_PATTERN.fullmatch(value) is not None
 
 
-def is_valid_substation_id(value: object) -> bool:
+def is_valid_substation_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and SUBSTATION_ID_PATTERN.fullmatch(value) is not None
 
 
-def is_valid_request_id(value: object) -> bool:
+def is_valid_request_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and REQUEST_ID_PATTERN.fullmatch(value) is not None
 
 

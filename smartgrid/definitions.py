@@ -69,14 +69,8 @@ ROLES: dict[str, Role] = {
     # Internet-facing: it only publishes requests and follows their fate.
     "gateway": Role(
         publishes_to=(contract.REQUESTS_EXCHANGE,),
-        subscribes=(
-            contract.RequestAccepted,
-            contract.RequestRouted,
-            contract.SessionStarted,
-            contract.SessionCompleted,
-            contract.RequestDeadLettered,
-        ),
-        subscription="smartgrid.gateway-events",
+        subscribes=contract.GATEWAY_EVENTS.events,
+        subscription=contract.GATEWAY_EVENTS.prefix,
     ),
     "balancer": Role(
         publishes_to=(
@@ -88,14 +82,8 @@ ROLES: dict[str, Role] = {
         ),
         consumes=(contract.PENDING_QUEUE,),
         publishes=(contract.RequestRouted, contract.BalancerStarted, contract.RequestDeadLettered),
-        subscribes=(
-            contract.RequestRouted,
-            contract.SessionStarted,
-            contract.SessionCompleted,
-            contract.SubstationAnnounced,
-            contract.SubstationLeaving,
-        ),
-        subscription="smartgrid.balancer-events",
+        subscribes=contract.BALANCER_EVENTS.events,
+        subscription=contract.BALANCER_EVENTS.prefix,
         # It declares and drains the queue of any substation presumed dead.
         substation_queues=_ANY_SUBSTATION_QUEUE,
     ),
@@ -110,21 +98,15 @@ ROLES: dict[str, Role] = {
             contract.SubstationLeaving,
             contract.RequestDeadLettered,
         ),
-        subscribes=(contract.BalancerStarted, contract.SessionLookup, contract.SessionLookupReply),
-        subscription="smartgrid.substation-events",
+        subscribes=contract.SUBSTATION_EVENTS.events,
+        subscription=contract.SUBSTATION_EVENTS.prefix,
         # One user shared by every substation cannot be held to one queue.
         substation_queues=_ANY_SUBSTATION_QUEUE,
     ),
     # It reads the lifecycle events to build its ledger, and sends requests over HTTP only.
     "loadgen": Role(
-        subscribes=(
-            contract.RequestRouted,
-            contract.SessionStarted,
-            contract.SessionCompleted,
-            contract.RequestDeadLettered,
-            contract.SubstationAnnounced,
-        ),
-        subscription="smartgrid.loadgen-events",
+        subscribes=contract.LOADGEN_EVENTS.events,
+        subscription=contract.LOADGEN_EVENTS.prefix,
     ),
 }
 

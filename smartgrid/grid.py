@@ -104,7 +104,8 @@ class Topology:
                 raise TopologyError(
                     f"announcement of {substation!r}",
                     [
-                        f"it names parent {parent!r}, but the topology puts it under {known.parent!r}"
+                        f"it names parent {parent!r}, but the topology puts it under "
+                        f"{known.parent!r}"
                     ],
                 )
             return self

@@ -82,7 +82,8 @@ class SessionDemand:
     def __post_init__(self) -> None:
         if not 0 <= self.min_w <= self.max_w:
             raise ValueError(
-                f"session {self.session!r}: need 0 <= min_w <= max_w, got {self.min_w}, {self.max_w}"
+                f"session {self.session!r}: need 0 <= min_w <= max_w, got {self.min_w}, "
+                f"{self.max_w}"
             )
 
     @property

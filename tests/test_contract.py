@@ -605,11 +605,14 @@ def test_an_event_subscription_is_a_bounded_queue_bound_to_each_kind_it_follows(
 
 
 @pytest.mark.parametrize("subscription", SUBSCRIPTIONS, ids=lambda s: s.service)
-def test_every_service_may_declare_and_read_its_own_event_subscription(subscription):
-    permissions = definitions.SERVICE_PERMISSIONS[subscription.service]
+def test_every_service_may_declare_read_and_bind_its_own_event_subscription(subscription):
+    resource, topic = definitions.role_permissions(definitions.ROLES[subscription.service])
     name = subscription.queue_name("1.abc123")
     for access in ("configure", "write", "read"):
-        assert re.fullmatch(permissions[access], name), (access, name)
+        assert re.fullmatch(resource[access], name), (access, name)
+    assert re.fullmatch(resource["read"], contract.EVENTS_EXCHANGE)
+    for event in subscription.events:
+        assert re.fullmatch(topic["read"], event.kind), event.kind
 
 
 @pytest.mark.parametrize(
