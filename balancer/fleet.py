@@ -140,8 +140,10 @@ class TrackedSubstation:
 
     def session_started(self, event: contract.SessionStarted) -> None:
         self._switch_event_instance(event.instance)
-        self.running_ends[event.request_id] = event.expected_end
-        heapq.heappush(self._ends_heap, (event.expected_end, event.request_id))
+        # A session that starts paused has no end in sight until power frees.
+        end = math.inf if event.expected_end is None else event.expected_end
+        self.running_ends[event.request_id] = end
+        heapq.heappush(self._ends_heap, (end, event.request_id))
 
     def session_completed(self, event: contract.SessionCompleted) -> None:
         self._switch_event_instance(event.instance)

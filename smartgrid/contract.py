@@ -40,12 +40,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeGuard
+
+from smartgrid.numbers import NotANumber, finite_number
+from smartgrid.power import CLASS_ORDER, MAX_CAR_KW, watts
+from smartgrid.power_request import FieldError, PowerFields, parse_power_fields
 
 SCHEMA_VERSION = 1
 
@@ -132,6 +135,73 @@ def core_topology() -> list[Declaration]:
         Binding(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, ""),
         Queue(PENDING_QUEUE, _quorum_arguments()),
         Binding(PENDING_QUEUE, REQUESTS_EXCHANGE, REQUEST_ROUTING_KEY),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Power (issue 15): demand reports, shares with leases, operators' limit changes
+# --------------------------------------------------------------------------------------------
+#: Shares of a parent's limit, from the active allocator to one substation (routing key: its id).
+POWER_EXCHANGE = "smartgrid.power"
+#: Every substation's ``power.demand`` reports, for the allocator. Single active consumer: the
+#: broker delivers to one balancer's allocator at a time, and to the next when its connection
+#: closes, which is the allocator's failover.
+POWER_REPORTS_QUEUE = "smartgrid.power.reports"
+#: Only the newest report of each substation matters, and one older than a few leases is
+#: stale: nothing is kept long enough to build a backlog while no allocator runs.
+POWER_REPORTS_TTL_MS = 10_000
+POWER_REPORTS_MAX_LENGTH = 100_000
+#: The operators' limit overrides (``grid.limit``), kept for a week so that every balancer
+#: replays all of them from the start of the stream and agrees on the limits in force.
+GRID_LIMITS_STREAM = "smartgrid.grid.limits"
+GRID_LIMITS_MAX_AGE = "7D"
+POWER_SHARE_QUEUE_PREFIX = "smartgrid.power-share."
+
+
+def power_topology() -> list[Declaration]:
+    """The broker entities of power sharing, declared by whoever publishes to or consumes
+    them (balancers, substations, the operator's command), after the core topology (whose
+    events exchange it binds to). Apart from the core topology: the bindings to the events
+    exchange need topic permission to bind ``power.demand`` and ``grid.limit``, which the
+    gateway has no business holding."""
+    return [
+        Exchange(POWER_EXCHANGE, "direct"),
+        Queue(
+            POWER_REPORTS_QUEUE,
+            {
+                "x-queue-type": "quorum",
+                "x-single-active-consumer": True,
+                "x-message-ttl": POWER_REPORTS_TTL_MS,
+                "x-max-length": POWER_REPORTS_MAX_LENGTH,
+                "x-overflow": "drop-head",
+            },
+        ),
+        Binding(POWER_REPORTS_QUEUE, EVENTS_EXCHANGE, "power.demand"),
+        Queue(GRID_LIMITS_STREAM, {"x-queue-type": "stream", "x-max-age": GRID_LIMITS_MAX_AGE}),
+        Binding(GRID_LIMITS_STREAM, EVENTS_EXCHANGE, "grid.limit"),
+    ]
+
+
+def power_share_queue_name(substation_id: str) -> str:
+    return POWER_SHARE_QUEUE_PREFIX + substation_id
+
+
+def power_share_topology(substation_id: str) -> list[Declaration]:
+    """A substation's queue of shares: its own (exclusive) and holding only the newest share,
+    because an older one is replaced by it and must never wait in a backlog. Shares are also
+    published with a per-message expiration of their lease. A substation that is down has no
+    queue, and the shares meant for it are dropped: it would refuse them after a restart."""
+    queue = power_share_queue_name(substation_id)
+    return [
+        Exchange(POWER_EXCHANGE, "direct"),
+        Queue(
+            queue,
+            {"x-max-length": 1, "x-overflow": "drop-head"},
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+        ),
+        Binding(queue, POWER_EXCHANGE, substation_id),
     ]
 
 
@@ -239,6 +309,9 @@ _ID_CHECKS = {
     "active_request_id": (REQUEST_ID_PATTERN, "32 lowercase hex digits"),
     "client": (CLIENT_PATTERN, CLIENT_RULE),
     "body_fingerprint": (FINGERPRINT_PATTERN, "32 lowercase hex digits"),
+    # Grid nodes (feeders, sites) are named like substations, which are nodes too.
+    "parent": (SUBSTATION_ID_PATTERN, SUBSTATION_ID_RULE),
+    "node": (SUBSTATION_ID_PATTERN, SUBSTATION_ID_RULE),
 }
 
 
@@ -257,15 +330,10 @@ def _check_value(name: str, base: type, optional: bool, value: Any) -> Any:
             if pattern.fullmatch(value) is None:
                 raise InvalidMessage(f"field {name!r} must be {rule}, got {value[:80]!r}")
         return value
-    # bool is an int in Python but never a valid number in this contract.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidMessage(f"field {name!r} must be a number")
     try:
-        as_float = float(value)
-    except OverflowError:  # a JSON integer with hundreds of digits
-        raise InvalidMessage(f"field {name!r} is out of range") from None
-    if not math.isfinite(as_float):
-        raise InvalidMessage(f"field {name!r} must be finite")
+        as_float = finite_number(value)
+    except NotANumber as exc:
+        raise InvalidMessage(f"field {name!r} {exc}") from None
     if base is int and not as_float.is_integer():
         raise InvalidMessage(f"field {name!r} must be an integer")
     return base(value)
@@ -342,6 +410,41 @@ def _dump(obj: Any, **extra: Any) -> bytes:
     return _compact(payload).encode()
 
 
+def _check_power_fields(message: Any) -> None:
+    """A message's power fields follow the rules of the request's (those of POST /charge): a
+    message may leave any of them out (it then means the default), never break them."""
+    fields = (
+        message.max_kw,
+        message.min_kw,
+        message.priority,
+        getattr(message, "energy_kwh", None),
+    )
+    if fields == (None, None, None, None):
+        return  # the commonest case, decoded thousands of times a second
+    try:
+        _power_of(message)
+    except FieldError as exc:
+        raise InvalidMessage(f"field {exc}") from None
+
+
+def _power_of(message: Any) -> PowerFields:
+    return parse_power_fields(
+        {
+            "max_kw": message.max_kw,
+            "min_kw": message.min_kw,
+            "priority": message.priority,
+            "energy_kwh": getattr(message, "energy_kwh", None),
+        }
+    )
+
+
+def _check_at_least(message: Any, low: float, *names: str) -> None:
+    for name in names:
+        value = getattr(message, name)
+        if value is not None and value < low:
+            raise InvalidMessage(f"field {name!r} must be at least {low:g}, got {value:g}")
+
+
 @dataclass(frozen=True)
 class ChargeRequest:
     """A driver's request to charge, as accepted by the gateway."""
@@ -359,6 +462,22 @@ class ChargeRequest:
     #: from the client and the key): the fingerprint of the body, so that a repeat of the key
     #: with another body is told apart, by any gateway, after any restart.
     body_fingerprint: str | None = None
+    #: The power fields (issue 15; see smartgrid/power_request.py). Absent (None) means the
+    #: built-in default, so a message of an earlier version means what it meant then. The
+    #: gateway writes max_kw, min_kw and priority with its configured defaults applied, and
+    #: energy_kwh only when the driver asked for an amount (else the session lasts
+    #: SESSION_SECONDS at full power, as before).
+    max_kw: float | None = None
+    min_kw: float | None = None
+    energy_kwh: float | None = None
+    priority: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_power_fields(self)
+
+    def power(self) -> PowerFields:
+        """The request's power fields, defaults applied."""
+        return _power_of(self)
 
     def to_body(self) -> bytes:
         return _dump(self)
@@ -383,6 +502,18 @@ class RoutedRequest:
     #: message was redelivered, or it comes off a substation presumed dead): the substation
     #: asks the others (``session.lookup``) before charging it.
     maybe_duplicate: bool = False
+    #: The request's power fields, as it carried them.
+    max_kw: float | None = None
+    min_kw: float | None = None
+    energy_kwh: float | None = None
+    priority: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_power_fields(self)
+
+    def power(self) -> PowerFields:
+        """The request's power fields, defaults applied."""
+        return _power_of(self)
 
     @classmethod
     def from_request(
@@ -403,12 +534,23 @@ class RoutedRequest:
             balancer=balancer,
             rerouted_from=request.rerouted_from,
             maybe_duplicate=maybe_duplicate or request.rerouted_from is not None,
+            max_kw=request.max_kw,
+            min_kw=request.min_kw,
+            energy_kwh=request.energy_kwh,
+            priority=request.priority,
         )
 
     def back_to_pending(self) -> ChargeRequest:
         """The request as it goes back to the pending queue, off a substation that died."""
         return ChargeRequest(
-            self.request_id, self.ev_id, self.accepted_at, rerouted_from=self.substation
+            self.request_id,
+            self.ev_id,
+            self.accepted_at,
+            rerouted_from=self.substation,
+            max_kw=self.max_kw,
+            min_kw=self.min_kw,
+            energy_kwh=self.energy_kwh,
+            priority=self.priority,
         )
 
     def to_body(self) -> bytes:
@@ -416,6 +558,33 @@ class RoutedRequest:
 
     @classmethod
     def from_body(cls, body: bytes) -> RoutedRequest:
+        return cls(**_decode_fields(cls, _load_object(body)))
+
+
+@dataclass(frozen=True)
+class PowerShare:
+    """A substation's share of its parent's limit, from the active allocator
+    (``leases.Grant``; ``leases.grant_to_message`` / ``grant_from_message``): in force at the
+    substation until ``issued_at + lease_seconds``, unless a newer ``(term, seq)`` replaces it.
+    Published to ``smartgrid.power`` with the substation id as routing key."""
+
+    substation: str
+    share_kw: float
+    issued_at: float
+    lease_seconds: float
+    term: int
+    seq: int
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 0, "share_kw", "term", "seq")
+        if self.lease_seconds <= 0:
+            raise InvalidMessage("field 'lease_seconds' must be above 0")
+
+    def to_body(self) -> bytes:
+        return _dump(self)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> PowerShare:
         return cls(**_decode_fields(cls, _load_object(body)))
 
 
@@ -456,8 +625,19 @@ class SessionStarted(Event):
     instance: str
     accepted_at: float
     #: When the substation expects the session to end; the balancer prefers, among equally
-    #: loaded substations, the one whose next session ends soonest.
-    expected_end: float
+    #: loaded substations, the one whose next session ends soonest. None: the session starts
+    #: paused (0 kW, no end in sight; JSON has no infinity) until power frees.
+    expected_end: float | None
+    #: The request's power fields (the balancer's power bookkeeping, as it counts sessions)
+    #: and the power the session starts with. Absent from substations of earlier versions.
+    max_kw: float | None = None
+    min_kw: float | None = None
+    priority: str | None = None
+    power_kw: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_power_fields(self)
+        _check_power_kw(self, "power_kw")
 
 
 @dataclass(frozen=True)
@@ -468,6 +648,39 @@ class SessionCompleted(Event):
     substation: str
     instance: str
     started_at: float
+    #: What the session delivered, and how long it was paused (0 kW) in all.
+    energy_kwh: float | None = None
+    paused_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 0, "energy_kwh", "paused_seconds")
+
+
+def _check_power_kw(message: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(message, name)
+        if value is not None and not 0 <= value <= MAX_CAR_KW:
+            raise InvalidMessage(f"field {name!r} must be between 0 and {MAX_CAR_KW:g}")
+
+
+@dataclass(frozen=True)
+class SessionPower(Event):
+    """A running session's power changed (the substation re-shared its limit: a session
+    started or ended, its share or limit changed). Not published when the limit never binds
+    (the power a session starts with, in ``session.started``, then holds to its end), so
+    deployments that balance sessions only pay nothing for it."""
+
+    kind: ClassVar[str] = "session.power"
+    request_id: str
+    substation: str
+    instance: str
+    #: 0: paused.
+    power_kw: float
+    #: At this power; None while paused.
+    expected_end: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_power_kw(self, "power_kw")
 
 
 @dataclass(frozen=True)
@@ -507,6 +720,14 @@ class SubstationAnnounced(Event):
     capacity: int
     metrics_url: str
     session_seconds: float
+    #: Its power limit (SUBSTATION_POWER_LIMIT_KW), failsafe (SUBSTATION_FAILSAFE_KW) and the
+    #: grid node it names as its parent (SUBSTATION_PARENT; the topology file wins).
+    limit_kw: float | None = None
+    failsafe_kw: float | None = None
+    parent: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 0, "limit_kw", "failsafe_kw")
 
 
 @dataclass(frozen=True)
@@ -580,6 +801,82 @@ class RequestCancelled(Event):
     started_at: float | None = None
 
 
+#: A report's figures per priority class, as flat fields ``<name>_<class>``.
+POWER_CLASSES = tuple(priority.value for priority in CLASS_ORDER)
+
+
+@dataclass(frozen=True)
+class PowerDemand(Event):
+    """What one substation needs and draws, on every change and every DEMAND_INTERVAL: the
+    allocator's input (``leases.DemandReport``, converted by ``leases.report_from_event``),
+    the balancers' view of power per substation, and loadgen's record of the limit in force.
+    Per class (emergency, fleet, standard): the running sessions, the sum of their minimums
+    and of their maxima."""
+
+    kind: ClassVar[str] = "power.demand"
+    substation: str
+    instance: str
+    #: Its own limit (SUBSTATION_POWER_LIMIT_KW) and failsafe.
+    limit_kw: float
+    failsafe_kw: float
+    #: What its sessions may draw now (the lower of its limit and its share, or the failsafe
+    #: once the lease ran out), and what they draw.
+    limit_in_force_kw: float
+    power_kw: float
+    sessions_emergency: int = 0
+    sessions_fleet: int = 0
+    sessions_standard: int = 0
+    floor_kw_emergency: float = 0.0
+    floor_kw_fleet: float = 0.0
+    floor_kw_standard: float = 0.0
+    want_kw_emergency: float = 0.0
+    want_kw_fleet: float = 0.0
+    want_kw_standard: float = 0.0
+    parent: str | None = None
+    #: The share it holds (its lease not run out), as the grant said: all or none.
+    holding_share_kw: float | None = None
+    holding_issued_at: float | None = None
+    holding_lease_seconds: float | None = None
+    holding_term: int | None = None
+    holding_seq: int | None = None
+    #: The newest grant it accepted (in force or not): it refuses any not newer.
+    last_term: int | None = None
+    last_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        numbers = (n for n, base, _, _ in _schema(type(self)) if base is not str and n != "at")
+        _check_at_least(self, 0, *numbers)
+        holding = [getattr(self, f"holding_{n}") for n in _HOLDING]
+        if any(v is None for v in holding) and any(v is not None for v in holding):
+            raise InvalidMessage("the holding_* fields come all together or not at all")
+        if (self.last_term is None) != (self.last_seq is None):
+            raise InvalidMessage("last_term and last_seq come together or not at all")
+
+
+_HOLDING = ("share_kw", "issued_at", "lease_seconds", "term", "seq")
+
+
+@dataclass(frozen=True)
+class GridLimit(Event):
+    """An operator's change of a grid node's limit (``python -m smartgrid.grid``), issued
+    ``at``: ``limit_kw`` until ``valid_until`` (None: until changed), or, with ``limit_kw``
+    None, the end of the node's override. Kept in the stream ``smartgrid.grid.limits``;
+    ``limits.override_from_event`` makes it a ``LimitOverride``."""
+
+    kind: ClassVar[str] = "grid.limit"
+    node: str
+    limit_kw: float | None = None
+    valid_until: float | None = None
+    #: Who issued it (free text for the log: the operator's user and host).
+    issued_by: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit_kw is not None and watts(self.limit_kw) <= 0:
+            raise InvalidMessage(f"field 'limit_kw' must be above 0, got {self.limit_kw:g}")
+        if self.valid_until is not None and self.valid_until <= self.at:
+            raise InvalidMessage("field 'valid_until' must be after 'at'")
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
@@ -587,6 +884,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RequestRouted,
         SessionStarted,
         SessionCompleted,
+        SessionPower,
         SessionLookup,
         SessionLookupReply,
         RequestDeadLettered,
@@ -596,6 +894,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SubstationAnnounced,
         SubstationLeaving,
         BalancerStarted,
+        PowerDemand,
+        GridLimit,
     )
 }
 
@@ -741,6 +1041,29 @@ CAPACITY_METRIC = "substation_capacity"
 RECEIVED_METRIC = "substation_requests_received"  # counter: exposed as ..._total
 COMPLETED_METRIC = "substation_sessions_completed"  # counter: exposed as ..._total
 INFO_METRIC = "substation_info"  # labels: substation, instance_id
+#: Power (issue 15). A substation's power in kW: drawn now, the limit in force now (its own,
+#: its share, or the failsafe once its lease ran out), and what its sessions would draw
+#: unconstrained; the energy it delivered (a counter); its paused sessions per class; how long
+#: its lease has to run (only on a substation under a grid node: below 0 it is at its
+#: failsafe); and how long requests waited from acceptance to their session's start, per class.
+POWER_METRIC = "substation_power_kw"
+POWER_LIMIT_METRIC = "substation_power_limit_kw"
+POWER_DEMAND_METRIC = "substation_power_demand_kw"
+ENERGY_METRIC = "substation_energy_delivered_kwh"  # counter: exposed as ..._total
+PAUSED_METRIC = "substation_paused_sessions"  # label: priority
+LEASE_METRIC = "substation_lease_expires_in_seconds"
+WAIT_METRIC = "substation_session_wait_seconds"  # histogram, label: priority
+PRIORITY_LABEL = "priority"
+#: The balancer's view of the grid: per node (substation or feeder), the power drawn under it
+#: (from the reports) and its limit in force; 1 where the limit cannot cover the failsafes
+#: under it; requests held for power per class; 1 in the one balancer whose allocator is
+#: active (hands out shares).
+NODE_POWER_METRIC = "grid_node_power_kw"  # label: node
+NODE_LIMIT_METRIC = "grid_node_limit_kw"  # label: node
+NODE_OVERCOMMITTED_METRIC = "grid_node_overcommitted"  # label: node
+NODE_LABEL = "node"
+HELD_METRIC = "balancer_held_requests"  # label: priority
+ALLOCATOR_ACTIVE_METRIC = "allocator_active"
 #: Not "instance": Prometheus owns that label (the scrape target) and would store ours as
 #: exported_instance.
 INFO_INSTANCE_LABEL = "instance_id"

@@ -212,7 +212,7 @@ def _argument_values(arguments: dict) -> dict:
 def topology_definitions(vhost: str = DEFAULT_VHOST, *, substations: Iterable[str] = ()) -> dict:
     """The core topology; with ``substations``, also their queues and bindings (for users
     that may not declare them: one user per substation)."""
-    declarations = contract.core_topology()
+    declarations = contract.core_topology() + contract.power_topology()
     for substation in substations:
         declarations += contract.substation_topology(substation)
     return {

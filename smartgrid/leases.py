@@ -42,9 +42,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from smartgrid import contract
 from smartgrid.grid import Topology, TopologyError
-from smartgrid.power import CLASS_ORDER, water_fill
+from smartgrid.power import CLASS_ORDER, kilowatts, water_fill, watts
 
 _CLASSES = len(CLASS_ORDER)
 _ZEROS = (0,) * _CLASSES
@@ -395,3 +397,98 @@ def sum_by_node(
         for node in nodes:
             totals.setdefault(node, 0)
     return totals
+
+
+# ------------------------------------------------------------------------------ messages
+def grant_to_message(grant: Grant) -> contract.PowerShare:
+    return contract.PowerShare(
+        substation=grant.substation,
+        share_kw=kilowatts(grant.share_w),
+        issued_at=grant.issued_at,
+        lease_seconds=grant.lease_seconds,
+        term=grant.term,
+        seq=grant.seq,
+    )
+
+
+def grant_from_message(message: contract.PowerShare) -> Grant:
+    return Grant(
+        message.substation,
+        watts(message.share_kw),
+        message.issued_at,
+        message.lease_seconds,
+        message.term,
+        message.seq,
+    )
+
+
+def report_to_event(
+    report: DemandReport, *, instance: str, limit_in_force_w: int, power_w: int
+) -> contract.PowerDemand:
+    """The ``power.demand`` event of ``report``, with what the substation may draw and draws
+    now (for the balancers' and loadgen's view)."""
+    demand = report.demand
+    fields: dict[str, Any] = {
+        "at": report.at,
+        "substation": report.substation,
+        "instance": instance,
+        "limit_kw": kilowatts(report.limit_w),
+        "failsafe_kw": kilowatts(demand.failsafe_w),
+        "limit_in_force_kw": kilowatts(limit_in_force_w),
+        "power_kw": kilowatts(power_w),
+        "parent": report.parent,
+    }
+    for name, sessions, floor, want in zip(
+        contract.POWER_CLASSES, demand.sessions, demand.floors_w, demand.wants_w, strict=True
+    ):
+        fields[f"sessions_{name}"] = sessions
+        fields[f"floor_kw_{name}"] = kilowatts(floor)
+        fields[f"want_kw_{name}"] = kilowatts(want)
+    if report.holding is not None:
+        grant = report.holding
+        fields |= {
+            "holding_share_kw": kilowatts(grant.share_w),
+            "holding_issued_at": grant.issued_at,
+            "holding_lease_seconds": grant.lease_seconds,
+            "holding_term": grant.term,
+            "holding_seq": grant.seq,
+        }
+    if report.last_key is not None:
+        fields["last_term"], fields["last_seq"] = report.last_key
+    return contract.PowerDemand(**fields)
+
+
+def report_from_event(event: contract.PowerDemand) -> DemandReport:
+    def per_class(name: str) -> tuple[int, ...]:
+        values = (getattr(event, f"{name}_{c}") for c in contract.POWER_CLASSES)
+        return tuple(v if name == "sessions" else watts(v) for v in values)
+
+    holding = None
+    if event.holding_share_kw is not None:
+        assert event.holding_issued_at is not None and event.holding_lease_seconds is not None
+        assert event.holding_term is not None and event.holding_seq is not None
+        holding = Grant(
+            event.substation,
+            watts(event.holding_share_kw),
+            event.holding_issued_at,
+            event.holding_lease_seconds,
+            event.holding_term,
+            event.holding_seq,
+        )
+    last_key = None
+    if event.last_term is not None and event.last_seq is not None:
+        last_key = (event.last_term, event.last_seq)
+    return DemandReport(
+        substation=event.substation,
+        at=event.at,
+        limit_w=watts(event.limit_kw),
+        demand=Demand(
+            sessions=per_class("sessions"),
+            floors_w=per_class("floor_kw"),
+            wants_w=per_class("want_kw"),
+            failsafe_w=watts(event.failsafe_kw),
+        ),
+        parent=event.parent,
+        holding=holding,
+        last_key=last_key,
+    )

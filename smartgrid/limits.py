@@ -20,6 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from smartgrid import contract
+from smartgrid.power import kilowatts, watts
+
 
 @dataclass(frozen=True)
 class LimitOverride:
@@ -73,3 +76,18 @@ class LimitOverrides:
             if o.limit_w is not None and o.valid_until is not None and o.valid_until > now
         ]
         return min(ends, default=None)
+
+
+def override_from_event(event: contract.GridLimit) -> LimitOverride:
+    limit_w = None if event.limit_kw is None else watts(event.limit_kw)
+    return LimitOverride(event.node, limit_w, event.at, event.valid_until)
+
+
+def override_to_event(override: LimitOverride, issued_by: str | None = None) -> contract.GridLimit:
+    return contract.GridLimit(
+        at=override.issued_at,
+        node=override.node,
+        limit_kw=None if override.limit_w is None else kilowatts(override.limit_w),
+        valid_until=override.valid_until,
+        issued_by=issued_by,
+    )

@@ -23,7 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from smartgrid.numbers import NotANumber, finite_number
 from smartgrid.power import MAX_CAR_KW, MIN_CAR_KW, Priority, watts
 
 MAX_ENERGY_KWH = 200.0
@@ -82,18 +84,21 @@ class PowerFields:
     def min_w(self) -> int:
         return watts(self.min_kw)
 
+    def message_fields(self) -> dict[str, Any]:
+        """The fields a charge request message carries (contract.ChargeRequest's keywords)."""
+        return {
+            "max_kw": self.max_kw,
+            "min_kw": self.min_kw,
+            "energy_kwh": self.energy_kwh,
+            "priority": self.priority.value,
+        }
+
 
 def _number(field: str, value: object) -> float:
-    # bool is an int in Python, never a number in this API; JSON may still carry NaN/Infinity.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise FieldError(field, "must be a number")
     try:
-        number = float(value)
-    except OverflowError:  # an integer with hundreds of digits
-        raise FieldError(field, "is out of range") from None
-    if not math.isfinite(number):
-        raise FieldError(field, "must be a finite number")
-    return number
+        return finite_number(value)
+    except NotANumber as exc:
+        raise FieldError(field, str(exc)) from None
 
 
 def _in_range(field: str, value: object, low: float, high: float) -> float:

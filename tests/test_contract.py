@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smartgrid import contract, definitions
+from smartgrid import contract, definitions, leases, limits, power, power_request
 
 REQUEST_ID = "0123456789abcdef0123456789abcdef"
 
@@ -86,6 +86,85 @@ ONE_OF_EACH_EVENT: list[contract.Event] = [
         accepted_at=1.5,
         active_request_id="f" * 32,
     ),
+    contract.SessionStarted(
+        at=3.0,
+        request_id=REQUEST_ID,
+        ev_id="EV1",
+        substation="s1",
+        instance="inst-1",
+        accepted_at=1.5,
+        expected_end=None,
+        max_kw=50.0,
+        min_kw=6.0,
+        priority="fleet",
+        power_kw=0.0,
+    ),
+    contract.SessionCompleted(
+        at=33.0,
+        request_id=REQUEST_ID,
+        ev_id="EV1",
+        substation="s1",
+        instance="inst-1",
+        started_at=3.0,
+        energy_kwh=12.5,
+        paused_seconds=4.25,
+    ),
+    contract.SessionPower(
+        at=4.0,
+        request_id=REQUEST_ID,
+        substation="s1",
+        instance="inst-1",
+        power_kw=7.5,
+        expected_end=40.0,
+    ),
+    contract.SessionPower(
+        at=4.0, request_id=REQUEST_ID, substation="s1", instance="inst-1", power_kw=0.0
+    ),
+    contract.SubstationAnnounced(
+        at=5.0,
+        substation="s1",
+        instance="inst-1",
+        capacity=4,
+        metrics_url="http://h:9101/metrics",
+        session_seconds=30.0,
+        limit_kw=60.0,
+        failsafe_kw=0.0,
+        parent="feeder-a",
+    ),
+    contract.PowerDemand(
+        at=5.5,
+        substation="s1",
+        instance="inst-1",
+        limit_kw=60.0,
+        failsafe_kw=5.0,
+        limit_in_force_kw=40.0,
+        power_kw=39.999,
+        sessions_fleet=2,
+        floor_kw_fleet=2.8,
+        want_kw_fleet=22.0,
+        sessions_standard=3,
+        floor_kw_standard=4.2,
+        want_kw_standard=150.0,
+        parent="feeder-a",
+        holding_share_kw=40.0,
+        holding_issued_at=5.0,
+        holding_lease_seconds=3.0,
+        holding_term=1700000000000,
+        holding_seq=7,
+        last_term=1700000000000,
+        last_seq=7,
+    ),
+    contract.PowerDemand(
+        at=5.5,
+        substation="s2",
+        instance="i",
+        limit_kw=1.0,
+        failsafe_kw=0.0,
+        limit_in_force_kw=1.0,
+        power_kw=0.0,
+    ),
+    contract.GridLimit(at=6.0, node="feeder-a", limit_kw=80.0, valid_until=606.0, issued_by="op"),
+    contract.GridLimit(at=6.0, node="feeder-a"),
     contract.CancelRequested(at=10.0, request_id=REQUEST_ID, ev_id="EV1", client="fleet-1"),
     contract.CancelRequested(at=10.0, request_id=REQUEST_ID, ev_id="EV1"),
     contract.RequestCancelled(at=10.5, request_id=REQUEST_ID, ev_id="EV1", source="b-1"),
@@ -547,7 +626,8 @@ def test_a_malformed_client_or_fingerprint_is_rejected_naming_the_field(field: s
 
 
 def test_a_rejection_naming_a_malformed_active_request_is_rejected():
-    event = dataclasses.replace(ONE_OF_EACH_EVENT[-5], active_request_id="nope")
+    rejected = next(e for e in ONE_OF_EACH_EVENT if isinstance(e, contract.RequestRejected))
+    event = dataclasses.replace(rejected, active_request_id="nope")
     assert isinstance(event, contract.RequestRejected)
     with pytest.raises(contract.InvalidMessage, match="active_request_id"):
         contract.decode_event(event.kind, event.to_body())
@@ -629,3 +709,180 @@ def test_every_service_may_declare_read_and_bind_its_own_event_subscription(subs
 )
 def test_the_identity_of_any_body_is_what_is_readable_and_valid_in_it(body, identity):
     assert contract.request_identity(body) == identity
+
+
+# ------------------------------------------------------------------------------ power (issue 15)
+POWER = {"max_kw": 50.0, "min_kw": 6.0, "energy_kwh": 30.0, "priority": "fleet"}
+
+
+def test_a_charge_request_with_power_fields_round_trips_and_says_its_power():
+    request = contract.ChargeRequest(REQUEST_ID, "EV1", 1.0, **POWER)
+    decoded = contract.ChargeRequest.from_body(request.to_body())
+    assert decoded == request
+    power = decoded.power()
+    assert (power.max_kw, power.min_kw, power.energy_kwh, power.priority.value) == (
+        50.0,
+        6.0,
+        30.0,
+        "fleet",
+    )
+
+
+def test_a_charge_request_of_an_earlier_version_means_the_defaults():
+    request = contract.ChargeRequest.from_body(encode(charge_request_dict()))
+    assert (request.max_kw, request.min_kw, request.energy_kwh, request.priority) == (None,) * 4
+    assert request.power() == power_request.parse_power_fields({})
+
+
+def test_the_power_fields_travel_with_a_request_to_its_substation_and_back_to_pending():
+    request = contract.ChargeRequest(REQUEST_ID, "EV1", 1.0, **POWER)
+    routed = contract.RoutedRequest.from_request(
+        request, substation="s1", routed_at=2.0, balancer="b"
+    )
+    assert contract.RoutedRequest.from_body(routed.to_body()).power() == request.power()
+    back = routed.back_to_pending()
+    assert (back.max_kw, back.min_kw, back.energy_kwh, back.priority) == tuple(POWER.values())
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"max_kw": 1.0}, "'max_kw'"),
+        ({"max_kw": 351}, "'max_kw'"),
+        ({"max_kw": "11"}, "'max_kw'"),
+        ({"max_kw": True}, "'max_kw'"),
+        ({"min_kw": 20.0, "max_kw": 11.0}, "'min_kw'"),
+        ({"min_kw": 12.0}, "'min_kw'"),  # above the default maximum
+        ({"energy_kwh": 0}, "'energy_kwh'"),
+        ({"energy_kwh": 200.5}, "'energy_kwh'"),
+        ({"energy_kwh": math.nan}, "'energy_kwh'"),
+        ({"priority": "vip"}, "'priority'"),
+        ({"priority": 1}, "'priority'"),
+    ],
+)
+def test_a_request_message_breaking_the_power_rules_is_rejected_naming_the_field(fields, named):
+    reason = reason_for(encode(charge_request_dict(**fields)))
+    assert named in reason
+    routed = json.loads(contract.RoutedRequest(REQUEST_ID, "EV1", 1.0, "s1", 2.0, "b").to_body())
+    assert named in reason_for(encode(routed | fields), contract.RoutedRequest.from_body)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "named"),
+    [
+        ("session.started", {"priority": "vip"}, "'priority'"),
+        ("session.started", {"power_kw": -1}, "'power_kw'"),
+        ("session.power", {"power_kw": 400}, "'power_kw'"),
+        ("session.completed", {"energy_kwh": -0.5}, "'energy_kwh'"),
+        ("substation.announced", {"parent": "no.dots"}, "'parent'"),
+        ("substation.announced", {"limit_kw": -1}, "'limit_kw'"),
+        ("power.demand", {"power_kw": -0.001}, "'power_kw'"),
+        ("power.demand", {"sessions_fleet": 1.5}, "'sessions_fleet'"),
+        ("power.demand", {"holding_term": None}, "holding_"),
+        ("power.demand", {"last_seq": None}, "last_term"),
+        ("grid.limit", {"limit_kw": 0}, "'limit_kw'"),
+        ("grid.limit", {"valid_until": 6.0}, "'valid_until'"),
+        ("grid.limit", {"node": "a b"}, "'node'"),
+    ],
+)
+def test_a_power_event_breaking_its_rules_is_rejected_naming_the_field(kind, fields, named):
+    # The one of its kind with the most fields set: every rule applies to it.
+    event = max(
+        (e for e in ONE_OF_EACH_EVENT if e.kind == kind),
+        key=lambda e: sum(v is not None for v in dataclasses.asdict(e).values()),
+    )
+    data = json.loads(event.to_body()) | fields
+    with pytest.raises(contract.InvalidMessage, match=re.escape(named)):
+        contract.decode_event(kind, encode(data))
+
+
+def test_a_share_round_trips_and_is_validated():
+    share = contract.PowerShare("s1", 12.5, 100.0, 3.0, term=5, seq=9)
+    assert contract.PowerShare.from_body(share.to_body()) == share
+    data = json.loads(share.to_body())
+    for field, value in [("lease_seconds", 0), ("share_kw", -1), ("substation", "a.b")]:
+        with pytest.raises(contract.InvalidMessage, match=field):
+            contract.PowerShare.from_body(encode(data | {field: value}))
+
+
+@given(
+    sessions=st.tuples(*[st.integers(0, 50)] * 3),
+    floors=st.tuples(*[st.integers(0, 10**7)] * 3),
+    wants=st.tuples(*[st.integers(0, 10**7)] * 3),
+    failsafe=st.integers(0, 10**6),
+    limit=st.integers(1, 10**8),
+    parent=st.none() | st.sampled_from(["feeder-a", "site"]),
+    holding=st.booleans(),
+    last=st.none() | st.tuples(st.integers(0, 2**53), st.integers(0, 2**31)),
+)
+def test_a_demand_report_survives_the_trip_through_its_event_to_the_watt(
+    sessions, floors, wants, failsafe, limit, parent, holding, last
+):
+    grant = leases.Grant("s1", limit // 2, 100.25, 3.0, 17, 4) if holding else None
+    report = leases.DemandReport(
+        "s1", 101.5, limit, leases.Demand(sessions, floors, wants, failsafe), parent, grant, last
+    )
+    event = leases.report_to_event(report, instance="i", limit_in_force_w=limit, power_w=limit)
+    decoded = contract.decode_event(event.kind, event.to_body())
+    assert isinstance(decoded, contract.PowerDemand)
+    assert leases.report_from_event(decoded) == report
+
+
+def test_a_grant_and_an_override_survive_the_trip_through_their_messages():
+    grant = leases.Grant("s1", 33_333, 100.0, 3.0, 1700000000123, 42)
+    message = contract.PowerShare.from_body(leases.grant_to_message(grant).to_body())
+    assert leases.grant_from_message(message) == grant
+    for override in (
+        limits.LimitOverride("feeder-a", 80_000, 10.0, 70.0),
+        limits.LimitOverride("feeder-a", None, 11.0),
+    ):
+        event = limits.override_to_event(override, issued_by="op@host")
+        decoded = contract.decode_event(event.kind, event.to_body())
+        assert isinstance(decoded, contract.GridLimit)
+        assert limits.override_from_event(decoded) == override
+
+
+def test_the_report_classes_are_the_priority_classes_in_their_order():
+    assert tuple(p.value for p in power.CLASS_ORDER) == contract.POWER_CLASSES
+    names = {f.name for f in dataclasses.fields(contract.PowerDemand)}
+    for prefix in ("sessions", "floor_kw", "want_kw"):
+        assert {f"{prefix}_{c}" for c in contract.POWER_CLASSES} <= names
+
+
+def test_the_power_topology_hands_reports_to_one_allocator_and_keeps_limit_changes():
+    declarations = contract.power_topology()
+    queues = {d.name: d for d in declarations if isinstance(d, contract.Queue)}
+    reports = queues[contract.POWER_REPORTS_QUEUE]
+    assert reports.arguments["x-queue-type"] == "quorum"
+    assert reports.arguments["x-single-active-consumer"] is True
+    assert reports.arguments["x-overflow"] == "drop-head"
+    limits_stream = queues[contract.GRID_LIMITS_STREAM]
+    assert limits_stream.arguments["x-queue-type"] == "stream" and limits_stream.durable
+    bindings = {(d.queue, d.routing_key) for d in declarations if isinstance(d, contract.Binding)}
+    assert bindings == {
+        (contract.POWER_REPORTS_QUEUE, contract.PowerDemand.kind),
+        (contract.GRID_LIMITS_STREAM, contract.GridLimit.kind),
+    }
+
+
+def test_the_power_topology_binds_only_what_it_or_the_core_declares():
+    declarations = (
+        contract.core_topology() + contract.power_topology() + contract.power_share_topology("s1")
+    )
+    names = [d.name for d in declarations if not isinstance(d, contract.Binding)]
+    exchanges = {d.name for d in declarations if isinstance(d, contract.Exchange)}
+    queues = {d.name for d in declarations if isinstance(d, contract.Queue)}
+    assert len(set(names) - exchanges) == len(queues)  # no queue named like an exchange
+    for binding in (d for d in declarations if isinstance(d, contract.Binding)):
+        assert binding.exchange in exchanges and binding.queue in queues
+
+
+def test_a_substations_share_queue_is_its_own_and_keeps_only_the_newest_share():
+    exchange, queue, binding = contract.power_share_topology("north-7")
+    assert isinstance(exchange, contract.Exchange) and exchange.name == contract.POWER_EXCHANGE
+    assert isinstance(queue, contract.Queue) and queue.exclusive and not queue.durable
+    assert queue.arguments == {"x-max-length": 1, "x-overflow": "drop-head"}
+    assert binding == contract.Binding(queue.name, contract.POWER_EXCHANGE, "north-7")
+    # A substation id has no dot, so no share queue is named like the reports queue.
+    assert not contract.is_valid_substation_id("reports.x")
+    assert contract.power_share_queue_name("reports") != contract.POWER_REPORTS_QUEUE
