@@ -22,6 +22,7 @@ from typing import Any
 from gateway.history import COMPLETED, QUEUED, RequestHistory, RequestRecord
 from gateway.idempotency import HEADER, body_fingerprint, derive_request_id
 from smartgrid import contract
+from smartgrid.power_request import PowerFields
 
 #: Set on the answer to a repeat of an Idempotency-Key (the name Stripe's API made common).
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -94,9 +95,12 @@ def plan_charge(
     fields: Mapping[str, Any],
     now: float,
     new_request_id: Callable[[], str],
+    power: PowerFields | None = None,
 ) -> Answer | PublishRequest:
     """Decide a valid ``POST /charge`` (``fields``: the validated body; ``key``: the parsed
-    Idempotency-Key, or None)."""
+    Idempotency-Key, or None; ``power``: the body's power fields, the gateway's defaults
+    applied, or None for the built-in defaults)."""
+    power_fields = power.message_fields() if power is not None else {}
     ev_id = fields["ev_id"]
     fingerprint = None
     if key is not None:
@@ -114,7 +118,10 @@ def plan_charge(
             if record.provisionally_rejected:
                 pass  # the broker refused the first attempt: this one is a new attempt
             elif record.status == QUEUED:
-                return PublishRequest(_repeat_of(record, client, fingerprint), True, True)
+                # The same body (the fingerprint says so), so the same power fields.
+                return PublishRequest(
+                    _repeat_of(record, client, fingerprint, power_fields), True, True
+                )
             else:
                 return _replayed(record)
     else:
@@ -128,12 +135,13 @@ def plan_charge(
         accepted_at=now,
         client=client,
         body_fingerprint=fingerprint,
+        **power_fields,
     )
     return PublishRequest(request, repeat=False, keyed=key is not None)
 
 
 def _repeat_of(
-    record: RequestRecord, client: str | None, fingerprint: str
+    record: RequestRecord, client: str | None, fingerprint: str, power_fields: dict[str, Any]
 ) -> contract.ChargeRequest:
     # The very request the history holds (same accepted_at: the same attempt, to the balancer).
     assert record.ev_id is not None and record.accepted_at is not None
@@ -143,6 +151,7 @@ def _repeat_of(
         accepted_at=record.accepted_at,
         client=client,
         body_fingerprint=fingerprint,
+        **power_fields,
     )
 
 

@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import (
@@ -32,10 +33,17 @@ from gateway.config import GatewayConfig
 from gateway.tracker import RequestTracker
 from smartgrid import contract
 from smartgrid.amqp import LinkError
+from smartgrid.power_request import (
+    POWER_FIELDS,
+    FieldError,
+    PowerFields,
+    RequestDefaults,
+    parse_power_fields,
+)
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_FIELDS = {"ev_id"}
+ACCEPTED_FIELDS = {"ev_id"} | POWER_FIELDS
 
 
 class GatewayMetrics:
@@ -83,8 +91,23 @@ def _is_json_content_type(mimetype: str) -> bool:
     )
 
 
-def parse_charge_body(raw: bytes) -> str:
-    """The ``ev_id`` of a POST /charge body; :class:`BadBody` says what is wrong with it."""
+@dataclass(frozen=True)
+class ChargeBody:
+    """A valid POST /charge body, the gateway's defaults applied to what it left out."""
+
+    ev_id: str
+    power: PowerFields
+
+    def request_fields(self) -> dict:
+        """The fields of the ChargeRequest it becomes (beside its id and acceptance time)."""
+        return {"ev_id": self.ev_id, **self.power.message_fields()}
+
+
+BUILT_IN_DEFAULTS = RequestDefaults()
+
+
+def parse_charge_body(raw: bytes, defaults: RequestDefaults = BUILT_IN_DEFAULTS) -> ChargeBody:
+    """A POST /charge body, checked; :class:`BadBody` says what is wrong with it."""
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -105,7 +128,14 @@ def parse_charge_body(raw: bytes) -> str:
     ev_id = data["ev_id"]
     if not contract.is_valid_ev_id(ev_id):
         raise BadBody(422, "invalid_ev_id", f"'ev_id' must be a string of {contract.EV_ID_RULE}")
-    return ev_id
+    for field in sorted(POWER_FIELDS & data.keys()):
+        if data[field] is None:  # the API has no null: a field left out takes the default
+            raise BadBody(422, f"invalid_{field}", f"{field!r} must not be null; leave it out")
+    try:
+        power = parse_power_fields(data, defaults)
+    except FieldError as exc:
+        raise BadBody(422, exc.code, str(exc)) from None
+    return ChargeBody(ev_id, power)
 
 
 #: How long POST /charge waits for a broker connection that is being re-established.
@@ -150,7 +180,7 @@ class _Endpoints:
                 415, "unsupported_media_type", "send the body as Content-Type: application/json"
             )
         try:
-            ev_id = parse_charge_body(request.get_data(cache=False))
+            charge = parse_charge_body(request.get_data(cache=False), self.config.request_defaults)
         except BadBody as bad:
             self.metrics.requests.labels("invalid").inc()
             return _error(bad.status, bad.error, bad.detail)
@@ -161,8 +191,9 @@ class _Endpoints:
                 "the message broker is not reachable; the request was not accepted"
             )
 
+        ev_id = charge.ev_id
         charge_request = contract.ChargeRequest(
-            request_id=uuid.uuid4().hex, ev_id=ev_id, accepted_at=time.time()
+            request_id=uuid.uuid4().hex, accepted_at=time.time(), **charge.request_fields()
         )
         request_id = charge_request.request_id
         routed = self.tracker.expect(request_id) if self.config.routed_wait > 0 else None

@@ -3,6 +3,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smartgrid.config import DEFAULT_AMQP_URL, non_negative, positive, setting
+from smartgrid.power import MAX_CAR_KW, MIN_CAR_KW, Priority
+from smartgrid.power_request import (
+    DEFAULT_MAX_KW,
+    DEFAULT_MIN_KW,
+    PRIORITY_NAMES,
+    RequestDefaults,
+)
+
+
+def _car_kw(value: float) -> bool:
+    return MIN_CAR_KW <= value <= MAX_CAR_KW
+
+
+_CAR_KW = f"kW from {MIN_CAR_KW:g} to {MAX_CAR_KW:g}"
 
 
 @dataclass(frozen=True)
@@ -50,4 +64,33 @@ class GatewayConfig:
         check=positive,
         expect="seconds > 0",
     )
+    default_max_kw: float = setting(
+        "REQUEST_DEFAULT_MAX_KW",
+        DEFAULT_MAX_KW,
+        "A request's max_kw when it sends none (a three-phase 16 A wallbox)",
+        check=_car_kw,
+        expect=_CAR_KW,
+    )
+    default_min_kw: float = setting(
+        "REQUEST_DEFAULT_MIN_KW",
+        DEFAULT_MIN_KW,
+        "A request's min_kw when it sends none (lowered to the request's max_kw if above it)",
+        check=_car_kw,
+        expect=_CAR_KW,
+    )
+    default_priority: str = setting(
+        "REQUEST_DEFAULT_PRIORITY",
+        PRIORITY_NAMES[0],
+        "A request's priority when it sends none",
+        check=lambda value: value in PRIORITY_NAMES,
+        expect=" or ".join(PRIORITY_NAMES),
+    )
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
+
+    @property
+    def request_defaults(self) -> RequestDefaults:
+        return RequestDefaults(
+            max_kw=self.default_max_kw,
+            min_kw=self.default_min_kw,
+            priority=Priority(self.default_priority),
+        )

@@ -22,6 +22,7 @@ from gateway.answers import (
 from gateway.history import RequestHistory
 from gateway.idempotency import body_fingerprint, derive_request_id
 from smartgrid import contract
+from smartgrid.power_request import parse_power_fields
 
 NOW = 1_000_000.0
 FRESH = "f" * 32
@@ -37,7 +38,7 @@ def history() -> RequestHistory:
     return RequestHistory(clock=lambda: NOW, idempotency_ttl=3600, max_age=7200)
 
 
-def post(history, body=None, *, client="fleet-1", key=None, now=NOW, rid=FRESH):
+def post(history, body=None, *, client="fleet-1", key=None, now=NOW, rid=FRESH, power=None):
     return plan_charge(
         history,
         client=client,
@@ -45,6 +46,7 @@ def post(history, body=None, *, client="fleet-1", key=None, now=NOW, rid=FRESH):
         fields=body or {"ev_id": "EV1"},
         now=now,
         new_request_id=lambda: rid,
+        power=power,
     )
 
 
@@ -88,6 +90,16 @@ def test_a_request_with_a_key_gets_the_derived_id_and_the_body_fingerprint(histo
     assert plan.keyed
     assert plan.request.request_id == derive_request_id("fleet-1", "k1")
     assert plan.request.body_fingerprint == body_fingerprint({"ev_id": "EV1"})
+
+
+def test_the_request_carries_the_power_fields_and_so_does_a_repeat_of_it(history):
+    body = {"ev_id": "EV1", "max_kw": 50, "priority": "fleet"}
+    power = parse_power_fields(body)
+    first = post(history, body, key="k1", power=power)
+    assert first.request.power() == power
+    accept(history, first)
+    repeat = post(history, body, key="k1", now=NOW + 5, power=power)
+    assert isinstance(repeat, PublishRequest) and repeat.request == first.request
 
 
 # ------------------------------------------------------------------------------ POST: repeats

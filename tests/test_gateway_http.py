@@ -18,11 +18,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
+from gateway.app import create_app, parse_charge_body
 from gateway.broker import GatewayBroker
 from gateway.config import GatewayConfig
 from gateway.tracker import RequestTracker
 from smartgrid import contract
+from smartgrid.config import ConfigError, from_env
+from smartgrid.power_request import DEFAULT_MAX_KW, DEFAULT_MIN_KW
 
 JSON = "application/json"
 UNREACHABLE_URL = "amqp://guest:guest@127.0.0.1:1/%2F"
@@ -164,6 +166,101 @@ def test_a_missing_or_invalid_ev_id_is_a_422(client: FlaskClient, body: dict):
 def test_unknown_fields_are_a_422_naming_them(client: FlaskClient):
     error = assert_json_error(post_charge(client, {"ev_id": "EV1", "priority": "high"}), 422)
     assert "priority" in error["detail"]
+
+
+def test_the_power_fields_are_accepted_and_travel_with_the_request(
+    client: FlaskClient, module_amqp_url: str
+):
+    pending_requests(module_amqp_url)  # what earlier tests left
+    body = {"ev_id": "EV-P1", "energy_kwh": 42.5, "max_kw": 150, "min_kw": 7, "priority": "fleet"}
+    assert post_charge(client, body).status_code == 202
+    (request,) = pending_requests(module_amqp_url)
+    assert (request.energy_kwh, request.max_kw, request.min_kw, request.priority) == (
+        42.5,
+        150.0,
+        7.0,
+        "fleet",
+    )
+
+
+def test_a_request_without_power_fields_carries_the_defaults_but_no_energy(
+    client: FlaskClient, module_amqp_url: str
+):
+    pending_requests(module_amqp_url)
+    assert post_charge(client, {"ev_id": "EV-P2"}).status_code == 202
+    (request,) = pending_requests(module_amqp_url)
+    assert (request.energy_kwh, request.max_kw, request.min_kw, request.priority) == (
+        None,  # the session lasts SESSION_SECONDS at full power, as before
+        DEFAULT_MAX_KW,
+        DEFAULT_MIN_KW,
+        "standard",
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"energy_kwh": 0}, "energy_kwh"),
+        ({"energy_kwh": -5}, "energy_kwh"),
+        ({"energy_kwh": 200.01}, "energy_kwh"),
+        ({"energy_kwh": "30"}, "energy_kwh"),
+        ({"energy_kwh": None}, "energy_kwh"),
+        ({"max_kw": 1.39}, "max_kw"),
+        ({"max_kw": 350.5}, "max_kw"),
+        ({"max_kw": True}, "max_kw"),
+        ({"max_kw": [11]}, "max_kw"),
+        ({"min_kw": 1}, "min_kw"),
+        ({"min_kw": 22, "max_kw": 11}, "min_kw"),
+        ({"min_kw": 12}, "min_kw"),  # above the default max_kw
+        ({"min_kw": {"kw": 2}}, "min_kw"),
+        ({"priority": "urgent"}, "priority"),
+        ({"priority": "Fleet"}, "priority"),
+        ({"priority": 2}, "priority"),
+        ({"priority": None}, "priority"),
+    ],
+)
+def test_an_out_of_range_or_wrong_typed_power_field_is_a_422_naming_it(
+    client: FlaskClient, fields: dict, field: str
+):
+    body = assert_json_error(post_charge(client, {"ev_id": "EV1"} | fields), 422)
+    assert body["error"] == f"invalid_{field}"
+    assert f"'{field}'" in body["detail"]
+
+
+def test_json_numbers_the_parser_reads_as_infinite_are_a_422(client: FlaskClient):
+    for raw in (b'{"ev_id": "EV1", "max_kw": NaN}', b'{"ev_id": "EV1", "max_kw": 1e999}'):
+        body = assert_json_error(post_charge(client, raw), 422)
+        assert body["error"] == "invalid_max_kw"
+
+
+def test_the_defaults_are_the_gateways_configuration(module_amqp_url: str):
+    config = GatewayConfig(
+        amqp_url=module_amqp_url, default_max_kw=22, default_min_kw=4, default_priority="fleet"
+    )
+    charge = parse_charge_body(b'{"ev_id": "EV1"}', config.request_defaults)
+    assert (charge.power.max_kw, charge.power.min_kw, charge.power.priority.value) == (
+        22,
+        4,
+        "fleet",
+    )
+    # A default minimum above a car's stated maximum is lowered to it: the client never sent it.
+    low = parse_charge_body(b'{"ev_id": "EV1", "max_kw": 3.7}', config.request_defaults)
+    assert low.power.min_kw == 3.7
+
+
+def test_the_defaults_are_read_from_the_environment_and_checked():
+    config = from_env(
+        GatewayConfig,
+        {"REQUEST_DEFAULT_MAX_KW": "7.4", "REQUEST_DEFAULT_PRIORITY": "emergency"},
+    )
+    assert (config.default_max_kw, config.default_priority) == (7.4, "emergency")
+    for env in (
+        {"REQUEST_DEFAULT_MAX_KW": "400"},
+        {"REQUEST_DEFAULT_MIN_KW": "0.5"},
+        {"REQUEST_DEFAULT_PRIORITY": "vip"},
+    ):
+        with pytest.raises(ConfigError, match=next(iter(env))):
+            from_env(GatewayConfig, env)
 
 
 def test_a_body_over_the_size_limit_is_a_json_413(client: FlaskClient):

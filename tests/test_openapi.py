@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
 from gateway import answers
 from gateway.answers import Answer, Outcome, PublishCancel, PublishRequest
+from gateway.app import ACCEPTED_FIELDS, BadBody, parse_charge_body
 from gateway.clients import AuthFailure
 from gateway.history import PUBLIC_FIELDS, STATUSES, RequestHistory
 from gateway.openapi import description
 from gateway.ratelimit import RateLimiter
 from smartgrid import contract
+from smartgrid.power import MAX_CAR_KW, MIN_CAR_KW
+from smartgrid.power_request import MAX_ENERGY_KWH, POWER_FIELDS, PRIORITY_NAMES, FieldError
 from tests.test_history import SCENARIOS, feed
 
 SPEC = description()
@@ -186,3 +192,46 @@ def test_every_answer_to_get_and_delete_conforms():
     for answer in found:
         assert_conforms("/charge/{request_id}", "delete", answer)
     assert_conforms("/charge/{request_id}", "get", Answer(200, history.get(rid)))
+
+
+# ------------------------------------------------------------------------------ power fields
+def test_the_request_body_documents_exactly_the_fields_the_gateway_accepts():
+    body = SPEC["components"]["schemas"]["ChargeRequestBody"]
+    assert set(body["properties"]) == ACCEPTED_FIELDS
+    assert body["required"] == ["ev_id"]
+    props = body["properties"]
+    assert (props["max_kw"]["minimum"], props["max_kw"]["maximum"]) == (MIN_CAR_KW, MAX_CAR_KW)
+    assert (props["min_kw"]["minimum"], props["min_kw"]["maximum"]) == (MIN_CAR_KW, MAX_CAR_KW)
+    assert props["energy_kwh"]["maximum"] == MAX_ENERGY_KWH
+    assert tuple(props["priority"]["enum"]) == PRIORITY_NAMES
+
+
+def test_every_field_error_code_is_documented():
+    enum = documented_response("/charge", "post", 422)["content"]["application/json"]["schema"]
+    codes = set(enum["allOf"][1]["properties"]["error"]["enum"])
+    assert {FieldError(field, "").code for field in POWER_FIELDS} <= codes
+
+
+_FIELD_VALUES = {
+    "energy_kwh": st.one_of(st.floats(-10, 300), st.integers(-5, 250), st.text(max_size=3)),
+    "max_kw": st.one_of(st.floats(0, 400), st.integers(0, 400), st.booleans(), st.none()),
+    "min_kw": st.one_of(st.floats(0, 400), st.integers(0, 20), st.lists(st.integers(), max_size=1)),
+    "priority": st.one_of(st.sampled_from([*PRIORITY_NAMES, "Fleet", "vip", ""]), st.integers()),
+}
+
+
+@given(st.fixed_dictionaries({}, optional=_FIELD_VALUES))
+def test_the_gateway_and_the_description_agree_on_every_body(fields: dict):
+    """What the code accepts the description allows; what the description refuses the code
+    refuses (the one rule it cannot say, min_kw <= max_kw, the code adds)."""
+    body = {"ev_id": "EV1"} | fields
+    documented = schema_validator(SPEC["components"]["schemas"]["ChargeRequestBody"]).is_valid(body)
+    try:
+        parse_charge_body(json.dumps(body).encode())
+        accepted = True
+    except BadBody as bad:
+        accepted = False
+        assert bad.status == 422 and bad.error.startswith("invalid_")
+    assert documented or not accepted
+    if documented and fields.get("min_kw", 0) <= fields.get("max_kw", 11):
+        assert accepted
