@@ -317,3 +317,11 @@ def limits_in_force(
 
 def _all_ids(topology: Topology, substations: Iterable[str]) -> set[str]:
     return set(topology.nodes) | set(substations)
+
+
+if __name__ == "__main__":  # python -m smartgrid.grid: the operator's command, apart from the model
+    import sys
+
+    from smartgrid.tools.gridlimits import main
+
+    sys.exit(main())
