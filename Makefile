@@ -6,12 +6,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run up test lint dashboard broker clean help
+.PHONY: run up test test-deps lint dashboard broker clean help
 
 help:
 	@echo "make run   start the stack, run the compressed seed scenario, print the report, stop"
 	@echo "make up    start the stack and keep it running until Ctrl-C"
-	@echo "make test  run the test suite (against the local RabbitMQ)"
+	@echo "make test  run the test suite (installs what it needs first: see scripts/ensure-test-deps)"
 	@echo "make lint  ruff check, ruff format --check, mypy (as CI runs them)"
 	@echo "make dashboard  write the Grafana dashboard's JSON from its code, monitoring/dashboard.py"
 
@@ -23,13 +23,18 @@ $(STAMP): pyproject.toml constraints.txt
 broker:
 	@scripts/ensure-rabbitmq
 
+# Debian packages the tests use (Prometheus, a Docker Engine, Chromium), and the compose
+# CLI plugin; as root it installs what is missing, otherwise it says what to run.
+test-deps: $(STAMP)
+	@scripts/ensure-test-deps
+
 run: $(STAMP) broker
 	$(BIN)/python -m stack run
 
 up: $(STAMP) broker
 	$(BIN)/python -m stack up
 
-test: $(STAMP) broker
+test: $(STAMP) test-deps broker
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
