@@ -19,7 +19,7 @@ from loadgen.schedules import (
     named_profile,
 )
 from loadgen.traffic import GatewayUnreachable
-from smartgrid.config import DEFAULT_AMQP_URL
+from smartgrid.config import amqp_url_from_env
 
 EXIT_UNREACHABLE = 3
 EXIT_INCOMPLETE = 4
@@ -54,6 +54,7 @@ exit status:
 environment variables:
   GATEWAY_URL   default for --url (http://localhost:8000)
   AMQP_URL      default for --amqp-url (the broker whose lifecycle events are followed)
+  AMQP_PASSWORD_FILE  a file holding its password (quoted into AMQP_URL)
 """
 
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--amqp-url",
-        default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
+        default=amqp_url_from_env(),
         help="broker to follow lifecycle events on (for fates, waits and load spread)",
     )
     parser.add_argument(

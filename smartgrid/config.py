@@ -14,8 +14,13 @@ import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+AMQP_URL_ENV = "AMQP_URL"
+#: A file holding the broker password (docker compose keeps one per service in a volume):
+#: it is URL-quoted into every URL of AMQP_URL, so that no character of it can break them.
+AMQP_PASSWORD_FILE_ENV = "AMQP_PASSWORD_FILE"
 
 T = TypeVar("T")
 
@@ -75,9 +80,42 @@ def _settings(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "env" in f.metadata]
 
 
+def with_password(urls: str, password: str) -> str:
+    """The comma-separated AMQP ``urls`` with ``password`` in each, URL-quoted."""
+    quoted = quote(password, safe="")
+    result = []
+    for url in (part.strip() for part in urls.split(",")):
+        if not url:
+            continue
+        parts = urlsplit(url)
+        credentials, _, host = parts.netloc.rpartition("@")
+        user = credentials.partition(":")[0]
+        result.append(urlunsplit(parts._replace(netloc=f"{user}:{quoted}@{host}")))
+    return ",".join(result)
+
+
+def amqp_url_from_env(
+    environ: Mapping[str, str] | None = None, default: str = DEFAULT_AMQP_URL
+) -> str:
+    """``AMQP_URL`` (or ``default``), with the password from ``AMQP_PASSWORD_FILE`` if set."""
+    environ = os.environ if environ is None else environ
+    url = environ.get(AMQP_URL_ENV) or default
+    path = environ.get(AMQP_PASSWORD_FILE_ENV)
+    if not path:
+        return url
+    try:
+        with open(path, encoding="utf-8") as handle:
+            password = handle.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{AMQP_PASSWORD_FILE_ENV}={path!r}: {exc.strerror}") from None
+    return with_password(url, password)
+
+
 def from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
     """Build ``cls`` from ``environ`` (default: the process environment)."""
     environ = os.environ if environ is None else environ
+    if environ.get(AMQP_PASSWORD_FILE_ENV):
+        environ = {**environ, AMQP_URL_ENV: amqp_url_from_env(environ)}
     values: dict[str, Any] = {}
     for field, annotation in _settings(cls):
         env = field.metadata["env"]
@@ -135,6 +173,9 @@ def describe(cls: type) -> str:
         if field.metadata["expect"]:
             detail += f"; {field.metadata['expect']}"
         lines.append(f"  {'':<24} ({detail})")
+        if field.metadata["env"] == AMQP_URL_ENV:
+            lines.append(f"  {AMQP_PASSWORD_FILE_ENV:<24} File holding the password for AMQP_URL")
+            lines.append(f"  {'':<24} (default: unset; any character, quoted into every URL)")
     return "\n".join(lines)
 
 

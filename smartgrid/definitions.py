@@ -3,8 +3,11 @@
 ``rabbitmq/definitions.json`` is this module's output for the topology alone, committed so
 operators can read and import it; a test keeps it identical to the contract. For docker
 compose, ``--users-from-env`` adds one user per service with the least permissions it needs,
-passwords taken from the environment (``.env``) and stored only as RabbitMQ password hashes;
-the broker imports that file at boot, so no ``guest`` user is ever created there.
+passwords stored only as RabbitMQ password hashes; the broker imports that file at boot, so no
+``guest`` user is ever created there. With ``--secrets-dir`` a password not set in the
+environment is generated at the first run and kept in that directory (one file per variable,
+which is also where each service reads its own); a password set in the environment replaces
+the kept one.
 
 What each service may do is written once, as a :class:`Role` (what it publishes, consumes,
 and which event kinds it publishes and subscribes to), and turned into permissions here.
@@ -14,7 +17,8 @@ delete) the core topology, and ``--substation-users`` gives each substation a us
 own, held to its own queue; tests/test_permissions.py tries every attack against both.
 
     python -m smartgrid.definitions --output rabbitmq/definitions.json
-    python -m smartgrid.definitions --users-from-env --output /definitions/definitions.json
+    python -m smartgrid.definitions --users-from-env --secrets-dir /secrets \
+        --output /definitions/definitions.json
 """
 
 from __future__ import annotations
@@ -192,6 +196,9 @@ PASSWORD_ENV = {
 }
 ADMIN_USER_ENV = "RABBITMQ_ADMIN_USER"
 ADMIN_PASSWORD_ENV = "RABBITMQ_ADMIN_PASSWORD"
+DEFAULT_ADMIN_USER = "admin"
+#: Shared by the nodes of a cluster; kept like a password, written into each node's data.
+ERLANG_COOKIE_ENV = "RABBITMQ_ERLANG_COOKIE"
 
 
 def substation_password_env(substation_id: str) -> str:
@@ -324,6 +331,74 @@ def users_from_env(
     )
 
 
+def secret_file(directory: Path, variable: str) -> Path:
+    """Where ``variable``'s secret is kept: GATEWAY_AMQP_PASSWORD -> gateway-amqp-password."""
+    return directory / variable.lower().replace("_", "-")
+
+
+def keep_secret(directory: Path, variable: str, given: str | None, owner: int | None = None) -> str:
+    """The secret ``given`` (it replaces a kept one), else the one kept in ``directory``, else
+    a new random one; kept in ``directory`` either way, readable by ``owner`` alone."""
+    path = secret_file(directory, variable)
+    kept = path.read_text() if path.exists() else None
+    value = given or kept or secrets.token_hex(20)
+    target = path
+    if value != kept:
+        target = path.with_name(f".{path.name}.new")
+        target.unlink(missing_ok=True)
+        target.touch(mode=0o400)
+        target.write_text(value)
+    target.chmod(0o400)
+    if owner is not None:
+        os.chown(target, owner, owner)
+    if target != path:
+        target.replace(path)
+    return value
+
+
+def users_from_secrets(
+    environ: dict[str, str],
+    directory: Path,
+    owner: int | None = None,
+    substations: Iterable[str] = (),
+) -> tuple[dict[str, str], tuple[str, str], dict[str, str]]:
+    """As :func:`users_from_env`, but a password the environment does not give is the one kept
+    in ``directory`` (generated at the first run); service passwords readable by ``owner``."""
+    substations = list(substations)
+    roles = {r: v for r, v in PASSWORD_ENV.items() if not (substations and r == "substation")}
+    own = {s: substation_password_env(s) for s in substations}
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def keep(variable: str, owner: int | None) -> str:
+        return keep_secret(directory, variable, environ.get(variable), owner)
+
+    return (
+        {role: keep(variable, owner) for role, variable in roles.items()},
+        (environ.get(ADMIN_USER_ENV) or DEFAULT_ADMIN_USER, keep(ADMIN_PASSWORD_ENV, None)),
+        {substation: keep(variable, owner) for substation, variable in own.items()},
+    )
+
+
+def install_erlang_cookie(cookie: str, parent: Path) -> list[Path]:
+    """Write ``cookie`` as ``.erlang.cookie`` into each node data directory under ``parent``
+    (the image's entrypoint hands it to the rabbitmq user); unchanged files are left alone."""
+    written = []
+    for data in sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []:
+        path = data / ".erlang.cookie"
+        if path.exists() and path.read_text().strip() == cookie:
+            continue
+        path.unlink(missing_ok=True)
+        path.write_text(cookie)
+        path.chmod(0o400)
+        written.append(path)
+    return written
+
+
+def _secret_spec(text: str) -> tuple[str, int | None]:
+    variable, _, owner = text.partition(":")
+    return variable, int(owner) if owner else None
+
+
 def _substation_ids(value: str) -> list[str]:
     ids = [part.strip() for part in value.split(",") if part.strip()]
     bad = [i for i in ids if not contract.is_valid_substation_id(i)]
@@ -362,12 +437,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", "-o", type=Path, help="file to write (default: standard output)"
     )
+    parser.add_argument(
+        "--secrets-dir",
+        type=Path,
+        help="keep the passwords here; generate those the environment does not give",
+    )
+    parser.add_argument(
+        "--service-uid", type=int, help="owner of the services' password files (their user)"
+    )
+    parser.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="VARIABLE[:UID]",
+        help="keep another secret in --secrets-dir the same way, readable by UID (repeatable)",
+    )
+    parser.add_argument(
+        "--erlang-cookie-under",
+        type=Path,
+        metavar="DIR",
+        help=f"write {ERLANG_COOKIE_ENV} (kept in --secrets-dir) into every node data "
+        "directory under DIR",
+    )
     args = parser.parse_args(argv)
+    environ = dict(os.environ)
+    if args.secrets_dir is None and (args.secret or args.erlang_cookie_under):
+        parser.error("--secret and --erlang-cookie-under need --secrets-dir")
     definitions = topology_definitions(args.vhost, substations=args.substation_users)
     if args.users_from_env:
-        passwords, admin, substation_passwords = users_from_env(
-            dict(os.environ), args.substation_users
-        )
+        if args.secrets_dir is None:
+            passwords, admin, substation_passwords = users_from_env(environ, args.substation_users)
+        else:
+            passwords, admin, substation_passwords = users_from_secrets(
+                environ, args.secrets_dir, args.service_uid, args.substation_users
+            )
         definitions |= user_definitions(
             passwords,
             admin,
@@ -375,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
             services_declare=not args.admin_declares_topology,
             substation_passwords=substation_passwords,
         )
+    for variable, owner in map(_secret_spec, args.secret):
+        keep_secret(args.secrets_dir, variable, environ.get(variable), owner)
+    if args.erlang_cookie_under is not None:
+        cookie = keep_secret(args.secrets_dir, ERLANG_COOKIE_ENV, environ.get(ERLANG_COOKIE_ENV))
+        install_erlang_cookie(cookie, args.erlang_cookie_under)
     text = json.dumps(definitions, indent=2) + "\n"
     if args.output is None:
         sys.stdout.write(text)

