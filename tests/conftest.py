@@ -23,6 +23,9 @@ from tests.ports import free_port, free_ports  # noqa: F401 - imported from here
 
 BASE_URL = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
 
+#: The Docker Engine and compose stack fixtures (and running those tests last).
+pytest_plugins = ["tests.compose_stack"]
+
 
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
