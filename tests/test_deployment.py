@@ -50,7 +50,7 @@ READS = {
     "balancer": _env_names(BalancerConfig) | _AMQP,
     "substation": _env_names(SubstationConfig) | _AMQP,
     "loadgen": {"GATEWAY_URL"} | _AMQP,
-    "smartgrid.deadletters": _AMQP,
+    "smartgrid.tools.deadletters": _AMQP,
     "smartgrid.definitions": {
         definitions.ADMIN_USER_ENV,
         definitions.ADMIN_PASSWORD_ENV,
