@@ -66,6 +66,7 @@ def browser(tmp_path):
 
 
 def test_the_admin_sees_every_queue_of_the_smartgrid_vhost(compose_stack: Stack, browser, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -74,7 +75,8 @@ def test_the_admin_sees_every_queue_of_the_smartgrid_vhost(compose_stack: Stack,
     stack.up()  # already up after test_compose.py; brought up when this test runs alone
     password = stack.secret("rabbitmq-admin-password")
     substations = ["substation-1", "substation-2", "substation-3"]
-    wait = WebDriverWait(browser, 60)
+    # The UI redraws its tables every few seconds: an element found a moment ago may be gone.
+    wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
 
     browser.get(stack.url("RABBITMQ_UI_HOST_PORT", "/"))
     wait.until(ready.visibility_of_element_located((By.NAME, "username"))).send_keys("admin")
