@@ -102,6 +102,15 @@ def dashboard() -> Dashboard:
             load_spread(),
             balance_indices(),
         ],
+        "Power and grid limits": [
+            power_per_substation(),
+            power_per_grid_node(),
+            paused_sessions(),
+            waits_per_class(),
+            energy_delivered(),
+            lease_left(),
+            allocator(),
+        ],
         "Routing": [routing_rate(), estimate_against_reported_load()],
         "Broker queues": [messages_waiting(), messages_unacknowledged()],
         "Latency": [accept_latency(), wait_to_start()],
@@ -213,6 +222,159 @@ def balance_indices() -> timeseries.Panel:
         width=8,
         unit="none",
     )
+
+
+# --------------------------------------------------------------------- Power and grid limits
+# The substation and balancer expose these from wave 3 of issue 15 (tests/test_monitoring.py
+# lists them as awaited until then).
+
+
+def power_per_substation() -> timeseries.Panel:
+    return (
+        graph(
+            "Power per substation (kW)",
+            "What each substation's sessions draw (substation_power_kw) against the limit in force"
+            " there (dashed: its own limit, its share of the feeder's, or the failsafe once its"
+            " lease ran out), and what its cars would draw unconstrained (dotted: the sum of their"
+            " maxima; above the drawn power while sessions are curtailed). Above the dashed line"
+            " for 15 s: GridNodeOverLimit.",
+            query(f"sum by (substation) ({selected(contract.POWER_METRIC)})", "{{substation}}"),
+            query(
+                f"sum by (substation) ({selected(contract.POWER_LIMIT_METRIC)})",
+                "{{substation}} limit",
+            ),
+            query(
+                f"sum by (substation) ({selected(contract.POWER_DEMAND_METRIC)})",
+                "{{substation}} demand",
+            ),
+            unit="kwatt",
+        )
+        .override_by_query("B", LIMIT_LINE)
+        .override_by_query("C", DOTTED_LINE)
+    )
+
+
+def power_per_grid_node() -> timeseries.Panel:
+    node = contract.NODE_LABEL
+    return graph(
+        "Power per grid node (kW)",
+        "What the substations under each node of the grid tree (feeders, sites) draw, from"
+        " their reports, against the node's limit in force (dashed: the topology file's, or an"
+        " operator's override). Every balancer computes the same; the highest is shown.",
+        query(f"max by ({node}) ({contract.NODE_POWER_METRIC})", f"{{{{{node}}}}}"),
+        query(f"max by ({node}) ({contract.NODE_LIMIT_METRIC})", f"{{{{{node}}}}} limit"),
+        unit="kwatt",
+    ).override_by_query("B", LIMIT_LINE)
+
+
+def paused_sessions() -> timeseries.Panel:
+    label = contract.PRIORITY_LABEL
+    return graph(
+        "Paused sessions per class",
+        "Sessions whose minimum power did not fit under their substation's limit: at 0 kW,"
+        " keeping their charging point, and resuming first when power frees"
+        f" ({contract.PAUSED_METRIC}).",
+        query(f"sum by ({label}) ({selected(contract.PAUSED_METRIC)})", f"{{{{{label}}}}}"),
+        width=8,
+        steps=True,
+        decimals=0,
+    )
+
+
+def waits_per_class() -> timeseries.Panel:
+    label = contract.PRIORITY_LABEL
+    waits = selected(f"{contract.WAIT_METRIC}_bucket")
+    return graph(
+        "Wait to start per class",
+        "From acceptance to the session's start, per priority class (p50, p99): emergency is"
+        " released first, fleet and standard by weight, each with a guaranteed share.",
+        query(quantile(0.5, waits, by=label), f"{{{{{label}}}}} p50"),
+        query(quantile(0.99, waits, by=label), f"{{{{{label}}}}} p99"),
+        width=8,
+        unit="s",
+    )
+
+
+def energy_delivered() -> bargauge.Panel:
+    return (
+        panel(
+            bargauge.Panel(),
+            "Energy delivered in the time range (kWh)",
+            "Energy each substation delivered in the dashboard's time range, in simulated kWh"
+            f" (increase of {contract.ENERGY_METRIC}_total; SIMULATED_HOUR_SECONDS real"
+            " seconds make an hour).",
+            query(
+                "sum by (substation)"
+                f" (increase({selected(contract.ENERGY_METRIC + '_total')}[$__range]))",
+                "{{substation}}",
+                instant=True,
+            ),
+            width=8,
+            unit="kwatth",
+        )
+        .min(0)
+        .decimals(1)
+        .color_scheme(BY_THRESHOLDS)
+        .thresholds(steps("green"))
+        .orientation(common.VizOrientation.HORIZONTAL)
+        .display_mode(common.BarGaugeDisplayMode.GRADIENT)
+        .reduce_options(LAST_VALUE)
+    )
+
+
+def lease_left() -> timeseries.Panel:
+    return (
+        graph(
+            "Lease left per substation",
+            "Seconds until each substation's share of its parent's limit runs out, renewed"
+            " about every second by the active allocator. At 0 (red) it draws at most its"
+            f" failsafe, SUBSTATION_FAILSAFE_KW ({contract.LEASE_METRIC}; only substations"
+            " under a grid node have one).",
+            query(f"min by (substation) ({selected(contract.LEASE_METRIC)})", "{{substation}}"),
+            width=16,
+            unit="s",
+        )
+        .thresholds(steps("red", (0.001, "transparent")))
+        .thresholds_style(
+            GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.LINE_AND_AREA)
+        )
+    )
+
+
+def allocator() -> stat.Panel:
+    return (
+        panel(
+            stat.Panel(),
+            "Share allocators and overcommitted nodes",
+            "Balancers whose allocator hands out the shares: exactly one (red at 0 or 2);"
+            " and grid nodes whose limit cannot cover the failsafes of the substations under"
+            " them, where a lapsed lease could overload them (GridNodeOvercommitted).",
+            query(f"sum({contract.ALLOCATOR_ACTIVE_METRIC})", "active allocators"),
+            query(
+                f"sum(max by ({contract.NODE_LABEL}) ({contract.NODE_OVERCOMMITTED_METRIC}))",
+                "overcommitted nodes",
+            ),
+            width=8,
+            height=8,
+        )
+        .color_scheme(BY_THRESHOLDS)
+        .thresholds(steps("green", (1, "orange")))
+        .override_by_query("A", [setting("thresholds", _EXACTLY_ONE)])
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
+        .reduce_options(LAST_VALUE)
+    )
+
+
+_EXACTLY_ONE = {
+    "mode": "absolute",
+    "steps": [
+        {"value": None, "color": "red"},
+        {"value": 1, "color": "green"},
+        {"value": 2, "color": "red"},
+    ],
+}
 
 
 # ----------------------------------------------------------------------------------- Routing
@@ -581,6 +743,12 @@ LAST_VALUE = ReduceDataOptions().calcs(["lastNotNull"]).values(False).fields("")
 DASHED = setting("custom.lineStyle", {"fill": "dash", "dash": [10, 10]})
 #: A limit drawn behind the values it bounds: dashed, thin, not filled.
 LIMIT_LINE = [DASHED, setting("custom.fillOpacity", 0), setting("custom.lineWidth", 1)]
+#: What the values would be unconstrained: dotted, thin, not filled.
+DOTTED_LINE = [
+    setting("custom.lineStyle", {"fill": "dot", "dash": [0, 10]}),
+    setting("custom.fillOpacity", 0),
+    setting("custom.lineWidth", 1),
+]
 
 
 # ------------------------------------------------------------------------------------ output

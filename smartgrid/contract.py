@@ -1052,17 +1052,18 @@ POWER_DEMAND_METRIC = "substation_power_demand_kw"
 ENERGY_METRIC = "substation_energy_delivered_kwh"  # counter: exposed as ..._total
 PAUSED_METRIC = "substation_paused_sessions"  # label: priority
 LEASE_METRIC = "substation_lease_expires_in_seconds"
-WAIT_METRIC = "substation_session_wait_seconds"  # histogram, label: priority
+#: Existing metrics that gain a ``priority`` label (wave 3): the wait histogram and the
+#: balancer's held requests.
+WAIT_METRIC = "substation_wait_seconds"  # histogram
+HELD_METRIC = "balancer_held_requests"
 PRIORITY_LABEL = "priority"
 #: The balancer's view of the grid: per node (substation or feeder), the power drawn under it
 #: (from the reports) and its limit in force; 1 where the limit cannot cover the failsafes
-#: under it; requests held for power per class; 1 in the one balancer whose allocator is
-#: active (hands out shares).
+#: under it; 1 in the one balancer whose allocator is active (hands out shares).
 NODE_POWER_METRIC = "grid_node_power_kw"  # label: node
 NODE_LIMIT_METRIC = "grid_node_limit_kw"  # label: node
 NODE_OVERCOMMITTED_METRIC = "grid_node_overcommitted"  # label: node
 NODE_LABEL = "node"
-HELD_METRIC = "balancer_held_requests"  # label: priority
 ALLOCATOR_ACTIVE_METRIC = "allocator_active"
 #: Not "instance": Prometheus owns that label (the scrape target) and would store ours as
 #: exported_instance.

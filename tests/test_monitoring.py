@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from loadgen.run import LoadSettings, run_load
+from smartgrid import contract
 from stack.local import StackSettings, start_stack
 from stack.prometheus import RABBITMQ_METRICS_PORT, prometheus_process
 from tests.conftest import free_port
@@ -109,6 +110,32 @@ def _variable_queries(dashboard: dict) -> list[str]:
 def _provisioned_datasource() -> dict:
     (datasource,) = yaml.safe_load(DATASOURCES.read_text())["datasources"]
     return datasource
+
+
+#: Metrics of issue 15 the dashboard and the alerts already read, which the substation and the
+#: balancer expose only from its wave 3 (docs/power.md §9). The end-to-end test expects exactly
+#: the panel queries that read them to be empty, and fails once a service exposes any of them:
+#: then this list must shrink.
+AWAITING_WAVE_3 = frozenset(
+    {
+        contract.POWER_METRIC,
+        contract.POWER_LIMIT_METRIC,
+        contract.POWER_DEMAND_METRIC,
+        contract.ENERGY_METRIC + "_total",
+        contract.PAUSED_METRIC,
+        contract.LEASE_METRIC,
+        contract.NODE_POWER_METRIC,
+        contract.NODE_LIMIT_METRIC,
+        contract.NODE_OVERCOMMITTED_METRIC,
+        contract.ALLOCATOR_ACTIVE_METRIC,
+    }
+)
+
+
+def test_the_awaited_metrics_are_documented_and_on_the_dashboard():
+    assert _readme_metrics() >= AWAITING_WAVE_3
+    used = {name for _, expr in _panel_queries(_dashboard()) for name in metric_names(expr)}
+    assert used >= AWAITING_WAVE_3
 
 
 def _readme_metrics() -> set[str]:
@@ -473,15 +500,21 @@ def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(
         assert not unhealthy, unhealthy
         assert query("smartgrid:routed_rate"), "recording rules evaluated"
 
-        # Every query of every panel, and every template variable, returns data.
+        # Every query of every panel, and every template variable, returns data; only the
+        # queries of metrics awaited from wave 3 of issue 15 return none, all of them.
         dashboard = _dashboard()
         empty = [
             (title, _substitute(expr))
             for title, expr in _panel_queries(dashboard)
             if not query(_substitute(expr))
         ]
-        assert not empty, "panels without data:\n" + "\n".join(
-            f"  {title}: {expr}" for title, expr in empty
+        awaited = [
+            (title, _substitute(expr))
+            for title, expr in _panel_queries(dashboard)
+            if metric_names(expr) & AWAITING_WAVE_3
+        ]
+        assert empty == awaited, "panels without data:\n" + "\n".join(
+            f"  {title}: {expr}" for title, expr in empty if (title, expr) not in awaited
         )
         for variable_query in _variable_queries(dashboard):
             metric, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable_query).groups()
@@ -507,13 +540,16 @@ def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(
             exposed |= _exposed_metrics(
                 f"http://{stack_settings.host}:{stack_settings.substation_port(i)}/metrics"
             )
-        assert _readme_metrics() <= exposed, (
-            f"in README, not exposed: {sorted(_readme_metrics() - exposed)}"
+        assert _readme_metrics() - AWAITING_WAVE_3 <= exposed, (
+            f"in README, not exposed: {sorted(_readme_metrics() - AWAITING_WAVE_3 - exposed)}"
+        )
+        assert not AWAITING_WAVE_3 & exposed, (
+            f"exposed now, no longer awaited: {sorted(AWAITING_WAVE_3 & exposed)}"
         )
         used = {name for _, expr in _panel_queries(dashboard) for name in metric_names(expr)}
         foreign = {
             n
-            for n in used - exposed - set(_recording_rules()) - {"up"}
+            for n in used - exposed - set(_recording_rules()) - {"up"} - AWAITING_WAVE_3
             if not n.startswith("rabbitmq_")
         }
         assert not foreign, f"dashboard metrics no service exposes: {sorted(foreign)}"
