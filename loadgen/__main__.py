@@ -138,6 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=1, help="random seed (Poisson arrivals), for reproducible runs"
     )
 
+    power = parser.add_argument_group("power (issue 15)")
+    power.add_argument(
+        "--ev-mix",
+        action="store_true",
+        help="send the EV mix (car power 3.7-150 kW, energy 5-80 kWh, priorities), arriving "
+        "like a day compressed by --simulated-hour, with --rate as the peak; report kW per "
+        "substation and grid node against their limits, energy, pauses, waits per class and "
+        "fairness",
+    )
+    power.add_argument(
+        "--simulated-hour",
+        type=_positive(float),
+        default=float(os.environ.get("SIMULATED_HOUR_SECONDS", "3600") or 3600),
+        metavar="SECONDS",
+        help="real seconds per simulated hour, as the substations' SIMULATED_HOUR_SECONDS "
+        "(default: that variable, else 3600)",
+    )
+    power.add_argument(
+        "--topology",
+        default=os.environ.get("GRID_TOPOLOGY_FILE") or None,
+        metavar="FILE",
+        help="the grid topology file, for power per grid node against its limit (default "
+        "GRID_TOPOLOGY_FILE)",
+    )
+
     stop = parser.add_argument_group("how long, how much")
     stop.add_argument(
         "--duration",
@@ -290,6 +315,9 @@ def settings_from_args(
         live=not args.no_progress and sys.stdout.isatty(),
         give_up_after=args.give_up_after or None,
         interruptible=True,
+        ev_mix=args.ev_mix,
+        hour_seconds=args.simulated_hour,
+        topology_file=args.topology,
     )
     settings.scenario = _scenario_name(args, profile, settings)
     return settings
@@ -321,14 +349,25 @@ def main(argv: list[str] | None = None) -> int:
         Console().print(summary(report))
     else:
         print(render(report), flush=True)
+    if result.power is not None:
+        from loadgen.power import render_power
+
+        print(render_power(result.power), flush=True)
     try:
         if args.json:
+            document = report.to_json()
+            if result.power is not None:
+                document["power"] = result.power.to_json()
             with open(args.json, "w") as handle:
-                json.dump(report.to_json(), handle, indent=2)
+                json.dump(document, handle, indent=2)
         if args.plot:
             from loadgen.plot import write_plot
 
             write_plot(report, result.timeline, args.plot)
+            if result.power is not None:
+                from loadgen.plot import power_plot_path, write_power_plot
+
+                write_power_plot(result.power, power_plot_path(args.plot), report.scenario)
     except OSError as exc:
         print(
             f"loadgen: cannot write {exc.filename or 'the output'}: {exc.strerror or exc}",

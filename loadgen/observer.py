@@ -32,6 +32,8 @@ class EventObserver:
         self._fates: dict[str, RequestFate] = defaultdict(RequestFate)
         self._capacities: dict[str, int] = {}
         self._active: dict[str, set[str]] = defaultdict(set)  # substation -> request ids charging
+        #: Power changes, reports and limit changes, in arrival order (loadgen.power).
+        self._power_events: list[contract.Event] = []
         self.link = Link(
             amqp_url,
             name=name,
@@ -55,6 +57,10 @@ class EventObserver:
             self._apply(event)
 
     def _apply(self, event: contract.Event) -> None:
+        if isinstance(event, contract.SessionPower | contract.PowerDemand | contract.GridLimit):
+            with self._lock:
+                self._power_events.append(event)
+            return
         if isinstance(event, contract.SubstationAnnounced):
             with self._lock:
                 self._capacities[event.substation] = event.capacity
@@ -93,6 +99,10 @@ class EventObserver:
                 if rid in self._fates
                 and (self._fates[rid].completed or self._fates[rid].dead_lettered)
             )
+
+    def power_events(self) -> list[contract.Event]:
+        with self._lock:
+            return list(self._power_events)
 
     def capacities(self) -> dict[str, int]:
         """Charging points of every substation heard announcing itself so far."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loadgen.power import PowerReport
 from loadgen.report import (
     LoadTimeline,
     Report,
@@ -110,5 +111,64 @@ def write_plot(report: Report, timeline: LoadTimeline | None, path: str | Path) 
                     handles=[spread_line, share_line], loc="upper right", fontsize="small"
                 )
     bottom.set_xlabel("seconds since the first request")
+    figure.savefig(path)
+    return path
+
+
+def power_plot_path(path: str | Path) -> Path:
+    """Where ``--plot FILE.png`` puts the power picture: FILE-power.png."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-power{path.suffix or '.png'}")
+
+
+def write_power_plot(power: PowerReport, path: str | Path, title: str = "") -> Path:
+    """Power per substation (top) and per grid node (bottom) against their limits (dashed),
+    sampled as the report was."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    figure = Figure(figsize=(11, 7), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    over = power.samples_over_limit
+    figure.suptitle(
+        f"{title or 'load run'}: power against limits\n{power.energy_kwh:.1f} kWh delivered;"
+        f" {over} sample(s) over a limit",
+        fontsize=11,
+    )
+    if not power.series:
+        top.text(0.5, 0.5, "no sessions observed", ha="center", transform=top.transAxes)
+    else:
+        start = power.series[0].t
+        times = [s.t - start for s in power.series]
+        for ax, names, at in (
+            (top, sorted(power.substations), lambda s: (s.substations, s.substation_limits)),
+            (bottom, sorted(power.nodes), lambda s: (s.nodes, s.node_limits)),
+        ):
+            for name in names:
+                drawn = ax.step(
+                    times,
+                    [at(s)[0].get(name, 0.0) for s in power.series],
+                    where="post",
+                    label=name,
+                )
+                limits = [at(s)[1].get(name) for s in power.series]
+                if any(v is not None for v in limits):
+                    ax.step(
+                        times,
+                        [float("nan") if v is None else v for v in limits],
+                        where="post",
+                        linestyle="--",
+                        linewidth=1,
+                        color=drawn[0].get_color(),
+                    )
+            ax.set_ylabel("kW")
+            ax.set_ylim(bottom=0)
+            if names:
+                ax.legend(loc="upper right", fontsize=8)
+        top.set_title("per substation (dashed: limit in force)", fontsize=9)
+        bottom.set_title("per grid node (dashed: limit, overrides included)", fontsize=9)
+        bottom.set_xlabel("seconds since the first session")
     figure.savefig(path)
     return path

@@ -7,10 +7,12 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from loadgen import evmix
 from loadgen.observer import EventObserver, RequestFate
+from loadgen.power import PowerReport, PowerTimeline, power_report
 from loadgen.report import LoadTimeline, Report, build_report, timeline_of
 from loadgen.schedules import (
     RateProfile,
@@ -20,6 +22,7 @@ from loadgen.schedules import (
     profile_arrivals,
 )
 from loadgen.traffic import Outcome, SendStats, drive
+from smartgrid.grid import load_topology
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,12 @@ class LoadSettings:
     give_up_after: float | None = None
     #: Ctrl-C stops sending (and waiting) and still reports, instead of raising.
     interruptible: bool = False
+    #: Send the EV mix (loadgen.evmix): each request with its power fields, arriving like a
+    #: day (unless ``profile`` says otherwise) of ``hour_seconds`` real seconds per hour, and
+    #: report power (against the limits of ``topology_file``'s grid nodes, if any).
+    ev_mix: bool = False
+    hour_seconds: float = 3600.0
+    topology_file: str | None = None
 
 
 @dataclass
@@ -62,6 +71,8 @@ class LoadResult:
     fates: dict[str, RequestFate] = field(default_factory=dict)
     #: Active sessions per substation over time (None when not observed).
     timeline: LoadTimeline | None = None
+    #: Power over the run, against the limits (with the EV mix, when observed).
+    power: PowerReport | None = None
 
 
 def arrivals_for(settings: LoadSettings) -> Iterator[float]:
@@ -72,6 +83,10 @@ def arrivals_for(settings: LoadSettings) -> Iterator[float]:
         return burst_arrivals(settings.burst, settings.burst_every or settings.interval)
     if settings.profile is not None:
         return profile_arrivals(settings.profile, poisson=poisson, rng=rng)
+    if settings.ev_mix:
+        hours = min(24.0, (settings.duration or 24 * settings.hour_seconds) / settings.hour_seconds)
+        day = evmix.daily_profile(1 / settings.interval, settings.hour_seconds, hours)
+        return profile_arrivals(day, poisson=poisson, rng=rng)
     if poisson:
         return poisson_arrivals(1 / settings.interval, rng)
     return constant_arrivals(settings.interval)
@@ -121,6 +136,7 @@ def run_load(settings: LoadSettings) -> LoadResult:
                     stats=stats,
                     give_up_after=settings.give_up_after,
                     interruptible=settings.interruptible,
+                    body_for=_mix_bodies(settings.seed) if settings.ev_mix else None,
                 )
             )
             fates = None
@@ -139,10 +155,32 @@ def run_load(settings: LoadSettings) -> LoadResult:
         report.stopped_early = stats.stopped_early
         report.settings = describe(settings)
         timeline = timeline_of(outcomes, fates) if fates is not None else None
-        return LoadResult(report, outcomes, fates or {}, timeline)
+        power = None
+        if settings.ev_mix and observer is not None and fates is not None:
+            power = _power_of(fates, observer.power_events(), settings)
+        return LoadResult(report, outcomes, fates or {}, timeline, power)
     finally:
         if observer is not None:
             observer.stop()
+
+
+def _mix_bodies(seed: int) -> Callable[[int, str], dict]:
+    """The EV mix's bodies, drawn in order from their own seeded generator."""
+    rng = random.Random(seed + 7)
+
+    def body(_index: int, ev_id: str) -> dict:
+        return evmix.draw(rng).body(ev_id)
+
+    return body
+
+
+def _power_of(
+    fates: dict[str, RequestFate], power_events: list, settings: LoadSettings
+) -> PowerReport:
+    topology = load_topology(settings.topology_file) if settings.topology_file else None
+    events = [e for fate in fates.values() for e in (*fate.started, *fate.completed)]
+    timeline = PowerTimeline.from_events([*events, *power_events], topology)
+    return power_report(timeline, settings.sample_interval)
 
 
 def _settle(

@@ -150,14 +150,18 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 async def _send_one(
-    session: aiohttp.ClientSession, charge_url: yarl.URL, ev_id: str, timeout: aiohttp.ClientTimeout
+    session: aiohttp.ClientSession,
+    charge_url: yarl.URL,
+    ev_id: str,
+    timeout: aiohttp.ClientTimeout,
+    body: dict | None = None,
 ) -> Outcome:
     sent_at = time.time()
     started = time.perf_counter()
     try:
         async with session.post(
             charge_url,
-            data=json.dumps({"ev_id": ev_id}).encode(),
+            data=json.dumps(body or {"ev_id": ev_id}).encode(),
             headers=JSON_HEADERS,
             timeout=timeout,
         ) as response:
@@ -211,6 +215,7 @@ async def drive(
     stats: SendStats | None = None,
     give_up_after: float | None = None,
     interruptible: bool = False,
+    body_for: Callable[[int, str], dict] | None = None,
 ) -> list[Outcome]:
     """Send requests at the arrival offsets until ``count`` or ``duration`` is reached.
 
@@ -218,7 +223,8 @@ async def drive(
     once the gateway has answered its health check. With ``give_up_after``, sending stops
     early when the gateway has refused connections for that many seconds (it went away), and
     ``stats.stopped_early`` says so. With ``interruptible``, cancelling the task (Ctrl-C under
-    ``asyncio.run``) stops sending too, and returns what was answered so far.
+    ``asyncio.run``) stops sending too, and returns what was answered so far. ``body_for``
+    gives the body of the request with that index and EV id (default: the EV id alone).
     """
     stats = stats if stats is not None else SendStats()
     outcomes: list[Outcome] = []
@@ -236,9 +242,9 @@ async def drive(
         stats.last_answer_mono = start
         tasks: set[asyncio.Task] = set()
 
-        async def one(ev_id: str) -> None:
+        async def one(ev_id: str, body: dict | None) -> None:
             try:
-                outcome = await _send_one(session, charge_url, ev_id, request_timeout)
+                outcome = await _send_one(session, charge_url, ev_id, request_timeout, body)
             finally:
                 limit.release()
             outcomes.append(outcome)
@@ -271,7 +277,10 @@ async def drive(
                     limit.release()
                     stats.stopped_early = f"the gateway refused connections for {give_up_after:g} s"
                     break
-                task = asyncio.create_task(one(f"{ev_prefix}{index + 1:06d}"))
+                ev_id = f"{ev_prefix}{index + 1:06d}"
+                task = asyncio.create_task(
+                    one(ev_id, body_for(index, ev_id) if body_for is not None else None)
+                )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 with stats.lock:

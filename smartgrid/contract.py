@@ -639,6 +639,11 @@ class SessionStarted(Event):
         _check_power_fields(self)
         _check_power_kw(self, "power_kw")
 
+    def power(self) -> PowerFields:
+        """The session's request's power fields, defaults applied (no energy: the session
+        started, it is its substation's to track)."""
+        return _power_of(self)
+
 
 @dataclass(frozen=True)
 class SessionCompleted(Event):
@@ -979,7 +984,18 @@ SUBSTATION_EVENTS = EventSubscription(
 #: of a long run's events because the run is long.
 LOADGEN_EVENTS = EventSubscription(
     "loadgen",
-    (RequestRouted, SessionStarted, SessionCompleted, RequestDeadLettered, SubstationAnnounced),
+    (
+        RequestRouted,
+        SessionStarted,
+        SessionCompleted,
+        RequestDeadLettered,
+        SubstationAnnounced,
+        # Power over the run (loadgen.power): the sessions' power, the substations' limits in
+        # force, and the operators' limit changes.
+        SessionPower,
+        PowerDemand,
+        GridLimit,
+    ),
     durable=True,
     max_length=1_000_000,
 )
