@@ -445,8 +445,20 @@ def _check_at_least(message: Any, low: float, *names: str) -> None:
             raise InvalidMessage(f"field {name!r} must be at least {low:g}, got {value:g}")
 
 
+class _CarriesPower:
+    """What a message carrying a request's power fields (max_kw, min_kw, energy_kwh, priority)
+    does with them: checks them when made or decoded, and gives them with the defaults."""
+
+    def __post_init__(self) -> None:
+        _check_power_fields(self)
+
+    def power(self) -> PowerFields:
+        """The request's power fields, defaults applied."""
+        return _power_of(self)
+
+
 @dataclass(frozen=True)
-class ChargeRequest:
+class ChargeRequest(_CarriesPower):
     """A driver's request to charge, as accepted by the gateway."""
 
     request_id: str
@@ -472,13 +484,6 @@ class ChargeRequest:
     energy_kwh: float | None = None
     priority: str | None = None
 
-    def __post_init__(self) -> None:
-        _check_power_fields(self)
-
-    def power(self) -> PowerFields:
-        """The request's power fields, defaults applied."""
-        return _power_of(self)
-
     def to_body(self) -> bytes:
         return _dump(self)
 
@@ -488,7 +493,7 @@ class ChargeRequest:
 
 
 @dataclass(frozen=True)
-class RoutedRequest:
+class RoutedRequest(_CarriesPower):
     """A charge request the balancer sent to one substation's queue."""
 
     request_id: str
@@ -507,13 +512,6 @@ class RoutedRequest:
     min_kw: float | None = None
     energy_kwh: float | None = None
     priority: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_power_fields(self)
-
-    def power(self) -> PowerFields:
-        """The request's power fields, defaults applied."""
-        return _power_of(self)
 
     @classmethod
     def from_request(
