@@ -5,7 +5,14 @@ from dataclasses import dataclass
 from balancer.poller import DEFAULT_METRICS_HOSTS
 from balancer.strategies import DEFAULT_STRATEGY, STRATEGIES
 from smartgrid import contract
-from smartgrid.config import DEFAULT_AMQP_URL, non_negative, positive, setting
+from smartgrid.config import (
+    DEFAULT_AMQP_URL,
+    declare_topology_setting,
+    non_negative,
+    positive,
+    setting,
+)
+from smartgrid.senders import event_senders_setting
 
 
 def _valid_static_list(entries: tuple[str, ...]) -> bool:
@@ -121,6 +128,8 @@ class BalancerConfig:
     seed: int = setting(
         "BALANCER_SEED", 0, "Seed of the tie-breaking random generator (0: unpredictable)"
     )
+    declare_topology: bool = declare_topology_setting()
+    event_senders: tuple[str, ...] = event_senders_setting()
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
 
     @property

@@ -38,6 +38,7 @@ from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
+from smartgrid.senders import Senders
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class BalancerService:
         self.link: Link = Link(
             config.amqp_url,
             name=self.balancer_id,
-            topology=contract.core_topology(),
+            topology=contract.topology(contract.core_topology(), declare=config.declare_topology),
             consumers=[
                 ConsumerSpec(
                     contract.PENDING_QUEUE,
@@ -154,6 +155,7 @@ class BalancerService:
             on_ready=self._say_hello,
             on_lost=self._on_connection_lost,
         )
+        self.senders = Senders(config.event_senders, own_user=self.link.user)
         self.events = EventPublisher(self.link)
         self.dead_letters = DeadLetterer(self.link, self.events)
         self.poller = Poller(
@@ -356,7 +358,7 @@ class BalancerService:
 
     # ------------------------------------------------------------------ events (I/O thread)
     def _on_event(self, delivery: Delivery) -> None:
-        events = events_in(delivery)
+        events = events_in(delivery, self.senders)
         for event in events:
             self._apply(event)
         if self._held and any(isinstance(event, contract.SessionCompleted) for event in events):

@@ -277,6 +277,8 @@ def create_app(
             config.amqp_url,
             name=f"gateway-{os.getpid()}",
             tracker=RequestTracker(config.tracked_requests),
+            declare_topology=config.declare_topology,
+            event_senders=config.event_senders,
         )
     broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)
     if own_broker:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -11,6 +11,7 @@ from gateway.tracker import RequestTracker
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link, NotConnected, PublishRejected
 from smartgrid.events import events_in
+from smartgrid.senders import DEFAULT_EVENT_SENDERS, Senders
 
 
 class GatewayBroker:
@@ -21,17 +22,20 @@ class GatewayBroker:
         name: str,
         tracker: RequestTracker,
         on_connection_change: Callable[[bool], None] | None = None,
+        declare_topology: bool = True,
+        event_senders: Iterable[str] = DEFAULT_EVENT_SENDERS,
     ):
         self.tracker = tracker
         self.on_connection_change = on_connection_change
         self.link = Link(
             amqp_url,
             name=name,
-            topology=contract.core_topology(),
+            topology=contract.topology(contract.core_topology(), declare=declare_topology),
             consumers=[ConsumerSpec(contract.GATEWAY_EVENTS, self._on_event, auto_ack=True)],
             on_ready=lambda: self._connection_changed(True),
             on_lost=lambda: self._connection_changed(False),
         )
+        self.senders = Senders(event_senders, own_user=self.link.user)
 
     def _connection_changed(self, connected: bool) -> None:
         if self.on_connection_change is not None:
@@ -87,5 +91,5 @@ class GatewayBroker:
                 self.link.wait_ready(max(0.0, deadline - time.monotonic()))
 
     def _on_event(self, delivery: Delivery) -> None:
-        for event in events_in(delivery):
+        for event in events_in(delivery, self.senders):
             self.tracker.apply(event)

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smartgrid.config import DEFAULT_AMQP_URL, non_negative, positive, setting
+from smartgrid.config import (
+    DEFAULT_AMQP_URL,
+    declare_topology_setting,
+    non_negative,
+    positive,
+    setting,
+)
 from smartgrid.power import MAX_CAR_KW, MIN_CAR_KW, Priority
 from smartgrid.power_request import (
     DEFAULT_MAX_KW,
@@ -10,6 +16,7 @@ from smartgrid.power_request import (
     PRIORITY_NAMES,
     RequestDefaults,
 )
+from smartgrid.senders import event_senders_setting
 
 
 def _car_kw(value: float) -> bool:
@@ -85,6 +92,8 @@ class GatewayConfig:
         check=lambda value: value in PRIORITY_NAMES,
         expect=" or ".join(PRIORITY_NAMES),
     )
+    declare_topology: bool = declare_topology_setting()
+    event_senders: tuple[str, ...] = event_senders_setting()
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
 
     @property

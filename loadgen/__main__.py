@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from loadgen.observer import ObserverConfig
 from loadgen.report import render
 from loadgen.run import LoadSettings, run_load
 from loadgen.schedules import (
@@ -19,7 +20,7 @@ from loadgen.schedules import (
     named_profile,
 )
 from loadgen.traffic import GatewayUnreachable
-from smartgrid.config import amqp_url_from_env
+from smartgrid.config import amqp_url_from_env, from_env
 
 EXIT_UNREACHABLE = 3
 EXIT_INCOMPLETE = 4
@@ -55,6 +56,7 @@ environment variables:
   GATEWAY_URL   default for --url (http://localhost:8000)
   AMQP_URL      default for --amqp-url (the broker whose lifecycle events are followed)
   AMQP_PASSWORD_FILE  a file holding its password (quoted into AMQP_URL)
+  DECLARE_TOPOLOGY, EVENT_SENDERS   as for the services (see python -m balancer --help)
 """
 
 
@@ -277,6 +279,7 @@ def settings_from_args(
     args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
 ) -> LoadSettings:
     profile = _check(parser or build_parser(), args)
+    observer_settings = from_env(ObserverConfig)
     scale = args.time_scale
     interval = 1.0
     duration = args.duration
@@ -300,6 +303,8 @@ def settings_from_args(
     settings = LoadSettings(
         gateway_url=args.url,
         amqp_url=None if args.no_observe else args.amqp_url,
+        declare_topology=observer_settings.declare_topology,
+        event_senders=observer_settings.event_senders,
         interval=interval * scale,
         arrivals=args.arrivals,
         duration=duration * scale if duration is not None else None,

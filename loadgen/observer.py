@@ -11,11 +11,22 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
+from smartgrid.config import declare_topology_setting
 from smartgrid.events import events_in
+from smartgrid.senders import DEFAULT_EVENT_SENDERS, Senders, event_senders_setting
+
+
+@dataclass(frozen=True)
+class ObserverConfig:
+    """The observer's broker settings, the same variables as the services'."""
+
+    declare_topology: bool = declare_topology_setting()
+    event_senders: tuple[str, ...] = event_senders_setting()
 
 
 @dataclass
@@ -27,7 +38,14 @@ class RequestFate:
 
 
 class EventObserver:
-    def __init__(self, amqp_url: str, *, name: str = "loadgen-observer"):
+    def __init__(
+        self,
+        amqp_url: str,
+        *,
+        name: str = "loadgen-observer",
+        declare_topology: bool = True,
+        event_senders: Iterable[str] = DEFAULT_EVENT_SENDERS,
+    ):
         self._lock = threading.Lock()
         self._fates: dict[str, RequestFate] = defaultdict(RequestFate)
         self._capacities: dict[str, int] = {}
@@ -37,9 +55,10 @@ class EventObserver:
         self.link = Link(
             amqp_url,
             name=name,
-            topology=contract.core_topology(),
+            topology=contract.topology(contract.core_topology(), declare=declare_topology),
             consumers=[ConsumerSpec(contract.LOADGEN_EVENTS, self._on_event, auto_ack=True)],
         )
+        self.senders = Senders(event_senders, own_user=self.link.user)
 
     def start(self, timeout: float = 10.0) -> None:
         self.link.start()
@@ -53,7 +72,7 @@ class EventObserver:
         self.link.stop()
 
     def _on_event(self, delivery: Delivery) -> None:
-        for event in events_in(delivery):
+        for event in events_in(delivery, self.senders):
             self._apply(event)
 
     def _apply(self, event: contract.Event) -> None:

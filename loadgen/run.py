@@ -23,6 +23,7 @@ from loadgen.schedules import (
 )
 from loadgen.traffic import Outcome, SendStats, drive
 from smartgrid.grid import load_topology
+from smartgrid.senders import DEFAULT_EVENT_SENDERS
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class LoadSettings:
 
     gateway_url: str = "http://localhost:8000"
     amqp_url: str | None = None  # None: do not follow events
+    #: As the services' DECLARE_TOPOLOGY and EVENT_SENDERS (the observer's broker user).
+    declare_topology: bool = True
+    event_senders: tuple[str, ...] = DEFAULT_EVENT_SENDERS
     interval: float = 2.0
     arrivals: str = "constant"  # or "poisson"
     duration: float | None = 300.0
@@ -108,7 +112,11 @@ def describe(settings: LoadSettings) -> dict:
 def run_load(settings: LoadSettings) -> LoadResult:
     observer = None
     if settings.amqp_url:
-        observer = EventObserver(settings.amqp_url)
+        observer = EventObserver(
+            settings.amqp_url,
+            declare_topology=settings.declare_topology,
+            event_senders=settings.event_senders,
+        )
         observer.start()
     stats = SendStats()
     view = None

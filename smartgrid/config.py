@@ -48,6 +48,18 @@ def setting(
     )
 
 
+def declare_topology_setting() -> Any:
+    """``DECLARE_TOPOLOGY``, the same for every service."""
+    return setting(
+        "DECLARE_TOPOLOGY",
+        True,
+        "Declare the core topology (exchanges, pending and dead-letter queues); 0: only check "
+        "that it exists (a passive declare, retried until it does), for a broker whose "
+        "definitions declare it and whose service users may not (definitions "
+        "--admin-declares-topology)",
+    )
+
+
 def positive(value: float) -> bool:
     return value > 0
 

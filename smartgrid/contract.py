@@ -83,6 +83,9 @@ class Exchange:
     name: str
     type: str
     durable: bool = True
+    #: Only check that it exists (a passive declare, which needs no permission at all); a
+    #: missing one closes the channel with 404 NOT_FOUND.
+    passive: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class Queue:
     #: Private to the connection that declares it, and deleted with it.
     exclusive: bool = False
     auto_delete: bool = False
+    #: Only check that it exists (see :attr:`Exchange.passive`).
+    passive: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,23 @@ def core_topology() -> list[Declaration]:
         Queue(PENDING_QUEUE, _quorum_arguments()),
         Binding(PENDING_QUEUE, REQUESTS_EXCHANGE, REQUEST_ROUTING_KEY),
     ]
+
+
+def passively(declarations: list[Declaration]) -> list[Declaration]:
+    """The same entities, checked rather than declared: for a service whose broker user may
+    not declare them (``python -m smartgrid.definitions --admin-declares-topology``; an
+    identical redeclare needs the configure permission, re-binding the write permission).
+    Bindings are left out: AMQP cannot check one without making it."""
+    return [
+        dataclasses.replace(d, passive=True)
+        for d in declarations
+        if isinstance(d, (Exchange, Queue))
+    ]
+
+
+def topology(declarations: list[Declaration], *, declare: bool) -> list[Declaration]:
+    """``declarations`` as they are (``declare``), or :func:`passively`."""
+    return declarations if declare else passively(declarations)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,10 +264,12 @@ def substation_queue_name(substation_id: str) -> str:
 
 
 def substation_topology(substation_id: str) -> list[Declaration]:
-    """A substation's own queue, bound to the dispatch exchange by its id."""
+    """A substation's own queue, bound to the dispatch exchange by its id. One consumer at a
+    time gets its messages (single active consumer): a second process started with the same
+    id waits as a standby and never charges beside the first."""
     queue = substation_queue_name(substation_id)
     return [
-        Queue(queue, _quorum_arguments()),
+        Queue(queue, _quorum_arguments() | {"x-single-active-consumer": True}),
         Binding(queue, DISPATCH_EXCHANGE, substation_id),
     ]
 
@@ -974,9 +998,17 @@ BALANCER_EVENTS = EventSubscription(
     "balancer",
     (RequestRouted, SessionStarted, SessionCompleted, SubstationAnnounced, SubstationLeaving),
 )
-#: Only rare events: a substation's cost must not grow with the fleet's traffic.
+#: Only rare events: a substation's cost must not grow with the fleet's traffic. The
+#: announcements tell it which other substations are live, whose lookups it trusts.
 SUBSTATION_EVENTS = EventSubscription(
-    "substation", (BalancerStarted, SessionLookup, SessionLookupReply)
+    "substation",
+    (
+        BalancerStarted,
+        SessionLookup,
+        SessionLookupReply,
+        SubstationAnnounced,
+        SubstationLeaving,
+    ),
 )
 #: The load generator's ledger must not miss an event because it reconnected, nor the oldest
 #: of a long run's events because the run is long.

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from smartgrid import contract
 from smartgrid.amqp import Delivery, Link
+from smartgrid.senders import Senders
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +32,41 @@ class EventPublisher:
     Events are "reliable" publishes by default: batched, and while the broker is away they wait
     in the Link's outbox. An event that is only worth something now (an announcement, a
     greeting) is published with ``reliable=False``: at once, on its own, or not at all.
+
+    An event about a delivery (a session's end) is bound to the connection the delivery came
+    on, ``generation``: it goes out on that connection or not at all, never from the outbox
+    on a later one, because once that connection is lost the broker has handed the delivery
+    to someone else.
     """
 
     def __init__(self, link: Link, *, max_batch: int = MAX_BATCH) -> None:
         self._link = link
         self._max_batch = max_batch
-        self._waiting: dict[str, list[tuple[contract.Event, concurrent.futures.Future]]] = {}
+        #: By (kind, generation the events are bound to, or None).
+        self._waiting: dict[
+            tuple[str, int | None], list[tuple[contract.Event, concurrent.futures.Future]]
+        ] = {}
         self._flush_scheduled = False
         # What waits for the end of the turn must not be left behind by a stop.
         link.on_stop(self.flush)
 
-    def publish(self, event: contract.Event, *, reliable: bool = True) -> concurrent.futures.Future:
+    def publish(
+        self, event: contract.Event, *, reliable: bool = True, generation: int | None = None
+    ) -> concurrent.futures.Future:
         if not reliable:
             return self._link.publish(
-                contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False
+                contract.EVENTS_EXCHANGE,
+                event.kind,
+                event.to_body(),
+                mandatory=False,
+                generation=generation,
             )
         future: concurrent.futures.Future = concurrent.futures.Future()
-        batch = self._waiting.setdefault(event.kind, [])
+        key = (event.kind, generation)
+        batch = self._waiting.setdefault(key, [])
         batch.append((event, future))
         if len(batch) >= self._max_batch:
-            self._send(event.kind)
+            self._send(key)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             # A zero-delay timer runs once the loop has handled everything the current
@@ -61,28 +77,36 @@ class EventPublisher:
     def flush(self) -> None:
         """Send every waiting event now."""
         self._flush_scheduled = False
-        for kind in list(self._waiting):
-            self._send(kind)
+        for key in list(self._waiting):
+            self._send(key)
 
-    def _send(self, kind: str) -> None:
-        batch = self._waiting.pop(kind, None)
+    def _send(self, key: tuple[str, int | None]) -> None:
+        batch = self._waiting.pop(key, None)
         if not batch:
             return
+        kind, generation = key
         body = contract.encode_events([event for event, _ in batch])
         confirmation = self._link.publish(
-            contract.EVENTS_EXCHANGE, kind, body, mandatory=False, reliable=True
+            contract.EVENTS_EXCHANGE,
+            kind,
+            body,
+            mandatory=False,
+            reliable=generation is None,
+            generation=generation,
         )
         confirmation.add_done_callback(_settle([future for _, future in batch]))
 
 
-def events_in(delivery: Delivery) -> list[contract.Event]:
-    """The lifecycle events a delivery carries (one, or a batch); none if it breaks the
-    contract, which is logged: an event is information, so a bad one is dropped, not retried."""
+def events_in(delivery: Delivery, senders: Senders) -> list[contract.Event]:
+    """The lifecycle events a delivery carries (one, or a batch) that come from their owners
+    (``senders``, by the delivery's ``user_id``); none if it breaks the contract. What is left
+    out is logged: an event is information, so a bad one is dropped, not retried."""
     try:
-        return contract.decode_events(delivery.routing_key, delivery.body)
+        events = contract.decode_events(delivery.routing_key, delivery.body)
     except contract.InvalidMessage as exc:
         log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
         return []
+    return senders.trusted(events, delivery.properties.user_id)
 
 
 def _settle(

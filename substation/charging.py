@@ -6,6 +6,13 @@ The balancer subtracts these numbers from each other, so a torn read would skew 
 
 Pure: each request comes with an opaque token (the service's AMQP delivery) that the session
 hands back when it ends, so that the service can acknowledge it.
+
+A session lives only as long as the connection its delivery came on: when that is lost, the
+broker hands the request to someone else, so the service drops every session in progress
+(:meth:`ChargingPoints.drop_all`) and never reports their completion. A completion is
+*reported* once the broker has confirmed its event; one whose confirm never came (the
+connection died in between) is *uncertain*: if the request comes back here, the same event is
+reported again (consumers take an identical event once), and a lookup gets "unknown".
 """
 
 from __future__ import annotations
@@ -32,16 +39,19 @@ class Session(Generic[Token]):
     token: Token
     started_at: float
     expected_end: float
+    #: When it ended and its completion was published.
+    completed_at: float | None = None
 
 
 class Admission(Enum):
     STARTED = "started"
-    #: Already charging here; the new delivery replaces one from a dead connection.
-    ADOPTED = "adopted"
-    #: Already charging or recently completed here, or claimed by another substation;
-    #: nothing to do but acknowledge.
+    #: Already charging here (this copy's twin is held on the same channel), or its completion
+    #: here is reported: nothing to do but acknowledge.
     DUPLICATE = "duplicate"
-    #: A possible duplicate unknown here: ask the other substations before charging it.
+    #: Completed here, but the report was not confirmed: report it again, then acknowledge.
+    REPORT = "report"
+    #: A possible duplicate unknown here, or one another live substation asked about: ask the
+    #: other substations before charging it.
     CHECK = "check"
 
 
@@ -53,24 +63,22 @@ class ChargingPoints(Generic[Token]):
         instance: str,
         *,
         remember: int = 50_000,
-        settleable: Callable[[Token], bool] = lambda _token: True,
     ):
         self.substation_id = substation_id
         self.capacity = capacity
         self.instance = instance
         self._lock = threading.Lock()
-        #: Whether a token can still settle its request (its delivery came on the channel
-        #: open now); a running session whose token cannot adopts the request's redelivery.
-        self._settleable = settleable
         self._active: dict[str, Session[Token]] = {}
         self._recently_completed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: Completed here, report unconfirmed (see the module's docstring).
+        self._uncertain: collections.OrderedDict[str, Session[Token]] = collections.OrderedDict()
         self._remember = remember
         self.received = 0
         self.completed = 0
         self.duplicates = 0
-        #: Requests other substations asked about (session.lookup) and so may be charging: a
-        #: request forwarded twice (a balancer that died between forwarding and acknowledging)
-        #: must not be charged at two substations.
+        #: Requests other live substations asked about (session.lookup) and so may be
+        #: charging: a request forwarded twice (a balancer that died between forwarding and
+        #: acknowledging) must not be charged at two substations.
         self._claims: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     @property
@@ -91,21 +99,17 @@ class ChargingPoints(Generic[Token]):
                 # A redelivery was counted when it first arrived; counting it again would make
                 # the balancer believe fewer requests are still on their way here.
                 self.received += 1
-            current = self._active.get(request.request_id)
-            if current is not None:
-                if not self._settleable(current.token):
-                    current.token = token
-                    return Admission.ADOPTED, current
+            if request.request_id in self._active or request.request_id in self._recently_completed:
                 self.duplicates += 1
                 return Admission.DUPLICATE, None
-            if request.request_id in self._recently_completed:
-                self.duplicates += 1
-                return Admission.DUPLICATE, None
+            uncertain = self._uncertain.get(request.request_id)
+            if uncertain is not None:
+                uncertain.token = token
+                return Admission.REPORT, uncertain
             claimant = self._claims.get(request.request_id)
             if claimant is not None and claimant != request.rerouted_from:
-                # Another substation, still alive, asked about it and then charged it.
-                self.duplicates += 1
-                return Admission.DUPLICATE, None
+                # Another live substation asked about it and may be charging it: ask first.
+                return Admission.CHECK, None
             if request.maybe_duplicate:
                 return Admission.CHECK, None
             return Admission.STARTED, self._start(request, token, now, duration)
@@ -138,6 +142,7 @@ class ChargingPoints(Generic[Token]):
                 return "running"
             if request_id in self._recently_completed:
                 return "completed"
+            # An uncertain completion may never have reached anyone: not "completed".
             return "unknown"
 
     def _remember_completed(self, request_id: str) -> None:
@@ -145,14 +150,44 @@ class ChargingPoints(Generic[Token]):
         if len(self._recently_completed) > self._remember:
             self._recently_completed.popitem(last=False)
 
-    def finish(self, request_id: str) -> Session[Token] | None:
+    def session(self, request_id: str) -> Session[Token] | None:
+        with self._lock:
+            return self._active.get(request_id)
+
+    def finish(self, request_id: str, now: float) -> Session[Token] | None:
+        """The session ended at ``now``; its completion is being reported."""
         with self._lock:
             session = self._active.pop(request_id, None)
             if session is None:
                 return None
             self.completed += 1
-            self._remember_completed(request_id)
+            session.completed_at = now
+            self._uncertain[request_id] = session
             return session
+
+    def reported(self, request_id: str) -> None:
+        """The broker confirmed the completion of ``request_id``."""
+        with self._lock:
+            if self._uncertain.pop(request_id, None) is not None:
+                self._remember_completed(request_id)
+
+    def report_failed(self, request_id: str) -> None:
+        """The completion of ``request_id`` was not confirmed; it stays uncertain."""
+        with self._lock:
+            if len(self._uncertain) > self._remember:
+                self._uncertain.popitem(last=False)
+
+    def drop(self, request_id: str) -> Session[Token] | None:
+        """Stop a session without completing it (its delivery's connection is gone)."""
+        with self._lock:
+            return self._active.pop(request_id, None)
+
+    def drop_all(self) -> list[Session[Token]]:
+        """Stop every session in progress without completing it: the connection their
+        deliveries came on is lost, and the broker hands those requests to others."""
+        with self._lock:
+            dropped, self._active = list(self._active.values()), {}
+            return dropped
 
     def snapshot(self) -> tuple[int, int, int, int]:
         with self._lock:

@@ -4,7 +4,15 @@ import socket
 from dataclasses import dataclass
 
 from smartgrid import contract
-from smartgrid.config import DEFAULT_AMQP_URL, ConfigError, non_negative, positive, setting
+from smartgrid.config import (
+    DEFAULT_AMQP_URL,
+    ConfigError,
+    declare_topology_setting,
+    non_negative,
+    positive,
+    setting,
+)
+from smartgrid.senders import event_senders_setting
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,14 @@ class SubstationConfig:
         "queue",
         check=non_negative,
         expect="seconds >= 0",
+    )
+    declare_topology: bool = declare_topology_setting()
+    event_senders: tuple[str, ...] = event_senders_setting()
+    declare_queue: bool = setting(
+        "DECLARE_QUEUE",
+        True,
+        "Declare its own queue; 0: only check that it exists, for a broker whose definitions "
+        "declare it (definitions --admin-declares-topology --substation-users)",
     )
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
 

@@ -5,6 +5,12 @@ substation more requests than it can charge at once; the rest wait in the queue.
 timers on the AMQP I/O loop, never sleeps, so heartbeats keep flowing however long they last.
 A request is acknowledged only when its session has completed and the ``session.completed``
 event is confirmed: a substation that dies mid-session gets the request back on restart.
+
+Fencing: a session lives as long as the broker connection its delivery came on. When that
+connection is lost (the broker gives the request to another consumer: this substation when it
+is back, or the balancer moving it elsewhere), every session in progress is dropped, and its
+completion, bound to that connection, is never sent on a later one. The queue has a single
+active consumer, and a process that finds its queue consumed already waits as a standby.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -22,19 +29,28 @@ from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
+from smartgrid.senders import Senders
 from substation.charging import Admission, ChargingPoints, ChargingPointsCollector, Session
 from substation.config import SubstationConfig
+from substation.roster import Roster
 
 log = logging.getLogger(__name__)
+
+#: How often a standby looks whether its queue is free.
+STANDBY_RETRY = 2.0
 
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 @dataclass
 class _Check:
+    """A possible duplicate, held while the other substations are asked about it."""
+
     request: contract.RoutedRequest
     delivery: Delivery
     timer: object
+    #: A live substation that said it is charging the request, in the current round.
+    running_at: str | None = None
 
 
 class SubstationService:
@@ -42,11 +58,10 @@ class SubstationService:
         self.config = config
         self.instance = uuid.uuid4().hex[:12]
         self.points: ChargingPoints[Delivery] = ChargingPoints(
-            config.substation_id,
-            config.capacity,
-            self.instance,
-            settleable=lambda delivery: self.link.is_current(delivery),
+            config.substation_id, config.capacity, self.instance
         )
+        #: Other substations that announced themselves lately: whose lookups are trusted.
+        self.roster = Roster(live_for=3 * config.announce_interval)
         self._registry = registry
         self._wait = Histogram(
             "substation_wait_seconds",
@@ -59,23 +74,31 @@ class SubstationService:
         self.link = Link(
             config.amqp_url,
             name=f"substation-{config.substation_id}",
-            topology=contract.core_topology() + contract.substation_topology(config.substation_id),
-            consumers=[
-                ConsumerSpec(
-                    self.queue,
-                    self._on_request,
-                    prefetch=config.capacity,
-                    on_poison=lambda d, e: self.dead_letters.poisoned(d, e, source=self.queue),
-                ),
-                ConsumerSpec(contract.SUBSTATION_EVENTS, self._on_event, auto_ack=True),
-            ],
-            on_ready=self._announce,
+            topology=contract.topology(contract.core_topology(), declare=config.declare_topology)
+            + contract.topology(
+                contract.substation_topology(config.substation_id), declare=config.declare_queue
+            ),
+            # Its own queue is consumed once nobody else does (_take_the_queue).
+            consumers=[ConsumerSpec(contract.SUBSTATION_EVENTS, self._on_event, auto_ack=True)],
+            on_ready=self._take_the_queue,
+            on_lost=self._connection_lost,
         )
+        self._requests = ConsumerSpec(
+            self.queue,
+            self._on_request,
+            prefetch=config.capacity,
+            on_poison=lambda d, e: self.dead_letters.poisoned(d, e, source=self.queue),
+        )
+        self._consuming = False
+        self._standby_logged = False
+        self.senders = Senders(config.event_senders, own_user=self.link.user)
         self.events = EventPublisher(self.link)
         self.dead_letters = DeadLetterer(self.link, self.events)
         registry.register(ChargingPointsCollector(self.points, lambda: self.link.ready))
         #: Possible duplicates waiting for the other substations' answers, by request id.
         self._checks: dict[str, _Check] = {}
+        #: The timer that ends each session in progress, by request id.
+        self._timers: dict[str, object] = {}
         self._http: WSGIServer | None = None
         self._draining = False
         self._announce_timer: object | None = None
@@ -138,8 +161,11 @@ class SubstationService:
             )
             self.link.ack(delivery)
             return
-        if admission is Admission.ADOPTED:
-            return  # the running session will acknowledge the new delivery when it ends
+        if admission is Admission.REPORT:
+            assert session is not None
+            log.info("request %s completed here; reporting it again", request.request_id)
+            self._report(session)
+            return
         if admission is Admission.CHECK:
             self._ask_the_fleet(request, delivery)
             return
@@ -160,19 +186,33 @@ class SubstationService:
             expected_end=session.expected_end,
         )
         self.events.publish(started)
-        self.link.call_later(
+        self._timers[request.request_id] = self.link.call_later(
             self.config.session_seconds, lambda: self._complete(request.request_id)
         )
 
     def _on_event(self, delivery: Delivery) -> None:
-        for event in events_in(delivery):
+        for event in events_in(delivery, self.senders):
             self._apply(event)
 
     def _apply(self, event: contract.Event) -> None:
         me = self.config.substation_id
+        now = time.time()
         if isinstance(event, contract.BalancerStarted):
             self._announce()
+        elif isinstance(event, contract.SubstationAnnounced):
+            if self.roster.announced(event, now) and event.substation != me:
+                # A newcomer knows no one yet: tell it of this one now, not at the next round.
+                self._announce()
+        elif isinstance(event, contract.SubstationLeaving):
+            self.roster.leaving(event)
         elif isinstance(event, contract.SessionLookup) and event.substation != me:
+            if not self.roster.is_live(event.substation, now):
+                log.warning(
+                    "ignoring a lookup of %s by %s, which is not a live substation",
+                    event.request_id,
+                    event.substation,
+                )
+                return
             reply = contract.SessionLookupReply(
                 at=time.time(),
                 request_id=event.request_id,
@@ -183,38 +223,65 @@ class SubstationService:
             self.events.publish(reply)
         elif isinstance(event, contract.SessionLookupReply) and event.asker == me:
             check = self._checks.get(event.request_id)
-            if check is not None and event.status in ("running", "completed"):
-                log.info(
-                    "request %s is %s at %s; acknowledging the duplicate",
-                    event.request_id,
-                    event.status,
+            if check is None or event.status not in ("running", "completed"):
+                return
+            if not self.roster.is_live(event.substation, now):
+                log.warning(
+                    "ignoring %s's answer about %s: not a live substation",
                     event.substation,
+                    event.request_id,
                 )
-                self.link.cancel_timer(check.timer)
-                del self._checks[event.request_id]
-                self.points.count_duplicate()
-                self.link.ack(check.delivery)
+                return
+            if event.status == "running":
+                # Acknowledged only once a session has completed somewhere: keep it, and
+                # ask again later (charging it if that substation stops answering).
+                check.running_at = event.substation
+                return
+            log.info(
+                "request %s was completed at %s; acknowledging the duplicate",
+                event.request_id,
+                event.substation,
+            )
+            self.link.cancel_timer(check.timer)
+            del self._checks[event.request_id]
+            self.points.count_duplicate()
+            self.link.ack(check.delivery)
 
     def _ask_the_fleet(self, request: contract.RoutedRequest, delivery: Delivery) -> None:
-        """A possible duplicate: ask whether another substation charges or charged it, and
-        charge it only if none says so within DUPLICATE_CHECK_SECONDS."""
+        """A possible duplicate: ask whether another substation charges or charged it. It is
+        acknowledged when one says it completed it, and charged here when none says it is
+        charging it (within DUPLICATE_CHECK_SECONDS of each question)."""
         if request.request_id in self._checks:
             self.points.count_duplicate()
-            self.link.ack(delivery)  # a second copy while the first is being checked
+            self.link.ack(delivery)  # a second copy while the first is held here
             return
-        lookup = contract.SessionLookup(
-            at=time.time(), request_id=request.request_id, substation=self.config.substation_id
-        )
-        self.events.publish(lookup)
-        timer = self.link.call_later(
-            self.config.duplicate_check_seconds, lambda: self._nobody_has_it(request.request_id)
-        )
-        self._checks[request.request_id] = _Check(request, delivery, timer)
+        self._checks[request.request_id] = _Check(request, delivery, timer=None)
+        self._ask(request.request_id)
 
-    def _nobody_has_it(self, request_id: str) -> None:
-        check = self._checks.pop(request_id, None)
+    def _ask(self, request_id: str) -> None:
+        check = self._checks.get(request_id)
         if check is None:
             return
+        check.running_at = None
+        lookup = contract.SessionLookup(
+            at=time.time(), request_id=request_id, substation=self.config.substation_id
+        )
+        self.events.publish(lookup)
+        check.timer = self.link.call_later(
+            self.config.duplicate_check_seconds, lambda: self._answers_in(request_id)
+        )
+
+    def _answers_in(self, request_id: str) -> None:
+        check = self._checks.get(request_id)
+        if check is None:
+            return
+        if check.running_at is not None and self.roster.is_live(check.running_at, time.time()):
+            check.timer = self.link.call_later(
+                max(self.config.duplicate_check_seconds, self.config.session_seconds / 4),
+                lambda: self._ask(request_id),
+            )
+            return
+        del self._checks[request_id]
         now = time.time()
         session = self.points.start_checked(
             check.request, check.delivery, now, self.config.session_seconds
@@ -222,33 +289,107 @@ class SubstationService:
         self._begin_session(check.request, session, now)
 
     def _complete(self, request_id: str) -> None:
-        session = self.points.finish(request_id)
+        self._timers.pop(request_id, None)
+        session = self.points.session(request_id)
         if session is None:
             return
+        if not self.link.is_current(session.token):
+            # Its connection is gone (the loss not yet handled): the request is someone
+            # else's now.
+            self.points.drop(request_id)
+            log.warning("session of %s dropped: its connection is gone", request_id)
+            return
+        session = self.points.finish(request_id, time.time())
+        assert session is not None
+        self._report(session)
+
+    def _report(self, session: Session[Delivery]) -> None:
+        """Publish the session's completion on its delivery's connection; acknowledge the
+        delivery once the broker has confirmed it, on that same channel."""
         request = session.request
+        assert session.completed_at is not None
         completed = contract.SessionCompleted(
-            at=time.time(),
+            at=session.completed_at,
             request_id=request.request_id,
             ev_id=request.ev_id,
             substation=request.substation,
             instance=self.instance,
             started_at=session.started_at,
         )
-        confirmation = self.events.publish(completed)
-        # Acknowledge after the event is confirmed: if we die in between, the request comes
-        # back, and the completed-set (or, after a restart, a repeat session) settles it.
-        confirmation.add_done_callback(lambda _f: self._acknowledge(session))
+        delivery = session.token
+        confirmation = self.events.publish(completed, generation=delivery.generation)
+        confirmation.add_done_callback(lambda f: self._reported(f, request.request_id, delivery))
 
-    def _acknowledge(self, session: Session[Delivery]) -> None:
-        if not self.link.ack(session.token):
+    def _reported(self, confirmation: Future, request_id: str, delivery: Delivery) -> None:
+        if confirmation.exception() is not None:
+            self.points.report_failed(request_id)
+            log.warning(
+                "completion of %s not confirmed (%s); reported again if it comes back here",
+                request_id,
+                confirmation.exception(),
+            )
+            return
+        self.points.reported(request_id)
+        if not self.link.ack(delivery):
             log.info(
                 "request %s completed but its delivery's channel is gone; the redelivery will be "
                 "acknowledged as a duplicate",
-                session.request.request_id,
+                request_id,
             )
 
+    def _connection_lost(self) -> None:
+        """Fencing: the broker hands this connection's deliveries to others now."""
+        self._consuming = False
+        dropped = self.points.drop_all()
+        for session in dropped:
+            timer = self._timers.pop(session.request.request_id, None)
+            if timer is not None:
+                self.link.cancel_timer(timer)
+        for check in self._checks.values():
+            if check.timer is not None:
+                self.link.cancel_timer(check.timer)
+        held = len(self._checks)
+        self._checks.clear()
+        if dropped or held:
+            log.warning(
+                "broker connection lost: dropped %d session(s) in progress and %d held "
+                "request(s); the broker hands them to others",
+                len(dropped),
+                held,
+            )
+
+    def _take_the_queue(self) -> None:
+        """Consume the queue once nobody else does: another process with this id, or the
+        balancer moving its requests elsewhere, makes this one wait as a standby."""
+        if self._draining or self._consuming:
+            return
+        if not self.link.inspect_queue(self.queue, self._queue_inspected):
+            return
+
+    def _queue_inspected(self, _messages: int, consumers: int) -> None:
+        if self._draining or self._consuming or not self.link.ready:
+            return
+        if consumers:
+            if not self._standby_logged:
+                log.warning(
+                    "%s already has a consumer (another process with SUBSTATION_ID=%s, or the "
+                    "balancer moving its requests elsewhere): waiting as a standby",
+                    self.queue,
+                    self.config.substation_id,
+                )
+                self._standby_logged = True
+            self.link.call_later(STANDBY_RETRY, self._take_the_queue)
+            return
+        if self.link.add_consumer(self._requests) is None:
+            return
+        self._consuming = True
+        if self._standby_logged:
+            log.info("%s is free: consuming it", self.queue)
+            self._standby_logged = False
+        self._announce()
+
     def _announce(self) -> None:
-        if self._draining:
+        if self._draining or not self._consuming:
             return
         announcement = contract.SubstationAnnounced(
             at=time.time(),
@@ -261,6 +402,7 @@ class SubstationService:
         self.events.publish(announcement, reliable=False)
 
     def _schedule_announcements(self) -> None:
+        self.roster.forget_silent(time.time())
         if self.link.ready:
             self._announce()
         if not self._draining:

@@ -75,6 +75,18 @@ def rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=120)
 
 
+def import_document(document: dict) -> None:
+    """``rabbitmqctl import_definitions`` of ``document`` (it finishes asynchronously)."""
+    # rabbitmqctl runs as the rabbitmq user, who cannot read pytest's private tmp_path (and
+    # 3.10 does not read "-" as standard input): a readable file directly in /tmp.
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir="/tmp") as handle:
+        json.dump(document, handle)
+        handle.flush()
+        os.chmod(handle.name, 0o644)
+        result = rabbitmqctl("import_definitions", handle.name)
+    assert result.returncode == 0, result.stderr
+
+
 @contextlib.contextmanager
 def imported_definitions(document: dict, passwords: dict[str, str]) -> Iterator[dict[str, str]]:
     """Import broker definitions into the local RabbitMQ and yield each user's AMQP URL.
@@ -90,14 +102,7 @@ def imported_definitions(document: dict, passwords: dict[str, str]) -> Iterator[
     for key in ("permissions", "topic_permissions"):
         for entry in document.get(key, []):
             entry["user"] += suffix
-    # rabbitmqctl runs as the rabbitmq user, who cannot read pytest's private tmp_path (and
-    # 3.10 does not read "-" as standard input): a readable file directly in /tmp.
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir="/tmp") as handle:
-        json.dump(document, handle)
-        handle.flush()
-        os.chmod(handle.name, 0o644)
-        result = rabbitmqctl("import_definitions", handle.name)
-    assert result.returncode == 0, result.stderr
+    import_document(document)
     try:
         # The import finishes asynchronously.
         eventually(
@@ -115,11 +120,22 @@ def imported_definitions(document: dict, passwords: dict[str, str]) -> Iterator[
             rabbitmqctl("delete_user", entry["name"])
 
 
+def event_senders(urls: dict[str, str]) -> str:
+    """EVENT_SENDERS for services whose users are those of ``urls`` (role -> AMQP URL), as
+    :func:`imported_definitions` renamed them."""
+    return ",".join(
+        f"{role}={pika.URLParameters(url).credentials.username}" for role, url in urls.items()
+    )
+
+
 class BrokerClient:
     """A blocking pika client for tests: publish with confirms, count and read queues."""
 
     def __init__(self, url: str):
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        parameters = pika.URLParameters(url)
+        #: Every publish carries it as user_id, as the services' do.
+        self.user = parameters.credentials.username
+        self.connection = pika.BlockingConnection(parameters)
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
         for declaration in contract.core_topology():
@@ -147,9 +163,20 @@ class BrokerClient:
             routing_key,
             body,
             pika.BasicProperties(
-                delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"
+                delivery_mode=pika.DeliveryMode.Persistent,
+                content_type="application/json",
+                user_id=self.user,
             ),
             mandatory=True,
+        )
+
+    def publish_event(self, event: contract.Event) -> None:
+        """Publish a lifecycle event as a service would (consumers check its user_id)."""
+        self.channel.basic_publish(
+            contract.EVENTS_EXCHANGE,
+            event.kind,
+            event.to_body(),
+            pika.BasicProperties(content_type="application/json", user_id=self.user),
         )
 
     def send_to_substation(

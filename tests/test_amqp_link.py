@@ -8,10 +8,12 @@ import threading
 import time
 import uuid
 
+import pika
+import pika.exceptions
 import pytest
 
 from smartgrid import contract
-from smartgrid.amqp import ConsumerSpec, Delivery, Link, NotConnected, Unroutable
+from smartgrid.amqp import ConnectionLost, ConsumerSpec, Delivery, Link, NotConnected, Unroutable
 from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher
 from tests.helpers import BrokerClient, eventually
@@ -221,6 +223,64 @@ def test_reliable_publishes_wait_out_an_outage_and_unreliable_ones_fail_fast(amq
     finally:
         link.stop()
         proxy.cut()
+
+
+def test_a_publish_bound_to_a_lost_connection_is_never_sent_on_the_next_one(amqp_url, broker):
+    """What a substation reports about a delivery goes out on the delivery's connection or
+    not at all: once that connection is lost, the broker has handed the delivery on."""
+    from tests.proxy import CuttableProxy
+
+    proxy = CuttableProxy(("127.0.0.1", 5672)).start()
+    scheme, rest = amqp_url.split("://")
+    credentials, _, path = rest.partition("@")
+    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    events = broker.subscribe_events(contract.SessionCompleted.kind, contract.RequestAccepted.kind)
+    link = _link(url, max_backoff=0.5)
+    try:
+        generation = link.generation
+        proxy.cut()
+        eventually(lambda: not link.ready, timeout=30, what="the link noticing the outage")
+        bound = contract.RequestAccepted(at=time.time(), request_id=uuid.uuid4().hex, ev_id="B")
+        kept = contract.RequestAccepted(at=time.time(), request_id=uuid.uuid4().hex, ev_id="K")
+        publisher = EventPublisher(link)
+        futures: list = []
+        link.call_soon(
+            lambda: futures.extend(
+                [publisher.publish(bound, generation=generation), publisher.publish(kept)]
+            )
+        )
+        eventually(lambda: len(futures) == 2)
+        with pytest.raises((ConnectionLost, NotConnected)):
+            futures[0].result(10)
+        proxy.start()
+        assert futures[1].result(20) is None
+        assert link.generation > generation
+        time.sleep(0.5)
+        assert [e.request_id for e in broker.events(events)] == [kept.request_id]
+    finally:
+        link.stop()
+        proxy.cut()
+
+
+def test_every_publish_carries_the_connections_user_which_the_broker_vouches_for(amqp_url, broker):
+    queue = broker.subscribe_events(contract.RequestAccepted.kind)
+    link = _link(amqp_url)
+    try:
+        event = contract.RequestAccepted(at=time.time(), request_id=uuid.uuid4().hex, ev_id="EV1")
+        link.publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body()).result(10)
+        method, properties, _body = eventually(
+            lambda: (got := broker.channel.basic_get(queue, auto_ack=True))[0] and got
+        )
+        assert properties.user_id == link.user == "guest"
+        # Anyone else's name is refused by the broker (406 PRECONDITION_FAILED), so the
+        # property cannot be forged by a client that logs in as someone else.
+        forged = pika.BasicProperties(user_id="balancer")
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            broker.channel.basic_publish(contract.EVENTS_EXCHANGE, event.kind, b"{}", forged)
+            broker.connection.process_data_events(1)
+        assert refused.value.reply_code == 406
+    finally:
+        link.stop()
 
 
 def test_a_durable_subscription_keeps_the_events_published_while_the_link_was_away(

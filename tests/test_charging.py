@@ -27,12 +27,17 @@ def routed(
     )
 
 
-def points(*, dead: set[str] | None = None, remember: int = 50_000) -> ChargingPoints[str]:
-    """Charging points whose tokens in ``dead`` came on a channel that has since closed."""
-    gone = dead if dead is not None else set()
-    return ChargingPoints(
-        "s1", 4, "inst-1", remember=remember, settleable=lambda token: token not in gone
-    )
+def points(*, remember: int = 50_000) -> ChargingPoints[str]:
+    return ChargingPoints("s1", 4, "inst-1", remember=remember)
+
+
+def complete(charging: ChargingPoints[str], n: int = 1, *, confirmed: bool = True) -> None:
+    finished = charging.finish(routed(n).request_id, now=20.0)
+    assert finished is not None
+    if confirmed:
+        charging.reported(routed(n).request_id)
+    else:
+        charging.report_failed(routed(n).request_id)
 
 
 def test_a_new_request_starts_a_session_that_holds_its_token():
@@ -52,18 +57,33 @@ def test_a_second_copy_of_a_running_request_is_a_duplicate_and_not_charged_twice
     assert charging.load == 1 and charging.duplicates == 1
 
 
-def test_a_redelivery_of_a_running_request_whose_token_died_is_adopted():
-    dead: set[str] = set()
-    charging = points(dead=dead)
-    _, first = charging.admit(routed(), "d1", now=10.0, duration=SESSION)
-    dead.add("d1")  # the connection it came on closed; the broker redelivers it
+def test_sessions_are_dropped_with_their_connection_and_start_afresh_when_redelivered():
+    charging = points()
+    charging.admit(routed(1), "d1", now=10.0, duration=SESSION)
+    charging.admit(routed(2), "d2", now=10.0, duration=SESSION)
+    dropped = charging.drop_all()  # the connection they came on is lost
+    assert sorted(s.token for s in dropped) == ["d1", "d2"]
+    assert (charging.load, charging.completed) == (0, 0)
+    assert charging.session(routed(1).request_id) is None
     admission, session = charging.admit(
-        routed(), "d2", now=12.0, duration=SESSION, redelivered=True
+        routed(1), "d3", now=12.0, duration=SESSION, redelivered=True
     )
-    assert admission is Admission.ADOPTED
-    assert session is first and session is not None and session.token == "d2"
-    assert session.started_at == 10.0  # the session runs on; it does not start again
-    assert charging.load == 1 and charging.duplicates == 0
+    assert admission is Admission.STARTED and session is not None
+    assert session.started_at == 12.0
+
+
+def test_a_completion_whose_report_was_not_confirmed_is_reported_again_not_charged_again():
+    charging = points()
+    charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    complete(charging, confirmed=False)
+    # Maybe nobody heard of it: another substation asking must not be told "completed".
+    assert charging.claimed_by(routed().request_id, "s2") == "unknown"
+    admission, session = charging.admit(routed(), "d2", now=50.0, duration=SESSION)
+    assert admission is Admission.REPORT and session is not None
+    assert (session.token, session.completed_at) == ("d2", 20.0)
+    charging.reported(routed().request_id)
+    assert charging.claimed_by(routed().request_id, "s2") == "completed"
+    assert charging.admit(routed(), "d3", now=60.0, duration=SESSION)[0] is Admission.DUPLICATE
 
 
 def test_a_redelivery_is_not_counted_as_received_again():
@@ -76,8 +96,7 @@ def test_a_redelivery_is_not_counted_as_received_again():
 def test_a_request_completed_here_is_a_duplicate():
     charging = points()
     charging.admit(routed(), "d1", now=10.0, duration=SESSION)
-    finished = charging.finish(routed().request_id)
-    assert finished is not None and finished.token == "d1"
+    complete(charging)
     assert charging.admit(routed(), "d2", now=50.0, duration=SESSION)[0] is Admission.DUPLICATE
     assert (charging.load, charging.completed, charging.duplicates) == (0, 1, 1)
 
@@ -86,7 +105,7 @@ def test_completed_requests_are_remembered_up_to_a_limit_oldest_forgotten_first(
     charging = points(remember=2)
     for n in (1, 2, 3):
         charging.admit(routed(n), f"d{n}", now=10.0, duration=SESSION)
-        charging.finish(routed(n).request_id)
+        complete(charging, n)
     assert charging.admit(routed(1), "again", now=50.0, duration=SESSION)[0] is Admission.STARTED
     assert charging.admit(routed(3), "again", now=50.0, duration=SESSION)[0] is Admission.DUPLICATE
 
@@ -112,11 +131,12 @@ def test_a_request_rerouted_from_a_dead_substation_is_checked_too():
     assert charging.admit(flagged, "d2", now=10.0, duration=SESSION)[0] is Admission.DUPLICATE
 
 
-def test_a_request_another_live_substation_asked_about_is_a_duplicate_here():
+def test_a_request_another_live_substation_asked_about_is_checked_not_dropped():
     charging = points()
     assert charging.claimed_by(routed().request_id, "s2") == "unknown"
-    admission, _ = charging.admit(routed(maybe_duplicate=True), "d1", now=10.0, duration=SESSION)
-    assert admission is Admission.DUPLICATE
+    # Even unflagged: acknowledged only once a session has completed somewhere.
+    admission, _ = charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    assert admission is Admission.CHECK
 
 
 def test_a_claim_by_the_substation_it_was_rerouted_from_does_not_stop_it():
@@ -130,7 +150,7 @@ def test_a_lookup_is_answered_with_what_is_known_here():
     charging = points()
     charging.admit(routed(1), "d1", now=10.0, duration=SESSION)
     charging.admit(routed(2), "d2", now=10.0, duration=SESSION)
-    charging.finish(routed(2).request_id)
+    complete(charging, 2)
     assert charging.claimed_by(routed(1).request_id, "s2") == "running"
     assert charging.claimed_by(routed(2).request_id, "s2") == "completed"
     assert charging.claimed_by(routed(3).request_id, "s2") == "unknown"
@@ -138,5 +158,5 @@ def test_a_lookup_is_answered_with_what_is_known_here():
 
 def test_finishing_an_unknown_request_changes_nothing():
     charging = points()
-    assert charging.finish(routed().request_id) is None
+    assert charging.finish(routed().request_id, now=1.0) is None
     assert charging.snapshot() == (0, 0, 0, 0)

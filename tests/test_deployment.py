@@ -28,10 +28,11 @@ import yaml
 
 from balancer.config import BalancerConfig
 from gateway.config import GatewayConfig
+from loadgen.observer import ObserverConfig
 from smartgrid import config, contract, definitions
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from substation.config import SubstationConfig
-from tests.helpers import env_example, eventually, imported_definitions
+from tests.helpers import env_example, event_senders, eventually, imported_definitions
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -49,7 +50,7 @@ READS = {
     "gateway": _env_names(GatewayConfig) | _AMQP,
     "balancer": _env_names(BalancerConfig) | _AMQP,
     "substation": _env_names(SubstationConfig) | _AMQP,
-    "loadgen": {"GATEWAY_URL"} | _AMQP,
+    "loadgen": {"GATEWAY_URL"} | _AMQP | _env_names(ObserverConfig),
     "smartgrid.tools.deadletters": _AMQP,
     "smartgrid.definitions": {
         definitions.ADMIN_USER_ENV,
@@ -419,6 +420,7 @@ def test_services_run_on_the_imported_definitions_with_least_privileged_users(
         poll_interval=0.5,
         session_seconds=0.5,
         log_dir=tmp_path / "logs",
+        extra_env={"EVENT_SENDERS": event_senders(urls)},
     )
     services = []
     try:

@@ -47,13 +47,13 @@ def test_a_resent_event_is_counted_once_and_a_second_session_twice(amqp_url: str
         first_started, first_completed = _session(resent, "substation-1", "a1", now)
         # The same two events twice, byte for byte: what a publisher's resend looks like.
         for event in (first_started, first_completed, first_started, first_completed):
-            broker.channel.basic_publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body())
+            broker.publish_event(event)
         # A request charged twice: by a restarted instance, a little later.
         for event in (
             *_session(repeated, "substation-2", "b1", now),
             *_session(repeated, "substation-2", "b2", now + 2),
         ):
-            broker.channel.basic_publish(contract.EVENTS_EXCHANGE, event.kind, event.to_body())
+            broker.publish_event(event)
         eventually(lambda: observer.settled([resent, repeated]) == 2)
         eventually(lambda: len(observer.fates([repeated])[repeated].completed) == 2)
         fates = observer.fates([resent, repeated])

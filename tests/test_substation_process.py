@@ -192,7 +192,7 @@ def test_a_request_forwarded_to_two_substations_is_charged_at_only_one(stack_set
         count = contract.COMPLETED_METRIC + "_total"
 
         # The first copy is already charging at substation-1 when the flagged copy reaches
-        # substation-2.
+        # substation-2, which holds it until substation-1 says it has completed it.
         request_id = broker.send_to_substation("substation-1")
         eventually(lambda: metric(first, contract.LOAD_METRIC, substation="substation-1") == 1)
         broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
@@ -224,3 +224,49 @@ def test_a_request_forwarded_to_two_substations_is_charged_at_only_one(stack_set
     finally:
         for service in services:
             assert service.stop() == 0
+
+
+def test_a_second_process_with_the_same_id_waits_as_a_standby_and_never_charges_beside_it(
+    stack_settings, broker, tmp_path
+):
+    """Two processes started with one SUBSTATION_ID: the second finds the queue consumed and
+    waits (and the queue's single active consumer would keep it idle anyway); it takes over
+    only once the first is gone. At no moment do more sessions run than one has points."""
+    first, first_url = _start(stack_settings, capacity=2, session_seconds=1.0)
+    stack_settings.substation_ports = (stack_settings.substation_ports[1],)
+    stack_settings.log_dir = tmp_path / "second"
+    second = substation_process(stack_settings, 0)
+    second.env = {**second.env, "SHUTDOWN_GRACE": "0.5"}
+    second.start().wait_healthy()
+    second_url = second.health_url
+    try:
+        events = broker.subscribe_events(contract.SessionStarted.kind)
+        ids = [broker.send_to_substation(SUBSTATION, ev_id=f"EV{i}") for i in range(4)]
+        loads = []
+        for _ in range(40):  # four sessions of one second on two points: two rounds
+            loads.append(
+                sum(
+                    metric(url, contract.LOAD_METRIC, substation=SUBSTATION) or 0
+                    for url in (first_url, second_url)
+                )
+            )
+            time.sleep(0.05)
+        completed = contract.COMPLETED_METRIC + "_total"
+        eventually(lambda: metric(first_url, completed, substation=SUBSTATION) == 4)
+        assert max(loads) <= 2
+        assert metric(second_url, completed, substation=SUBSTATION) == 0
+        assert "waiting as a standby" in second.log_tail(50)
+
+        first.signal(signal.SIGKILL)
+        first.process.wait(10)
+        more = [broker.send_to_substation(SUBSTATION, ev_id=f"EV{i}") for i in range(4, 6)]
+        eventually(
+            lambda: metric(second_url, completed, substation=SUBSTATION) == 2,
+            timeout=30,
+            what="the standby taking over once the first is gone",
+        )
+        started = broker.events(events)
+        assert sorted(e.request_id for e in started) == sorted(ids + more)
+    finally:
+        first.stop()
+        assert second.stop() == 0

@@ -14,7 +14,12 @@ What a Link does for its owner:
   message, and fails with :class:`Unroutable`, :class:`PublishRejected`,
   :class:`ConnectionLost` or :class:`NotConnected` otherwise;
 * keeps "reliable" publishes (lifecycle events) in an outbox while the broker is away and
-  sends them again when it is back, so an outage delays them instead of losing them;
+  sends them again when it is back, so an outage delays them instead of losing them; a publish
+  bound to one connection (``generation``) is never sent on another one;
+* stamps every publish with the connection's user (``user_id``), which the broker checks, so
+  that consumers know who sent a message;
+* declares the topology it was given, or checks it passively where its user may not declare
+  it (``passive`` declarations): a missing entity closes the channel, and it tries again;
 * reconnects with exponential back-off and jitter (tenacity) after any connection or channel
   failure, and runs its owner's timers meanwhile, because the I/O loop keeps running between
   connections;
@@ -99,11 +104,15 @@ def declare(channel: pika.channel.Channel, declaration: Declaration) -> None:
     """Declare one entity of the contract's topology on ``channel``."""
     if isinstance(declaration, Exchange):
         channel.exchange_declare(
-            declaration.name, exchange_type=declaration.type, durable=declaration.durable
+            declaration.name,
+            exchange_type=declaration.type,
+            durable=declaration.durable,
+            passive=declaration.passive,
         )
     elif isinstance(declaration, Queue):
         channel.queue_declare(
             declaration.name,
+            passive=declaration.passive,
             durable=declaration.durable,
             exclusive=declaration.exclusive,
             auto_delete=declaration.auto_delete,
@@ -159,6 +168,7 @@ class Link:
         self._connection: SelectConnection | None = None
         self._channel: pika.channel.Channel | None = None
         self._generation = 0
+        self._user = ""
         self._became_ready = False
         self._close_reason: BaseException | None = None
         self._publishes = Publishes(name=name, outbox_limit=outbox_limit)
@@ -173,6 +183,11 @@ class Link:
     def ready(self) -> bool:
         """Connected, topology declared and consumers started."""
         return self._ready.is_set()
+
+    @property
+    def user(self) -> str:
+        """The broker user this link connects as (every publish carries it as ``user_id``)."""
+        return connection_parameters(self._current_url, name=self.name).credentials.username
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
@@ -237,6 +252,7 @@ class Link:
         persistent: bool = True,
         mandatory: bool = True,
         reliable: bool = False,
+        generation: int | None = None,
     ) -> concurrent.futures.Future:
         """Publish with confirms; the future completes when the broker has confirmed it.
 
@@ -244,8 +260,14 @@ class Link:
         again on the next connection (so they may arrive twice). Use it for messages whose loss
         matters more than a duplicate and whose consumers deduplicate. Other messages fail
         fast, which is what a caller that can still say "try again" wants.
+
+        ``generation`` binds the publish to one connection (that of a delivery it reports on,
+        :attr:`Delivery.generation`): it fails with :class:`ConnectionLost` rather than go out
+        on any later connection, reliable or not.
         """
-        outgoing = Outgoing(exchange, routing_key, body, headers, persistent, mandatory, reliable)
+        outgoing = Outgoing(
+            exchange, routing_key, body, headers, persistent, mandatory, reliable, generation
+        )
         if self._stopped.is_set():
             outgoing.fail(LinkClosed(f"{self.name}: link is stopped"))
         else:
@@ -261,6 +283,25 @@ class Link:
 
     def cancel_timer(self, handle: object) -> None:
         self._ioloop.remove_timeout(handle)
+
+    @property
+    def generation(self) -> int:
+        """The number of the channel open now (or last open); deliveries carry theirs."""
+        return self._generation
+
+    def inspect_queue(self, queue: str, callback: Callable[[int, int], None]) -> bool:
+        """Ask for ``queue``'s ready messages and consumers; ``callback(messages, consumers)``
+        runs on the I/O thread. A passive declare: no permission needed, but a queue that does
+        not exist closes the channel (and the link reconnects). False when not connected."""
+        channel = self._channel
+        if channel is None or not channel.is_open or not self.ready:
+            return False
+
+        def answered(frame: Any) -> None:
+            callback(frame.method.message_count, frame.method.consumer_count)
+
+        channel.queue_declare(queue, passive=True, callback=answered)
+        return True
 
     def is_current(self, delivery: Delivery) -> bool:
         """Whether ``delivery`` came on the channel open now (so it can still be settled)."""
@@ -339,8 +380,10 @@ class Link:
         self._current_url = url
         self._became_ready = False
         self._close_reason = None
+        parameters = connection_parameters(url, name=self.name)
+        self._user = parameters.credentials.username
         self._connection = SelectConnection(
-            parameters=connection_parameters(url, name=self.name),
+            parameters=parameters,
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed,
@@ -491,6 +534,11 @@ class Link:
     # Publishing (I/O thread)
     # ----------------------------------------------------------------------------------------
     def _send(self, outgoing: Outgoing) -> None:
+        if outgoing.generation is not None and outgoing.generation != self._generation:
+            outgoing.fail(
+                ConnectionLost(f"{self.name}: the connection this publish belongs to is gone")
+            )
+            return
         channel = self._channel
         if channel is None or not channel.is_open or not self._ready.is_set():
             setting_up = channel is not None and channel.is_open
@@ -509,6 +557,9 @@ class Link:
             else pika.DeliveryMode.Transient,
             # Lets a basic.return (which carries no delivery tag) find its publish.
             message_id=f"{self._generation}.{self._publishes.next_tag}",
+            # The broker refuses a publish whose user_id is not the connection's user, so
+            # consumers can trust it to say who sent a message.
+            user_id=self._user,
             timestamp=int(time.time()),
             headers=outgoing.headers,
         )

@@ -35,6 +35,8 @@ class Outgoing:
     persistent: bool
     mandatory: bool
     reliable: bool
+    #: Bound to this connection (see ``Link.publish``): never kept for another one.
+    generation: int | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
     def succeed(self) -> None:
@@ -119,12 +121,12 @@ class Publishes:
     def connection_lost(self, error: LinkError, *, keep_reliable: bool) -> None:
         """The channel is gone with every publish it had not confirmed. Reliable ones (with
         ``keep_reliable``) wait for the next channel, unconfirmed first, in their order; the
-        rest fail with ``error``."""
+        rest (and those bound to the lost connection) fail with ``error``."""
         pending = [*self._unconfirmed.values(), *self._outbox]
         self._unconfirmed = {}
         self._outbox = collections.deque()
         for outgoing in pending:
-            if outgoing.reliable and keep_reliable:
+            if outgoing.reliable and keep_reliable and outgoing.generation is None:
                 self._outbox.append(outgoing)
             else:
                 outgoing.fail(error)
