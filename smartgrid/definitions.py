@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "--admin-declares-topology",
         action="store_true",
         help="only the admin may declare or delete the core topology; the services must check "
-        "it passively (they do not yet: see the README's security section)",
+        "it passively (DECLARE_TOPOLOGY=0)",
     )
     parser.add_argument(
         "--substation-users",
