@@ -21,6 +21,8 @@ from smartgrid.config import DEFAULT_AMQP_URL
 from stack.local import StackSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The HTTP servers a benchmark can put the gateway under: the module each runs as.
+GATEWAY_SERVERS = {"granian": "gateway", "gunicorn": "bench.gunicorn_gateway"}
 RESULTS = ROOT / "docs" / "bench"
 
 

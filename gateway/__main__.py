@@ -1,18 +1,20 @@
-"""python -m gateway: serve the HTTP API with gunicorn.
+"""python -m gateway: serve the HTTP API with granian (gateway/server.py).
 
-Each gunicorn worker process is a full gateway (its own broker connection and event
-subscription), so any worker answers for any request. Prometheus metrics are aggregated across
+Each worker process is a full gateway (its own broker connection and event subscription), so
+any worker answers for any request. Prometheus metrics are aggregated across
 workers through ``PROMETHEUS_MULTIPROC_DIR``, which must be set before prometheus_client is
 imported; this module sets it up first and imports the app afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 
 from gateway.config import GatewayConfig
 from smartgrid.config import load_or_exit
@@ -21,16 +23,23 @@ from smartgrid.runtime import setup_logging
 log = logging.getLogger("gateway")
 
 
-def _prepare_metrics_dir() -> tuple[str, bool]:
+@contextlib.contextmanager
+def prepared_metrics_dir() -> Iterator[str]:
+    """An empty ``PROMETHEUS_MULTIPROC_DIR`` (the configured one, or a temporary one that is
+    removed afterwards), set in the environment before prometheus_client is imported."""
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if configured:
         # Files from an earlier run would be summed into this one's counters.
         shutil.rmtree(configured, ignore_errors=True)
         os.makedirs(configured, exist_ok=True)
-        return configured, False
+        yield configured
+        return
     directory = tempfile.mkdtemp(prefix="smartgrid-gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    return directory, True
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,18 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         GatewayConfig,
         prog="python -m gateway",
         description="Serve the gateway HTTP API: POST /charge, GET /charge/<request_id>, "
-        "GET /health, GET /metrics.",
+        "GET /health, GET /metrics. Slow clients are cut off by HEADER_TIMEOUT and BODY_TIMEOUT.",
         argv=argv,
     )
     setup_logging(config.log_level, name="gateway")
-    metrics_dir, owned = _prepare_metrics_dir()
-    try:
-        from gateway.server import GatewayServer  # after PROMETHEUS_MULTIPROC_DIR is set
+    with prepared_metrics_dir():
+        from gateway.server import serve  # after PROMETHEUS_MULTIPROC_DIR is set
 
-        GatewayServer(config).run()
-    finally:
-        if owned:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        serve(config)
     return 0
 
 

@@ -34,10 +34,38 @@ class GatewayConfig:
     port: int = setting("GATEWAY_PORT", 8000, "HTTP port", check=positive, expect="a TCP port")
     bind: str = setting("GATEWAY_BIND", "0.0.0.0", "HTTP listen address")
     workers: int = setting(
-        "GATEWAY_WORKERS", 2, "gunicorn worker processes", check=positive, expect="an integer > 0"
+        "GATEWAY_WORKERS", 2, "HTTP worker processes", check=positive, expect="an integer > 0"
     )
     threads: int = setting(
-        "GATEWAY_THREADS", 16, "Threads per worker", check=positive, expect="an integer > 0"
+        "GATEWAY_THREADS",
+        16,
+        "Threads per worker that run requests (once a request has arrived whole)",
+        check=positive,
+        expect="an integer > 0",
+    )
+    # The slow-client limits (gateway/rsgi.py, gateway/server.py).
+    header_timeout: float = setting(
+        "HEADER_TIMEOUT",
+        5.0,
+        "How long a connection may take to send a request's headers, or stay idle between"
+        " requests, before it is closed",
+        check=positive,
+        expect="seconds > 0",
+    )
+    body_timeout: float = setting(
+        "BODY_TIMEOUT",
+        5.0,
+        "How long a request's body may take to arrive, after its headers, before 408",
+        check=positive,
+        expect="seconds > 0",
+    )
+    max_header: int = setting(
+        "MAX_HEADER_BYTES",
+        16384,
+        "Largest request line and headers answered (JSON 431 beyond; over about 400 KiB or 100"
+        " header fields the HTTP server answers 431 itself, without a body)",
+        check=positive,
+        expect="bytes > 0",
     )
     routed_wait: float = setting(
         "ROUTED_WAIT",

@@ -34,6 +34,8 @@ class StackSettings:
     substation_base_port: int = default_of(SubstationConfig, "metrics_port")
     substation_ports: tuple[int, ...] = ()  # explicit ports; overrides the base port
     gateway_workers: int = default_of(GatewayConfig, "workers")
+    #: The module that serves the gateway; benchmarks put a baseline server in its place.
+    gateway_module: str = "gateway"
     log_dir: Path = Path("out/logs")
     log_level: str = default_of(GatewayConfig, "log_level")
     #: Further variables for every service, by name (tests use it to reach into details).
@@ -107,7 +109,7 @@ def balancer_process(
 def gateway_process(settings: StackSettings) -> ServiceProcess:
     return ServiceProcess(
         name="gateway",
-        module="gateway",
+        module=settings.gateway_module,
         env=_environment(
             GatewayConfig,
             settings,
