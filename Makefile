@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run up test test-deps lint dashboard broker clean help
+.PHONY: run up test test-deps lint dashboard broker bench-tools clean help
 
 help:
 	@echo "make run   start the stack, run the compressed seed scenario, print the report, stop"
@@ -14,6 +14,7 @@ help:
 	@echo "make test  run the test suite (installs what it needs first: see scripts/ensure-test-deps)"
 	@echo "make lint  ruff check, ruff format --check, mypy (as CI runs them)"
 	@echo "make dashboard  write the Grafana dashboard's JSON from its code, monitoring/dashboard.py"
+	@echo "make bench-tools  install what the benchmarks use beyond the venv (wrk, Debian's)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,11 @@ lint: $(STAMP)
 # The Grafana dashboard is code (monitoring/dashboard.py); this writes the JSON Grafana reads.
 dashboard: $(STAMP)
 	$(BIN)/python -m monitoring.dashboard
+
+# wrk: the C HTTP load generator of bench.cpu --client wrk (Debian's package; needs root).
+bench-tools: $(STAMP)
+	@command -v wrk >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

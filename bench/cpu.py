@@ -2,12 +2,18 @@
 
 Starts the throughput benchmark's stack (50 ms sessions, 5,000-point substations), sends
 ``--rate`` requests/s for ``--duration`` seconds, and divides each process's CPU time over that
-window (``/proc/<pid>/stat``: user + system, children of a service counted with it, so both
-gunicorn workers are the gateway's) by the requests accepted. RabbitMQ is the local broker's
-``beam.smp``; the load generator is this process (loadgen) or a ``wrk`` child (``--client wrk``,
-a C client whose own cost stays small, posting as fast as ``--connections`` allow).
+window (``/proc/<pid>/stat``: user + system, children of a service counted with it, so the
+gateway's worker processes are the gateway's) by the requests accepted. RabbitMQ is the local
+broker's ``beam.smp``; the load generator is this process (loadgen) or a ``wrk`` child
+(``--client wrk``, a C client whose own cost stays small, posting as fast as ``--connections``
+allow; ``make bench-tools`` installs it).
 
     .venv/bin/python -m bench.cpu [--rate 400] [--duration 20] [--client loadgen|wrk]
+    .venv/bin/python -m bench.cpu --client wrk --servers gunicorn,granian --rounds 2
+
+``--servers`` puts the gateway under each HTTP server in turn (the same app, settings and
+broker; ``gunicorn`` is the previous server, bench/gunicorn_gateway.py), ``--rounds`` times,
+interleaved, since this machine's speed drifts within minutes.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench.common import bench_settings, markdown_table, private_vhost, save
+from bench.common import GATEWAY_SERVERS, bench_settings, markdown_table, private_vhost, save
 from bench.throughput import CAPACITY, SESSION_SECONDS
 from loadgen.run import LoadSettings, run_load
 from stack.local import start_stack
@@ -90,10 +96,22 @@ def cpu_by_service(roots: dict[str, list[int]]) -> dict[str, float]:
     return totals
 
 
-def measure(rate: float, duration: float, client: str, connections: int, log_dir: Path) -> dict:
+def measure(
+    rate: float,
+    duration: float,
+    client: str,
+    connections: int,
+    log_dir: Path,
+    server: str = "granian",
+) -> dict:
     with private_vhost("bench-cpu") as url:
         settings = bench_settings(
-            url, log_dir, capacity=CAPACITY, session_seconds=SESSION_SECONDS, poll_interval=1.0
+            url,
+            log_dir,
+            capacity=CAPACITY,
+            session_seconds=SESSION_SECONDS,
+            poll_interval=1.0,
+            gateway_module=GATEWAY_SERVERS[server],
         )
         group = start_stack(settings)
         try:
@@ -107,6 +125,7 @@ def measure(rate: float, duration: float, client: str, connections: int, log_dir
         finally:
             group.stop()
     return {
+        "server": server,
         "client": client,
         "rate": rate if client == "loadgen" else None,
         "connections": connections if client == "wrk" else None,
@@ -184,25 +203,43 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--client", choices=("loadgen", "wrk"), default="loadgen")
     parser.add_argument("--connections", type=int, default=64, help="wrk's connections")
+    parser.add_argument(
+        "--servers",
+        default="granian",
+        help=f"HTTP servers to put the gateway under, in turn: {', '.join(GATEWAY_SERVERS)}",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="times to measure each server")
     args = parser.parse_args()
     if args.client == "wrk" and shutil.which("wrk") is None:
-        parser.error("wrk is not installed (apt-get install wrk)")
-    result = measure(
-        args.rate,
-        args.duration,
-        args.client,
-        args.connections,
-        Path(tempfile.mkdtemp(prefix="smartgrid-cpu-")),
-    )
-    save("cpu", result)
+        parser.error("wrk is not installed (make bench-tools)")
+    servers = args.servers.split(",")
+    unknown = set(servers) - set(GATEWAY_SERVERS)
+    if unknown:
+        parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    results = []
+    for _ in range(args.rounds):
+        for server in servers:
+            log_dir = Path(tempfile.mkdtemp(prefix=f"smartgrid-cpu-{server}-"))
+            result = measure(
+                args.rate, args.duration, args.client, args.connections, log_dir, server
+            )
+            results.append(result)
+            report(result)
+    save("cpu", results[0] if len(results) == 1 else {"runs": results})
+
+
+def report(result: dict) -> None:
     per_request = result["cpu_us_per_request"]
-    print(f"{result['accepted']:,} requests accepted, {result['accepted_per_s']:,.0f}/s\n")
+    print(
+        f"\ngateway under {result['server']}: {result['accepted']:,} requests accepted, "
+        f"{result['accepted_per_s']:,.0f}/s\n"
+    )
     rows = [
         [name, result["cpu_seconds"][name], f"{us:,.0f}"]
         for name, us in sorted(per_request.items(), key=lambda kv: -kv[1])
     ]
     rows.append(["total", sum(result["cpu_seconds"].values()), f"{sum(per_request.values()):,.0f}"])
-    print(markdown_table(["process", "CPU (s)", "CPU per request (µs)"], rows))
+    print(markdown_table(["process", "CPU (s)", "CPU per request (µs)"], rows), flush=True)
 
 
 if __name__ == "__main__":
