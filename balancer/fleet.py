@@ -16,8 +16,18 @@ nothing was in flight then. A bracket can go negative for a few milliseconds (th
 counted something whose event is still on its way): it is clamped at zero meanwhile, and only a
 gap that persists over a whole poll interval (an event that was lost) moves the offset.
 
+Counted events cannot be trusted to be exact: an outbox may send one twice, and a user that may
+publish them may forge them. So each request is counted once per substation (by request id),
+events about a substation the balancer does not know, or from an instance it has not seen, are
+ignored, and a poll corrects drift in both directions: the completed count against the
+substation's own counter, and the routed count against what its queue holds
+(:meth:`TrackedSubstation.apply_queue_depth`). Only a gap that persists over two samples moves
+an offset, so an event still on its way is not written off.
+
 A substation is eligible only while its last reading is younger than ``stale_after`` and it
-has not said it is leaving. Unknown or stale means ineligible, never "load 0".
+has not said it is leaving. Unknown or stale means ineligible, never "load 0". A leaving that
+the substation's own page contradicts (it still consumes its queue, two polls later) is
+ignored: it was not the substation's.
 
 Everything here runs on the balancer's AMQP I/O thread; the poller hands readings over to it.
 """
@@ -33,6 +43,9 @@ from dataclasses import dataclass, field
 from balancer.strategies import Candidate
 from smartgrid import contract
 
+#: Request ids remembered per substation, to count each once.
+_REMEMBER_IDS = 50_000
+
 #: Expected session ends this far in the past are dropped even if no completion was seen
 #: (a lost event must not make a substation look "about to free a point" forever).
 _FORGET_ENDS_AFTER = 60.0
@@ -47,6 +60,9 @@ class TrackedSubstation:
     announced_instance: str | None = None
     announced_at: float | None = None
     leaving_instance: str | None = None
+    #: Readings since the leaving event: the second one was surely taken after it.
+    readings_since_leaving: int = 0
+    refuted_leavings: int = 0
 
     reading: contract.SubstationReading | None = None
     reading_at: float | None = None
@@ -62,6 +78,10 @@ class TrackedSubstation:
     completed_offset: float = 0.0
     _routed_gap_before: float = 0.0
     _completed_gap_before: float = 0.0
+    _depth_gap_before: float = 0.0
+    #: Request ids counted in ``routed`` and ``completed_seen``, to count each once.
+    routed_ids: dict[str, None] = field(default_factory=dict)
+    completed_ids: dict[str, None] = field(default_factory=dict)
     running_ends: dict[str, float] = field(default_factory=dict)
     _ends_heap: list[tuple[float, str]] = field(default_factory=list)
 
@@ -104,6 +124,44 @@ class TrackedSubstation:
             self.completed_offset = 0.0
             self.running_ends.clear()
             self._ends_heap.clear()
+            self.completed_ids.clear()
+
+    def known_instance(self, instance: str) -> bool:
+        """Whether events from ``instance`` describe this substation as the balancer knows it
+        (polled, or announced): not a forgery with a made-up instance, nor a stale one."""
+        return instance in (
+            self.reading.instance if self.reading is not None else None,
+            self.announced_instance,
+        )
+
+    def count_routed(self, request_id: str | None, count: int = 1) -> None:
+        if request_id is not None:
+            if request_id in self.routed_ids:
+                return
+            _remember(self.routed_ids, request_id)
+        self.routed += count
+
+    def count_unrouted(self, request_id: str | None) -> None:
+        if request_id is not None and self.routed_ids.pop(request_id, False) is False:
+            return  # not counted, or uncounted already
+        self.routed -= 1
+
+    def apply_queue_depth(self, queued: int, forwarding: int) -> None:
+        """The substation's queue held ``queued`` ready messages just after the last reading,
+        and ``forwarding`` forwards of this balancer to it await their confirm: what
+        :meth:`in_flight` should be. A gap in either direction that persists over two
+        samples is drift (a forged or lost request.routed) and is written off."""
+        if self.reading is None:
+            return
+        gap = (self.routed + self.routed_offset - self.reading.received) - (queued + forwarding)
+        before = self._depth_gap_before
+        if gap > 0 and before > 0:
+            self.routed_offset -= min(gap, before)
+        elif gap < 0 and before < 0:
+            self.routed_offset += min(-gap, -before)
+        self._depth_gap_before = (
+            self.routed + self.routed_offset - self.reading.received - queued - forwarding
+        )
 
     def apply_reading(self, reading: contract.SubstationReading, at: float) -> None:
         new_instance = self.reading is None or self.reading.instance != reading.instance
@@ -129,14 +187,26 @@ class TrackedSubstation:
             self.routed_offset += lost
             routed_gap -= lost
         self._routed_gap_before = max(0.0, routed_gap)
+        # Completions: lost events (the counter is ahead) and forged or repeated ones (the
+        # events are ahead) alike, once the gap has lasted a poll interval.
         completed_gap = reading.completed - (self.completed_seen + self.completed_offset)
-        lost = min(completed_gap, self._completed_gap_before)
-        if lost > 0:
-            self.completed_offset += lost
-            completed_gap -= lost
-        self._completed_gap_before = max(0.0, completed_gap)
-        if self.leaving_instance is not None and self.leaving_instance != reading.instance:
-            self.leaving_instance = None
+        before = self._completed_gap_before
+        if completed_gap > 0 and before > 0:
+            self.completed_offset += min(completed_gap, before)
+        elif completed_gap < 0 and before < 0:
+            self.completed_offset -= min(-completed_gap, -before)
+        self._completed_gap_before = reading.completed - (
+            self.completed_seen + self.completed_offset
+        )
+        if self.leaving_instance is not None:
+            if self.leaving_instance != reading.instance:
+                self.leaving_instance = None
+            else:
+                self.readings_since_leaving += 1
+                if self.readings_since_leaving >= 2 and reading.consuming:
+                    # Its own page says it still takes requests: not its leaving.
+                    self.leaving_instance = None
+                    self.refuted_leavings += 1
 
     def session_started(self, event: contract.SessionStarted) -> None:
         self._switch_event_instance(event.instance)
@@ -148,7 +218,16 @@ class TrackedSubstation:
     def session_completed(self, event: contract.SessionCompleted) -> None:
         self._switch_event_instance(event.instance)
         self.running_ends.pop(event.request_id, None)
+        if event.request_id in self.completed_ids:
+            return
+        _remember(self.completed_ids, event.request_id)
         self.completed_seen += 1
+
+
+def _remember(ids: dict[str, None], request_id: str) -> None:
+    ids[request_id] = None
+    if len(ids) > _REMEMBER_IDS:
+        del ids[next(iter(ids))]
 
 
 class Fleet:
@@ -212,8 +291,9 @@ class Fleet:
 
     def leaving(self, event: contract.SubstationLeaving) -> None:
         tracked = self.substations.get(event.substation)
-        if tracked is not None:
+        if tracked is not None and tracked.known_instance(event.instance):
             tracked.leaving_instance = event.instance
+            tracked.readings_since_leaving = 0
             self._changed.add(event.substation)
 
     def forget_silent(self) -> list[str]:
@@ -253,20 +333,34 @@ class Fleet:
             tracked.reading_at = None
             self._changed.add(substation)
 
-    def routed(self, substation: str, count: int = 1) -> None:
-        """Requests were forwarded there (by this balancer, or another one's event says so)."""
-        self._track(substation).routed += count
+    def routed(self, substation: str, count: int = 1, *, request_id: str | None = None) -> None:
+        """Requests were forwarded there (by this balancer, or another one's event says so);
+        with ``request_id``, one request, counted once however often it is reported."""
+        self._track(substation).count_routed(request_id, count)
 
-    def unrouted(self, substation: str) -> None:
+    def unrouted(self, substation: str, *, request_id: str | None = None) -> None:
         """A request counted by :meth:`routed` did not stay there: its forward failed, or it
         was moved back off the queue of a substation presumed dead."""
-        self._track(substation).routed -= 1
+        self._track(substation).count_unrouted(request_id)
+
+    def knows(self, substation: str, instance: str | None = None) -> bool:
+        """Whether events about ``substation`` (from ``instance``) are worth counting."""
+        tracked = self.substations.get(substation)
+        return tracked is not None and (instance is None or tracked.known_instance(instance))
+
+    def queue_depth(self, substation: str, queued: int, forwarding: int) -> None:
+        tracked = self.substations.get(substation)
+        if tracked is not None:
+            tracked.apply_queue_depth(queued, forwarding)
+            self._changed.add(substation)
 
     def session_started(self, event: contract.SessionStarted) -> None:
-        self._track(event.substation).session_started(event)
+        if self.knows(event.substation, event.instance):
+            self._track(event.substation).session_started(event)
 
     def session_completed(self, event: contract.SessionCompleted) -> None:
-        self._track(event.substation).session_completed(event)
+        if self.knows(event.substation, event.instance):
+            self._track(event.substation).session_completed(event)
 
     # -------------------------------------------------------------------------- decisions
     def is_eligible(self, tracked: TrackedSubstation, now: float | None = None) -> bool:
@@ -286,7 +380,12 @@ class Fleet:
         for t in self.substations.values():
             if t.last_good_at is None:
                 continue  # never seen alive: nothing was routed there
-            leaving = t.reading is not None and t.leaving_instance == t.reading.instance
+            # Said it is leaving, and its page agrees: it no longer consumes its queue.
+            leaving = (
+                t.reading is not None
+                and t.leaving_instance == t.reading.instance
+                and not t.reading.consuming
+            )
             if leaving or now - t.last_good_at > drain_after:
                 dead.append(t.substation)
         return dead

@@ -30,6 +30,7 @@ _WANTED = {
 def parse_reading(text: str, substation: str) -> contract.SubstationReading:
     values: dict[str, float] = {}
     instance: str | None = None
+    consuming = True
     try:
         families = list(text_string_to_metric_families(text))
     except Exception as exc:  # the parser raises ValueError, IndexError, ... on bad input
@@ -40,6 +41,8 @@ def parse_reading(text: str, substation: str) -> contract.SubstationReading:
                 continue
             if sample.name in _WANTED:
                 values[_WANTED[sample.name]] = sample.value
+            elif sample.name == contract.CONSUMING_METRIC:
+                consuming = sample.value == 1
             elif sample.name == contract.INFO_METRIC and sample.value == 1:
                 # "instance": its name in earlier builds, so a mixed fleet keeps working during
                 # an upgrade.
@@ -65,4 +68,5 @@ def parse_reading(text: str, substation: str) -> contract.SubstationReading:
         capacity=int(values["capacity"]),
         received=values["received"],
         completed=values["completed"],
+        consuming=consuming,
     )

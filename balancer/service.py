@@ -12,6 +12,7 @@ failed forward (balancer.dispatch), which dead substations are drained (balancer
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import random
@@ -32,7 +33,7 @@ from balancer.dispatch import (
 )
 from balancer.draining import Draining
 from balancer.fleet import Fleet
-from balancer.poller import Poller, PollResult
+from balancer.poller import Poller, PollerCollector, PollResult
 from balancer.strategies import make_strategy
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
@@ -163,7 +164,11 @@ class BalancerService:
             deliver=lambda results: self.link.call_soon(lambda: self._on_readings(results)),
             interval=config.poll_interval,
             timeout=config.effective_poll_timeout,
+            allowed_hosts=config.metrics_hosts,
         )
+        registry.register(PollerCollector(self.poller))
+        #: This balancer's forwards awaiting their confirm, by substation.
+        self._forwarding: collections.Counter[str] = collections.Counter()
         self._http: WSGIServer | None = None
 
     # ------------------------------------------------------------------ lifecycle (any thread)
@@ -218,7 +223,8 @@ class BalancerService:
         if choice is None:
             return False
         substation = choice.substation
-        self.fleet.routed(substation)
+        self.fleet.routed(substation, request_id=request.request_id)
+        self._forwarding[substation] += 1
         self.metrics.estimated_load.labels(substation).set(choice.estimate + 1)
         routed = contract.RoutedRequest.from_request(
             request,
@@ -242,6 +248,7 @@ class BalancerService:
         routed: contract.RoutedRequest,
     ) -> None:
         error = confirmation.exception()
+        self._forwarding[routed.substation] -= 1
         if error is None:
             self.link.ack(delivery)
             self.metrics.routed.labels(routed.substation).inc()
@@ -254,7 +261,7 @@ class BalancerService:
             )
             self.events.publish(event)
             return
-        self.fleet.unrouted(routed.substation)
+        self.fleet.unrouted(routed.substation, request_id=routed.request_id)
         self.metrics.dispatch_failures.labels(type(error).__name__).inc()
         next_step = after_failed_forward(error, still_settleable=self.link.is_current(delivery))
         if next_step is AfterFailedForward.ROUTE_ELSEWHERE:
@@ -345,7 +352,7 @@ class BalancerService:
         def settle(result: Future) -> None:
             if result.exception() is None:
                 self.link.ack(delivery)
-                self.fleet.unrouted(substation)
+                self.fleet.unrouted(substation, request_id=routed.request_id)
                 self.metrics.rerouted.labels(substation).inc()
             else:
                 # Not the message's fault (see _after_forward): give it back after a pause,
@@ -370,8 +377,9 @@ class BalancerService:
         elif isinstance(event, contract.SessionStarted):
             self.fleet.session_started(event)
         elif isinstance(event, contract.RequestRouted):
-            if event.balancer != self.balancer_id:
-                self.fleet.routed(event.substation)
+            # Another balancer's decision; one about a substation nobody polls cannot count.
+            if event.balancer != self.balancer_id and self.fleet.knows(event.substation):
+                self.fleet.routed(event.substation, request_id=event.request_id)
         elif isinstance(event, contract.SubstationAnnounced):
             if self.fleet.announced(event):
                 log.info(
@@ -387,6 +395,11 @@ class BalancerService:
         for substation, reading, error in results:
             if reading is not None:
                 self.fleet.reading(substation, reading)
+                # What its queue holds now corrects the routed count (fleet.py).
+                self.link.inspect_queue(
+                    contract.substation_queue_name(substation),
+                    functools.partial(self._queue_depth, substation),
+                )
             else:
                 self.fleet.reading_failed(substation, error or "unknown error")
                 self.metrics.poll_errors.labels(substation).inc()
@@ -394,6 +407,9 @@ class BalancerService:
         self._publish_fleet_metrics()
         if self._held:
             self._route_held()
+
+    def _queue_depth(self, substation: str, messages: int, _consumers: int) -> None:
+        self.fleet.queue_depth(substation, messages, self._forwarding[substation])
 
     def _housekeeping(self) -> None:
         for substation in self.fleet.forget_silent():

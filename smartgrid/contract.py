@@ -1086,6 +1086,8 @@ LOAD_METRIC = "substation_current_load"
 CAPACITY_METRIC = "substation_capacity"
 RECEIVED_METRIC = "substation_requests_received"  # counter: exposed as ..._total
 COMPLETED_METRIC = "substation_sessions_completed"  # counter: exposed as ..._total
+#: Gauge: 1 while the substation consumes its queue (a standby, or one leaving, shows 0).
+CONSUMING_METRIC = "substation_consuming"
 INFO_METRIC = "substation_info"  # labels: substation, instance_id
 #: Power (issue 15). A substation's power in kW: drawn now, the limit in force now (its own,
 #: its share, or the failsafe once its lease ran out), and what its sessions would draw
@@ -1126,3 +1128,5 @@ class SubstationReading:
     capacity: int
     received: float
     completed: float
+    #: Whether it consumes its queue (0 once it stops for good); absent on older builds.
+    consuming: bool = True

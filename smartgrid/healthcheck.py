@@ -2,7 +2,8 @@
 
 The container images have no curl; docker compose healthchecks call this instead. With
 ``--metric`` the URL is a /metrics page and the named gauge must read 1 (for
-example ``substation_broker_connected``), so "healthy" means "connected to the broker".
+example ``substation_broker_connected``), so "healthy" means "connected to the broker"; each
+``--metric`` given must (the balancer: connected, and polling its substations on schedule).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m smartgrid.healthcheck", description=__doc__.splitlines()[0]
     )
     parser.add_argument("url")
-    parser.add_argument("--metric", help="a gauge on the page that must be 1")
+    parser.add_argument(
+        "--metric", action="append", default=[], help="a gauge on the page that must be 1"
+    )
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
     try:
@@ -37,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
-    if args.metric and not gauge_reads_one(body, args.metric):
-        print(f"unhealthy: {args.metric} is not 1", file=sys.stderr)
-        return 1
+    for metric in args.metric:
+        if not gauge_reads_one(body, metric):
+            print(f"unhealthy: {metric} is not 1", file=sys.stderr)
+            return 1
     return 0
 
 

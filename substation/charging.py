@@ -198,10 +198,14 @@ class ChargingPointsCollector(Collector):
     """Exposes :class:`ChargingPoints` in the names the balancer reads (the contract)."""
 
     def __init__(
-        self, points: ChargingPoints[Any], broker_connected: Callable[[], bool] = lambda: True
+        self,
+        points: ChargingPoints[Any],
+        broker_connected: Callable[[], bool] = lambda: True,
+        consuming: Callable[[], bool] = lambda: True,
     ):
         self._points = points
         self._broker_connected = broker_connected
+        self._consuming = consuming
 
     def collect(self) -> Iterator:
         points = self._points
@@ -212,6 +216,13 @@ class ChargingPointsCollector(Collector):
         )
         connected.add_metric([points.substation_id], 1 if self._broker_connected() else 0)
         yield connected
+        consuming = GaugeMetricFamily(
+            contract.CONSUMING_METRIC,
+            "1 while it consumes its queue (0 as a standby, or once it is leaving)",
+            labels=["substation"],
+        )
+        consuming.add_metric([points.substation_id], 1 if self._consuming() else 0)
+        yield consuming
         load, received, completed, duplicates = points.snapshot()
         labels = ["substation"]
         values = [points.substation_id]

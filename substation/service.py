@@ -94,7 +94,11 @@ class SubstationService:
         self.senders = Senders(config.event_senders, own_user=self.link.user)
         self.events = EventPublisher(self.link)
         self.dead_letters = DeadLetterer(self.link, self.events)
-        registry.register(ChargingPointsCollector(self.points, lambda: self.link.ready))
+        registry.register(
+            ChargingPointsCollector(
+                self.points, lambda: self.link.ready, lambda: self._consuming and self.link.ready
+            )
+        )
         #: Possible duplicates waiting for the other substations' answers, by request id.
         self._checks: dict[str, _Check] = {}
         #: The timer that ends each session in progress, by request id.
@@ -412,6 +416,7 @@ class SubstationService:
 
     def _begin_drain(self, deadline: float, drained: threading.Event) -> None:
         self._draining = True
+        self._consuming = False
         if self._announce_timer is not None:
             self.link.cancel_timer(self._announce_timer)
         self.link.cancel_consumers()

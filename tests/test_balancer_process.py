@@ -129,3 +129,86 @@ def test_an_invalid_pending_message_is_dead_lettered_and_routing_carries_on(stac
     finally:
         assert balancer.stop() == 0
         assert substation.stop() == 0
+
+
+def _instance(metrics_url: str, substation: str) -> str:
+    from tests.helpers import scrape
+
+    for (name, labels), value in scrape(metrics_url).items():
+        if name == contract.INFO_METRIC and value == 1 and dict(labels)["substation"] == substation:
+            return dict(labels)[contract.INFO_INSTANCE_LABEL]
+    raise AssertionError(f"no instance for {substation}")
+
+
+def test_forged_counts_and_a_forged_leaving_do_not_pin_the_balancers_view(stack_settings, broker):
+    """Issue 12, finding 5, with events a user who may publish them forges (the local stack's
+    one user here): 100 request.routed for one substation, 100 session.completed for the
+    other, a substation.leaving for a live one, announcements and completions from a phantom.
+    Polls undo the counts (each in its direction), the leaving is refuted by the substation's
+    own page, the phantom is never polled or routed to, and requests keep flowing."""
+    import time
+    import uuid
+
+    stack_settings.poll_interval = 0.5
+    stack_settings.session_seconds = 60
+    stack_settings.capacity = 3
+    stack_settings.extra_env = {"SHUTDOWN_GRACE": "0.2"}
+    substations = [substation_process(stack_settings, i).start() for i in range(2)]
+    for service in substations:
+        service.wait_healthy()
+    balancer = _balancer(stack_settings)
+    estimate = lambda s: metric(balancer.health_url, "balancer_estimated_load", substation=s)  # noqa: E731
+    try:
+        eventually(lambda: _up(stack_settings, "substation-1") == 1)
+        eventually(lambda: _up(stack_settings, "substation-2") == 1)
+        two = _instance(substations[1].health_url, "substation-2")
+        # Two sessions run at substation-2 (sent straight to its queue): its true load is 2.
+        for _ in range(2):
+            broker.send_to_substation("substation-2")
+        eventually(lambda: estimate("substation-2") == 2)
+        now = time.time()
+        for _ in range(100):
+            request_id = uuid.uuid4().hex
+            broker.publish_event(
+                contract.RequestRouted(now, request_id, "EVX", "substation-1", "forger")
+            )
+            broker.publish_event(
+                contract.SessionCompleted(now, request_id, "EVX", "substation-2", two, now)
+            )
+        # A genuine duplicate (an outbox resend) of one routed event counts once.
+        duplicate = contract.RequestRouted(now, uuid.uuid4().hex, "EVY", "substation-1", "b2")
+        broker.publish_event(duplicate)
+        broker.publish_event(duplicate)
+        broker.publish_event(contract.SubstationLeaving(now, "substation-2", two))
+        broker.publish_event(
+            contract.SubstationAnnounced(
+                now, "phantom", "p1", 1000, "http://127.0.0.1:9/metrics", 1.0
+            )
+        )
+        broker.publish_event(
+            contract.SessionCompleted(now, uuid.uuid4().hex, "E", "phantom", "p1", now)
+        )
+        eventually(lambda: estimate("substation-1") >= 90, what="the forged routed counted")
+
+        # A few polls later both estimates are the truth again, and the substation the forged
+        # leaving named is eligible again.
+        eventually(
+            lambda: estimate("substation-1") == 0 and estimate("substation-2") == 2,
+            timeout=30,
+            what="the polls undoing the forged counts",
+        )
+        eventually(lambda: _up(stack_settings, "substation-2") == 1, timeout=30)
+        assert _up(stack_settings, "phantom") == 0  # announced, never read: never eligible
+        events = broker.subscribe_events(contract.SessionStarted.kind)
+        ids = [broker.send_request(ev_id=f"EV{i}") for i in range(4)]
+        started: list[contract.Event] = []
+        eventually(lambda: len(started) >= 4 or started.extend(broker.events(events)))
+        assert sorted(e.request_id for e in started) == sorted(ids)
+        # Balanced on the true loads (0 of 3 and 2 of 3): three there, one here.
+        by_substation = [e.substation for e in started]
+        assert by_substation.count("substation-1") == 3, by_substation
+        assert _routed(stack_settings, "phantom") == 0
+    finally:
+        assert balancer.stop() == 0
+        for service in substations:
+            assert service.stop() == 0

@@ -54,6 +54,7 @@ def reading(
     capacity: int = 4,
     instance: str = "i1",
     substation: str = "s1",
+    consuming: bool = True,
 ) -> contract.SubstationReading:
     return contract.SubstationReading(
         substation=substation,
@@ -62,6 +63,7 @@ def reading(
         capacity=capacity,
         received=received,
         completed=completed,
+        consuming=consuming,
     )
 
 
@@ -285,6 +287,68 @@ def test_a_completion_event_that_never_arrives_is_written_off_after_one_poll_int
     assert estimate_of(fleet) == 2
 
 
+def test_a_request_reported_routed_or_completed_twice_counts_once(fleet: Fleet):
+    fleet.reading("s1", reading(load=1, received=4, completed=3))
+    for _ in range(3):  # an outbox resend, another balancer's event about our own decision
+        fleet.routed("s1", request_id="r".ljust(32, "0"))
+    assert estimate_of(fleet) == 2
+    fleet.unrouted("s1", request_id="r".ljust(32, "0"))
+    fleet.unrouted("s1", request_id="r".ljust(32, "0"))  # undone once only
+    assert estimate_of(fleet) == 1
+    for _ in range(3):
+        fleet.session_completed(completed("a"))
+    assert estimate_of(fleet) == 0
+    assert fleet.substations["s1"].completed_seen == 1
+
+
+def test_events_about_unknown_substations_or_instances_are_not_counted(fleet: Fleet):
+    fleet.reading("s1", reading(load=2, received=4, completed=2))
+    fleet.session_completed(completed("a", instance="forged"))
+    fleet.session_completed(completed("b", substation="phantom"))
+    fleet.session_started(started("c", 1e12, substation="phantom"))
+    assert estimate_of(fleet) == 2
+    assert not fleet.knows("phantom") and "phantom" not in fleet.substations
+
+
+def test_forged_completions_are_corrected_by_the_polls_that_follow(fleet: Fleet):
+    fleet.reading("s1", reading(load=4, received=10, completed=6))
+    for n in range(100):  # forged, about requests that never ran there
+        fleet.session_completed(completed(f"{n:032x}"))
+    assert estimate_of(fleet) == 0  # pinned at 0 while it is full
+    fleet.reading("s1", reading(load=4, received=10, completed=6))
+    fleet.reading("s1", reading(load=4, received=10, completed=6))
+    assert estimate_of(fleet) == 4
+    fleet.session_completed(completed("real"))  # and real ones count again
+    assert estimate_of(fleet) == 3
+
+
+def test_forged_routed_events_are_corrected_by_what_the_queue_holds(fleet: Fleet):
+    fleet.reading("s1", reading(load=1, received=10, completed=9))
+    for n in range(100):  # forged request.routed: nothing reached the queue
+        fleet.routed("s1", request_id=f"{n:032x}")
+    assert estimate_of(fleet) == 101
+    fleet.queue_depth("s1", queued=0, forwarding=0)
+    fleet.reading("s1", reading(load=1, received=10, completed=9))
+    fleet.queue_depth("s1", queued=0, forwarding=0)
+    assert estimate_of(fleet) == 1
+    # And the other way: requests in its queue that no event told of.
+    fleet.reading("s1", reading(load=1, received=10, completed=9))
+    fleet.queue_depth("s1", queued=3, forwarding=0)
+    fleet.reading("s1", reading(load=1, received=10, completed=9))
+    fleet.queue_depth("s1", queued=3, forwarding=0)
+    assert estimate_of(fleet) == 4
+
+
+def test_a_backlog_in_the_queue_is_not_mistaken_for_drift(fleet: Fleet):
+    fleet.reading("s1", reading(load=4, received=10, completed=6))
+    fleet.routed("s1", 5)  # waiting in its queue: it is full
+    fleet.routed("s1")  # and one forward of ours not yet confirmed
+    for _ in range(3):
+        fleet.reading("s1", reading(load=4, received=10, completed=6))
+        fleet.queue_depth("s1", queued=5, forwarding=1)
+    assert estimate_of(fleet) == 10
+
+
 # ------------------------------------------------------------------------------ session ends
 def test_next_end_is_the_soonest_expected_end_of_a_running_session(fleet: Fleet, wall: Clock):
     fleet.reading("s1", reading(load=3))
@@ -331,6 +395,34 @@ def test_a_leaving_substation_is_excluded_until_a_new_instance_appears(fleet: Fl
     fleet.reading("s1", reading(load=1, instance="i1"))  # still the one that said goodbye
     assert fleet.candidates() == []
     fleet.reading("s1", reading(load=0, instance="i2"))
+    assert names(fleet) == {"s1"}
+
+
+def test_a_leaving_its_own_page_contradicts_is_ignored_two_polls_later(fleet: Fleet):
+    """A forged substation.leaving (any substation user may publish one) pauses a live
+    substation for two polls at most, and never has its queue drained."""
+    fleet.reading("s1", reading(load=1, instance="i1"))
+    fleet.leaving(contract.SubstationLeaving(at=0.0, substation="s1", instance="i1"))
+    assert fleet.candidates() == [] and fleet.presumed_dead(drain_after=60) == []
+    fleet.reading("s1", reading(load=1, instance="i1"))  # maybe polled before the event
+    assert fleet.candidates() == []
+    fleet.reading("s1", reading(load=1, instance="i1"))  # surely after it, and consuming
+    assert names(fleet) == {"s1"}
+    assert fleet.substations["s1"].refuted_leavings == 1
+
+
+def test_a_real_leaving_stops_consuming_and_has_its_queue_drained(fleet: Fleet):
+    fleet.reading("s1", reading(load=1, instance="i1"))
+    fleet.leaving(contract.SubstationLeaving(at=0.0, substation="s1", instance="i1"))
+    fleet.reading("s1", reading(load=1, instance="i1", consuming=False))
+    fleet.reading("s1", reading(load=0, instance="i1", consuming=False))
+    assert fleet.candidates() == []
+    assert fleet.presumed_dead(drain_after=60) == ["s1"]
+
+
+def test_a_leaving_from_an_unknown_instance_changes_nothing(fleet: Fleet):
+    fleet.reading("s1", reading(instance="i1"))
+    fleet.leaving(contract.SubstationLeaving(at=0.0, substation="s1", instance="made-up"))
     assert names(fleet) == {"s1"}
 
 

@@ -209,10 +209,13 @@ def test_host_patterns_match_as_configured():
 
 
 # ------------------------------------------------------------------------------ the poller
-def _run_poller(targets_list, *, interval, timeout, seconds, max_parallel=16):
+def _run_poller(targets_list, *, interval, timeout, seconds, max_parallel=16, until=None):
+    """Poll for ``seconds``, or until ``until(readings, errors)`` holds (checked as results
+    come in). Readings are their arrival times; errors are (arrival time, message)."""
     readings: dict[str, list[float]] = defaultdict(list)
-    errors: dict[str, list[str]] = defaultdict(list)
+    failures: dict[str, list[tuple[float, str]]] = defaultdict(list)
     lock = threading.Lock()
+    done = threading.Event()
 
     def deliver(results):
         with lock:
@@ -220,7 +223,9 @@ def _run_poller(targets_list, *, interval, timeout, seconds, max_parallel=16):
                 if reading is not None:
                     readings[substation].append(time.monotonic())
                 else:
-                    errors[substation].append(error)
+                    failures[substation].append((time.monotonic(), error))
+            if until is not None and until(readings, failures):
+                done.set()
 
     poller = Poller(
         targets=lambda: tuple(targets_list),
@@ -234,12 +239,13 @@ def _run_poller(targets_list, *, interval, timeout, seconds, max_parallel=16):
     lags = []
     try:
         end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        while time.monotonic() < end and not done.is_set():
             time.sleep(0.1)
             lags.append(poller.keeping_up())
     finally:
         poller.stop()
-    return readings, errors, lags
+    errors = {s: [message for _, message in f] for s, f in failures.items()}
+    return readings, defaultdict(list, errors), lags, failures
 
 
 def test_slow_and_hostile_targets_make_only_themselves_stale(targets):
@@ -253,29 +259,36 @@ def test_slow_and_hostile_targets_make_only_themselves_stale(targets):
     }
     listed = [(t.substation, t.url) for t in good] + [(s, t.url) for s, t in bad.items()]
     listed.append(("phantom", "data:text/plain,substation_capacity 1000"))
-    readings, errors, keeping_up = _run_poller(listed, interval=0.5, timeout=0.8, seconds=5)
-
+    stalling = ("trickle", "headers", "hang")
+    # Each stalling target holds its poll for the whole deadline, long next to a good answer
+    # (milliseconds); the good ones must be read again and again meanwhile. No timing is
+    # asserted: only what happened before the first stalled poll gave up (bench/ times it).
+    readings, errors, _, failures = _run_poller(
+        listed,
+        interval=0.2,
+        timeout=4.0,
+        seconds=120,
+        until=lambda r, f: (
+            all(f[s] for s in [*bad, "phantom"]) and all(len(r[t.substation]) >= 3 for t in good)
+        ),
+    )
+    first_stall_over = min(failures[s][0][0] for s in stalling)
     for target in good:
-        times = readings[target.substation]
-        # Every half second for five seconds: about ten each; generous bounds, not timing.
-        assert len(times) >= 5, (target.substation, times)
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-        assert max(gaps) < 2.0, (target.substation, gaps)
+        before = [t for t in readings[target.substation] if t < first_stall_over]
+        assert len(before) >= 2, (target.substation, readings[target.substation])
         assert not errors[target.substation]
     for substation in [*bad, "phantom"]:
         assert not readings[substation], substation
         assert errors[substation], substation
     assert any("no complete answer" in e for e in errors["trickle"] + errors["hang"])
     assert all("not http or https" in e for e in errors["phantom"])
-    # Slow targets cost their own deadline only: polling as a whole keeps up.
-    assert all(keeping_up[5:]), keeping_up
 
 
 def test_the_poller_says_when_it_cannot_keep_up(targets):
     hanging = [targets(hang, f"hang{i}") for i in range(4)]
     listed = [(t.substation, t.url) for t in hanging]
     # One thread for four targets that each take the whole one-second deadline, every 0.2 s.
-    readings, errors, keeping_up = _run_poller(
+    readings, errors, keeping_up, _ = _run_poller(
         listed, interval=0.2, timeout=1.0, seconds=4, max_parallel=1
     )
     assert not any(keeping_up[-10:]), keeping_up
@@ -286,7 +299,9 @@ def test_the_lag_is_a_metric(targets):
     poller = Poller(
         targets=lambda: (("s1", target.url),),
         deliver=lambda results: None,
-        interval=0.2,
+        # An interval long next to any scheduling delay: "keeping up" must not depend on
+        # how busy the machine is.
+        interval=5.0,
         timeout=0.5,
         allowed_hosts=ALLOWED,
     )

@@ -62,7 +62,7 @@ def test_the_counters_and_load_follow_admitted_and_finished_sessions():
             1, n + 1, contract.DISPATCH_EXCHANGE, "s1", False, pika.BasicProperties(), b""
         )
         charging.admit(routed, delivery, now=10.0, duration=30.0)
-    charging.finish(f"{0:032x}")
+    charging.finish(f"{0:032x}", now=20.0)
     reading = parse_reading(page(charging), "s1")
     assert (reading.load, reading.received, reading.completed) == (2, 3, 1)
 
