@@ -59,6 +59,14 @@ class GatewayConfig:
         check=positive,
         expect="seconds > 0",
     )
+    max_connections: int = setting(
+        "MAX_CONNECTIONS",
+        4096,
+        "Connections each worker serves at once, slow ones included until their timeout (more"
+        " wait to be accepted)",
+        check=positive,
+        expect="an integer > 0",
+    )
     max_header: int = setting(
         "MAX_HEADER_BYTES",
         16384,

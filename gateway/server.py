@@ -92,6 +92,10 @@ def serve(config: GatewayConfig) -> None:
         log_level=config.log_level.lower(),  # type: ignore[arg-type]  # a LogLevels value
         log_dictconfig=_LOGGING,
         respawn_failed_workers=True,
+        # granian's "backpressure" bounds the connections a worker holds, not only the requests
+        # it runs: at its default (512 with two workers) 1,500 slow connections kept others
+        # waiting to be accepted until the slow ones timed out.
+        backpressure=config.max_connections,
         workers_kill_timeout=GRACEFUL_TIMEOUT,
     )
 
