@@ -63,10 +63,16 @@ class Role:
     subscription: str = ""
     #: Substation queues it declares, binds to the dispatch exchange and consumes: a regex.
     substation_queues: str = ""
+    #: Power share queues it declares, binds to the power exchange and consumes: a regex.
+    #: They are exclusive to the consuming connection, so nobody can declare them beforehand.
+    share_queues: str = ""
 
 
 _ANY_SUBSTATION_QUEUE = (
     re.escape(contract.SUBSTATION_QUEUE_PREFIX) + contract.SUBSTATION_ID_PATTERN.pattern
+)
+_ANY_SHARE_QUEUE = (
+    re.escape(contract.POWER_SHARE_QUEUE_PREFIX) + contract.SUBSTATION_ID_PATTERN.pattern
 )
 
 ROLES: dict[str, Role] = {
@@ -101,11 +107,14 @@ ROLES: dict[str, Role] = {
             contract.SubstationAnnounced,
             contract.SubstationLeaving,
             contract.RequestDeadLettered,
+            contract.SessionPower,
+            contract.PowerDemand,
         ),
         subscribes=contract.SUBSTATION_EVENTS.events,
         subscription=contract.SUBSTATION_EVENTS.prefix,
         # One user shared by every substation cannot be held to one queue.
         substation_queues=_ANY_SUBSTATION_QUEUE,
+        share_queues=_ANY_SHARE_QUEUE,
     ),
     # It reads the lifecycle events to build its ledger, and sends requests over HTTP only.
     "loadgen": Role(
@@ -162,8 +171,10 @@ def role_permissions(
         read.append(contract.EVENTS_EXCHANGE)
     own_queues = role.substation_queues
     binds_own_queue = bool(own_queues)
+    share_queues = role.share_queues
     if substation_id is not None:
         own_queues = re.escape(contract.substation_queue_name(substation_id))
+        share_queues = re.escape(contract.power_share_queue_name(substation_id))
         # Its queue and binding come from the admin: binding needs read on the dispatch
         # exchange, a direct exchange whose routing keys no permission checks, so a user that
         # may bind could bind its queue to another substation's id as well.
@@ -174,10 +185,19 @@ def role_permissions(
         read += _CORE_BIND_READ
     if binds_own_queue:
         read.append(contract.DISPATCH_EXCHANGE)
+    if share_queues:
+        # Its share queue is declared and bound by itself alone (exclusive); binding needs
+        # read on the power exchange, so it could also bind a copy of another substation's
+        # shares, which are no secret and which that one still receives.
+        read.append(contract.POWER_EXCHANGE)
+        if services_declare:
+            configure.append(contract.POWER_EXCHANGE)
     resource = {
-        "configure": _exactly(configure, subscription, own_queues if binds_own_queue else ""),
-        "write": _exactly(write, subscription, own_queues if binds_own_queue else ""),
-        "read": _exactly(read, subscription, own_queues),
+        "configure": _exactly(
+            configure, subscription, own_queues if binds_own_queue else "", share_queues
+        ),
+        "write": _exactly(write, subscription, own_queues if binds_own_queue else "", share_queues),
+        "read": _exactly(read, subscription, own_queues, share_queues),
     }
     topic = {
         "exchange": contract.EVENTS_EXCHANGE,

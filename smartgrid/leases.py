@@ -48,6 +48,10 @@ from smartgrid import contract
 from smartgrid.grid import Topology, TopologyError
 from smartgrid.power import CLASS_ORDER, kilowatts, water_fill, watts
 
+#: How far apart the clocks of the allocator and the substations may be, at most (both sides
+#: must assume the same): a substation refuses grants issued before its start plus this.
+CLOCK_SKEW_SECONDS = 0.5
+
 _CLASSES = len(CLASS_ORDER)
 _ZEROS = (0,) * _CLASSES
 
@@ -233,6 +237,11 @@ class LeaseHolder:
         self._grant = grant
         self.last_key = grant.key
         return True
+
+    @property
+    def last_grant(self) -> Grant | None:
+        """The newest grant taken, whether its lease has run out or not."""
+        return self._grant
 
     def holding(self, now: float) -> Grant | None:
         grant = self._grant

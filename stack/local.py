@@ -26,6 +26,8 @@ class StackSettings:
     capacity: int = default_of(SubstationConfig, "capacity")
     capacities: tuple[int, ...] = ()  # per substation; overrides ``capacity`` when given
     session_seconds: float = default_of(SubstationConfig, "session_seconds")
+    #: SIMULATED_HOUR_SECONDS of the substations (loadgen's --simulated-hour must match).
+    simulated_hour_seconds: float = default_of(SubstationConfig, "simulated_hour_seconds")
     poll_interval: float = default_of(BalancerConfig, "poll_interval")
     strategy: str = default_of(BalancerConfig, "strategy")
     host: str = "127.0.0.1"
@@ -75,6 +77,7 @@ def substation_process(settings: StackSettings, index: int) -> ServiceProcess:
             substation_id=substation,
             capacity=settings.capacity_of(index),
             session_seconds=settings.session_seconds,
+            simulated_hour_seconds=settings.simulated_hour_seconds,
             metrics_port=port,
             metrics_bind=settings.host,
             metrics_url=metrics_url,

@@ -41,6 +41,9 @@ class Session(Generic[Token]):
     expected_end: float
     #: When it ended and its completion was published.
     completed_at: float | None = None
+    #: What it delivered, and how long it was paused in all (substation/sharing.py).
+    energy_kwh: float | None = None
+    paused_seconds: float | None = None
 
 
 class Admission(Enum):

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 
-from smartgrid import contract
+from smartgrid import contract, grid
 from smartgrid.config import (
     DEFAULT_AMQP_URL,
     ConfigError,
@@ -12,7 +13,12 @@ from smartgrid.config import (
     positive,
     setting,
 )
+from smartgrid.power import kilowatts
+from smartgrid.power_request import DEFAULT_HOUR_SECONDS
 from smartgrid.senders import event_senders_setting
+from substation.sharing import default_limit_kw
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,52 @@ class SubstationConfig:
         "Declare its own queue; 0: only check that it exists, for a broker whose definitions "
         "declare it (definitions --admin-declares-topology --substation-users)",
     )
+    power_limit_kw: float = setting(
+        "SUBSTATION_POWER_LIMIT_KW",
+        0.0,
+        "What its sessions may draw together, in kW (0: 350 kW per charging point, which never "
+        "binds); the topology file's limit of this substation lowers it",
+        check=non_negative,
+        expect="kW >= 0",
+    )
+    failsafe_kw: float = setting(
+        "SUBSTATION_FAILSAFE_KW",
+        0.0,
+        "What its sessions may draw together once its share of its parent's limit has run out "
+        "(or before the first share arrives), in kW; only for a substation under a grid node",
+        check=non_negative,
+        expect="kW >= 0",
+    )
+    parent: str = setting(
+        "SUBSTATION_PARENT",
+        "",
+        "The grid node (feeder) it sits under, announced to the balancers; the topology file "
+        "wins on a conflict. With a parent it draws only its share of the parent's limit, "
+        "and its failsafe when no share is in force (empty: none, unless the file names one)",
+        check=lambda parent: parent == "" or contract.is_valid_substation_id(parent),
+        expect=contract.SUBSTATION_ID_RULE,
+    )
+    topology_file: str = setting(
+        grid.TOPOLOGY_ENV,
+        "",
+        "The grid's topology (TOML, docs/power.md), the balancers' file: read for this "
+        "substation's parent and limit (empty: none)",
+    )
+    simulated_hour_seconds: float = setting(
+        "SIMULATED_HOUR_SECONDS",
+        DEFAULT_HOUR_SECONDS,
+        "Real seconds per simulated hour of charging: energy is delivered at the allotted power "
+        "in simulated time (3600: real time)",
+        check=positive,
+        expect="seconds > 0",
+    )
+    demand_interval: float = setting(
+        "DEMAND_INTERVAL",
+        1.0,
+        "Seconds between its power.demand reports (also sent on every change)",
+        check=positive,
+        expect="seconds > 0",
+    )
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
 
     def __post_init__(self) -> None:
@@ -93,6 +145,34 @@ class SubstationConfig:
                     f"host name {hostname!r} is not a valid substation id; set SUBSTATION_ID"
                 )
             object.__setattr__(self, "substation_id", hostname)
+        if self.topology_file:
+            try:
+                self._place(grid.load_topology(self.topology_file))
+            except grid.TopologyError as exc:
+                raise ConfigError(str(exc)) from None
+
+    def _place(self, topology: grid.Topology) -> None:
+        """Its parent and limit as the topology file says (the file wins over the settings'
+        parent; the lower limit holds)."""
+        node = topology.nodes.get(self.substation_id)
+        if node is None:
+            return
+        if node.parent is not None and self.parent and self.parent != node.parent:
+            log.warning(
+                "SUBSTATION_PARENT=%s, but %s puts %s under %s: the file wins",
+                self.parent,
+                self.topology_file,
+                self.substation_id,
+                node.parent,
+            )
+        if node.parent is not None:
+            object.__setattr__(self, "parent", node.parent)
+        object.__setattr__(self, "power_limit_kw", min(self.limit_kw, kilowatts(node.limit_w)))
+
+    @property
+    def limit_kw(self) -> float:
+        """SUBSTATION_POWER_LIMIT_KW, or the limit that never binds."""
+        return self.power_limit_kw or default_limit_kw(self.capacity)
 
     @property
     def advertised_metrics_url(self) -> str:

@@ -11,6 +11,13 @@ connection is lost (the broker gives the request to another consumer: this subst
 is back, or the balancer moving it elsewhere), every session in progress is dropped, and its
 completion, bound to that connection, is never sent on a later one. The queue has a single
 active consumer, and a process that finds its queue consumed already waits as a standby.
+
+Power (issue 15, ``substation/sharing.py``): every start and end of a session, every share
+from the allocator (``power.share``, on the substation's own share queue) and the running out
+of a share's lease re-shares the limit in force among the sessions, publishes
+``session.power`` for each session whose power changed, and re-arms each changed session's
+end timer: a session ends when its energy has been delivered. ``power.demand`` goes out on
+every change and every DEMAND_INTERVAL, from the process that consumes the queue.
 """
 
 from __future__ import annotations
@@ -25,14 +32,17 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Histogram, start_http_server
 
-from smartgrid import contract
+from smartgrid import contract, leases
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
+from smartgrid.power import CLASS_ORDER, kilowatts, watts
 from smartgrid.senders import Senders
 from substation.charging import Admission, ChargingPoints, ChargingPointsCollector, Session
 from substation.config import SubstationConfig
+from substation.power_metrics import PowerCollector
 from substation.roster import Roster
+from substation.sharing import Change, Ended, PowerSharing
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +72,26 @@ class SubstationService:
         )
         #: Other substations that announced themselves lately: whose lookups are trusted.
         self.roster = Roster(live_for=3 * config.announce_interval)
+        self.sharing = PowerSharing(
+            config.substation_id,
+            limit_w=watts(config.limit_kw),
+            failsafe_w=watts(config.failsafe_kw),
+            parent=config.parent or None,
+            session_seconds=config.session_seconds,
+            hour_seconds=config.simulated_hour_seconds,
+            started_at=time.time(),
+            skew_seconds=leases.CLOCK_SKEW_SECONDS,
+        )
         self._registry = registry
         self._wait = Histogram(
-            "substation_wait_seconds",
+            contract.WAIT_METRIC,
             "From acceptance at the gateway to the start of the charging session",
-            ["substation"],
+            ["substation", contract.PRIORITY_LABEL],
             buckets=WAIT_BUCKETS,
             registry=registry,
-        ).labels(config.substation_id)
+        )
+        for priority in CLASS_ORDER:  # every series from the start, zero until it has data
+            self._wait.labels(config.substation_id, priority.value)
         self.queue = contract.substation_queue_name(config.substation_id)
         self.link = Link(
             config.amqp_url,
@@ -89,6 +111,20 @@ class SubstationService:
             prefetch=config.capacity,
             on_poison=lambda d, e: self.dead_letters.poisoned(d, e, source=self.queue),
         )
+        # Its share queue is exclusive to the connection that consumes it, so it is declared
+        # with the consumer, by the process that holds the substation's queue (a standby's
+        # declaration would be refused).
+        self._shares_topology = contract.topology(
+            [contract.Exchange(contract.POWER_EXCHANGE, "direct")],
+            declare=config.declare_topology,
+        ) + [
+            d
+            for d in contract.power_share_topology(config.substation_id)
+            if not isinstance(d, contract.Exchange)
+        ]
+        self._shares = ConsumerSpec(
+            contract.power_share_queue_name(config.substation_id), self._on_share, auto_ack=True
+        )
         self._consuming = False
         self._standby_logged = False
         self.senders = Senders(config.event_senders, own_user=self.link.user)
@@ -101,8 +137,13 @@ class SubstationService:
         )
         #: Possible duplicates waiting for the other substations' answers, by request id.
         self._checks: dict[str, _Check] = {}
-        #: The timer that ends each session in progress, by request id.
+        #: The timer that ends each session in progress, by request id (re-armed whenever
+        #: its power changes).
         self._timers: dict[str, object] = {}
+        registry.register(PowerCollector(self.sharing))
+        self._lease_timer: object | None = None
+        self._lease_timer_at: float | None = None
+        self._report_timer: object | None = None
         self._http: WSGIServer | None = None
         self._draining = False
         self._announce_timer: object | None = None
@@ -114,6 +155,7 @@ class SubstationService:
         )
         self.link.start()
         self.link.call_soon(self._schedule_announcements)
+        self.link.call_soon(self._schedule_reports)
         log.info(
             "substation %s (instance %s): %d charging points, %.1fs sessions, metrics on :%d",
             self.config.substation_id,
@@ -179,7 +221,15 @@ class SubstationService:
     def _begin_session(
         self, request: contract.RoutedRequest, session: Session[Delivery], now: float
     ) -> None:
-        self._wait.observe(max(0.0, now - request.accepted_at))
+        power = request.power()
+        self._wait.labels(self.config.substation_id, power.priority.value).observe(
+            max(0.0, now - request.accepted_at)
+        )
+        self.sharing.add(request.request_id, power, now)
+        self._reshare(now, starting=request)
+
+    def _started(self, request: contract.RoutedRequest, change: Change, now: float) -> None:
+        power = request.power()
         started = contract.SessionStarted(
             at=now,
             request_id=request.request_id,
@@ -187,12 +237,133 @@ class SubstationService:
             substation=request.substation,
             instance=self.instance,
             accepted_at=request.accepted_at,
-            expected_end=session.expected_end,
+            expected_end=change.expected_end,
+            max_kw=power.max_kw,
+            min_kw=power.min_kw,
+            priority=power.priority.value,
+            power_kw=kilowatts(change.power_w),
         )
         self.events.publish(started)
-        self._timers[request.request_id] = self.link.call_later(
-            self.config.session_seconds, lambda: self._complete(request.request_id)
+
+    # ------------------------------------------------------------------ power (I/O thread)
+    def _reshare(self, now: float, starting: contract.RoutedRequest | None = None) -> None:
+        """Share the limit in force among the sessions; tell who changed; re-arm the timers.
+        Called on every start and end of a session, grant, and lease running out."""
+        for change in self.sharing.reshare(now):
+            if change.started:
+                assert starting is not None and starting.request_id == change.request_id
+                self._started(starting, change, now)
+            else:
+                self.events.publish(
+                    contract.SessionPower(
+                        at=now,
+                        request_id=change.request_id,
+                        substation=self.config.substation_id,
+                        instance=self.instance,
+                        power_kw=kilowatts(change.power_w),
+                        expected_end=change.expected_end,
+                    )
+                )
+            self._arm_end_timer(change.request_id, change.expected_end, now)
+        self._arm_lease_timer(now)
+        self._report_soon()
+
+    def _arm_end_timer(self, request_id: str, end: float | None, now: float) -> None:
+        timer = self._timers.pop(request_id, None)
+        if timer is not None:
+            self.link.cancel_timer(timer)
+        if end is not None:  # None: paused, it ends only once it has power again
+            self._timers[request_id] = self.link.call_later(
+                max(0.0, end - now), lambda: self._energy_delivered(request_id)
+            )
+
+    def _energy_delivered(self, request_id: str) -> None:
+        self._timers.pop(request_id, None)
+        now = time.time()
+        due = self.sharing.due(request_id, now)
+        if due is not None:  # the wall clock and the timer disagree by more than a little
+            self._arm_end_timer(request_id, due, now)
+            return
+        self._complete(request_id)
+
+    def _session_over(self, request_id: str, now: float, *, reshare: bool = True) -> Ended | None:
+        """A session ends here, whatever the reason (its energy delivered, cancelled, its
+        connection lost): its timer goes, its power goes to the others (unless the caller
+        re-shares once for several). What it delivered."""
+        timer = self._timers.pop(request_id, None)
+        if timer is not None:
+            self.link.cancel_timer(timer)
+        ended = self.sharing.remove(request_id, now)
+        if ended is not None and reshare:
+            self._reshare(now)
+        return ended
+
+    def _arm_lease_timer(self, now: float) -> None:
+        """Re-share when the share in force runs out: the failsafe applies from then on."""
+        expires_at = self.sharing.lease_expires_at(now)
+        if expires_at == self._lease_timer_at:
+            return
+        if self._lease_timer is not None:
+            self.link.cancel_timer(self._lease_timer)
+            self._lease_timer = None
+        self._lease_timer_at = expires_at
+        if expires_at is not None:
+            # A little late rather than early: the lease holds until expires_at exactly.
+            self._lease_timer = self.link.call_later(
+                max(0.0, expires_at - now) + 0.001, self._lease_ran_out
+            )
+
+    def _lease_ran_out(self) -> None:
+        self._lease_timer = None
+        self._lease_timer_at = None
+        self._reshare(time.time())  # re-arms itself if the wall clock says not quite yet
+
+    def _consume_shares(self) -> None:
+        """This substation's share queue, on the connection that consumes its requests (the
+        queue is exclusive to it, and only the newest share in it matters)."""
+        self.link.declare(self._shares_topology)
+        self.link.add_consumer(self._shares)
+
+    def _on_share(self, delivery: Delivery) -> None:
+        try:
+            grant = leases.grant_from_message(contract.PowerShare.from_body(delivery.body))
+        except contract.InvalidMessage as exc:
+            log.warning("ignoring an invalid power share: %s", exc)
+            return
+        now = time.time()
+        managed = self.sharing.lease.managed
+        if not self.sharing.offer(grant, now):
+            log.debug("power share %s refused (stale, expired, or from before a restart)", grant)
+            return
+        if not managed:
+            log.warning(
+                "receiving shares of a parent's limit, but no parent configured: "
+                "set SUBSTATION_PARENT (or GRID_TOPOLOGY_FILE) so that it draws only its "
+                "failsafe until the first share arrives"
+            )
+        self._reshare(now)
+
+    def _report_soon(self) -> None:
+        """A ``power.demand`` report at the end of this I/O-loop turn (one for all the changes
+        of the turn)."""
+        if self._report_timer is None:
+            self._report_timer = self.link.call_later(0, self._publish_report)
+
+    def _publish_report(self) -> None:
+        self._report_timer = None
+        if not self._consuming or not self.link.ready:
+            # Only the process that holds the queue (and its share queue) speaks for the
+            # substation: a standby's empty report would mislead the allocator.
+            return
+        report, limit_in_force_w, power_w = self.sharing.report(time.time())
+        event = leases.report_to_event(
+            report, instance=self.instance, limit_in_force_w=limit_in_force_w, power_w=power_w
         )
+        self.events.publish(event, reliable=False)  # only worth something now
+
+    def _schedule_reports(self) -> None:
+        self._report_soon()
+        self.link.call_later(self.config.demand_interval, self._schedule_reports)
 
     def _on_event(self, delivery: Delivery) -> None:
         for event in events_in(delivery, self.senders):
@@ -297,14 +468,19 @@ class SubstationService:
         session = self.points.session(request_id)
         if session is None:
             return
+        now = time.time()
         if not self.link.is_current(session.token):
             # Its connection is gone (the loss not yet handled): the request is someone
             # else's now.
             self.points.drop(request_id)
+            self._session_over(request_id, now)
             log.warning("session of %s dropped: its connection is gone", request_id)
             return
-        session = self.points.finish(request_id, time.time())
+        session = self.points.finish(request_id, now)
         assert session is not None
+        ended = self._session_over(request_id, now)
+        if ended is not None:
+            session.energy_kwh, session.paused_seconds = ended.energy_kwh, ended.paused_seconds
         self._report(session)
 
     def _report(self, session: Session[Delivery]) -> None:
@@ -319,6 +495,8 @@ class SubstationService:
             substation=request.substation,
             instance=self.instance,
             started_at=session.started_at,
+            energy_kwh=session.energy_kwh,
+            paused_seconds=session.paused_seconds,
         )
         delivery = session.token
         confirmation = self.events.publish(completed, generation=delivery.generation)
@@ -345,10 +523,10 @@ class SubstationService:
         """Fencing: the broker hands this connection's deliveries to others now."""
         self._consuming = False
         dropped = self.points.drop_all()
+        now = time.time()
         for session in dropped:
-            timer = self._timers.pop(session.request.request_id, None)
-            if timer is not None:
-                self.link.cancel_timer(timer)
+            self._session_over(session.request.request_id, now, reshare=False)
+        self._reshare(now)
         for check in self._checks.values():
             if check.timer is not None:
                 self.link.cancel_timer(check.timer)
@@ -387,6 +565,7 @@ class SubstationService:
         if self.link.add_consumer(self._requests) is None:
             return
         self._consuming = True
+        self._consume_shares()
         if self._standby_logged:
             log.info("%s is free: consuming it", self.queue)
             self._standby_logged = False
@@ -402,6 +581,9 @@ class SubstationService:
             capacity=self.config.capacity,
             metrics_url=self.config.advertised_metrics_url,
             session_seconds=self.config.session_seconds,
+            limit_kw=self.config.limit_kw,
+            failsafe_kw=self.config.failsafe_kw,
+            parent=self.config.parent or None,
         )
         self.events.publish(announcement, reliable=False)
 

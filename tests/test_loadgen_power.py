@@ -191,8 +191,9 @@ def test_the_power_plot_draws_every_node_against_its_limit(report, tmp_path):
 def test_the_ev_mix_runs_through_the_real_stack_and_reports_power(
     stack_settings: StackSettings, tmp_path
 ):
-    """Until the substations share power (wave 3), every car charges at its own maximum: the
-    power report must say exactly that, from the real events."""
+    """The substations' limits and the grid's never bind here, so every car charges at its own
+    maximum until its energy is delivered in simulated time: the power report must say
+    exactly that, from the real events."""
     topology = tmp_path / "grid.toml"
     topology.write_text(
         '[[node]]\nid = "site"\nlimit_kw = 5000\n'
@@ -202,6 +203,7 @@ def test_the_ev_mix_runs_through_the_real_stack_and_reports_power(
         )
     )
     stack_settings.session_seconds = 1
+    stack_settings.simulated_hour_seconds = 0.36
     group = start_stack(stack_settings)
     try:
         result = run_load(
@@ -225,9 +227,16 @@ def test_the_ev_mix_runs_through_the_real_stack_and_reports_power(
     assert report.accepted == report.sent > 20, (report.rejected, report.errors)
     assert report.every_accepted_completed_once
     assert power is not None and power.sessions == report.accepted
-    # The substations do not put the request's power in session.started before wave 3: then
-    # these sessions count as default ones (11 kW, standard). Wave 3 turns this into the mix.
-    assert {fate.started[0].priority for fate in result.fates.values()} == {None}
-    assert set(power.waits_by_class) == {"standard"}
+    # session.started carries each request's power, so the report sees the mix.
+    started = [fate.started[0] for fate in result.fates.values()]
+    assert {s.priority for s in started} == set(power.waits_by_class) >= {"standard", "fleet"}
+    assert all(s.power_kw == s.max_kw for s in started)  # nothing binds
     assert power.nodes["site"].peak_kw > 0 and power.samples_over_limit == 0
-    assert power.jain_by_class == {}  # every session at its (default) maximum
+    assert power.paused_sessions == 0
+    assert power.jain_by_class == {}  # every session at its own maximum
+    for fate in result.fates.values():
+        (start,), (end,) = fate.started, fate.completed
+        # At full power, in 0.36 s hours: it ends once its energy is delivered, not before.
+        assert end.energy_kwh is not None and end.energy_kwh >= evmix.ENERGY_RANGE_KWH[0] - 0.01
+        assert end.at - start.at >= end.energy_kwh / start.max_kw * 0.36 - 0.01
+    assert power.energy_kwh > 0

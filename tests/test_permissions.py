@@ -128,6 +128,10 @@ def _bind_private_queue(user: str, exchange: str, routing_key: str) -> Operation
     return operation
 
 
+def _power_share(substation: str) -> bytes:
+    return contract.PowerShare(substation, 350.0, 0.0, 3600.0, 1, 1).to_body()
+
+
 def _forged_event(kind: str) -> bytes:
     # Valid or not does not matter: the broker refuses it before any consumer sees it.
     return b'{"v":1,"kind":"' + kind.encode() + b'","at":0}'
@@ -193,6 +197,12 @@ ATTACKS: dict[str, Callable[[str], Operation]] = {
         )
     ),
     "subscribe to every event (#)": lambda u: _bind_private_queue(u, contract.EVENTS_EXCHANGE, "#"),
+    "forge a power share for a substation": lambda u: _publish(
+        contract.POWER_EXCHANGE, "s2", _power_share("s2")
+    ),
+    "read every power share: bind a queue to the power exchange": lambda u: _bind_private_queue(
+        u, contract.POWER_EXCHANGE, "s2"
+    ),
     "take over another service's event subscription queue": lambda u: (
         lambda ch: ch.queue_declare(
             ("smartgrid.loadgen-events." if u != "loadgen" else "smartgrid.balancer-events.")
@@ -214,6 +224,14 @@ ALLOWED = {
     # The shared substation user binds its own queue to the dispatch exchange, a direct
     # exchange whose keys no permission checks (one user per substation is held to its own).
     ("substation", "read every dispatch: bind a queue to the dispatch exchange"): "shared user",
+    # A substation binds its own share queue, exclusive to its connection and so declared by
+    # nobody else, to the power exchange, a direct exchange whose keys no permission checks:
+    # it may bind a copy of another's shares too, which are no secret and still reach that one.
+    ("substation", "read every power share: bind a queue to the power exchange"): "its job",
+    **{
+        (user, "read every power share: bind a queue to the power exchange"): "its job"
+        for user in OWN_USERS
+    },
 }
 
 
@@ -328,6 +346,29 @@ def _declare_and_drain(substation: str) -> Operation:
     return operation
 
 
+def _consume_shares(substation: str) -> Operation:
+    """As the substation does it: the exchange passively (the admin's definitions declare it),
+    its own exclusive queue and binding."""
+
+    def operation(ch):
+        for declaration in contract.power_share_topology(substation):
+            if isinstance(declaration, contract.Exchange):
+                ch.exchange_declare(declaration.name, passive=True)
+            elif isinstance(declaration, contract.Queue):
+                ch.queue_declare(
+                    declaration.name,
+                    durable=declaration.durable,
+                    exclusive=declaration.exclusive,
+                    auto_delete=declaration.auto_delete,
+                    arguments=declaration.arguments,
+                )
+            else:
+                ch.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
+        ch.basic_consume(contract.power_share_queue_name(substation), lambda *a: None)
+
+    return operation
+
+
 LEGITIMATE_OPERATIONS: dict[str, dict[str, Operation]] = {
     "gateway": {
         "publish a charge request": _publish(
@@ -348,12 +389,14 @@ LEGITIMATE_OPERATIONS: dict[str, dict[str, Operation]] = {
     "substation": {
         "declare, bind and consume its own queue": _declare_and_drain("s7"),
         "dead-letter a message": _publish(contract.DEAD_LETTER_EXCHANGE, ""),
+        "declare, bind and consume its own power share queue": _consume_shares("s7"),
     },
     "substation-s1": {
         "consume its own queue": lambda ch: ch.basic_consume(
             contract.substation_queue_name("s1"), lambda *a: None
         ),
         "dead-letter a message": _publish(contract.DEAD_LETTER_EXCHANGE, ""),
+        "declare, bind and consume its own power share queue": _consume_shares("s1"),
     },
     "loadgen": {},
 }
