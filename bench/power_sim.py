@@ -106,7 +106,7 @@ def loadgen_trace(
     """Exactly the requests ``loadgen --ev-mix --rate PEAK --simulated-hour H --seed S`` sends
     (``--arrivals poisson`` unless ``poisson`` is false, ``--duration`` = ``hours`` x H): its
     arrival offsets and, in the same order, its bodies."""
-    from loadgen.run import LoadSettings, _mix_bodies, arrivals_for
+    from loadgen.run import LoadSettings, arrivals_for
 
     duration = hours * hour_seconds
     settings = LoadSettings(
@@ -118,7 +118,7 @@ def loadgen_trace(
         ev_mix=True,
         hour_seconds=hour_seconds,
     )
-    body_for = _mix_bodies(seed)
+    body_for = evmix.mix_bodies(seed)
     cars = {(c.max_kw, c.min_kw): c.name for c in evmix.CAR_CLASSES}
     trace = []
     for index, at in enumerate(arrivals_for(settings)):

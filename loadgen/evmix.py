@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from loadgen.schedules import RateProfile, profile_arrivals
@@ -123,7 +123,7 @@ def daily_profile(peak_rate: float, hour_seconds: float, hours: float = 24.0) ->
         if h0 >= hours:
             break
         points.append((h0 * hour_seconds, r0 * peak_rate))
-        if h1 > hours:
+        if h1 >= hours:
             r_end = r0 + (r1 - r0) * (hours - h0) / (h1 - h0)
             points.append((hours * hour_seconds, r_end * peak_rate))
             break
@@ -132,13 +132,29 @@ def daily_profile(peak_rate: float, hour_seconds: float, hours: float = 24.0) ->
     return RateProfile(tuple(points), "ev-day")
 
 
+def arrival_rng(seed: int) -> random.Random:
+    """The generator of a trace's arrival times (loadgen's ``--seed``)."""
+    return random.Random(seed)
+
+
+def mix_bodies(seed: int) -> Callable[[int, str], dict]:
+    """POST bodies of the mix for loadgen, drawn in order from the trace's own generator."""
+    rng = random.Random(seed + 7)
+
+    def body(_index: int, ev_id: str) -> dict:
+        return draw(rng).body(ev_id)
+
+    return body
+
+
 def ev_trace(
     *, peak_rate: float, hour_seconds: float, hours: float = 24.0, seed: int = 1
 ) -> list[EvRequest]:
-    """The whole trace: Poisson arrivals following the day, each with its draws."""
-    rng = random.Random(seed)
+    """The whole trace: Poisson arrivals following the day, each with its draws; exactly
+    what ``loadgen --ev-mix --arrivals poisson --seed SEED`` sends, in the same order."""
+    rng = random.Random(seed + 7)
     arrivals: Iterator[float] = profile_arrivals(
-        daily_profile(peak_rate, hour_seconds, hours), poisson=True, rng=random.Random(seed + 1)
+        daily_profile(peak_rate, hour_seconds, hours), poisson=True, rng=arrival_rng(seed)
     )
     return [draw(rng, at) for at in arrivals]
 

@@ -81,7 +81,7 @@ class LoadResult:
 
 def arrivals_for(settings: LoadSettings) -> Iterator[float]:
     """The send offsets ``settings`` ask for (a pure generator, see loadgen.schedules)."""
-    rng = random.Random(settings.seed)
+    rng = evmix.arrival_rng(settings.seed)
     poisson = settings.arrivals == "poisson"
     if settings.burst:
         return burst_arrivals(settings.burst, settings.burst_every or settings.interval)
@@ -144,7 +144,7 @@ def run_load(settings: LoadSettings) -> LoadResult:
                     stats=stats,
                     give_up_after=settings.give_up_after,
                     interruptible=settings.interruptible,
-                    body_for=_mix_bodies(settings.seed) if settings.ev_mix else None,
+                    body_for=evmix.mix_bodies(settings.seed) if settings.ev_mix else None,
                 )
             )
             fates = None
@@ -170,16 +170,6 @@ def run_load(settings: LoadSettings) -> LoadResult:
     finally:
         if observer is not None:
             observer.stop()
-
-
-def _mix_bodies(seed: int) -> Callable[[int, str], dict]:
-    """The EV mix's bodies, drawn in order from their own seeded generator."""
-    rng = random.Random(seed + 7)
-
-    def body(_index: int, ev_id: str) -> dict:
-        return evmix.draw(rng).body(ev_id)
-
-    return body
 
 
 def _power_of(

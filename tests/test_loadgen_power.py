@@ -179,6 +179,23 @@ def test_a_trace_is_the_same_for_the_same_seed():
     assert evmix.describe_mix(one)["requests"] == len(one) > 30
 
 
+@pytest.mark.parametrize("hours", [6, 8, 24])
+def test_a_day_cut_at_one_of_its_own_breakpoints_still_spans_the_whole_cut(hours):
+    profile = evmix.daily_profile(peak_rate=10, hour_seconds=1, hours=hours)
+    assert profile.duration == pytest.approx(hours)
+    assert len(profile.points) >= 2
+
+
+def test_the_trace_is_exactly_what_loadgen_sends():
+    from bench.power_sim import loadgen_trace
+
+    trace = evmix.ev_trace(peak_rate=5, hour_seconds=1, hours=12, seed=3)
+    sent = loadgen_trace(peak_rate=5, hour_seconds=1, hours=12, seed=3)
+    assert [(r.at, r.max_kw, r.energy_kwh, r.priority) for r in trace] == [
+        (r.at, r.max_kw, r.energy_kwh, r.priority) for r in sent
+    ]
+
+
 def test_the_power_plot_draws_every_node_against_its_limit(report, tmp_path):
     from loadgen.plot import power_plot_path, write_power_plot
 
