@@ -332,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pika").setLevel(logging.ERROR)
+    # pika logs every failed reconnect attempt as half a dozen ERROR lines, some with a
+    # traceback; the Link says what matters (lost, retrying, back) in one line each.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     settings = settings_from_args(args, parser)
     try:
         result = run_load(settings)

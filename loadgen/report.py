@@ -6,7 +6,7 @@ import bisect
 import math
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from loadgen.observer import RequestFate
@@ -218,14 +218,18 @@ def status_class(status: str | int) -> str:
     return f"{text[0]}xx" if len(text) == 3 and text[0] in "45" else "other"
 
 
-def timeline_of(outcomes: list[Outcome], fates: dict[str, RequestFate]) -> LoadTimeline:
-    """The load timeline of the accepted requests among ``outcomes``."""
+def timeline_of(
+    outcomes: list[Outcome], fates: dict[str, RequestFate], known: Iterable[str] = ()
+) -> LoadTimeline:
+    """The load timeline of the accepted requests among ``outcomes``, over every substation
+    that took one and every one ``known`` to exist (announced): one that received nothing
+    is in the spread at 0, or all traffic on one of three would look perfectly even."""
     followed = {
         o.request_id: fates[o.request_id]
         for o in outcomes
         if o.accepted and o.request_id is not None and o.request_id in fates
     }
-    substations: set[str] = set()
+    substations: set[str] = set(known)
     for fate in followed.values():
         substations.update(fate.routed_to)
         substations.update(e.substation for e in fate.started)
@@ -297,8 +301,12 @@ def build_report(
         "p99": percentile(waits, 99),
         "max": max(waits) if waits else None,
     }
+    for substation in capacities or {}:
+        per_substation.setdefault(substation, 0)
     report.requests_per_substation = dict(sorted(per_substation.items()))
-    report.balance = balance_of(timeline_of(outcomes, fates), sample_interval, capacities)
+    report.balance = balance_of(
+        timeline_of(outcomes, fates, (capacities or {}).keys()), sample_interval, capacities
+    )
     return report
 
 

@@ -150,18 +150,19 @@ def run_load(settings: LoadSettings) -> LoadResult:
             if observer is not None:
                 accepted = [o.request_id for o in outcomes if o.accepted and o.request_id]
                 fates = _settle(observer, accepted, settings, stats, view)
+        capacities = observer.capacities() if observer is not None else None
         report = build_report(
             outcomes,
             fates,
             sample_interval=settings.sample_interval,
-            capacities=observer.capacities() if observer is not None else None,
+            capacities=capacities,
             send_seconds=stats.send_seconds,
         )
         report.scenario = settings.scenario
         report.started_at = stats.started_at
         report.stopped_early = stats.stopped_early
         report.settings = describe(settings)
-        timeline = timeline_of(outcomes, fates) if fates is not None else None
+        timeline = timeline_of(outcomes, fates, capacities or ()) if fates is not None else None
         power = None
         if settings.ev_mix and observer is not None and fates is not None:
             power = _power_of(fates, observer.power_events(), settings)

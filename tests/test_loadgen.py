@@ -9,6 +9,7 @@ import asyncio
 import io
 import itertools
 import json
+import os
 import random
 import socket
 import struct
@@ -345,6 +346,23 @@ def test_report_counts_rejections_and_errors_apart_and_the_rates():
         "error: connection closed without an answer",
     ):
         assert row in table
+
+
+def test_a_substation_that_received_nothing_counts_in_the_spread():
+    """All traffic on one of three substations (issue 12): the two idle ones, known from their
+    announcements (the capacities), are in the spread at 0, not left out of it."""
+    outcomes = [_outcome(202) for _ in range(4)]
+    fates = {}
+    for i, o in enumerate(outcomes):
+        o.routed_to = "busy"
+        fates[o.request_id] = _fate("busy", float(i), float(i) + 10, o.request_id)
+    capacities = {"busy": 10, "idle-1": 10, "idle-2": 10}
+    report = build_report(outcomes, fates, sample_interval=0.5, capacities=capacities)
+    assert report.requests_per_substation == {"busy": 4, "idle-1": 0, "idle-2": 0}
+    assert report.balance.spread_within_1 is not None and report.balance.spread_within_1 < 0.9
+    assert report.balance.spread_max == 4
+    alone = build_report(outcomes, fates, sample_interval=0.5)  # what it used to see
+    assert alone.balance.spread_within_1 == 1.0
 
 
 def test_report_with_fates_and_capacities_renders_everywhere(tmp_path: Path):
@@ -695,3 +713,58 @@ def test_a_run_with_the_live_view_on_a_non_terminal_still_reports(gateway: FakeG
     assert result.report.accepted == result.report.sent > 10
     assert result.report.send_seconds >= 0.3  # the schedule's end, or later if sending ran late
     assert result.timeline is None and result.fates == {}
+
+
+@pytest.mark.slow
+def test_the_output_stays_clean_while_the_broker_goes_away_and_comes_back(stack_settings):
+    """Issue 12: loadgen printed some fifty tracebacks during a broker restart. The whole stack
+    and loadgen reach the broker through a proxy that the test cuts for a few seconds mid-run
+    (to every client, the broker is gone, then back): loadgen's output has warnings at most,
+    no traceback, and every request it had accepted completes."""
+    from stack.local import start_stack
+    from tests.proxy import CuttableProxy
+
+    proxy = CuttableProxy(("127.0.0.1", 5672)).start()
+    scheme, rest = stack_settings.amqp_url.split("://")
+    credentials, _, path = rest.partition("@")
+    stack_settings.amqp_url = (
+        f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}?heartbeat=2"
+    )
+    stack_settings.session_seconds = 0.5
+    stack_settings.poll_interval = 0.5
+    group = start_stack(stack_settings)
+    try:
+        env = {**os.environ, "AMQP_URL": stack_settings.amqp_url}
+        run = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "loadgen",
+                "--url",
+                stack_settings.gateway_url,
+                "--rate",
+                "10",
+                "--duration",
+                "12",
+                "--no-progress",
+                "--settle-timeout",
+                "60",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        time.sleep(4)
+        proxy.cut()
+        time.sleep(4)
+        proxy.start()
+        output, _ = run.communicate(timeout=120)
+    finally:
+        group.stop()
+        proxy.cut()
+    assert "Traceback" not in output, output
+    assert "pika" not in output, output  # the Link's one-line warnings only
+    assert "sent " in output and "accepted " in output, output
+    assert "completed more than once 0" in output, output
+    assert "unfinished 0" in output, output
