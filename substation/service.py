@@ -381,12 +381,7 @@ class SubstationService:
         elif isinstance(event, contract.SubstationLeaving):
             self.roster.leaving(event)
         elif isinstance(event, contract.SessionLookup) and event.substation != me:
-            if not self.roster.is_live(event.substation, now):
-                log.warning(
-                    "ignoring a lookup of %s by %s, which is not a live substation",
-                    event.request_id,
-                    event.substation,
-                )
+            if not self._from_live(event, now):
                 return
             reply = contract.SessionLookupReply(
                 at=time.time(),
@@ -400,12 +395,7 @@ class SubstationService:
             check = self._checks.get(event.request_id)
             if check is None or event.status not in ("running", "completed"):
                 return
-            if not self.roster.is_live(event.substation, now):
-                log.warning(
-                    "ignoring %s's answer about %s: not a live substation",
-                    event.substation,
-                    event.request_id,
-                )
+            if not self._from_live(event, now):
                 return
             if event.status == "running":
                 # Acknowledged only once a session has completed somewhere: keep it, and
@@ -421,6 +411,20 @@ class SubstationService:
             del self._checks[event.request_id]
             self.points.count_duplicate()
             self.link.ack(check.delivery)
+
+    def _from_live(
+        self, event: contract.SessionLookup | contract.SessionLookupReply, now: float
+    ) -> bool:
+        """Whether ``event`` comes from a substation on the roster (else it is logged)."""
+        if self.roster.is_live(event.substation, now):
+            return True
+        log.warning(
+            "ignoring a %s about %s from %s, which is not a live substation",
+            event.kind,
+            event.request_id,
+            event.substation,
+        )
+        return False
 
     def _ask_the_fleet(self, request: contract.RoutedRequest, delivery: Delivery) -> None:
         """A possible duplicate: ask whether another substation charges or charged it. It is
