@@ -76,7 +76,8 @@ def service_roots(group) -> dict[str, list[int]]:
     service's own process (its children are found under it when counting)."""
     roots: dict[str, list[int]] = {"rabbitmq": sorted(_beam_pids())}
     for service in group.services:
-        kind = "substations" if service.module == "substation" else service.module
+        # By name: the gateway is "gateway" under any HTTP server (bench.gunicorn_gateway too).
+        kind = "substations" if service.module == "substation" else service.name
         roots.setdefault(kind, []).append(service.pid)
     return roots
 

@@ -9,6 +9,10 @@ within ``--target-ms``. The plot (``docs/bench/latency.png``) shows the latency 
 CPU per request, stacked by process.
 
     .venv/bin/python -m bench.latency [--rates 100,200,...] [--duration 20] [--target-ms 50]
+    .venv/bin/python -m bench.latency --server gunicorn   # the previous HTTP server, as baseline
+
+With ``--server`` other than granian (the gateway's own), results go to latency-<server>.json
+and .png beside the others.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.common import RESULTS, bench_settings, markdown_table, private_vhost, save  # noqa: E402
+from bench.common import (  # noqa: E402
+    GATEWAY_SERVERS,
+    RESULTS,
+    bench_settings,
+    markdown_table,
+    private_vhost,
+    save,
+)
 from bench.cpu import cpu_during, service_roots  # noqa: E402
 from bench.throughput import CAPACITY, SESSION_SECONDS  # noqa: E402
 from loadgen.run import LoadSettings, run_load  # noqa: E402
@@ -115,7 +126,14 @@ def main() -> None:
     parser.add_argument(
         "--target-ms", type=float, default=50.0, help="the p99 accept latency to stay within"
     )
+    parser.add_argument(
+        "--server",
+        choices=sorted(GATEWAY_SERVERS),
+        default="granian",
+        help="the HTTP server to put the gateway under",
+    )
     args = parser.parse_args()
+    name = "latency" if args.server == "granian" else f"latency-{args.server}"
     try:
         rates = [float(r) for r in args.rates.split(",")]
     except ValueError:
@@ -131,6 +149,7 @@ def main() -> None:
             capacity=CAPACITY,
             session_seconds=SESSION_SECONDS,
             poll_interval=1.0,
+            gateway_module=GATEWAY_SERVERS[args.server],
         )
         group = start_stack(settings)
         try:
@@ -152,11 +171,12 @@ def main() -> None:
             group.stop()
 
     best = highest_within(rows, args.target_ms)
-    plot = RESULTS / "latency.png"
+    plot = RESULTS / f"{name}.png"
     _plot(rows, args.target_ms, plot)
     path = save(
-        "latency",
+        name,
         {
+            "server": args.server,
             "duration_per_rate": args.duration,
             "target_p99_ms": args.target_ms,
             "highest_rate_within_target": best,

@@ -65,7 +65,8 @@ def test_ctrl_c_stops_every_process_of_the_local_stack(amqp_url, tmp_path):
             assert response.status == 200
         children = _children(runner.pid)
         assert len(children) == 4  # two substations, the balancer, the gateway
-        processes = children + [g for c in children for g in _children(c)]  # gunicorn's workers too
+        # The gateway's worker processes too.
+        processes = children + [g for c in children for g in _children(c)]
 
         runner.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does
         assert runner.wait(timeout=60) == 0
