@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Headers = list[tuple[str, str]]
 
+#: How much of a body over the limit is read and dropped before the 413 (see _receive_body).
+_DRAIN_LIMIT = 64 * 1024
 #: Bytes a header line adds beyond its name and value (": " and CRLF).
 _LINE_OVERHEAD = 4
 #: Headers that become CONTENT_TYPE and CONTENT_LENGTH rather than HTTP_* (PEP 3333).
@@ -143,26 +145,36 @@ class BufferedWSGI:
     async def _receive_body(self, proto: HTTPProtocol, headers: Headers) -> bytes:
         limit = self.limits.max_body
         declared = next((value for name, value in headers if name == "content-length"), None)
-        if declared is not None:
-            if not declared.strip().isdigit():
-                raise Refused(400, "bad_request", "Content-Length is not a number")
-            if int(declared) > limit:
-                raise _too_large(limit)
+        if declared is not None and not declared.strip().isdigit():
+            raise Refused(400, "bad_request", "Content-Length is not a number")
+        too_large = declared is not None and int(declared) > limit
+        if too_large and int(declared or 0) > _DRAIN_LIMIT:
+            raise _too_large(limit)
         chunks: list[bytes] = []
         received = 0
         try:
             async with asyncio.timeout(self.limits.body_timeout):
                 async for chunk in proto:
                     received += len(chunk)
-                    if received > limit:
-                        raise _too_large(limit)
+                    too_large = too_large or received > limit
+                    if too_large:
+                        # Read on (and drop) what is on its way, up to a point: closing a
+                        # socket with unread data resets it, and the client may then lose the
+                        # 413 while it is still sending.
+                        if received > _DRAIN_LIMIT:
+                            break
+                        continue
                     chunks.append(chunk)
         except TimeoutError:
+            if too_large:
+                raise _too_large(limit) from None
             raise Refused(
                 408,
                 "request_timeout",
                 f"the request body did not arrive within {self.limits.body_timeout:g} s",
             ) from None
+        if too_large:
+            raise _too_large(limit)
         return b"".join(chunks)
 
 

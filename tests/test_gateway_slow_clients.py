@@ -147,6 +147,11 @@ def test_oversized_requests_get_json_413_414_and_431(stack_settings: StackSettin
         # A chunked body carries no length: it is counted as it arrives, and refused the same.
         chunks = (big[i : i + 1000] for i in range(0, len(big), 1000))
         json_error(*request(port, "POST", "/charge", chunks, JSON), 413)
+        # A declared length far over the limit is refused at once, its body never awaited.
+        answer = raw_exchange(
+            port, b"POST /charge HTTP/1.1\r\nHost: gateway\r\nContent-Length: 10000000\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 413 "), answer
         json_error(*request(port, "GET", "/health", headers={"X-Big": "b" * 20_000}), 431)
         json_error(*request(port, "GET", "/charge/" + "a" * 20_000), 414)
         # Within the limits, a chunked body reaches the app whole.
