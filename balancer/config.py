@@ -3,10 +3,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from balancer.poller import DEFAULT_METRICS_HOSTS
-from balancer.strategies import DEFAULT_STRATEGY, STRATEGIES
-from smartgrid import contract
+from balancer.power_routing import DEFAULT_STRATEGY, STRATEGY_NAMES
+from smartgrid import contract, grid, leases
 from smartgrid.config import (
     DEFAULT_AMQP_URL,
+    ConfigError,
     declare_topology_setting,
     non_negative,
     positive,
@@ -62,9 +63,10 @@ class BalancerConfig:
     strategy: str = setting(
         "BALANCER_STRATEGY",
         DEFAULT_STRATEGY,
-        "How to choose a substation",
-        check=lambda name: name in STRATEGIES,
-        expect="one of " + ", ".join(STRATEGIES),
+        "How to choose a substation (power-min: the least utilised path after admission, "
+        "power and points; the others count sessions only)",
+        check=lambda name: name in STRATEGY_NAMES,
+        expect="one of " + ", ".join(STRATEGY_NAMES),
     )
     prefetch: int = setting(
         "BALANCER_PREFETCH",
@@ -130,7 +132,57 @@ class BalancerConfig:
     )
     declare_topology: bool = declare_topology_setting()
     event_senders: tuple[str, ...] = event_senders_setting()
+    topology_file: str = setting(
+        grid.TOPOLOGY_ENV,
+        "",
+        "The grid's topology, a TOML file of [[node]] entries (id, parent, limit_kw; "
+        "docs/power.md); empty: every substation is a root of its own, with the limit and "
+        "parent it announces",
+    )
+    allocator: bool = setting(
+        "ALLOCATOR",
+        True,
+        "Take part in handing out shares of the grid's limits (one balancer does at a time; "
+        "the others stand by)",
+    )
+    lease_seconds: float = setting(
+        "LEASE_SECONDS",
+        3.0,
+        "How long a share is in force at its substation unless renewed (renewed every third "
+        "of it); a substation without one falls to its failsafe",
+        check=lambda seconds: seconds > 2 * leases.CLOCK_SKEW_SECONDS,
+        expect=f"seconds > {2 * leases.CLOCK_SKEW_SECONDS:g}",
+    )
+    failsafe_kw: float = setting(
+        "SUBSTATION_FAILSAFE_KW",
+        0.0,
+        "What a substation under a grid node draws without a share, assumed for one not "
+        "heard from yet (each reports its own); the same value as the substations'",
+        check=non_negative,
+        expect="kW >= 0",
+    )
+    allocator_heartbeat: int = setting(
+        "ALLOCATOR_HEARTBEAT",
+        2,
+        "AMQP heartbeat of the allocator's own connection, in seconds: a frozen or cut-off "
+        "allocator loses the power reports to a standby after about twice this",
+        check=positive,
+        expect="whole seconds > 0",
+    )
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
+
+    def __post_init__(self) -> None:
+        # A topology that cannot be used stops the balancer at once, with every problem.
+        try:
+            topology = grid.load_topology(self.topology_file) if self.topology_file else None
+        except grid.TopologyError as exc:
+            raise ConfigError(str(exc)) from None
+        object.__setattr__(self, "_topology", topology or grid.Topology())
+
+    @property
+    def topology(self) -> grid.Topology:
+        """The tree of GRID_TOPOLOGY_FILE, read once at start (empty without a file)."""
+        return self._topology  # type: ignore[attr-defined]
 
     @property
     def effective_stale_after(self) -> float:

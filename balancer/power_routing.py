@@ -24,11 +24,17 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from balancer.strategies import Candidate
+from balancer.strategies import STRATEGIES, Candidate
 from smartgrid.grid import GridState, Need
 
 #: Utilisations closer than this are equal (as in strategies.py).
 _TOLERANCE = 1e-9
+
+POWER_MIN = "power-min"
+#: The balancer's strategies: power-min, and the count-only ones (balancer/strategies.py) for
+#: comparison.
+STRATEGY_NAMES = (POWER_MIN, *STRATEGIES)
+DEFAULT_STRATEGY = POWER_MIN
 
 
 def path_utilisation(candidate: Candidate, grid: GridState, need: Need) -> tuple[float, ...]:

@@ -6,8 +6,11 @@ any point leaves it in the pending queue (at worst it is forwarded twice; substa
 deduplicate by request id). Confirms are asynchronous, so many requests are in flight at once.
 
 This module is the wiring; the decisions are elsewhere and pure: which substation
-(balancer.strategies over balancer.fleet's estimates), which requests wait and what follows a
-failed forward (balancer.dispatch), which dead substations are drained (balancer.draining).
+(balancer.power_routing over balancer.fleet's estimates and balancer.power_fleet's power view,
+or a count-only strategy of balancer.strategies), which requests wait, the order held ones are
+released in and what follows a failed forward (balancer.dispatch, balancer.priorities), which
+dead substations are drained (balancer.draining). The share allocator runs beside it on a
+connection of its own (balancer.allocator).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from balancer.allocator import Allocator
 from balancer.config import BalancerConfig, parse_static_substations
 from balancer.dispatch import (
     RETRY_REFUSED_AFTER,
@@ -34,11 +38,15 @@ from balancer.dispatch import (
 from balancer.draining import Draining
 from balancer.fleet import Fleet
 from balancer.poller import Poller, PollerCollector, PollResult
-from balancer.strategies import make_strategy
+from balancer.power_fleet import PowerView, need_of
+from balancer.power_routing import POWER_MIN, power_min
+from balancer.strategies import Candidate, make_strategy
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
+from smartgrid.limits import LimitOverrides
+from smartgrid.power import CLASS_ORDER
 from smartgrid.senders import Senders
 
 log = logging.getLogger(__name__)
@@ -83,8 +91,26 @@ class BalancerMetrics:
             registry=registry,
         )
         self.held = Gauge(
-            "balancer_held_requests",
-            "Requests held because no substation is eligible or all are full",
+            contract.HELD_METRIC,
+            "Requests held because no substation is eligible, all are full, or no path has "
+            "power for the request's minimum, per priority class",
+            [contract.PRIORITY_LABEL],
+            registry=registry,
+        )
+        for priority in CLASS_ORDER:
+            self.held.labels(priority.value)
+        self.node_power = Gauge(
+            contract.NODE_POWER_METRIC,
+            "Power drawn under each grid node (substation or feeder), from the substations' "
+            "last power reports",
+            [contract.NODE_LABEL],
+            registry=registry,
+        )
+        self.node_limit = Gauge(
+            contract.NODE_LIMIT_METRIC,
+            "The limit in force at each grid node (the lowest of the topology file's, the "
+            "substation's own and an operator's override)",
+            [contract.NODE_LABEL],
             registry=registry,
         )
         self.dispatch_failures = Counter(
@@ -118,7 +144,9 @@ class BalancerService:
             config.balancer_id or f"balancer-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         )
         self.rng = random.Random(config.seed or None)
-        self.strategy = make_strategy(config.strategy)
+        #: None: power-min, which needs the power view besides the candidates.
+        self.strategy = None if config.strategy == POWER_MIN else make_strategy(config.strategy)
+        self.power = PowerView(config.topology)
         self.fleet = Fleet(
             stale_after=config.effective_stale_after, forget_after=config.forget_after
         )
@@ -167,6 +195,15 @@ class BalancerService:
             allowed_hosts=config.metrics_hosts,
         )
         registry.register(PollerCollector(self.poller))
+        self.allocator = Allocator(
+            config,
+            config.topology,
+            name=self.balancer_id,
+            on_overrides=lambda overrides: self.link.call_soon(
+                lambda: self._limits_changed(overrides)
+            ),
+            registry=registry,
+        )
         #: This balancer's forwards awaiting their confirm, by substation.
         self._forwarding: collections.Counter[str] = collections.Counter()
         self._http: WSGIServer | None = None
@@ -177,22 +214,25 @@ class BalancerService:
             self.config.metrics_port, addr=self.config.metrics_bind, registry=self._registry
         )
         self.link.start()
+        self.allocator.start()
         self.poller.start()
         self.link.call_soon(self._housekeeping)
         log.info(
             "%s: strategy %s, polling every %.2fs, stale after %.2fs, %d static substation(s), "
-            "metrics on :%d",
+            "%d grid node(s) in the topology, metrics on :%d",
             self.balancer_id,
             self.config.strategy,
             self.config.poll_interval,
             self.config.effective_stale_after,
             len(self.config.substations),
+            len(self.config.topology.nodes),
             self.config.metrics_port,
         )
 
     def stop(self) -> None:
         """Stop consuming; forwards in flight get their confirms; held requests go back."""
         self.poller.stop()
+        self.allocator.stop()
         self.link.stop(timeout=10)
         if self._http is not None:
             self._http.shutdown()
@@ -213,17 +253,30 @@ class BalancerService:
         self._route_held()
 
     def _route_held(self) -> None:
-        self._held.place(self._try_route)
-        self.metrics.held.set(len(self._held))
+        self._held.place(self._choose, self._forward)
+        self._publish_held()
 
-    def _try_route(self, delivery: Delivery, request: contract.ChargeRequest) -> bool:
+    def _publish_held(self) -> None:
+        for priority in CLASS_ORDER:
+            self.metrics.held.labels(priority.value).set(self._held.count(priority))
+
+    def _choose(self, request: contract.ChargeRequest) -> Candidate | None:
         started = time.perf_counter()
-        choice = self.strategy(self.fleet.candidates(), self.rng)
+        candidates = self.fleet.candidates()
+        if self.strategy is None:
+            need = need_of(request.power())
+            choice = power_min(candidates, self.power.grid(candidates), need, self.rng)
+        else:
+            choice = self.strategy(candidates, self.rng)
         self.metrics.decision.observe(time.perf_counter() - started)
-        if choice is None:
-            return False
+        return choice
+
+    def _forward(
+        self, delivery: Delivery, request: contract.ChargeRequest, choice: Candidate
+    ) -> None:
         substation = choice.substation
         self.fleet.routed(substation, request_id=request.request_id)
+        self.power.routed(substation, request.request_id, request.power())
         self._forwarding[substation] += 1
         self.metrics.estimated_load.labels(substation).set(choice.estimate + 1)
         routed = contract.RoutedRequest.from_request(
@@ -238,7 +291,6 @@ class BalancerService:
             contract.DISPATCH_EXCHANGE, substation, routed.to_body(), mandatory=True
         )
         confirmation.add_done_callback(lambda f: self._after_forward(f, delivery, request, routed))
-        return True
 
     def _after_forward(
         self,
@@ -262,6 +314,7 @@ class BalancerService:
             self.events.publish(event)
             return
         self.fleet.unrouted(routed.substation, request_id=routed.request_id)
+        self.power.unrouted(routed.substation, routed.request_id)
         self.metrics.dispatch_failures.labels(type(error).__name__).inc()
         next_step = after_failed_forward(error, still_settleable=self.link.is_current(delivery))
         if next_step is AfterFailedForward.ROUTE_ELSEWHERE:
@@ -299,7 +352,7 @@ class BalancerService:
         # Held deliveries belonged to the dead channel; the broker requeues them. Drain
         # consumers went with it; housekeeping starts them again.
         self._held.clear()
-        self.metrics.held.set(0)
+        self._publish_held()
         self._draining.connection_lost()
 
     # ---------------------------------------------------------- dead substations (I/O thread)
@@ -353,6 +406,7 @@ class BalancerService:
             if result.exception() is None:
                 self.link.ack(delivery)
                 self.fleet.unrouted(substation, request_id=routed.request_id)
+                self.power.unrouted(substation, routed.request_id)
                 self.metrics.rerouted.labels(substation).inc()
             else:
                 # Not the message's fault (see _after_forward): give it back after a pause,
@@ -366,9 +420,16 @@ class BalancerService:
     # ------------------------------------------------------------------ events (I/O thread)
     def _on_event(self, delivery: Delivery) -> None:
         events = events_in(delivery, self.senders)
+        freed = False
         for event in events:
+            freed |= self.power.apply(event)
             self._apply(event)
-        if self._held and any(isinstance(event, contract.SessionCompleted) for event in events):
+        if self._held and freed:
+            self._route_held()
+
+    def _limits_changed(self, overrides: LimitOverrides) -> None:
+        self.power.set_overrides(overrides)
+        if self._held:
             self._route_held()
 
     def _apply(self, event: contract.Event) -> None:
@@ -420,12 +481,22 @@ class BalancerService:
             )
             for gauge in (self.metrics.estimated_load, self.metrics.up, self.metrics.metrics_age):
                 gauge.remove(substation)
+            self.power.forget(substation)
         self._update_draining()
         self._publish_fleet_metrics()
+        self._publish_power_metrics()
         # A substation can go stale between polls; held requests may also need a retry.
         if self._held:
             self._route_held()
         self.link.call_later(1.0, self._housekeeping)
+
+    def _publish_power_metrics(self) -> None:
+        for node, kw in self.power.node_power_kw().items():
+            self.metrics.node_power.labels(node).set(kw)
+        capacities = {t.substation: t.capacity for t in self.fleet.substations.values()}
+        limits = self.power.limits_w({s: c for s, c in capacities.items() if c is not None})
+        for node, limit_w in limits.items():
+            self.metrics.node_limit.labels(node).set(limit_w / 1000)
 
     def _publish_fleet_metrics(self) -> None:
         now = time.monotonic()

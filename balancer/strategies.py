@@ -5,7 +5,7 @@ capacity and load estimates) and a random generator; it returns the chosen candi
 ``None`` to hold the request in the pending queue. Nothing here does I/O or reads clocks, so
 tests and simulators call these directly.
 
-``corrected-min`` (the default) picks the lowest utilisation a substation would have after
+``corrected-min`` picks the lowest utilisation a substation would have after
 taking the request, ``(estimate + 1) / capacity``, where the estimate is the polled load
 corrected for requests routed and sessions completed since the poll (see ``fleet.py``). Among
 equal utilisations it prefers the substation whose next session ends soonest: with fixed-length
@@ -16,10 +16,13 @@ then is the choice random, never by list order. When every substation is full it
 request, so it goes to whichever substation frees a point first rather than queueing behind
 one that happens to look best now.
 
-The others exist for comparison: ``stale-min`` is the original design (minimum of the last
-polled load, which herds between polls), ``p2c`` is power-of-two-choices over the corrected
-estimates (sampling in proportion to capacity), ``round-robin`` is smooth weighted round
-robin, and ``random`` picks in proportion to capacity.
+The balancer's default is ``power-min`` (balancer/power_routing.py): corrected-min along the
+whole path of grid nodes, with power as one more limit; with the default power and limits it
+makes exactly corrected-min's choices. The others exist for comparison: ``stale-min`` is the
+original design (minimum of the last polled load, which herds between polls), ``p2c`` is
+power-of-two-choices over the corrected estimates (sampling in proportion to capacity),
+``round-robin`` is smooth weighted round robin, and ``random`` picks in proportion to
+capacity.
 """
 
 from __future__ import annotations
@@ -135,7 +138,6 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "round-robin": RoundRobin,
     "random": lambda: weighted_random,
 }
-DEFAULT_STRATEGY = "corrected-min"
 
 
 def make_strategy(name: str) -> Strategy:

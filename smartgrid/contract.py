@@ -996,7 +996,16 @@ GATEWAY_EVENTS = EventSubscription(
 )
 BALANCER_EVENTS = EventSubscription(
     "balancer",
-    (RequestRouted, SessionStarted, SessionCompleted, SubstationAnnounced, SubstationLeaving),
+    (
+        RequestRouted,
+        SessionStarted,
+        SessionCompleted,
+        SubstationAnnounced,
+        SubstationLeaving,
+        # Its power view (balancer/power_fleet.py); the allocator reads them from its own
+        # queue, POWER_REPORTS_QUEUE.
+        PowerDemand,
+    ),
 )
 #: Only rare events: a substation's cost must not grow with the fleet's traffic. The
 #: announcements tell it which other substations are live, whose lookups it trusts.

@@ -66,6 +66,9 @@ class Role:
     #: Power share queues it declares, binds to the power exchange and consumes: a regex.
     #: They are exclusive to the consuming connection, so nobody can declare them beforehand.
     share_queues: str = ""
+    #: It declares the power topology (``contract.power_topology``) when services declare:
+    #: the power exchange, the reports queue, the limits stream and their bindings.
+    declares_power: bool = False
 
 
 _ANY_SUBSTATION_QUEUE = (
@@ -89,13 +92,21 @@ ROLES: dict[str, Role] = {
             contract.DEAD_LETTER_EXCHANGE,
             # Requests off a substation presumed dead go back to pending.
             contract.REQUESTS_EXCHANGE,
+            # Its allocator's shares of the grid's limits (one balancer's at a time).
+            contract.POWER_EXCHANGE,
         ),
-        consumes=(contract.PENDING_QUEUE,),
+        # The allocator reads the substations' reports and the operators' limits.
+        consumes=(
+            contract.PENDING_QUEUE,
+            contract.POWER_REPORTS_QUEUE,
+            contract.GRID_LIMITS_STREAM,
+        ),
         publishes=(contract.RequestRouted, contract.BalancerStarted, contract.RequestDeadLettered),
         subscribes=contract.BALANCER_EVENTS.events,
         subscription=contract.BALANCER_EVENTS.prefix,
         # It declares and drains the queue of any substation presumed dead.
         substation_queues=_ANY_SUBSTATION_QUEUE,
+        declares_power=True,
     ),
     "substation": Role(
         publishes_to=(contract.EVENTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE),
@@ -136,6 +147,15 @@ _CORE = [
 ]
 _CORE_BIND_WRITE = [contract.PENDING_QUEUE, contract.DEAD_LETTER_QUEUE]
 _CORE_BIND_READ = [contract.REQUESTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE]
+#: The power topology, for a role that declares it: its entities, the queues it binds (to the
+#: events exchange, whose topic permissions check the kinds bound).
+_POWER = [contract.POWER_EXCHANGE, contract.POWER_REPORTS_QUEUE, contract.GRID_LIMITS_STREAM]
+_POWER_BIND_WRITE = [contract.POWER_REPORTS_QUEUE, contract.GRID_LIMITS_STREAM]
+_POWER_BIND_KINDS = [
+    d.routing_key
+    for d in contract.power_topology()
+    if isinstance(d, contract.Binding) and d.exchange == contract.EVENTS_EXCHANGE
+]
 
 #: A regex that matches no name a client can use ("^$" is RabbitMQ's own "nothing").
 NOTHING = "^$"
@@ -179,10 +199,16 @@ def role_permissions(
         # exchange, a direct exchange whose routing keys no permission checks, so a user that
         # may bind could bind its queue to another substation's id as well.
         binds_own_queue = services_declare
+    topic_read = [e.kind for e in role.subscribes]
     if services_declare:
         configure += _CORE
         write += _CORE_BIND_WRITE
         read += _CORE_BIND_READ
+        if role.declares_power:
+            configure += _POWER
+            write += _POWER_BIND_WRITE
+            read.append(contract.EVENTS_EXCHANGE)
+            topic_read += _POWER_BIND_KINDS
     if binds_own_queue:
         read.append(contract.DISPATCH_EXCHANGE)
     if share_queues:
@@ -202,7 +228,7 @@ def role_permissions(
     topic = {
         "exchange": contract.EVENTS_EXCHANGE,
         "write": _exactly(e.kind for e in role.publishes),
-        "read": _exactly(e.kind for e in role.subscribes),
+        "read": _exactly(topic_read),
     }
     return resource, topic
 

@@ -231,6 +231,16 @@ class Load:
             tuple(a + b for a, b in zip(self.floors_w, other.floors_w, strict=True)),
         )
 
+    def __sub__(self, other: Load) -> Load:
+        return Load(
+            self.demand_w - other.demand_w,
+            tuple(a - b for a, b in zip(self.floors_w, other.floors_w, strict=True)),
+        )
+
+    def clamped(self) -> Load:
+        """No part below zero (a correction taken off a report that already left it out)."""
+        return Load(max(0, self.demand_w), tuple(max(0, f) for f in self.floors_w))
+
     def floor_at_or_above(self, priority: Priority) -> int:
         """The minimums a request of ``priority`` cannot take from: its class and higher."""
         return sum(self.floors_w[: priority.rank + 1])

@@ -40,7 +40,7 @@ Every class here is a pure state machine: times are arguments, nothing reads a c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -341,13 +341,35 @@ class ShareAllocator:
         return min(limits_w[substation], max(live))
 
     # -------------------------------------------------------------------------- allocation
-    def managed(self) -> list[str]:
-        return sorted(s for s in self._known if self.topology.parent(s) is not None)
+    def managed(self, overridden: Collection[str] = ()) -> list[str]:
+        """The substations that get shares: every one under a node of the tree, and a root
+        that is bound by shares all the same: one whose own limit an operator overrides (a
+        substation learns of that only as a share), one that names a parent the tree does not
+        define (it fails closed until it receives a share), and one that has taken a share
+        before (it is managed for the rest of its life)."""
+        return sorted(
+            s
+            for s, known in self._known.items()
+            # A leaf of the file that substations have since announced themselves under is a
+            # node, not a substation.
+            if not self.topology.children(s)
+            and (
+                self.topology.parent(s) is not None
+                or s in overridden
+                or (
+                    known.report is not None
+                    and (known.report.parent is not None or known.report.last_key is not None)
+                )
+            )
+        )
 
-    def allocate(self, limits_w: Mapping[str, int], now: float) -> list[Grant]:
+    def allocate(
+        self, limits_w: Mapping[str, int], now: float, *, overridden: Collection[str] = ()
+    ) -> list[Grant]:
         """The grants to send now: changed shares, and renewals of leases past ``renew_after``.
-        ``limits_w`` is the limit in force of every node and substation."""
-        managed = self.managed()
+        ``limits_w`` is the limit in force of every node and substation; ``overridden``, the
+        nodes whose limit an operator's override sets now."""
+        managed = self.managed(overridden)
         demands = {
             s: known.report.demand
             if known.report is not None
@@ -356,6 +378,11 @@ class ShareAllocator:
             if s in managed
         }
         division = target_shares(self.topology, limits_w, demands)
+        # A root's share is its whole limit in force: nothing above it to divide.
+        targets = {
+            s: division.shares_w[s] if self.topology.parent(s) is not None else limits_w[s]
+            for s in managed
+        }
         self.overcommitted = division.overcommitted
         committed = {s: self.committed_w(s, limits_w, now) for s in managed}
         under: dict[str, list[str]] = {}
@@ -365,14 +392,17 @@ class ShareAllocator:
 
         grants = []
         # A fixed order (lowering first), so the same state always gives the same grants.
-        for s in sorted(managed, key=lambda s: (division.shares_w[s] - committed[s], s)):
+        for s in sorted(managed, key=lambda s: (targets[s] - committed[s], s)):
             # Even a share below the commitment needs room: the commitment may be a worst case
             # (after a failover) far above what the substation really draws.
             room = min(
-                limits_w[node] - sum(committed[t] for t in under[node] if t != s)
-                for node in self.topology.path(s)[1:]
+                (
+                    limits_w[node] - sum(committed[t] for t in under[node] if t != s)
+                    for node in self.topology.path(s)[1:]
+                ),
+                default=limits_w[s],
             )
-            share = max(0, min(division.shares_w[s], room, limits_w[s]))
+            share = max(0, min(targets[s], room, limits_w[s]))
             latest = self._latest(s)
             if (
                 latest is not None

@@ -60,6 +60,12 @@ class LimitOverrides:
         self._latest[override.node] = override
         return True
 
+    def copy(self) -> LimitOverrides:
+        """An independent copy (to hand to another thread)."""
+        copied = LimitOverrides()
+        copied._latest = dict(self._latest)
+        return copied
+
     def in_force(self, now: float) -> dict[str, int]:
         """The overriding limit of every node that has one at ``now``."""
         return {

@@ -333,6 +333,43 @@ def test_a_grant_overtaken_by_a_newer_one_is_retired_only_because_the_substation
     assert not holders["a1"].offer(high, 0.5)  # sound only because the substation refuses it
 
 
+def _settled(allocator: ShareAllocator, limits, now: float, **kw) -> dict[str, int]:
+    """The shares of one allocation, by substation, after the blind period."""
+    return {g.substation: g.share_w for g in allocator.allocate(limits, now, **kw)}
+
+
+def test_a_root_gets_a_share_when_an_operator_overrides_it_and_keeps_getting_them():
+    allocator = ShareAllocator(
+        Topology(), term=1, activated_at=0.0, lease_seconds=3.0, skew_seconds=0.5
+    )
+    lone = DemandReport("lone", 10.0, 30_000, demand(standard=2))
+    allocator.report(lone)
+    own = limits_in_force(Topology(), {"lone": 30_000})
+    assert _settled(allocator, own, 10.0) == {}  # a root of its own: its limit, no share
+    cut = limits_in_force(Topology(), {"lone": 30_000}, {"lone": 12_000})
+    assert _settled(allocator, cut, 10.1, overridden={"lone"}) == {"lone": 12_000}
+    # It took the share, so it is managed from now on: the override cleared, it is still
+    # granted (its whole own limit), or its lease would lapse to the failsafe.
+    allocator.report(DemandReport("lone", 10.2, 30_000, demand(standard=2), last_key=(1, 1)))
+    assert _settled(allocator, own, 10.3) == {"lone": 30_000}
+
+
+def test_a_substation_naming_a_parent_the_tree_does_not_define_is_granted_its_own_limit():
+    allocator = ShareAllocator(TREE, term=1, activated_at=0.0, lease_seconds=3.0, skew_seconds=0.5)
+    allocator.report(DemandReport("x9", 10.0, 40_000, demand(standard=1), parent="nowhere"))
+    limits = limits_in_force(TREE, {"x9": 40_000})
+    assert _settled(allocator, limits, 10.0)["x9"] == 40_000
+
+
+def test_a_leaf_of_the_file_that_substations_announce_themselves_under_is_not_granted():
+    tree = Topology({**TREE.nodes, "fc": Node("fc", 20_000, "site")})
+    allocator = ShareAllocator(tree, term=1, activated_at=0.0, lease_seconds=3.0, skew_seconds=0.5)
+    allocator.report(DemandReport("c1", 10.0, 50_000, demand(standard=3), parent="fc"))
+    limits = limits_in_force(allocator.topology, {"c1": 50_000})
+    shares = _settled(allocator, limits, 10.0)
+    assert "fc" not in shares and shares["c1"] <= 20_000
+
+
 # ------------------------------------------------------------------------------ the state machine
 LEASE, SKEW = 3.0, 0.5
 OWN_LIMIT, FAILSAFE = 50_000, 5_000

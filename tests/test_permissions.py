@@ -92,7 +92,7 @@ def strict(broker_reachable) -> Iterator[Users]:
 
 @pytest.fixture(scope="module")
 def declaring(broker_reachable) -> Iterator[Users]:
-    yield from _setup(services_declare=False)
+    yield from _setup(services_declare=True)
 
 
 # ------------------------------------------------------------------------------ operations
@@ -221,6 +221,9 @@ ALLOWED = {
     ("balancer", "inject a request into the dispatch exchange"): "its job",
     ("balancer", "read every dispatch: bind a queue to the dispatch exchange"): "its job",
     ("balancer", "declare a queue that dead-letters into the requests exchange"): "its job",
+    # Its allocator hands out the shares (one balancer's at a time: the reports queue's single
+    # active consumer decides which).
+    ("balancer", "forge a power share for a substation"): "its job",
     # The shared substation user binds its own queue to the dispatch exchange, a direct
     # exchange whose keys no permission checks (one user per substation is held to its own).
     ("substation", "read every dispatch: bind a queue to the dispatch exchange"): "shared user",
@@ -248,13 +251,18 @@ def test_only_the_consumers_of_a_queue_may_read_purge_or_delete_it(strict: Users
         contract.PENDING_QUEUE: {"balancer"},
         contract.DEAD_LETTER_QUEUE: set(),
         contract.substation_queue_name("s2"): {"balancer", "substation"},
+        contract.POWER_REPORTS_QUEUE: {"balancer"},
     }
     for queue, allowed in readers.items():
         consume = strict.attempt(user, lambda ch, q=queue: ch.basic_consume(q, lambda *a: None))
         get = strict.attempt(user, lambda ch, q=queue: ch.basic_get(q, auto_ack=False))
-        # A substation queue has a single active consumer, which basic.get would bypass:
+        # A substation queue and the power reports have a single active consumer, which
+        # basic.get would bypass:
         # the broker refuses it (405 RESOURCE_LOCKED) once the permission check has passed.
-        got = 405 if queue.startswith(contract.SUBSTATION_QUEUE_PREFIX) else None
+        single_active = queue.startswith(contract.SUBSTATION_QUEUE_PREFIX) or (
+            queue == contract.POWER_REPORTS_QUEUE
+        )
+        got = 405 if single_active else None
         # Purging needs only read, so what may consume may also purge (see the README).
         assert (consume, get) == ((None, got) if user in allowed else (403, 403)), queue
         if user not in allowed:
@@ -369,6 +377,14 @@ def _consume_shares(substation: str) -> Operation:
     return operation
 
 
+def _read_limits(ch) -> None:
+    """As the allocator does: a stream consumer needs a prefetch and says where to start."""
+    ch.basic_qos(prefetch_count=10)
+    ch.basic_consume(
+        contract.GRID_LIMITS_STREAM, lambda *a: None, arguments={"x-stream-offset": "first"}
+    )
+
+
 LEGITIMATE_OPERATIONS: dict[str, dict[str, Operation]] = {
     "gateway": {
         "publish a charge request": _publish(
@@ -385,6 +401,11 @@ LEGITIMATE_OPERATIONS: dict[str, dict[str, Operation]] = {
             contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, _charge_request()
         ),
         "declare and drain the queue of a substation presumed dead": _declare_and_drain("s9"),
+        "hand out a power share": _publish(contract.POWER_EXCHANGE, "s1", _power_share("s1")),
+        "consume the power reports": lambda ch: ch.basic_consume(
+            contract.POWER_REPORTS_QUEUE, lambda *a: None
+        ),
+        "read the limits stream from its start": _read_limits,
     },
     "substation": {
         "declare, bind and consume its own queue": _declare_and_drain("s7"),
@@ -452,3 +473,29 @@ def test_one_shared_substation_user_cannot_tell_substations_apart(strict: Users)
     )
     assert strict.attempt("substation", recreate) is None
     assert strict.attempt("substation-s1", recreate) == ACCESS_REFUSED
+
+
+# ------------------------------------------------------------------------------ power topology
+def _declare_power(ch) -> None:
+    """As the balancer's allocator does where services declare their topology."""
+    for declaration in contract.power_topology():
+        if isinstance(declaration, contract.Exchange):
+            ch.exchange_declare(
+                declaration.name, exchange_type=declaration.type, durable=declaration.durable
+            )
+        elif isinstance(declaration, contract.Queue):
+            ch.queue_declare(
+                declaration.name, durable=declaration.durable, arguments=declaration.arguments
+            )
+        else:
+            ch.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
+
+
+def test_only_the_balancer_may_declare_the_power_topology_where_services_declare(
+    declaring: Users, strict: Users
+):
+    assert declaring.attempt("balancer", _declare_power) is None
+    for user in ("gateway", "loadgen", "substation", "substation-s1"):
+        assert declaring.attempt(user, _declare_power) == ACCESS_REFUSED, user
+    # Where only the admin declares, nobody else may, the balancer included.
+    assert strict.attempt("balancer", _declare_power) == ACCESS_REFUSED

@@ -11,6 +11,8 @@ import random
 import pytest
 
 from balancer import strategies
+from balancer.config import BalancerConfig
+from balancer.power_routing import STRATEGY_NAMES
 from balancer.strategies import (
     Candidate,
     RoundRobin,
@@ -269,8 +271,9 @@ def test_make_strategy_returns_a_working_strategy_for_every_known_name(name: str
     assert chosen is not None and chosen.substation == "only"
 
 
-def test_the_default_strategy_is_corrected_min():
-    assert make_strategy(strategies.DEFAULT_STRATEGY) is corrected_min
+def test_the_balancers_default_is_power_min_and_every_count_strategy_is_a_choice_too():
+    assert BalancerConfig().strategy == "power-min"
+    assert set(STRATEGY_NAMES) == {"power-min", *strategies.STRATEGIES}
 
 
 @pytest.mark.parametrize("name", ["", "least-loaded", "Corrected-Min", "corrected_min"])

@@ -48,6 +48,9 @@ class ConsumerSpec:
     #: dead-letter it with the reason before the broker's delivery limit drops the reason.
     on_poison: Callable[[Delivery, Exception], None] | None = None
     poison_after: int = 5
+    #: ``basic.consume`` arguments, asked for each time the consumer starts (a stream
+    #: consumer's ``x-stream-offset`` moves on as it reads).
+    arguments: Callable[[], dict[str, Any]] | None = None
 
     @property
     def description(self) -> str:

@@ -441,7 +441,12 @@ class Link:
             link_name=self.name,
         )
         channel.basic_qos(prefetch_count=0 if spec.auto_ack else spec.prefetch)
-        tag = channel.basic_consume(queue, on_message, auto_ack=spec.auto_ack)
+        tag = channel.basic_consume(
+            queue,
+            on_message,
+            auto_ack=spec.auto_ack,
+            arguments=spec.arguments() if spec.arguments is not None else None,
+        )
         self._consumer_tags.append(tag)
         return tag
 

@@ -1,0 +1,244 @@
+"""The balancer's power view without a broker: reported demand corrected by what was routed and
+what completed since, in any order of events and reports; limits and the tree."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancer.power_fleet import PowerView
+from balancer.strategies import Candidate
+from smartgrid import contract
+from smartgrid.grid import Load, Node, Topology
+from smartgrid.limits import LimitOverride, LimitOverrides
+from smartgrid.power import MAX_CAR_KW, Priority, watts
+from smartgrid.power_request import PowerFields
+
+S = "s1"
+CAR = PowerFields(max_kw=22.0, min_kw=6.0, priority=Priority.STANDARD)
+FLEET_CAR = PowerFields(max_kw=11.0, min_kw=1.4, priority=Priority.FLEET)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def report(at: float, *sessions: PowerFields, instance="i1", substation=S, **kw):
+    fields: dict = {
+        "at": at,
+        "substation": substation,
+        "instance": instance,
+        "limit_kw": kw.pop("limit_kw", 100.0),
+        "failsafe_kw": 0.0,
+        "limit_in_force_kw": 100.0,
+        "power_kw": kw.pop("power_kw", 0.0),
+        **kw,
+    }
+    for session in sessions:
+        name = session.priority.value
+        fields[f"sessions_{name}"] = fields.get(f"sessions_{name}", 0) + 1
+        fields[f"floor_kw_{name}"] = fields.get(f"floor_kw_{name}", 0.0) + session.min_kw
+        fields[f"want_kw_{name}"] = fields.get(f"want_kw_{name}", 0.0) + session.max_kw
+    return contract.PowerDemand(**fields)
+
+
+def started(request_id: str, at: float, power: PowerFields = CAR, instance="i1", substation=S):
+    return contract.SessionStarted(
+        at=at,
+        request_id=request_id,
+        ev_id="EV" + request_id,
+        substation=substation,
+        instance=instance,
+        accepted_at=at - 1,
+        expected_end=at + 60,
+        max_kw=power.max_kw,
+        min_kw=power.min_kw,
+        priority=power.priority.value,
+        power_kw=power.max_kw,
+    )
+
+
+def completed(request_id: str, at: float, instance="i1", substation=S):
+    return contract.SessionCompleted(
+        at=at,
+        request_id=request_id,
+        ev_id="EV" + request_id,
+        substation=substation,
+        instance=instance,
+        started_at=at - 60,
+    )
+
+
+def cars(*powers: PowerFields) -> Load:
+    total = Load()
+    for p in powers:
+        total = total + Load.of(p.max_w, p.min_w, p.priority)
+    return total
+
+
+def test_what_was_routed_since_the_report_counts_until_a_report_counts_it():
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.apply(report(10.0))
+    view.routed(S, "r1", CAR)
+    assert view.load(S) == cars(CAR)
+    view.apply(started("r1", 10.5))
+    assert view.load(S) == cars(CAR)  # started after the report: still not in it
+    view.apply(report(11.0, CAR))
+    assert view.load(S) == cars(CAR)  # now in the report, and counted once
+
+
+def test_a_report_taken_after_a_start_whose_event_comes_late_is_not_counted_twice_for_long():
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.routed(S, "r1", CAR)
+    view.apply(report(11.0, CAR))  # the report saw the session ...
+    assert view.load(S) == cars(CAR, CAR)  # ... the balancer not yet: counted twice, safe side
+    view.apply(started("r1", 10.5))
+    assert view.load(S) == cars(CAR)
+
+
+def test_a_completion_after_the_report_is_taken_off_until_the_next_report():
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.apply(started("r1", 9.0))
+    view.apply(started("r2", 9.0, FLEET_CAR))
+    view.apply(report(10.0, CAR, FLEET_CAR))
+    view.apply(completed("r1", 10.5))
+    assert view.load(S) == cars(FLEET_CAR)
+    view.apply(report(11.0, FLEET_CAR))
+    assert view.load(S) == cars(FLEET_CAR)
+
+
+def test_a_session_that_started_and_ended_between_two_reports_never_counts():
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.apply(report(10.0))
+    view.routed(S, "r1", CAR)
+    view.apply(started("r1", 10.2))
+    view.apply(completed("r1", 10.4))
+    assert view.load(S) == Load()
+    view.apply(report(11.0))
+    assert view.load(S) == Load()
+
+
+def test_an_older_report_overtaken_by_a_newer_one_is_ignored():
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.apply(report(11.0, CAR))
+    view.apply(report(10.0))
+    assert view.load(S) == cars(CAR)
+
+
+def test_sessions_of_a_restarted_substation_count_as_routed_until_started_again():
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.apply(started("r1", 9.0, instance="old"))
+    view.apply(report(10.0, CAR, instance="old"))
+    view.apply(report(20.0, instance="new"))  # restarted: its queue gives r1 back to it
+    assert view.load(S) == cars(CAR)
+    view.apply(started("r1", 20.5, instance="new"))
+    view.apply(report(21.0, CAR, instance="new"))
+    assert view.load(S) == cars(CAR)
+
+
+def test_a_request_that_never_starts_is_forgotten_and_a_failed_forward_at_once():
+    clock = Clock()
+    view = PowerView(Topology(), wall_clock=clock, forget_after=60)
+    view.routed(S, "lost", CAR)
+    view.routed(S, "failed", FLEET_CAR)
+    view.unrouted(S, "failed")
+    assert view.load(S) == cars(CAR)
+    clock.now += 61
+    view.apply(report(10.0))
+    assert view.load(S) == Load()
+
+
+# ------------------------------------------------------------------------------ any order
+@settings(deadline=None)
+@given(
+    position=st.integers(0, 3),
+    report_at=st.sampled_from([10.1, 10.5, 10.7, 11.0]),
+)
+def test_the_load_does_not_depend_on_when_the_report_arrives_among_the_events(position, report_at):
+    """r1 runs 10.2-10.8, r2 from 10.6. Whenever the report (taken at ``report_at``) arrives
+    among the events, once all are in the load is the truth: r2's car."""
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.routed(S, "r1", CAR)
+    view.routed(S, "r2", CAR)
+    running = [CAR] * sum(
+        1 for start, end in ((10.2, 10.8), (10.6, None)) if start <= report_at < (end or 99)
+    )
+    steps: list = [started("r1", 10.2), started("r2", 10.6), completed("r1", 10.8)]
+    steps.insert(position, report(report_at, *running))
+    for event in steps:
+        view.apply(event)
+    assert view.load(S) == cars(CAR)
+
+
+# ------------------------------------------------------------------------------ limits and tree
+def candidate(name: str, capacity: int = 4) -> Candidate:
+    return Candidate(name, capacity, 0.0, 0.0)
+
+
+def test_without_anything_known_a_substation_gets_a_limit_that_never_binds():
+    view = PowerView(Topology())
+    assert view.limits_w({"s9": 4}) == {"s9": 4 * watts(MAX_CAR_KW)}
+
+
+def test_limits_come_from_reports_the_file_and_overrides_the_lowest_winning():
+    clock = Clock()
+    tree = Topology({"feeder": Node("feeder", 100_000), S: Node(S, 80_000, "feeder")})
+    view = PowerView(tree, wall_clock=clock)
+    view.apply(report(10.0, limit_kw=60.0))
+    assert view.limits_w() == {"feeder": 100_000, S: 60_000}
+    overrides = LimitOverrides()
+    overrides.apply(LimitOverride("feeder", 30_000, clock.now - 1, clock.now + 10))
+    view.set_overrides(overrides)
+    assert view.limits_w()["feeder"] == 30_000
+    clock.now += 11  # the override ran out
+    assert view.limits_w()["feeder"] == 100_000
+
+
+def test_an_announced_parent_joins_the_tree_and_one_the_file_contradicts_is_ignored(caplog):
+    tree = Topology({"feeder": Node("feeder", 100_000), "other": Node("other", 50_000)})
+    view = PowerView(tree)
+    view.apply(report(10.0, substation="s1", parent="feeder"))
+    assert view.topology.path("s1") == ("s1", "feeder")
+    view.apply(report(10.0, substation="s2", parent="nowhere"))
+    assert view.topology.path("s2") == ("s2",)
+    with caplog.at_level(logging.WARNING):
+        for at in (11.0, 12.0):  # logged once
+            view.apply(report(at, substation="s2", parent="nowhere"))
+    assert view.topology.path("s2") == ("s2",)
+
+
+def test_the_grid_counts_every_substation_under_a_feeder_not_only_the_candidates():
+    tree = Topology({"feeder": Node("feeder", 50_000)})
+    view = PowerView(tree)
+    view.apply(report(10.0, CAR, CAR, substation="busy", parent="feeder"))
+    view.apply(report(10.0, substation="idle", parent="feeder"))
+    grid = view.grid([candidate("idle")])  # busy is not eligible just now
+    assert grid.load("feeder") == cars(CAR, CAR)
+    assert grid.headroom_w("feeder") == 50_000 - 2 * CAR.min_w
+
+
+def test_power_per_node_sums_the_substations_reports_up_the_tree():
+    tree = Topology({"site": Node("site", 500_000), "feeder": Node("feeder", 100_000, "site")})
+    view = PowerView(tree)
+    for name, kw in zip(("a", "b"), (12.5, 30.0), strict=True):
+        view.apply(report(10.0, substation=name, parent="feeder", power_kw=kw))
+    assert view.node_power_kw() == pytest.approx(
+        {"a": 12.5, "b": 30.0, "feeder": 42.5, "site": 42.5}
+    )
+
+
+def test_counts_of_each_class_are_kept_apart():
+    view = PowerView(Topology())
+    for n, car in zip(itertools.count(), (CAR, FLEET_CAR, FLEET_CAR)):
+        view.routed(S, f"r{n}", car)
+    load = view.load(S)
+    assert load.floors_w == (0, 2 * FLEET_CAR.min_w, CAR.min_w)
+    assert load.floor_at_or_above(Priority.FLEET) == 2 * FLEET_CAR.min_w
