@@ -444,11 +444,12 @@ def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_surviv
     restarter: threading.Thread | None = None
     restart_error: list[Exception] = []
     try:
-        # Every quorum queue has a member on each of the three nodes.
+        # Every quorum queue (pending, dead letters, power reports, each substation's) has a
+        # member on each of the three nodes.
         queues = cluster.queues(vhost)
         names = sorted(n.name for n in cluster.nodes)
         quorum = {name: q for name, q in queues.items() if q["type"] == "quorum"}
-        assert contract.PENDING_QUEUE in quorum and len(quorum) == 2 + settings.substations, sorted(
+        assert contract.PENDING_QUEUE in quorum and len(quorum) == 3 + settings.substations, sorted(
             queues
         )
         for name, queue in quorum.items():
