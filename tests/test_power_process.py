@@ -84,6 +84,19 @@ def _balancer(settings: StackSettings, name: str = "balancer", port: int | None 
     return service.start()
 
 
+def _ready(service) -> None:
+    """Healthy, and routing to every substation (polled once at least): requests sent
+    earlier would all go to whichever it knew first."""
+    service.wait_healthy()
+    eventually(
+        lambda: all(
+            metric(service.health_url, "balancer_substation_up", substation=s) == 1
+            for s in SUBSTATIONS
+        ),
+        what="every substation eligible",
+    )
+
+
 class Sampler:
     """Every substation's power, limit in force and lease left, every 100 ms."""
 
@@ -198,7 +211,7 @@ def test_a_limit_cut_is_obeyed_within_two_seconds_and_no_node_is_ever_over_its_l
     balancer = _balancer(grid)
     sampler = None
     try:
-        balancer.wait_healthy()
+        _ready(balancer)
         events = broker.subscribe_events(contract.SessionCompleted.kind, contract.SessionPower.kind)
         sampler = Sampler(grid)
         # Six 22 kW cars (132 kW) under a 60 kW feeder: at ~10 kW each, 20 kWh take hours.
@@ -255,7 +268,7 @@ def test_sigkill_of_the_active_allocator_another_balancer_takes_over_within_a_le
     sampler = None
     try:
         for service in balancers.values():
-            service.wait_healthy()
+            _ready(service)
         events = broker.subscribe_events(contract.SessionCompleted.kind)
         sampler = Sampler(grid)
         ids = _send(broker, 6, energy_kwh=12)
@@ -303,7 +316,7 @@ def test_a_substation_cut_off_from_the_allocator_falls_to_its_failsafe_within_le
     balancer = _balancer(grid)
     sampler = None
     try:
-        balancer.wait_healthy()
+        _ready(balancer)
         sampler = Sampler(grid)
         _send(broker, 4, energy_kwh=100)
         eventually(lambda: sampler.feeder_kw() >= FEEDER_KW - 1, timeout=15)
