@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import platform
 import subprocess
+import tarfile
+import tempfile
 import time
 import timeit
 import urllib.request
@@ -56,6 +59,32 @@ def bench_settings(amqp_url: str, log_dir: Path, **overrides) -> StackSettings:
     for key, value in overrides.items():
         setattr(settings, key, value)
     return settings
+
+
+def source_tree(revision: str) -> tuple[str, dict[str, str]]:
+    """The source of ``revision`` (any git revision of this repository), exported to a fresh
+    directory; its label (the revision and its short hash) and the variables under which a
+    service's ``python -m`` imports the project from that directory rather than from this
+    checkout (PYTHONSAFEPATH: the working directory would come first otherwise). What the venv
+    has installed (the libraries) is shared: a comparison of revisions measures the project's
+    own code, on the same stack, in the same run.
+    """
+    short = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", revision],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    directory = Path(tempfile.mkdtemp(prefix=f"smartgrid-{short}-"))
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", short],
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(directory, filter="data")
+    label = revision if revision == short else f"{revision} ({short})"
+    return label, {"PYTHONPATH": str(directory), "PYTHONSAFEPATH": "1"}
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -10,10 +10,14 @@ allow; ``make bench-tools`` installs it).
 
     .venv/bin/python -m bench.cpu [--rate 400] [--duration 20] [--client loadgen|wrk]
     .venv/bin/python -m bench.cpu --client wrk --servers gunicorn,granian --rounds 2
+    .venv/bin/python -m bench.cpu --client wrk --revs main,HEAD --rounds 3
 
 ``--servers`` puts the gateway under each HTTP server in turn (the same app, settings and
-broker; ``gunicorn`` is the previous server, bench/gunicorn_gateway.py), ``--rounds`` times,
-interleaved, since this machine's speed drifts within minutes.
+broker; ``gunicorn`` is the previous server, bench/gunicorn_gateway.py); ``--revs`` runs the
+stack's services from each git revision in turn (``bench.common.source_tree``), so a change is
+measured against its baseline in the same run. Every side is measured ``--rounds`` times,
+interleaved, since this machine's speed drifts within minutes and other work shares it; the
+summary gives each side's median and range, and its ratio to the first side's median.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -30,7 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench.common import GATEWAY_SERVERS, bench_settings, markdown_table, private_vhost, save
+from bench.common import (
+    GATEWAY_SERVERS,
+    bench_settings,
+    markdown_table,
+    private_vhost,
+    save,
+    source_tree,
+)
 from bench.throughput import CAPACITY, SESSION_SECONDS
 from loadgen.run import LoadSettings, run_load
 from stack.local import start_stack
@@ -104,7 +116,9 @@ def measure(
     connections: int,
     log_dir: Path,
     server: str = "granian",
+    revision: tuple[str, dict[str, str]] | None = None,
 ) -> dict:
+    load_before = os.getloadavg()
     with private_vhost("bench-cpu") as url:
         settings = bench_settings(
             url,
@@ -113,6 +127,7 @@ def measure(
             session_seconds=SESSION_SECONDS,
             poll_interval=1.0,
             gateway_module=GATEWAY_SERVERS[server],
+            extra_env=revision[1] if revision else {},
         )
         group = start_stack(settings)
         try:
@@ -127,6 +142,9 @@ def measure(
             group.stop()
     return {
         "server": server,
+        "revision": revision[0] if revision else None,
+        # The machine is shared: other work's load, at the start and at the end.
+        "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "client": client,
         "rate": rate if client == "loadgen" else None,
         "connections": connections if client == "wrk" else None,
@@ -209,7 +227,12 @@ def main() -> None:
         default="granian",
         help=f"HTTP servers to put the gateway under, in turn: {', '.join(GATEWAY_SERVERS)}",
     )
-    parser.add_argument("--rounds", type=int, default=1, help="times to measure each server")
+    parser.add_argument(
+        "--revs",
+        default="",
+        help="git revisions to run the services from, in turn (default: this checkout)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="times to measure each side")
     args = parser.parse_args()
     if args.client == "wrk" and shutil.which("wrk") is None:
         parser.error("wrk is not installed (make bench-tools)")
@@ -217,23 +240,78 @@ def main() -> None:
     unknown = set(servers) - set(GATEWAY_SERVERS)
     if unknown:
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    revisions: list[tuple[str, dict[str, str]] | None] = [
+        source_tree(rev) for rev in args.revs.split(",") if rev
+    ] or [None]
     results = []
     for _ in range(args.rounds):
         for server in servers:
-            log_dir = Path(tempfile.mkdtemp(prefix=f"smartgrid-cpu-{server}-"))
-            result = measure(
-                args.rate, args.duration, args.client, args.connections, log_dir, server
-            )
-            results.append(result)
-            report(result)
+            for revision in revisions:
+                log_dir = Path(tempfile.mkdtemp(prefix=f"smartgrid-cpu-{server}-"))
+                result = measure(
+                    args.rate,
+                    args.duration,
+                    args.client,
+                    args.connections,
+                    log_dir,
+                    server,
+                    revision,
+                )
+                results.append(result)
+                report(result)
+    if len(results) > 1:
+        print("\n" + summary(results))
     save("cpu", results[0] if len(results) == 1 else {"runs": results})
+
+
+def side(result: dict) -> str:
+    return " ".join(filter(None, (result["server"], result.get("revision"))))
+
+
+def summary(results: list[dict]) -> str:
+    """Per side: median and range of requests/s, of each process's and the total CPU per
+    request, and the medians' ratio to the first side's."""
+    sides: dict[str, list[dict]] = {}
+    for result in results:
+        sides.setdefault(side(result), []).append(result)
+    names = sorted(
+        results[0]["cpu_us_per_request"], key=lambda n: -results[0]["cpu_us_per_request"][n]
+    )
+
+    def figures(runs: list[dict]) -> dict[str, list[float]]:
+        found = {"requests/s": [r["accepted_per_s"] for r in runs]}
+        for name in names:
+            found[f"{name} µs"] = [r["cpu_us_per_request"][name] for r in runs]
+        found["total µs"] = [sum(r["cpu_us_per_request"].values()) for r in runs]
+        return found
+
+    baseline = {k: statistics.median(v) for k, v in figures(next(iter(sides.values()))).items()}
+    rows = []
+    for name, runs in sides.items():
+        for key, values in figures(runs).items():
+            median = statistics.median(values)
+            rows.append(
+                [
+                    name,
+                    key,
+                    f"{median:,.0f}",
+                    f"{min(values):,.0f}–{max(values):,.0f}",
+                    f"×{median / baseline[key]:.2f}" if baseline[key] else "",
+                ]
+            )
+    loads = [a for r in results for a in r["load_average"]]
+    return (
+        markdown_table(["side", "figure", "median", "range", "vs first side"], rows)
+        + f"\nload average during the run: {min(loads):.1f}–{max(loads):.1f}"
+    )
 
 
 def report(result: dict) -> None:
     per_request = result["cpu_us_per_request"]
     print(
-        f"\ngateway under {result['server']}: {result['accepted']:,} requests accepted, "
-        f"{result['accepted_per_s']:,.0f}/s\n"
+        f"\n{side(result)}: {result['accepted']:,} requests accepted, "
+        f"{result['accepted_per_s']:,.0f}/s (load average {result['load_average'][0]:.1f}, "
+        f"then {result['load_average'][1]:.1f})\n"
     )
     rows = [
         [name, result["cpu_seconds"][name], f"{us:,.0f}"]
