@@ -14,7 +14,7 @@ help:
 	@echo "make test  run the test suite (installs what it needs first: see scripts/ensure-test-deps)"
 	@echo "make lint  ruff check, ruff format --check, mypy (as CI runs them)"
 	@echo "make dashboard  write the Grafana dashboard's JSON from its code, monitoring/dashboard.py"
-	@echo "make bench-tools  install what the benchmarks use beyond the venv (wrk, Debian's)"
+	@echo "make bench-tools  install what the benchmarks use beyond the venv (py-spy, and wrk: Debian's)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,10 @@ lint: $(STAMP)
 dashboard: $(STAMP)
 	$(BIN)/python -m monitoring.dashboard
 
-# wrk: the C HTTP load generator of bench.cpu --client wrk (Debian's package; needs root).
+# wrk: the C HTTP load generator of bench.cpu --client wrk (Debian's package; needs root);
+# py-spy (the bench extra): bench.profile's sampler.
 bench-tools: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
 	@command -v wrk >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk; }
 

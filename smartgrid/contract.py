@@ -39,12 +39,16 @@ non-exclusive queues). Messages are persistent JSON.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeGuard
+
+import msgspec
 
 from smartgrid.numbers import NotANumber, finite_number
 from smartgrid.power import CLASS_ORDER, MAX_CAR_KW, watts
@@ -307,8 +311,8 @@ def request_identity(body: bytes) -> tuple[str | None, str | None]:
     """The request and EV ids of any message body, where they are readable and valid: what
     can be said of a message that may break the contract (a dead letter, say)."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        data = _load_json(body)
+    except InvalidMessage:
         return None, None
     if not isinstance(data, dict):
         return None, None
@@ -387,14 +391,51 @@ def _schema(cls: type) -> tuple[tuple[str, type, bool, bool], ...]:
     return schema
 
 
+def _field_check(name: str, base: type, optional: bool) -> Callable[[Any], Any]:
+    """:func:`_check_value` for one field, with a shortcut for a value of exactly the field's
+    type that passes (the type JSON gives, nearly always); anything else takes the full check,
+    which decides and says why."""
+    full = functools.partial(_check_value, name, base, optional)
+    if base is str:
+        id_check = _ID_CHECKS.get(name)
+        if id_check is None:
+            return lambda value: value if value.__class__ is str and value else full(value)
+        fullmatch = id_check[0].fullmatch
+        return lambda value: (
+            value if value.__class__ is str and fullmatch(value) is not None else full(value)
+        )
+    if base is float:
+        # x - x is 0.0 exactly when x is finite (NaN and the infinities give NaN).
+        return lambda value: (
+            value if value.__class__ is float and value - value == 0.0 else full(value)
+        )
+    if base is int:
+        return lambda value: (
+            value if value.__class__ is int and -_FLOAT_MAX < value < _FLOAT_MAX else full(value)
+        )
+    return full
+
+
+_FLOAT_MAX = 1.7e308
+_ABSENT = object()
+_CHECKS: dict[type, tuple[tuple[str, Callable[[Any], Any], bool], ...]] = {}
+
+
 def _decode_fields(cls: type, data: dict) -> dict[str, Any]:
+    checks = _CHECKS.get(cls)
+    if checks is None:
+        checks = _CHECKS[cls] = tuple(
+            (name, _field_check(name, base, optional), required)
+            for name, base, optional, required in _schema(cls)
+        )
     kwargs = {}
-    for name, base, optional, required in _schema(cls):
-        if name not in data:
+    for name, check, required in checks:
+        value = data.get(name, _ABSENT)
+        if value is _ABSENT:
             if required:
                 raise InvalidMessage(f"missing field {name!r}")
             continue
-        kwargs[name] = _check_value(name, base, optional, data[name])
+        kwargs[name] = check(value)
     return kwargs
 
 
@@ -402,7 +443,19 @@ def _load_object(body: bytes) -> dict:
     return _checked_object(_load_json(body))
 
 
+#: msgspec's JSON parser: 5 to 20 times as fast as Python's on these messages (a dozen
+#: fields), and every service parses every message it receives. It accepts only standard JSON,
+#: so whatever it refuses goes to Python's parser, which decides: the same values (NaN,
+#: Infinity, a number beyond a double, a lone surrogate, UTF-16), the same reasons.
+_parse_json = msgspec.json.Decoder().decode
+_write_json = msgspec.json.Encoder().encode
+
+
 def _load_json(body: bytes) -> Any:
+    try:
+        return _parse_json(body)
+    except (msgspec.DecodeError, RecursionError):
+        pass
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -428,9 +481,16 @@ def _dump(obj: Any, **extra: Any) -> bytes:
     # dataclasses.asdict's deep copy two to four times over: a substation encodes two events
     # per request.
     payload = {"v": SCHEMA_VERSION}
-    for name, _base, _optional, _required in _schema(type(obj)):
-        payload[name] = getattr(obj, name)
+    finite = True
+    for name, base, _optional, _required in _schema(type(obj)):
+        value = payload[name] = getattr(obj, name)
+        if base is float and value.__class__ is float and not math.isfinite(value):
+            finite = False
     payload.update(extra)
+    if finite:
+        return _write_json(payload)
+    # msgspec writes NaN and Infinity as null, which an optional field would read as "not
+    # given"; Python's NaN (not JSON) makes every consumer refuse the message, as it should.
     return _compact(payload).encode()
 
 
@@ -452,13 +512,27 @@ def _check_power_fields(message: Any) -> None:
 
 
 def _power_of(message: Any) -> PowerFields:
+    energy_kwh = getattr(message, "energy_kwh", None)
+    # By type and value: True == 1 and 11 == 11.0, but a bool is no number here, and the
+    # defaults' fields are what nearly every message carries.
+    typed = (
+        (message.max_kw.__class__, message.max_kw),
+        (message.min_kw.__class__, message.min_kw),
+        (message.priority.__class__, message.priority),
+        (energy_kwh.__class__, energy_kwh),
+    )
+    try:
+        return _parsed_power(typed)
+    except TypeError:  # a value that cannot be a key is no valid field either: say which
+        return _parsed_power.__wrapped__(typed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_power(typed: tuple[tuple[type, Any], ...]) -> PowerFields:
+    """parse_power_fields of each distinct set of values (a PowerFields is immutable)."""
+    (_, max_kw), (_, min_kw), (_, priority), (_, energy_kwh) = typed
     return parse_power_fields(
-        {
-            "max_kw": message.max_kw,
-            "min_kw": message.min_kw,
-            "priority": message.priority,
-            "energy_kwh": getattr(message, "energy_kwh", None),
-        }
+        {"max_kw": max_kw, "min_kw": min_kw, "priority": priority, "energy_kwh": energy_kwh}
     )
 
 

@@ -439,6 +439,55 @@ def test_any_bytes_either_decode_as_a_charge_request_or_are_rejected_as_invalid(
         assert str(exc)
 
 
+_JSON_TEXT = st.one_of(
+    st.binary(max_size=200),
+    _JSON_VALUES.map(lambda value: json.dumps(value).encode()),
+    st.text(max_size=60).map(str.encode),
+    st.sampled_from([b"NaN", b"-Infinity", b"1e400", b'"\\ud800"', b"\xef\xbb\xbf{}", b"[" * 3000]),
+)
+
+
+@given(body=_JSON_TEXT)
+def test_the_contract_reads_json_exactly_as_pythons_parser_does(body: bytes):
+    # The fast parser refuses whatever is not standard JSON and Python's then decides, so a
+    # message means the same, and is refused for the same reason, as with Python's alone.
+    try:
+        expected = repr(json.loads(body))
+    except RecursionError:
+        expected = "InvalidMessage('body is nested too deeply')"
+    except (ValueError, UnicodeDecodeError) as exc:
+        expected = repr(contract.InvalidMessage(f"body is not JSON: {exc}"))
+    try:
+        found = repr(contract._load_json(body))
+    except contract.InvalidMessage as exc:
+        found = repr(exc)
+    assert found == expected
+
+
+@given(
+    accepted_at=st.floats(allow_nan=True, allow_infinity=True) | st.integers(),
+    max_kw=st.none() | st.floats(min_value=1.4, max_value=350),
+)
+def test_a_message_is_written_as_pythons_json_reads_it(accepted_at: float, max_kw: float | None):
+    request = contract.ChargeRequest(REQUEST_ID, "EV1", accepted_at, max_kw=max_kw)
+    body = request.to_body()
+    stdlib = json.dumps(contract.dataclasses.asdict(request) | {"v": 1}, separators=(",", ":"))
+    # The same fields and values (NaN too: compared as written), in any order.
+    assert repr(sorted(json.loads(body).items())) == repr(sorted(json.loads(stdlib).items()))
+    if not math.isfinite(accepted_at):
+        # Not JSON, so every consumer refuses it: never a null that means "not given".
+        assert "must be finite" in reason_for(body)
+
+
+def test_power_fields_are_checked_by_type_as_well_as_value():
+    # 1 == True and 11 == 11.0: the checked power fields of one must not pass for the other.
+    contract.ChargeRequest(REQUEST_ID, "EV1", 1.0, max_kw=11, min_kw=1.4)
+    with pytest.raises(contract.InvalidMessage, match="'max_kw' must be a number"):
+        contract.ChargeRequest(REQUEST_ID, "EV1", 1.0, max_kw=True, min_kw=1.4)
+    with pytest.raises(contract.InvalidMessage, match="'max_kw'"):
+        contract.ChargeRequest(REQUEST_ID, "EV1", 1.0, max_kw=[11], min_kw=1.4)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------------ topology
 def _all_topology() -> list[contract.Declaration]:
     return (
