@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -136,6 +136,8 @@ class PowerSharing:
         )
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
+        #: What the sessions would draw at their maximum, together.
+        self._wanted_w = 0
         self._admitted = 0
         #: Energy of the sessions that ended (the counter adds the running ones' so far).
         self._energy_done_kwh = 0.0
@@ -157,6 +159,7 @@ class PowerSharing:
             self._sessions[request_id] = _Session(
                 demand, SessionEnergy(energy, hour_seconds=self.hour_seconds, now=now)
             )
+            self._wanted_w += demand.max_w
 
     def remove(self, request_id: str, now: float) -> Ended | None:
         """A session ends at ``now`` (its energy delivered, cancelled, or dropped); None if it
@@ -165,6 +168,7 @@ class PowerSharing:
             session = self._sessions.pop(request_id, None)
             if session is None:
                 return None
+            self._wanted_w -= session.demand.max_w
             delivered = session.energy.delivered_kwh(now)
             self._energy_done_kwh += delivered
             return Ended(delivered, session.paused_for(now))
@@ -182,15 +186,25 @@ class PowerSharing:
         changed (and every new one), in the order they are served."""
         with self._lock:
             self._limit_in_force_w = self.lease.limit_w(now)
-            allocation = allocate(
-                self._limit_in_force_w,
-                (s.demand for s in self._sessions.values()),
-                self.guaranteed,
-            )
+            sessions: Iterable[_Session] = self._sessions.values()
+            if self._wanted_w <= self._limit_in_force_w:
+                # The limit covers every session's maximum, which is then what allocate gives
+                # each (guaranteed shares or not): only a new or a curtailed session changes.
+                # The commonest case by far (the default limit never binds), and allocate's
+                # sorting and water-filling on every start and end was 40% of a substation's
+                # CPU under load.
+                sessions = [
+                    s for s in sessions if not s.started or s.energy.power_w != s.demand.max_w
+                ]
+                power: Mapping[str, int] = {s.demand.session: s.demand.max_w for s in sessions}
+            else:
+                power = allocate(
+                    self._limit_in_force_w, (s.demand for s in sessions), self.guaranteed
+                ).power_w
             changes = []
-            for session in sorted(self._sessions.values(), key=lambda s: s.demand.order):
+            for session in sorted(sessions, key=lambda s: s.demand.order):
                 request_id = session.demand.session
-                power_w = allocation.power_w[request_id]
+                power_w = power[request_id]
                 if session.started and power_w == session.energy.power_w:
                     continue
                 first = not session.started

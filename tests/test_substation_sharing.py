@@ -241,6 +241,39 @@ def test_the_sessions_never_draw_more_than_the_limit_in_force_and_energy_only_gr
         energy = reading.energy_kwh
 
 
+@settings(max_examples=150, deadline=None)
+@given(steps=_steps, limit_kw=st.sampled_from([50, 400, 5_000]))
+def test_each_session_draws_what_allocate_gives_it_whatever_the_limit(steps, limit_kw):
+    # reshare takes a shortcut while the limit covers every session's maximum; the power of
+    # each session must be allocate's all the same, and so must every change it reports.
+    from smartgrid.power import allocate
+
+    sharing = _sharing(limit_kw=limit_kw)
+    now = T0 + 1
+    running: list[str] = []
+    for added, step in enumerate(steps):
+        if step[0] == "add":
+            _, max_tenths, min_tenths, priority = step
+            max_kw = max_tenths / 10
+            request_id = f"r{added}"
+            sharing.add(request_id, _car(max_kw, min(min_tenths / 10, max_kw), 20, priority), now)
+            running.append(request_id)
+        elif step[0] == "end" and running:
+            sharing.remove(running.pop(step[1] % len(running)), now)
+        elif step[0] == "wait":
+            now += step[1]
+        before = {r: s.energy.power_w for r, s in sharing._sessions.items() if s.started}
+        changes = sharing.reshare(now)
+        sessions = sharing._sessions.values()
+        expected = allocate(watts(limit_kw), [s.demand for s in sessions]).power_w
+        assert {r: s.energy.power_w for r, s in sharing._sessions.items()} == expected
+        assert [c.request_id for c in changes] == [
+            s.demand.session
+            for s in sorted(sessions, key=lambda s: s.demand.order)
+            if before.get(s.demand.session) != expected[s.demand.session]
+        ]
+
+
 # ------------------------------------------------------------------------------ configuration
 def _config(**env: str) -> SubstationConfig:
     return from_env(SubstationConfig, {"SUBSTATION_ID": "s1", **env})
