@@ -14,6 +14,7 @@ import pytest
 
 from smartgrid import contract
 from smartgrid.amqp import ConnectionLost, ConsumerSpec, Delivery, Link, NotConnected, Unroutable
+from smartgrid.amqp import link as link_module
 from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher
 from tests.helpers import BrokerClient, eventually
@@ -76,6 +77,35 @@ def test_publishes_from_many_threads_at_once_are_all_sent_each_thread_in_its_own
         assert len(sent) == threads * per_thread
         for t in range(threads):
             assert [m["n"] for m in sent if m["thread"] == t] == list(range(per_thread))
+    finally:
+        link.stop()
+
+
+def test_a_loop_turns_frames_go_out_in_one_send_and_arrive_whole(amqp_url, broker):
+    # The 500 publishes of one hand-off (1,500 frames: method, header, body) are coalesced
+    # into a few sends of up to COALESCE_BYTES; the broker must still read every message.
+    link = _link(amqp_url)
+    try:
+        transport = link._connection._transport  # type: ignore[union-attr]
+        sends: list[int] = []
+        send = transport._sigint_safe_send
+        transport._sigint_safe_send = lambda sock, data: sends.append(len(data)) or send(sock, data)
+        bodies = [json.dumps({"n": i, "pad": "x" * (i % 700)}).encode() for i in range(500)]
+
+        def publish_all() -> list:
+            return [
+                link.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, body)
+                for body in bodies
+            ]
+
+        futures: list = []
+        link.call_soon(lambda: futures.extend(publish_all()))
+        eventually(lambda: len(futures) == 500)
+        for future in futures:
+            assert future.result(10) is None
+        assert len(sends) < 100, sends  # not one a frame
+        assert max(sends) <= link_module.COALESCE_BYTES + 1024
+        assert [body for _, body in broker.get_all(contract.PENDING_QUEUE)] == bodies
     finally:
         link.stop()
 

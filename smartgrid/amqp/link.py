@@ -124,6 +124,47 @@ def declare(channel: pika.channel.Channel, declaration: Declaration) -> None:
         raise TypeError(declaration)
 
 
+#: At most this much buffered output goes out in one send (the rest in the next).
+COALESCE_BYTES = 256 * 1024
+
+
+def coalesce_writes(transport: Any) -> bool:
+    """Make pika's ``transport`` send what it has buffered in one system call, not one per
+    frame: pika queues every frame on its own (a publish is three: method, header, body) and
+    sends them one by one once the socket is writable, so a loop turn that publishes ten
+    messages and acks ten deliveries made 40 ``send`` calls, and the broker read as many TCP
+    segments. False (and nothing changed) if this pika's transport does not look as expected.
+    """
+    produce = getattr(transport, "_produce", None)
+    if not isinstance(getattr(transport, "_tx_buffers", None), collections.deque) or not callable(
+        produce
+    ):
+        return False
+
+    def produce_coalesced() -> None:
+        buffers: collections.deque[bytes] = transport._tx_buffers
+        if len(buffers) > 1:
+            parts, size = [], 0
+            while buffers and size < COALESCE_BYTES:
+                chunk = buffers.popleft()
+                parts.append(chunk)
+                size += len(chunk)
+            buffers.appendleft(b"".join(parts))
+        produce()
+
+    transport._produce = produce_coalesced
+    return True
+
+
+class _Connection(SelectConnection):
+    """pika's SelectConnection, its writes coalesced (:func:`coalesce_writes`)."""
+
+    def _proto_connection_made(self, transport: Any) -> None:
+        super()._proto_connection_made(transport)
+        if not coalesce_writes(transport):
+            log.warning("pika's transport changed: its writes are not coalesced")
+
+
 class Link:
     """One broker connection, its channel, its consumers and its publishes.
 
@@ -382,7 +423,7 @@ class Link:
         self._close_reason = None
         parameters = connection_parameters(url, name=self.name)
         self._user = parameters.credentials.username
-        self._connection = SelectConnection(
+        self._connection = _Connection(
             parameters=parameters,
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
