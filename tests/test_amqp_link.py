@@ -110,6 +110,43 @@ def test_a_loop_turns_frames_go_out_in_one_send_and_arrive_whole(amqp_url, broke
         link.stop()
 
 
+def test_acks_of_one_turn_go_as_one_multiple_ack_that_never_covers_an_unsettled_delivery(
+    amqp_url, broker
+):
+    for n in range(20):
+        broker.publish(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, b"%d" % n)
+    received: list[Delivery] = []
+    link = _link(
+        amqp_url,
+        consumers=[ConsumerSpec(contract.PENDING_QUEUE, received.append, prefetch=50)],
+    )
+    try:
+        eventually(lambda: len(received) == 20)
+        acks: list[tuple[int, bool]] = []
+        channel = link._channel
+        basic_ack = channel.basic_ack
+        channel.basic_ack = lambda tag, multiple=False: (
+            acks.append((tag, multiple)) or basic_ack(tag, multiple=multiple)
+        )
+        held = received[5]  # waits for a downstream confirm, say
+        done = threading.Event()
+
+        def ack_all_but_the_held_one() -> None:
+            for delivery in received:
+                if delivery is not held:
+                    assert link.ack(delivery)
+            link.call_later(0.05, done.set)
+
+        link.call_soon(ack_all_but_the_held_one)
+        assert done.wait(10)
+        tags = [d.delivery_tag for d in received]
+        assert acks == [(tags[4], True)] + [(tag, False) for tag in tags[6:]]
+    finally:
+        link.stop()
+    # The held delivery went back to its queue when the link closed; nothing else did.
+    assert [body for _, body in broker.get_all(contract.PENDING_QUEUE)] == [b"5"]
+
+
 def test_a_mandatory_message_that_reaches_no_queue_fails_with_unroutable(amqp_url):
     link = _link(amqp_url)
     try:

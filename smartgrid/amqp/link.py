@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import logging
 import random
 import threading
@@ -214,6 +215,11 @@ class Link:
         self._close_reason: BaseException | None = None
         self._publishes = Publishes(name=name, outbox_limit=outbox_limit)
         self._consumer_tags: list[str] = []
+        #: Delivery tags of this channel's deliveries not yet settled, oldest first (consumers
+        #: that acknowledge; a dict as an ordered set), and those acknowledged during this
+        #: loop turn, whose acks go out at its end (:meth:`_send_acks`).
+        self._unsettled: dict[int, None] = {}
+        self._acked: set[int] = set()
         self._link_id = uuid.uuid4().hex[:10]
         self._durable_subscriptions: set[str] = set()
 
@@ -349,11 +355,23 @@ class Link:
         return self._live_channel_for(delivery) is not None
 
     def ack(self, delivery: Delivery) -> bool:
-        """Acknowledge ``delivery``; False if its channel is gone (it will be redelivered)."""
+        """Acknowledge ``delivery``; False if its channel is gone (it will be redelivered).
+
+        The ack goes out at the end of this loop turn, with the others of the turn: one
+        ``multiple`` ack for those that settle everything up to a tag (each ack is a frame
+        to send, and a settle the quorum queue writes to its log). Were the connection lost
+        before, the delivery comes again, as it would had the frame been lost on the way.
+        """
         channel = self._live_channel_for(delivery)
         if channel is None:
             return False
-        channel.basic_ack(delivery.delivery_tag)
+        tag = delivery.delivery_tag
+        if tag not in self._unsettled:
+            channel.basic_ack(tag)  # not ours to batch (a consumer added by hand, say)
+            return True
+        if not self._acked:
+            self._ioloop.call_later(0, self._send_acks)
+        self._acked.add(tag)
         return True
 
     def reject(self, delivery: Delivery, *, requeue: bool) -> bool:
@@ -361,8 +379,33 @@ class Link:
         channel = self._live_channel_for(delivery)
         if channel is None:
             return False
+        self._unsettled.pop(delivery.delivery_tag, None)
         channel.basic_reject(delivery.delivery_tag, requeue=requeue)
         return True
+
+    def _send_acks(self) -> None:
+        """The acks of this turn: one ``multiple`` ack for those that, with the ones before,
+        settle every delivery up to a tag; one each for the rest (a delivery still unsettled
+        below them, one waiting for a downstream confirm, must stay so)."""
+        acked, self._acked = self._acked, set()
+        channel = self._channel
+        if not acked or channel is None or not channel.is_open:
+            return
+        unsettled = self._unsettled
+        run_end = None
+        for tag in unsettled:
+            if tag not in acked:
+                break
+            run_end = tag
+        if run_end is not None:
+            for tag in list(itertools.takewhile(lambda t: t <= run_end, unsettled)):
+                del unsettled[tag]
+                acked.discard(tag)
+            channel.basic_ack(run_end, multiple=True)
+        for tag in sorted(acked):
+            if tag in unsettled:  # not rejected meanwhile
+                del unsettled[tag]
+                channel.basic_ack(tag)
 
     def cancel_consumers(self) -> None:
         """Stop receiving new deliveries; those already received stay ours to settle."""
@@ -452,6 +495,7 @@ class Link:
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
         self._generation += 1
         self._channel = channel
+        self._unsettled, self._acked = {}, set()
         self._publishes.new_channel()
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
@@ -481,6 +525,8 @@ class Link:
             requeue=lambda delivery: self.reject(delivery, requeue=True),
             link_name=self.name,
         )
+        if not spec.auto_ack:
+            on_message = self._tracking(on_message, self._generation)
         channel.basic_qos(prefetch_count=0 if spec.auto_ack else spec.prefetch)
         tag = channel.basic_consume(
             queue,
@@ -490,6 +536,18 @@ class Link:
         )
         self._consumer_tags.append(tag)
         return tag
+
+    def _tracking(
+        self, on_message: Callable[[Any, Any, Any, bytes], None], generation: int
+    ) -> Callable[[Any, Any, Any, bytes], None]:
+        """``on_message``, the delivery counted as unsettled first (see :meth:`ack`)."""
+
+        def track(channel: Any, method: Any, properties: Any, body: bytes) -> None:
+            if generation == self._generation:
+                self._unsettled[method.delivery_tag] = None
+            on_message(channel, method, properties, body)
+
+        return track
 
     def declare(self, declarations: Iterable[Declaration]) -> bool:
         """Declare more of the topology now (I/O thread); False when not connected."""
@@ -555,6 +613,7 @@ class Link:
         for hook in self._stop_hooks:
             hook()
         self._ready.clear()
+        self._send_acks()
         self.cancel_consumers()
         if self._channel is not None and self._channel.is_open:
             for queue in self._durable_subscriptions:
