@@ -23,6 +23,9 @@ summary gives each side's median and range, and its ratio to the first side's me
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import itertools
 import os
 import re
 import resource
@@ -31,7 +34,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -85,10 +89,11 @@ def _beam_pids() -> set[int]:
     return pids
 
 
-def service_roots(group) -> dict[str, list[int]]:
-    """The processes whose CPU is counted, by service: the broker's beam.smp and each stack
-    service's own process (its children are found under it when counting)."""
-    roots: dict[str, list[int]] = {"rabbitmq": sorted(_beam_pids())}
+def service_roots(group, broker_pids: list[int] | None = None) -> dict[str, list[int]]:
+    """The processes whose CPU is counted, by service: the broker's beam.smp (``broker_pids``,
+    or every one on the machine) and each stack service's own process (its children are
+    found under it when counting)."""
+    roots: dict[str, list[int]] = {"rabbitmq": broker_pids or sorted(_beam_pids())}
     for service in group.services:
         # By name: the gateway is "gateway" under any HTTP server (bench.gunicorn_gateway too).
         kind = "substations" if service.module == "substation" else service.name
@@ -119,9 +124,10 @@ def measure(
     log_dir: Path,
     server: str = "granian",
     revision: tuple[str, dict[str, str]] | None = None,
+    broker: Broker | None = None,
 ) -> dict:
     load_before = os.getloadavg()
-    with private_vhost("bench-cpu") as url:
+    with broker.vhost() if broker else private_vhost("bench-cpu") as url:
         settings = bench_settings(
             url,
             log_dir,
@@ -133,7 +139,7 @@ def measure(
         )
         group = start_stack(settings)
         try:
-            roots = service_roots(group)
+            roots = service_roots(group, broker.pids if broker else None)
             time.sleep(2)
             accepted, cpu, elapsed = cpu_during(
                 roots,
@@ -145,6 +151,7 @@ def measure(
     return {
         "server": server,
         "revision": revision[0] if revision else None,
+        "broker": broker.spec if broker else "shared",
         # The machine is shared: other work's load, at the start and at the end.
         "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "client": client,
@@ -234,6 +241,12 @@ def main() -> None:
         default="",
         help="git revisions to run the services from, in turn (default: this checkout)",
     )
+    parser.add_argument(
+        "--brokers",
+        default="shared",
+        help="brokers to run on, in turn: shared (the machine's), private (a node of the "
+        "run's own), private:<Erlang VM arguments> (e.g. 'private:+sbwt none')",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="times to measure each side")
     args = parser.parse_args()
     if args.client == "wrk" and shutil.which("wrk") is None:
@@ -245,10 +258,16 @@ def main() -> None:
     revisions: list[tuple[str, dict[str, str]] | None] = [
         source_tree(rev) for rev in args.revs.split(",") if rev
     ] or [None]
+    specs = args.brokers.split(",")
+    if any(spec != "shared" and spec.partition(":")[0] != "private" for spec in specs):
+        parser.error("--brokers takes shared, private and private:<arguments>")
+    brokers: list[Broker | None] = []
     results = []
-    for _ in range(args.rounds):
-        for server in servers:
-            for revision in revisions:
+    try:
+        for spec in specs:
+            brokers.append(None if spec == "shared" else Broker(spec))
+        for _ in range(args.rounds):
+            for server, revision, broker in itertools.product(servers, revisions, brokers):
                 log_dir = Path(tempfile.mkdtemp(prefix=f"smartgrid-cpu-{server}-"))
                 result = measure(
                     args.rate,
@@ -258,16 +277,58 @@ def main() -> None:
                     log_dir,
                     server,
                     revision,
+                    broker,
                 )
                 results.append(result)
                 report(result)
+    finally:
+        for broker in brokers:
+            if broker is not None:
+                broker.stop()
     if len(results) > 1:
         print("\n" + summary(results))
     save("cpu", results[0] if len(results) == 1 else {"runs": results})
 
 
 def side(result: dict) -> str:
-    return " ".join(filter(None, (result["server"], result.get("revision"))))
+    broker = result.get("broker", "shared")
+    return " ".join(
+        filter(
+            None, (result["server"], result.get("revision"), None if broker == "shared" else broker)
+        )
+    )
+
+
+class Broker:
+    """A RabbitMQ node of the benchmark's own (``private``, or ``private:<Erlang VM
+    arguments>``), booted once for the whole run: its CPU is the run's alone, where the
+    machine's shared broker also serves whatever else runs (other vhosts' test suites)."""
+
+    def __init__(self, spec: str) -> None:
+        # The tests' throw-away nodes (tests/cluster.py; imported by name: the tests are not
+        # type-checked).
+        cluster = importlib.import_module("tests.cluster")
+        self.spec = spec
+        self.cluster = cluster.RabbitCluster(1, plugins=(), erl_args=spec.partition(":")[2])
+        self.cluster.start()
+
+    @property
+    def pids(self) -> list[int]:
+        pid = self.cluster.nodes[0].os_pid
+        assert pid is not None
+        return [pid]
+
+    @contextlib.contextmanager
+    def vhost(self) -> Iterator[str]:
+        name = f"bench-cpu-{uuid.uuid4().hex[:8]}"
+        url = self.cluster.add_vhost(name)[0]
+        try:
+            yield url
+        finally:
+            self.cluster.ctl(self.cluster.nodes[0], "delete_vhost", name)
+
+    def stop(self) -> None:
+        self.cluster.stop()
 
 
 def summary(results: list[dict]) -> str:

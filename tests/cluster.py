@@ -67,6 +67,8 @@ class Node:
     prometheus_port: int
     base: Path
     plugins: tuple[str, ...] = DEFAULT_PLUGINS
+    #: More arguments for the node's Erlang VM (benchmarks: its schedulers' busy waiting).
+    erl_args: str = ""
     #: The OS process id of the node's Erlang VM (beam.smp) once started.
     os_pid: int | None = field(default=None, repr=False)
 
@@ -105,7 +107,9 @@ class Node:
             # The machine's epmd (127.0.0.1 only) and distribution on loopback, like the
             # shared node's /etc/rabbitmq/rabbitmq-env.conf, which this node does not read.
             "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": " ".join(
+                filter(None, ("-kernel inet_dist_use_interface {127,0,0,1}", self.erl_args))
+            ),
         }
 
     def write_files(self) -> None:
@@ -169,6 +173,7 @@ class RabbitCluster:
         plugins: tuple[str, ...] = DEFAULT_PLUGINS,
         boot_timeout: float = 120.0,
         root: Path | None = None,
+        erl_args: str = "",
     ):
         if size < 1:
             raise ValueError("a cluster has at least one node")
@@ -186,6 +191,7 @@ class RabbitCluster:
                 prometheus_port=ports[4 * i + 3],
                 base=self.root / f"node{i + 1}",
                 plugins=plugins,
+                erl_args=erl_args,
             )
             for i in range(size)
         ]
