@@ -248,6 +248,9 @@ def main() -> None:
         "run's own), private:<Erlang VM arguments> (e.g. 'private:+sbwt none')",
     )
     parser.add_argument("--rounds", type=int, default=1, help="times to measure each side")
+    parser.add_argument(
+        "--name", default="cpu", help="results file: docs/bench/<name>.json (default cpu)"
+    )
     args = parser.parse_args()
     if args.client == "wrk" and shutil.which("wrk") is None:
         parser.error("wrk is not installed (make bench-tools)")
@@ -287,7 +290,7 @@ def main() -> None:
                 broker.stop()
     if len(results) > 1:
         print("\n" + summary(results))
-    save("cpu", results[0] if len(results) == 1 else {"runs": results})
+    save(args.name, results[0] if len(results) == 1 else {"runs": results})
 
 
 def side(result: dict) -> str:
