@@ -10,15 +10,21 @@ CPU per request, stacked by process.
 
     .venv/bin/python -m bench.latency [--rates 100,200,...] [--duration 20] [--target-ms 50]
     .venv/bin/python -m bench.latency --server gunicorn   # the previous HTTP server, as baseline
+    .venv/bin/python -m bench.latency --revs main,HEAD --rounds 2 --rates 200,400,600,800
 
 With ``--server`` other than granian (the gateway's own), results go to latency-<server>.json
-and .png beside the others.
+and .png beside the others. ``--revs`` sweeps the stack run from each git revision in turn
+(``bench.cpu``'s), ``--rounds`` times, on ``--broker`` (shared, private or private:<Erlang VM
+arguments>, as ``bench.cpu --brokers``); the result then goes to ``--name`` (a JSON file
+only), with each sweep and a summary of the median p99 per revision and rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +41,9 @@ from bench.common import (  # noqa: E402
     markdown_table,
     private_vhost,
     save,
+    source_tree,
 )
-from bench.cpu import cpu_during, service_roots  # noqa: E402
+from bench.cpu import Broker, cpu_during, service_roots  # noqa: E402
 from bench.throughput import CAPACITY, SESSION_SECONDS  # noqa: E402
 from loadgen.run import LoadSettings, run_load  # noqa: E402
 from stack.local import start_stack  # noqa: E402
@@ -115,6 +122,94 @@ def _plot(rows: list[dict], target_ms: float, path: Path) -> None:
     plt.close(figure)
 
 
+def sweep(
+    server: str,
+    rates: list[float],
+    duration: float,
+    revision: tuple[str, dict[str, str]] | None = None,
+    broker: Broker | None = None,
+) -> list[dict]:
+    """One stack (from ``revision``, on ``broker``), driven at each rate in turn."""
+    rows = []
+    with broker.vhost() if broker else private_vhost("bench-latency") as url:
+        settings = bench_settings(
+            url,
+            Path(tempfile.mkdtemp(prefix="smartgrid-latency-")),
+            capacity=CAPACITY,
+            session_seconds=SESSION_SECONDS,
+            poll_interval=1.0,
+            gateway_module=GATEWAY_SERVERS[server],
+            extra_env=revision[1] if revision else {},
+        )
+        group = start_stack(settings)
+        try:
+            roots = service_roots(group, broker.pids if broker else None)
+            for rate in rates:
+                time.sleep(2)  # what the previous rate left in flight settles first
+                load = os.getloadavg()[0]
+                row = measure_rate(settings.gateway_url, roots, rate, duration)
+                row["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+                rows.append(row)
+                latency = row["accept_latency_ms"]
+                print(
+                    f"{revision[0] + ': ' if revision else ''}"
+                    f"{rate:,.0f}/s offered: {row['accepted_per_s'] or 0:,.0f}/s accepted, "
+                    f"p50 {latency.get('p50') or 0:,.1f} ms, "
+                    f"p99 {latency.get('p99') or 0:,.1f} ms, "
+                    f"{sum(row['cpu_us_per_request'].values()) / 1000:.2f} ms CPU per request, "
+                    f"{row['cores_busy']:.2f} cores busy (load average {load:.1f})",
+                    flush=True,
+                )
+        finally:
+            group.stop()
+    return rows
+
+
+def compare_revisions(args: argparse.Namespace, rates: list[float]) -> None:
+    """Sweeps of each revision, interleaved; the medians of each rate's p99 and CPU."""
+    revisions = [source_tree(rev) for rev in args.revs.split(",") if rev]
+    sweeps: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        broker = None
+        if args.broker != "shared":
+            broker = Broker(args.broker)
+            stack.callback(broker.stop)
+        for _ in range(args.rounds):
+            for revision in revisions:
+                rows = sweep(args.server, rates, args.duration, revision, broker)
+                sweeps.append({"revision": revision[0], "broker": args.broker, "rates": rows})
+    table = []
+    for label, _ in revisions:
+        for rate in rates:
+            rows = [
+                r
+                for s in sweeps
+                if s["revision"] == label
+                for r in s["rates"]
+                if r["offered_per_s"] == rate
+            ]
+            p99 = [r["accept_latency_ms"].get("p99") or 0 for r in rows]
+            cpu = [sum(r["cpu_us_per_request"].values()) / 1000 for r in rows]
+            table.append(
+                [
+                    label,
+                    f"{rate:,.0f}",
+                    f"{statistics.median(r['accepted_per_s'] or 0 for r in rows):,.0f}",
+                    f"{statistics.median(p99):,.1f} ({min(p99):,.0f}–{max(p99):,.0f})",
+                    f"{statistics.median(cpu):.2f} ({min(cpu):.2f}–{max(cpu):.2f})",
+                ]
+            )
+    print()
+    print(
+        markdown_table(
+            ["revision", "offered/s", "accepted/s", "p99 ms (range)", "CPU ms per request"],
+            table,
+        )
+    )
+    path = save(args.name, {"duration_per_rate": args.duration, "sweeps": sweeps})
+    print(f"written to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.latency", description=__doc__.split("\n\n")[0]
@@ -132,6 +227,14 @@ def main() -> None:
         default="granian",
         help="the HTTP server to put the gateway under",
     )
+    parser.add_argument(
+        "--revs", default="", help="git revisions to run the services from, in turn"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="sweeps of each revision")
+    parser.add_argument(
+        "--broker", default="shared", help="shared, private or private:<Erlang VM arguments>"
+    )
+    parser.add_argument("--name", default="latency-revs", help="results file with --revs")
     args = parser.parse_args()
     name = "latency" if args.server == "granian" else f"latency-{args.server}"
     try:
@@ -141,35 +244,10 @@ def main() -> None:
     if not rates or min(rates) <= 0:
         parser.error("--rates must be positive")
 
-    rows = []
-    with private_vhost("bench-latency") as url:
-        settings = bench_settings(
-            url,
-            Path(tempfile.mkdtemp(prefix="smartgrid-latency-")),
-            capacity=CAPACITY,
-            session_seconds=SESSION_SECONDS,
-            poll_interval=1.0,
-            gateway_module=GATEWAY_SERVERS[args.server],
-        )
-        group = start_stack(settings)
-        try:
-            roots = service_roots(group)
-            for rate in rates:
-                time.sleep(2)  # what the previous rate left in flight settles first
-                row = measure_rate(settings.gateway_url, roots, rate, args.duration)
-                rows.append(row)
-                latency = row["accept_latency_ms"]
-                print(
-                    f"{rate:,.0f}/s offered: {row['accepted_per_s'] or 0:,.0f}/s accepted, "
-                    f"p50 {latency.get('p50') or 0:,.1f} ms, "
-                    f"p99 {latency.get('p99') or 0:,.1f} ms, "
-                    f"{sum(row['cpu_us_per_request'].values()) / 1000:.2f} ms CPU per request, "
-                    f"{row['cores_busy']:.2f} cores busy",
-                    flush=True,
-                )
-        finally:
-            group.stop()
-
+    if args.revs:
+        compare_revisions(args, rates)
+        return
+    rows = sweep(args.server, rates, args.duration)
     best = highest_within(rows, args.target_ms)
     plot = RESULTS / f"{name}.png"
     _plot(rows, args.target_ms, plot)
