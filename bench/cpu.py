@@ -30,8 +30,10 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -261,6 +263,8 @@ def main() -> None:
     revisions: list[tuple[str, dict[str, str]] | None] = [
         source_tree(rev) for rev in args.revs.split(",") if rev
     ] or [None]
+    # A stop (SIGTERM) unwinds like an error, so that the private nodes are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     specs = args.brokers.split(",")
     if any(spec != "shared" and spec.partition(":")[0] != "private" for spec in specs):
         parser.error("--brokers takes shared, private and private:<arguments>")
