@@ -135,6 +135,13 @@ class SubstationConfig:
         check=positive,
         expect="seconds > 0",
     )
+    demand_min_interval: float = setting(
+        "DEMAND_MIN_INTERVAL",
+        0.1,
+        "Least seconds between two power.demand reports: changes within them go in one",
+        check=lambda value: value >= 0,
+        expect="seconds >= 0",
+    )
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
 
     def __post_init__(self) -> None:

@@ -144,6 +144,7 @@ class SubstationService:
         self._lease_timer: object | None = None
         self._lease_timer_at: float | None = None
         self._report_timer: object | None = None
+        self._last_report = float("-inf")
         self._http: WSGIServer | None = None
         self._draining = False
         self._announce_timer: object | None = None
@@ -345,12 +346,16 @@ class SubstationService:
 
     def _report_soon(self) -> None:
         """A ``power.demand`` report at the end of this I/O-loop turn (one for all the changes
-        of the turn)."""
+        of the turn), or, within DEMAND_MIN_INTERVAL of the last one, at its end (one for all
+        the changes until then): under load every turn changes something, and each report is
+        a quorum-queue message and two deliveries to each balancer."""
         if self._report_timer is None:
-            self._report_timer = self.link.call_later(0, self._publish_report)
+            wait = self._last_report + self.config.demand_min_interval - time.monotonic()
+            self._report_timer = self.link.call_later(max(0.0, wait), self._publish_report)
 
     def _publish_report(self) -> None:
         self._report_timer = None
+        self._last_report = time.monotonic()
         if not self._consuming or not self.link.ready:
             # Only the process that holds the queue (and its share queue) speaks for the
             # substation: a standby's empty report would mislead the allocator.
