@@ -127,8 +127,10 @@ def measure(
     server: str = "granian",
     revision: tuple[str, dict[str, str]] | None = None,
     broker: Broker | None = None,
+    syscalls: bool = False,
 ) -> dict:
     load_before = os.getloadavg()
+    counted: dict[str, dict[str, float]] = {}
     with broker.vhost() if broker else private_vhost("bench-cpu") as url:
         settings = bench_settings(
             url,
@@ -143,11 +145,14 @@ def measure(
         try:
             roots = service_roots(group, broker.pids if broker else None)
             time.sleep(2)
-            accepted, cpu, elapsed = cpu_during(
-                roots,
-                client,
-                lambda: _drive(client, settings.gateway_url, rate, duration, connections, log_dir),
-            )
+            with count_syscalls(roots, log_dir, counted) if syscalls else contextlib.nullcontext():
+                accepted, cpu, elapsed = cpu_during(
+                    roots,
+                    client,
+                    lambda: _drive(
+                        client, settings.gateway_url, rate, duration, connections, log_dir
+                    ),
+                )
         finally:
             group.stop()
     return {
@@ -164,7 +169,55 @@ def measure(
         "accepted_per_s": accepted / elapsed,
         "cpu_seconds": cpu,
         "cpu_us_per_request": {name: seconds / accepted * 1e6 for name, seconds in cpu.items()},
+        # perf's counts (--syscalls): system calls and context switches per request.
+        "per_request": {
+            name: {event: n / accepted for event, n in counts.items()}
+            for name, counts in counted.items()
+        },
     }
+
+
+PERF_EVENTS = ("raw_syscalls:sys_enter", "context-switches")
+
+
+@contextlib.contextmanager
+def count_syscalls(
+    roots: dict[str, list[int]], log_dir: Path, counted: dict[str, dict[str, float]]
+) -> Iterator[None]:
+    """Count each service's system calls and context switches meanwhile (``perf stat``, its
+    processes and their children as they are now, every thread); into ``counted``."""
+    processes = _processes()
+    runs = {}
+    for name, pids in roots.items():
+        family = set(pids)
+        for pid in processes:  # descendants, e.g. the gateway's workers
+            walk = pid
+            while walk in processes and walk > 1 and walk not in family:
+                walk = processes[walk][0]
+            if walk in family:
+                family.add(pid)
+        output = log_dir / f"perf-{name}.csv"
+        runs[name] = (
+            subprocess.Popen(
+                ["perf", "stat", "-x", ",", "-o", str(output), "-e", ",".join(PERF_EVENTS)]
+                + ["-p", ",".join(map(str, sorted(family)))],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            output,
+        )
+    try:
+        yield
+    finally:
+        for name, (process, output) in runs.items():
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)
+            counts = {}
+            for line in output.read_text().splitlines():
+                fields = line.split(",")
+                if len(fields) > 2 and fields[2] in PERF_EVENTS and fields[0].isdigit():
+                    counts[fields[2]] = float(fields[0])
+            counted[name] = counts
 
 
 def cpu_during(
@@ -251,6 +304,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=1, help="times to measure each side")
     parser.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="also count each service's system calls and context switches (perf stat)",
+    )
+    parser.add_argument(
         "--name", default="cpu", help="results file: docs/bench/<name>.json (default cpu)"
     )
     args = parser.parse_args()
@@ -285,6 +343,7 @@ def main() -> None:
                     server,
                     revision,
                     broker,
+                    args.syscalls,
                 )
                 results.append(result)
                 report(result)
@@ -295,6 +354,10 @@ def main() -> None:
     if len(results) > 1:
         print("\n" + summary(results))
     save(args.name, results[0] if len(results) == 1 else {"runs": results})
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.1f}" if abs(value) < 100 else f"{value:,.0f}"
 
 
 def side(result: dict) -> str:
@@ -358,6 +421,11 @@ def summary(results: list[dict]) -> str:
             sum(v for k, v in r["cpu_us_per_request"].items() if k in SERVICES) for r in runs
         ]
         found["total µs"] = [sum(r["cpu_us_per_request"].values()) for r in runs]
+        for name in names:
+            for event in PERF_EVENTS:
+                values = [r.get("per_request", {}).get(name, {}).get(event) for r in runs]
+                if all(v is not None for v in values):
+                    found[f"{name} {event.split(':')[-1]}"] = values
         return found
 
     baseline = {k: statistics.median(v) for k, v in figures(next(iter(sides.values()))).items()}
@@ -369,8 +437,8 @@ def summary(results: list[dict]) -> str:
                 [
                     name,
                     key,
-                    f"{median:,.0f}",
-                    f"{min(values):,.0f}–{max(values):,.0f}",
+                    _figure(median),
+                    f"{_figure(min(values))}–{_figure(max(values))}",
                     f"×{median / baseline[key]:.2f}" if baseline[key] else "",
                 ]
             )

@@ -17,7 +17,8 @@ from the allocator (``power.share``, on the substation's own share queue) and th
 of a share's lease re-shares the limit in force among the sessions, publishes
 ``session.power`` for each session whose power changed, and re-arms each changed session's
 end timer: a session ends when its energy has been delivered. ``power.demand`` goes out on
-every change and every DEMAND_INTERVAL, from the process that consumes the queue.
+every change (at most once per DEMAND_MIN_INTERVAL) and every DEMAND_INTERVAL, from the process
+that consumes the queue.
 """
 
 from __future__ import annotations
