@@ -233,6 +233,12 @@ def power_share_topology(substation_id: str) -> list[Declaration]:
 
 #: The log of requests and their lifecycle (an append-only stream, replayed at start).
 HISTORY_STREAM = "smartgrid.history"
+#: The defaults of IDEMPOTENCY_TTL, HISTORY_MAX_AGE and HISTORY_MAX_BYTES
+#: (docs/driver-contract.md, "Sizing"). Every declarer of the stream (each service, and the
+#: admin's definitions) must give it the same arguments, or the broker refuses the redeclare.
+IDEMPOTENCY_TTL_SECONDS = 86_400
+HISTORY_MAX_AGE_SECONDS = IDEMPOTENCY_TTL_SECONDS + 3_600
+HISTORY_MAX_BYTES = 100_000_000
 
 
 def history_topology(*, max_age_seconds: int, max_bytes: int) -> list[Declaration]:

@@ -69,6 +69,9 @@ class Role:
     #: It declares the power topology (``contract.power_topology``) when services declare:
     #: the power exchange, the reports queue, the limits stream and their bindings.
     declares_power: bool = False
+    #: It reads the history stream (``contract.HISTORY_STREAM``), and declares it and its
+    #: bindings when services declare (whoever starts first declares it).
+    reads_history: bool = False
 
 
 _ANY_SUBSTATION_QUEUE = (
@@ -79,11 +82,14 @@ _ANY_SHARE_QUEUE = (
 )
 
 ROLES: dict[str, Role] = {
-    # Internet-facing: it only publishes requests and follows their fate.
+    # Internet-facing: it publishes requests, a driver's cancels and the requests the broker
+    # refused (not_enqueued), and follows their fate in the history.
     "gateway": Role(
-        publishes_to=(contract.REQUESTS_EXCHANGE,),
+        publishes_to=(contract.REQUESTS_EXCHANGE, contract.EVENTS_EXCHANGE),
+        publishes=(contract.CancelRequested, contract.RequestRejected),
         subscribes=contract.GATEWAY_EVENTS.events,
         subscription=contract.GATEWAY_EVENTS.prefix,
+        reads_history=True,
     ),
     "balancer": Role(
         publishes_to=(
@@ -101,12 +107,22 @@ ROLES: dict[str, Role] = {
             contract.POWER_REPORTS_QUEUE,
             contract.GRID_LIMITS_STREAM,
         ),
-        publishes=(contract.RequestRouted, contract.BalancerStarted, contract.RequestDeadLettered),
+        publishes=(
+            contract.RequestRouted,
+            contract.BalancerStarted,
+            contract.RequestDeadLettered,
+            # Its ledger's decisions: a car already busy (ev_busy), a cancel obeyed before the
+            # request was forwarded.
+            contract.RequestRejected,
+            contract.RequestCancelled,
+        ),
         subscribes=contract.BALANCER_EVENTS.events,
         subscription=contract.BALANCER_EVENTS.prefix,
         # It declares and drains the queue of any substation presumed dead.
         substation_queues=_ANY_SUBSTATION_QUEUE,
         declares_power=True,
+        # Its ledger is replayed from the history when it becomes the active consumer.
+        reads_history=True,
     ),
     "substation": Role(
         publishes_to=(contract.EVENTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE),
@@ -120,12 +136,16 @@ ROLES: dict[str, Role] = {
             contract.RequestDeadLettered,
             contract.SessionPower,
             contract.PowerDemand,
+            # A cancel it obeyed: the request waited in its queue, or charged there.
+            contract.RequestCancelled,
         ),
         subscribes=contract.SUBSTATION_EVENTS.events,
         subscription=contract.SUBSTATION_EVENTS.prefix,
         # One user shared by every substation cannot be held to one queue.
         substation_queues=_ANY_SUBSTATION_QUEUE,
         share_queues=_ANY_SHARE_QUEUE,
+        # Its cancel book is replayed from the recent history at start.
+        reads_history=True,
     ),
     # It reads the lifecycle events to build its ledger, and sends requests over HTTP only.
     "loadgen": Role(
@@ -154,6 +174,23 @@ _POWER_BIND_WRITE = [contract.POWER_REPORTS_QUEUE, contract.GRID_LIMITS_STREAM]
 _POWER_BIND_KINDS = [
     d.routing_key
     for d in contract.power_topology()
+    if isinstance(d, contract.Binding) and d.exchange == contract.EVENTS_EXCHANGE
+]
+
+
+def default_history_topology() -> list[contract.Declaration]:
+    """The history stream with the services' default retention (the admin's definitions
+    declare it so; services that declare it themselves must use the same settings)."""
+    return contract.history_topology(
+        max_age_seconds=contract.HISTORY_MAX_AGE_SECONDS, max_bytes=contract.HISTORY_MAX_BYTES
+    )
+
+
+#: The history stream, for a role that reads it: the stream is bound to the requests exchange
+#: (read on it is in _CORE_BIND_READ) and to the events exchange by the kinds it keeps.
+_HISTORY_BIND_KINDS = [
+    d.routing_key
+    for d in default_history_topology()
     if isinstance(d, contract.Binding) and d.exchange == contract.EVENTS_EXCHANGE
 ]
 
@@ -187,6 +224,9 @@ def role_permissions(
     configure: list[str] = []
     write = list(role.publishes_to)
     read = list(role.consumes)
+    if role.reads_history:
+        # Consuming a stream, from any offset, needs read on it and nothing else.
+        read.append(contract.HISTORY_STREAM)
     if role.subscribes:
         read.append(contract.EVENTS_EXCHANGE)
     own_queues = role.substation_queues
@@ -209,6 +249,11 @@ def role_permissions(
             write += _POWER_BIND_WRITE
             read.append(contract.EVENTS_EXCHANGE)
             topic_read += _POWER_BIND_KINDS
+        if role.reads_history:
+            configure.append(contract.HISTORY_STREAM)
+            write.append(contract.HISTORY_STREAM)
+            read.append(contract.EVENTS_EXCHANGE)
+            topic_read += _HISTORY_BIND_KINDS
     if binds_own_queue:
         read.append(contract.DISPATCH_EXCHANGE)
     if share_queues:
@@ -265,7 +310,7 @@ def _argument_values(arguments: dict) -> dict:
 def topology_definitions(vhost: str = DEFAULT_VHOST, *, substations: Iterable[str] = ()) -> dict:
     """The core topology; with ``substations``, also their queues and bindings (for users
     that may not declare them: one user per substation)."""
-    declarations = contract.core_topology() + contract.power_topology()
+    declarations = contract.core_topology() + contract.power_topology() + default_history_topology()
     for substation in substations:
         declarations += contract.substation_topology(substation)
     return {

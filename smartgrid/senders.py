@@ -134,6 +134,10 @@ class Senders:
                 return None
             return f"it was sent by {user_id!r}, and every service here runs as {self.own_user!r}"
         named = getattr(event, "substation", None)
+        if named is None and isinstance(event, contract.RequestCancelled):
+            # A cancel obeyed before the session started names no substation, but its source
+            # is the one that obeyed (a balancer's cancels come from the balancer's user).
+            named = event.source
         for role in sorted(self._owners.get(event.kind, ())):
             for template in self._templates.get(role, ()):
                 substation = template.substation_of(user_id)

@@ -23,7 +23,7 @@ import pika.exceptions
 import pytest
 
 from smartgrid import contract, definitions
-from tests.helpers import imported_definitions
+from tests.helpers import eventually, imported_definitions
 
 ROLES = ("gateway", "balancer", "substation", "loadgen")
 #: One user per substation: these two, their queues declared by the definitions.
@@ -203,6 +203,13 @@ ATTACKS: dict[str, Callable[[str], Operation]] = {
     "read every power share: bind a queue to the power exchange": lambda u: _bind_private_queue(
         u, contract.POWER_EXCHANGE, "s2"
     ),
+    "delete the history stream": lambda u: lambda ch: ch.queue_delete(contract.HISTORY_STREAM),
+    "forge history: publish into the stream by the default exchange": lambda u: _publish(
+        "", contract.HISTORY_STREAM, _charge_request()
+    ),
+    "bind the history stream to every event (#)": lambda u: (
+        lambda ch: ch.queue_bind(contract.HISTORY_STREAM, contract.EVENTS_EXCHANGE, "#")
+    ),
     "take over another service's event subscription queue": lambda u: (
         lambda ch: ch.queue_declare(
             ("smartgrid.loadgen-events." if u != "loadgen" else "smartgrid.balancer-events.")
@@ -377,6 +384,31 @@ def _consume_shares(substation: str) -> Operation:
     return operation
 
 
+def _read_history(ch) -> None:
+    """As the services replay it at start, but from its end ("next"): what the stream already
+    holds would be rejected when the test's channel closes, and a stream refuses rejects. The
+    broker checks read permission on basic.consume, whatever the offset."""
+    ch.basic_qos(prefetch_count=100)
+    ch.basic_consume(
+        contract.HISTORY_STREAM, lambda *a: None, arguments={"x-stream-offset": "next"}
+    )
+
+
+def _declare_history(ch) -> None:
+    """As a service that declares its topology does (with the default retention)."""
+    for declaration in definitions.default_history_topology():
+        if isinstance(declaration, contract.Queue):
+            ch.queue_declare(
+                declaration.name, durable=declaration.durable, arguments=declaration.arguments
+            )
+        else:
+            ch.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
+
+
+#: Who reads the history stream (docs/driver-contract.md, "Who reads the stream").
+HISTORY_READERS = {"gateway", "balancer", "substation", *OWN_USERS}
+
+
 def _read_limits(ch) -> None:
     """As the allocator does: a stream consumer needs a prefetch and says where to start."""
     ch.basic_qos(prefetch_count=10)
@@ -390,6 +422,7 @@ LEGITIMATE_OPERATIONS: dict[str, dict[str, Operation]] = {
         "publish a charge request": _publish(
             contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, _charge_request()
         ),
+        "replay the history": _read_history,
     },
     "balancer": {
         "consume the pending queue": lambda ch: ch.basic_consume(
@@ -406,11 +439,13 @@ LEGITIMATE_OPERATIONS: dict[str, dict[str, Operation]] = {
             contract.POWER_REPORTS_QUEUE, lambda *a: None
         ),
         "read the limits stream from its start": _read_limits,
+        "replay the history": _read_history,
     },
     "substation": {
         "declare, bind and consume its own queue": _declare_and_drain("s7"),
         "dead-letter a message": _publish(contract.DEAD_LETTER_EXCHANGE, ""),
         "declare, bind and consume its own power share queue": _consume_shares("s7"),
+        "replay the history": _read_history,
     },
     "substation-s1": {
         "consume its own queue": lambda ch: ch.basic_consume(
@@ -418,6 +453,7 @@ LEGITIMATE_OPERATIONS: dict[str, dict[str, Operation]] = {
         ),
         "dead-letter a message": _publish(contract.DEAD_LETTER_EXCHANGE, ""),
         "declare, bind and consume its own power share queue": _consume_shares("s1"),
+        "replay the history": _read_history,
     },
     "loadgen": {},
 }
@@ -499,3 +535,55 @@ def test_only_the_balancer_may_declare_the_power_topology_where_services_declare
         assert declaring.attempt(user, _declare_power) == ACCESS_REFUSED, user
     # Where only the admin declares, nobody else may, the balancer included.
     assert strict.attempt("balancer", _declare_power) == ACCESS_REFUSED
+
+
+# ------------------------------------------------------------------------------ history stream
+@pytest.mark.parametrize("user", EVERY_USER)
+@pytest.mark.parametrize("setup", ["strict", "declaring"])
+def test_only_gateways_balancers_and_substations_read_the_history(
+    request: pytest.FixtureRequest, setup: str, user: str
+):
+    """The stream holds every request and its fate: its readers are those who need it, and
+    nobody else (loadgen follows its own subscription)."""
+    users: Users = request.getfixturevalue(setup)
+    eventually(
+        lambda: users.attempt("balancer", _read_history) is None,
+        timeout=30,
+        what="the history stream imported",
+    )
+    result = users.attempt(user, _read_history)
+    assert result == (None if user in HISTORY_READERS else ACCESS_REFUSED)
+
+
+@pytest.mark.parametrize("user", EVERY_USER)
+def test_history_readers_may_declare_the_history_only_where_services_declare(
+    declaring: Users, strict: Users, user: str
+):
+    eventually(
+        lambda: strict.attempt("balancer", _read_history) is None,
+        timeout=30,
+        what="the history stream imported",
+    )
+    # Where services declare, whoever starts first declares it, with the same arguments as
+    # the definitions (an identical redeclare); where only the admin declares, nobody else.
+    may_declare = _role_of(user) in {"gateway", "balancer", "substation"}
+    if user not in OWN_USERS:  # a substation's own user exists in the strict setup only
+        result = declaring.attempt(user, _declare_history)
+        assert result == (None if may_declare else ACCESS_REFUSED)
+    assert strict.attempt(user, _declare_history) == ACCESS_REFUSED
+
+
+def test_the_admins_definitions_declare_the_history_with_the_default_retention():
+    document = definitions.topology_definitions()
+    (stream,) = (q for q in document["queues"] if q["name"] == contract.HISTORY_STREAM)
+    assert stream["arguments"]["x-queue-type"] == "stream"
+    assert stream["arguments"]["x-max-age"] == f"{contract.HISTORY_MAX_AGE_SECONDS}s"
+    assert stream["arguments"]["x-max-length-bytes"] == contract.HISTORY_MAX_BYTES
+    bound = {
+        (b["source"], b["routing_key"])
+        for b in document["bindings"]
+        if b["destination"] == contract.HISTORY_STREAM
+    }
+    assert bound == {(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY)} | {
+        (contract.EVENTS_EXCHANGE, event.kind) for event in contract.HISTORY_EVENTS
+    }

@@ -72,3 +72,35 @@ def test_the_mapping_is_configurable_and_checked():
     custom = Senders(["substation=sub-{id}-x", "balancer=b"], own_user="b")
     assert custom.refusal(LOOKUP, "sub-s2-x") is None
     assert custom.refusal(LOOKUP, "sub-s1-x") is not None
+
+
+def test_issue_14s_events_are_trusted_from_the_roles_that_send_them(senders: Senders):
+    rid = "a" * 32
+    cancel = contract.CancelRequested(at=1.0, request_id=rid, ev_id="EV1", client="driver")
+    rejected = contract.RequestRejected(
+        at=1.0,
+        request_id=rid,
+        ev_id="EV1",
+        reason=contract.REJECTED_EV_BUSY,
+        detail="busy",
+        source="b",
+        accepted_at=1.0,
+    )
+    by_balancer = contract.RequestCancelled(at=1.0, request_id=rid, ev_id="EV1", source="b")
+    in_queue = contract.RequestCancelled(at=1.0, request_id=rid, ev_id="EV1", source="s2")
+    charging = contract.RequestCancelled(
+        at=1.0, request_id=rid, ev_id="EV1", source="s2", substation="s2", started_at=0.5
+    )
+    trusted = {
+        cancel: {"gateway"},
+        rejected: {"gateway", "balancer"},
+        by_balancer: {"balancer", "substation"},
+        in_queue: {"balancer", "substation", "substation-s2"},
+        charging: {"balancer", "substation", "substation-s2"},
+    }
+    for event, users in trusted.items():
+        for user in ("gateway", "balancer", "substation", "substation-s2", "loadgen"):
+            assert (senders.refusal(event, user) is None) == (user in users), (event, user)
+    # A substation's own user speaks for its own cancels only, started or not.
+    assert senders.refusal(in_queue, "substation-s1") is not None
+    assert senders.refusal(charging, "substation-s1") is not None

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from smartgrid import definitions
+from smartgrid import contract, definitions
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from stack.processes import ProcessGroup
 from tests.helpers import eventually, import_document, imported_definitions, metric
 from tests.ports import free_ports
+from tests.test_history_stream import read_stream
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +134,13 @@ def test_services_check_the_admins_topology_passively_and_wait_until_it_exists(
                 timeout=60,
                 what=f"{request_id} completed",
             )
+        # Each request and its fate reached the history the definitions declared, which the
+        # gateway's user may read from its start.
+        # (Events come in batches, so the count of messages is not known: read for a while.)
+        history = read_stream(strict.urls["gateway"], expected=10**6, timeout=3)
+        for request_id in request_ids:
+            kinds = [key for key, body in history if request_id.encode() in body]
+            assert contract.REQUEST_ROUTING_KEY in kinds and "session.completed" in kinds, kinds
     finally:
         exits = group.stop()
     logs = "\n".join(s.log_tail(400) for s in group.services)
