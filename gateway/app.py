@@ -1,9 +1,12 @@
 """The gateway's HTTP API (Flask).
 
 ``POST /charge`` answers 202 only once the broker has confirmed the request is in the pending
-queue; a request that cannot be confirmed gets 503 with ``Retry-After``, never a promise that
-cannot be kept. Every error is a JSON object ``{"error": ..., "detail": ...}`` with a 4xx status
-(5xx only for the broker being unavailable); nothing the client sends can produce a 500.
+queue, never a promise that cannot be kept. Its 503s are honest (gateway/answers.py):
+``broker_unavailable`` means nothing was published (no connection, or the broker blocks
+publishers during an alarm); ``not_confirmed`` means it was published and may yet be accepted,
+so it carries the request's id and ``Location``. Every error is a JSON object
+``{"error": ..., "detail": ...}`` with a 4xx status (5xx only for the broker being
+unavailable); nothing the client sends can produce a 500.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from flask import Flask, Response, jsonify, request
@@ -28,11 +30,12 @@ from prometheus_client import (
 )
 from werkzeug.exceptions import HTTPException
 
+from gateway import answers
+from gateway.answers import Answer, Outcome, PublishRequest
 from gateway.broker import GatewayBroker
 from gateway.config import GatewayConfig
-from gateway.tracker import RequestTracker
+from gateway.history import RequestHistory
 from smartgrid import contract
-from smartgrid.amqp import LinkError
 from smartgrid.power_request import (
     POWER_FIELDS,
     FieldError,
@@ -66,7 +69,7 @@ class GatewayMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=registry,
         )
-        for outcome in ("accepted", "invalid", "unavailable"):
+        for outcome in ("accepted", "invalid", "unavailable", "not_confirmed"):
             self.requests.labels(outcome)
         # With several gunicorn workers, the least connected one is what matters.
         self.broker_connected = Gauge(
@@ -83,6 +86,22 @@ def _error(status: int, error: str, detail: str, **headers: str) -> Response:
     for name, value in headers.items():
         response.headers[name.replace("_", "-")] = value
     return response
+
+
+def _answer(answer: Answer) -> Response:
+    response = jsonify(answer.body)
+    response.status_code = answer.status
+    response.headers.update(answer.headers)
+    return response
+
+
+#: The metrics' outcome label of each broker outcome.
+_OUTCOME_LABELS = {
+    Outcome.CONFIRMED: "accepted",
+    Outcome.NOT_SENT: "unavailable",
+    Outcome.UNCONFIRMED: "not_confirmed",
+    Outcome.REFUSED: "not_confirmed",
+}
 
 
 def _is_json_content_type(mimetype: str) -> bool:
@@ -138,10 +157,6 @@ def parse_charge_body(raw: bytes, defaults: RequestDefaults = BUILT_IN_DEFAULTS)
     return ChargeBody(ev_id, power)
 
 
-#: How long POST /charge waits for a broker connection that is being re-established.
-READY_WAIT = 1.0
-
-
 class BadBody(Exception):
     """A POST /charge body the gateway cannot accept: the status and error to answer with."""
 
@@ -163,14 +178,10 @@ class _Endpoints:
     ) -> None:
         self.config = config
         self.broker = broker
-        self.tracker = broker.tracker
+        self.history = broker.history
         self.metrics = metrics
         self.registry = registry
         self.multiprocess_dir = multiprocess_dir
-
-    def _unavailable(self, detail: str) -> Response:
-        self.metrics.requests.labels("unavailable").inc()
-        return _error(503, "broker_unavailable", detail, Retry_After=str(self.config.retry_after))
 
     def charge(self) -> Response:
         started = time.perf_counter()
@@ -184,51 +195,47 @@ class _Endpoints:
         except BadBody as bad:
             self.metrics.requests.labels("invalid").inc()
             return _error(bad.status, bad.error, bad.detail)
-        # A reconnect (a broker restart, a cluster node failing over) takes well under a second:
-        # worth waiting for, rather than refusing the driver.
-        if not self.broker.wait_ready(min(self.config.publish_timeout, READY_WAIT)):
-            return self._unavailable(
-                "the message broker is not reachable; the request was not accepted"
-            )
-
-        ev_id = charge.ev_id
         charge_request = contract.ChargeRequest(
             request_id=uuid.uuid4().hex, accepted_at=time.time(), **charge.request_fields()
         )
-        request_id = charge_request.request_id
-        routed = self.tracker.expect(request_id) if self.config.routed_wait > 0 else None
-        publish_started = time.perf_counter()
-        try:
-            self.broker.accept(
-                charge_request, deadline=time.monotonic() + self.config.publish_timeout
-            )
-        except (LinkError, FutureTimeout) as exc:
-            self.tracker.forget_waiter(request_id)
-            log.warning("request for %s not accepted: %s", ev_id, exc or "confirmation timed out")
-            return self._unavailable(
-                "the message broker did not confirm the request; it was not accepted"
-            )
-        self.metrics.publish_seconds.observe(time.perf_counter() - publish_started)
-        self.tracker.accepted(charge_request)
+        return self._publish(PublishRequest(charge_request), started)
 
-        if routed is not None:
-            routed.wait(self.config.routed_wait)
-            self.tracker.forget_waiter(request_id)
-        record = self.tracker.get(request_id) or {}
-        body = {"request_id": request_id, "ev_id": ev_id, "status": record.get("status", "queued")}
-        if record.get("substation"):
-            body["routed_to"] = record["substation"]
-        self.metrics.requests.labels("accepted").inc()
-        self.metrics.accept_seconds.observe(time.perf_counter() - started)
-        response = jsonify(body)
-        response.status_code = 202
-        response.headers["Location"] = f"/charge/{request_id}"
-        return response
+    def _publish(self, plan: PublishRequest, started: float) -> Response:
+        request_id = plan.request.request_id
+        routed = self.history.expect(request_id) if self.config.routed_wait > 0 else None
+        publish_started = time.perf_counter()
+        outcome = self.broker.accept(
+            plan.request, deadline=time.monotonic() + self.config.publish_timeout
+        )
+        if outcome is Outcome.CONFIRMED:
+            self.metrics.publish_seconds.observe(time.perf_counter() - publish_started)
+            # At once, so that this worker reads its own write (GET, a repeat of the key).
+            self.history.accepted(plan.request)
+            if routed is not None:
+                routed.wait(self.config.routed_wait)
+        else:
+            log.warning("request %s not accepted: %s", request_id, outcome.value)
+        self.history.forget_waiter(request_id)
+        answer, event = answers.after_publish(
+            plan,
+            outcome,
+            record=self.history.lookup(request_id),
+            retry_after=self.config.retry_after,
+            source=self.broker.link.name,
+        )
+        if event is not None:
+            # Reliable: it waits in the outbox if need be. Applied here at once as well.
+            self.broker.publish_event(event)
+            self.history.apply(event)
+        self.metrics.requests.labels(_OUTCOME_LABELS[outcome]).inc()
+        if outcome is Outcome.CONFIRMED:
+            self.metrics.accept_seconds.observe(time.perf_counter() - started)
+        return _answer(answer)
 
     def charge_status(self, request_id: str) -> Response:
         if not contract.is_valid_request_id(request_id):
             return _error(400, "invalid_request_id", "a request id is 32 lowercase hex digits")
-        record = self.tracker.get(request_id)
+        record = self.history.get(request_id)
         if record is None:
             return _error(
                 404, "not_found", "no such request is known to this gateway (or it is too old)"
@@ -236,9 +243,17 @@ class _Endpoints:
         return jsonify(record)
 
     def health(self) -> Response:
-        ready = self.broker.ready
-        response = jsonify({"status": "ok" if ready else "unavailable", "broker_connected": ready})
-        response.status_code = 200 if ready else 503
+        reason = self.broker.unavailable_reason
+        body: dict = {
+            "status": "ok" if reason is None else "unavailable",
+            "broker_connected": self.broker.ready,
+        }
+        if reason is not None:
+            body["reason"] = reason
+        response = jsonify(body)
+        if reason is not None:
+            response.status_code = 503
+            response.headers["Retry-After"] = str(self.config.retry_after)
         return response
 
     def metrics_page(self) -> Response:
@@ -276,7 +291,7 @@ def create_app(
         broker = GatewayBroker(
             config.amqp_url,
             name=f"gateway-{os.getpid()}",
-            tracker=RequestTracker(config.tracked_requests),
+            history=RequestHistory(capacity=config.tracked_requests),
             declare_topology=config.declare_topology,
             event_senders=config.event_senders,
         )

@@ -1,17 +1,54 @@
-"""The gateway's side of the broker: publishing accepted requests, following their events."""
+"""The gateway's side of the broker: publishing requests and commands, following their events.
+
+Every publish ends in one :class:`~gateway.answers.Outcome`, which says honestly what the
+broker did with it: ``NOT_SENT`` (nothing left this process: no connection, or the broker blocks
+publishers during a memory or disk alarm), ``REFUSED`` (a negative confirm), ``UNCONFIRMED``
+(published, but no confirm by the deadline, or the connection went after publishing: it may
+still be enqueued) or ``CONFIRMED``.
+
+RabbitMQ tells a connection that it is blocked (``connection.blocked``) only once it publishes
+during an alarm. So that the first request after an alarm starts is refused at once, too, rather
+than held unconfirmed until the deadline, an idle link publishes a *canary* now and then: a
+tiny message that no queue takes, whose only job is to be blocked first.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from gateway.tracker import RequestTracker
+from gateway.answers import Outcome
+from gateway.history import RequestHistory
 from smartgrid import contract
-from smartgrid.amqp import ConsumerSpec, Delivery, Link, NotConnected, PublishRejected
+from smartgrid.amqp import (
+    ConsumerSpec,
+    Delivery,
+    Link,
+    NotConnected,
+    PublishRejected,
+    Unroutable,
+)
 from smartgrid.events import events_in
 from smartgrid.senders import DEFAULT_EVENT_SENDERS, Senders
+
+#: How long a publish waits for a broker connection that is being re-established: a reconnect
+#: (a broker restart, a cluster node failing over) takes well under a second.
+READY_WAIT = 1.0
+#: An idle link publishes a canary this often, so that it learns of an alarm before a request
+#: would (see the module's docstring).
+CANARY_INTERVAL = 1.0
+#: The canary's routing key on the requests exchange: bound to no queue, so the broker drops it.
+CANARY_ROUTING_KEY = "gateway.canary"
+#: While waiting for a confirm, how often to look whether the broker has blocked the link.
+_BLOCKED_POLL = 0.1
+
+
+class _Blocked(Exception):
+    """The broker blocked the connection while a publish waited for its confirm."""
 
 
 class GatewayBroker:
@@ -20,22 +57,34 @@ class GatewayBroker:
         amqp_url: str,
         *,
         name: str,
-        tracker: RequestTracker,
+        history: RequestHistory,
         on_connection_change: Callable[[bool], None] | None = None,
         declare_topology: bool = True,
         event_senders: Iterable[str] = DEFAULT_EVENT_SENDERS,
+        canary_interval: float = CANARY_INTERVAL,
     ):
-        self.tracker = tracker
+        self.history = history
         self.on_connection_change = on_connection_change
         self.link = Link(
             amqp_url,
             name=name,
             topology=contract.topology(contract.core_topology(), declare=declare_topology),
             consumers=[ConsumerSpec(contract.GATEWAY_EVENTS, self._on_event, auto_ack=True)],
-            on_ready=lambda: self._connection_changed(True),
+            on_ready=self._on_ready,
             on_lost=lambda: self._connection_changed(False),
         )
         self.senders = Senders(event_senders, own_user=self.link.user)
+        self._canary_interval = canary_interval
+        self._last_publish = 0.0
+        self._canary_started = False
+        self._canary_lock = threading.Lock()
+
+    def _on_ready(self) -> None:
+        self._connection_changed(True)
+        with self._canary_lock:
+            start, self._canary_started = not self._canary_started, True
+        if start and self._canary_interval > 0:
+            self._canary()
 
     def _connection_changed(self, connected: bool) -> None:
         if self.on_connection_change is not None:
@@ -44,6 +93,21 @@ class GatewayBroker:
     @property
     def ready(self) -> bool:
         return self.link.ready
+
+    @property
+    def blocked_reason(self) -> str | None:
+        """Why the broker blocks this gateway's publishes now (a memory or disk alarm)."""
+        return self.link.blocked_reason
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why nothing can be published now, in words for /health; None when it can."""
+        if not self.link.ready:
+            return "not connected to the message broker"
+        blocked = self.link.blocked_reason
+        if blocked is not None:
+            return f"the message broker blocks publishing ({blocked})"
+        return None
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a connection being (re-)established; whether it is up."""
@@ -55,8 +119,10 @@ class GatewayBroker:
     def stop(self) -> None:
         self.link.stop(timeout=5)
 
+    # ------------------------------------------------------------------ publishing
     def publish_request(self, request: contract.ChargeRequest) -> Future:
         """Publish a request to the pending queue; the future succeeds once it is confirmed."""
+        self._last_publish = time.monotonic()
         return self.link.publish(
             contract.REQUESTS_EXCHANGE,
             contract.REQUEST_ROUTING_KEY,
@@ -64,32 +130,94 @@ class GatewayBroker:
             mandatory=True,
         )
 
-    def accept(self, request: contract.ChargeRequest, *, deadline: float) -> None:
-        """Publish ``request`` to the pending queue and return once the broker has confirmed
-        it, trying again until ``deadline`` (time.monotonic()) where that is safe.
+    def accept(self, request: contract.ChargeRequest, *, deadline: float) -> Outcome:
+        """Publish ``request`` to the pending queue (and the history stream) and say what the
+        broker did with it by ``deadline`` (time.monotonic()).
 
-        A refusal (``basic.nack``: a quorum queue electing a new leader) or a missing
-        connection certainly did not enqueue the message, so trying again cannot duplicate it;
-        a connection lost *after* publishing might have, so that is never retried (the driver
-        gets 503 and may try again with a new request). Raises a
-        :class:`~smartgrid.amqp.LinkError`, or :class:`concurrent.futures.TimeoutError` at
-        the deadline.
+        Nothing is published while the broker blocks publishers or there is no connection
+        (``NOT_SENT``; a reconnect under way is waited for, briefly). A negative confirm (a
+        quorum queue electing a new leader, or the pending queue full) certainly did not
+        enqueue the request, so it is tried again until the deadline (``REFUSED`` then). A
+        connection lost after publishing, or no confirm by the deadline, may have enqueued it:
+        that is ``UNCONFIRMED``, and is never tried again here.
         """
+        refused = False
         delay = 0.05
+        while True:
+            if not self._can_publish(deadline):
+                return Outcome.REFUSED if refused else Outcome.NOT_SENT
+            try:
+                self._wait(self.publish_request(request), deadline)
+                return Outcome.CONFIRMED
+            except NotConnected:  # the link went between the check and the publish
+                return Outcome.REFUSED if refused else Outcome.NOT_SENT
+            except (PublishRejected, Unroutable):
+                refused = True
+                if deadline - time.monotonic() <= delay:
+                    return Outcome.REFUSED
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            except Exception:  # lost after publishing, blocked, timed out, link stopped
+                return Outcome.UNCONFIRMED
+
+    def publish_event(self, event: contract.Event) -> Future:
+        """Publish ``event`` reliably: while the broker is away it waits in the link's outbox,
+        and it is sent again after a lost connection or a negative confirm. The future
+        succeeds once the broker has confirmed it."""
+        self._last_publish = time.monotonic()
+        return self.link.publish(
+            contract.EVENTS_EXCHANGE, event.kind, event.to_body(), mandatory=False, reliable=True
+        )
+
+    def command(self, event: contract.Event, *, deadline: float) -> Outcome:
+        """Publish ``event`` (a command such as ``request.cancel_requested``) reliably, unless
+        it cannot be sent now (``NOT_SENT``: nothing published); ``CONFIRMED`` once the broker
+        has it by ``deadline``, else ``UNCONFIRMED`` (it stays in the outbox and goes out
+        later)."""
+        if not self._can_publish(deadline):
+            return Outcome.NOT_SENT
+        try:
+            self._wait(self.publish_event(event), deadline)
+        except Exception:
+            return Outcome.UNCONFIRMED
+        return Outcome.CONFIRMED
+
+    def _can_publish(self, deadline: float) -> bool:
+        if self.link.blocked_reason is not None:
+            return False
+        if self.link.ready:
+            return True
+        return self.link.wait_ready(max(0.0, min(READY_WAIT, deadline - time.monotonic())))
+
+    def _wait(self, future: Future, deadline: float) -> None:
+        """The future's result by ``deadline``; :class:`_Blocked` as soon as the broker blocks
+        the link meanwhile (it holds the message until the alarm clears: answer now)."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FutureTimeout()
-            try:
-                self.publish_request(request).result(timeout=remaining)
+            done, _ = concurrent.futures.wait([future], timeout=min(remaining, _BLOCKED_POLL))
+            if done:
+                future.result()
                 return
-            except (PublishRejected, NotConnected):
-                if deadline - time.monotonic() <= delay:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-                self.link.wait_ready(max(0.0, deadline - time.monotonic()))
+            if self.link.blocked_reason is not None:
+                raise _Blocked(self.link.blocked_reason)
 
+    def _canary(self) -> None:
+        """I/O thread: publish a canary if nothing was published lately, then again later."""
+        idle = time.monotonic() - self._last_publish >= self._canary_interval
+        if idle and self.link.ready and self.link.blocked_reason is None:
+            self._last_publish = time.monotonic()
+            self.link.publish(
+                contract.REQUESTS_EXCHANGE,
+                CANARY_ROUTING_KEY,
+                b"{}",
+                persistent=False,
+                mandatory=False,
+            )
+        self.link.call_later(self._canary_interval, self._canary)
+
+    # ------------------------------------------------------------------ following
     def _on_event(self, delivery: Delivery) -> None:
         for event in events_in(delivery, self.senders):
-            self.tracker.apply(event)
+            self.history.apply(event)

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app, parse_charge_body
 from gateway.broker import GatewayBroker
 from gateway.config import GatewayConfig
-from gateway.tracker import RequestTracker
+from gateway.history import RequestHistory
 from smartgrid import contract
 from smartgrid.config import ConfigError, from_env
 from smartgrid.power_request import DEFAULT_MAX_KW, DEFAULT_MIN_KW
@@ -379,7 +379,7 @@ def test_no_request_body_or_content_type_makes_the_gateway_fail(
 @pytest.fixture
 def unreachable_app() -> Iterator[Flask]:
     broker = GatewayBroker(
-        UNREACHABLE_URL, name="gateway-test-unreachable", tracker=RequestTracker(100)
+        UNREACHABLE_URL, name="gateway-test-unreachable", history=RequestHistory(capacity=100)
     )
     broker.start()
     try:

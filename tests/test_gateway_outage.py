@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.broker import GatewayBroker
 from gateway.config import GatewayConfig
-from gateway.tracker import RequestTracker
+from gateway.history import RequestHistory
 from smartgrid import contract
 from tests.helpers import BrokerClient, eventually
 from tests.proxy import CuttableProxy
@@ -18,7 +18,7 @@ def test_while_the_broker_is_unreachable_the_gateway_answers_503_and_recovers_by
     scheme, rest = amqp_url.split("://")
     credentials, _, path = rest.partition("@")
     url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
-    broker = GatewayBroker(url, name="gateway-outage-test", tracker=RequestTracker())
+    broker = GatewayBroker(url, name="gateway-outage-test", history=RequestHistory())
     broker.link._max_backoff = 0.5
     broker.start()
     app = create_app(

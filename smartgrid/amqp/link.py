@@ -222,6 +222,9 @@ class Link:
         self._acked: set[int] = set()
         self._link_id = uuid.uuid4().hex[:10]
         self._durable_subscriptions: set[str] = set()
+        #: Why the broker blocks this connection's publishes (``connection.blocked``: a memory
+        #: or disk alarm), or None. Set on the I/O thread, read from any.
+        self._blocked_reason: str | None = None
 
     # ----------------------------------------------------------------------------------------
     # Any thread
@@ -238,6 +241,13 @@ class Link:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
+
+    @property
+    def blocked_reason(self) -> str | None:
+        """Why the broker blocks this connection's publishes now (``connection.blocked``, a
+        memory or disk alarm), or None. RabbitMQ tells a connection when it publishes during an
+        alarm; until the alarm clears, whatever it publishes waits unconfirmed."""
+        return self._blocked_reason
 
     @property
     def thread(self) -> threading.Thread:
@@ -473,6 +483,8 @@ class Link:
             on_close_callback=self._on_connection_closed,
             custom_ioloop=self._ioloop,
         )
+        self._connection.add_on_connection_blocked_callback(self._on_blocked)
+        self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self._ioloop.start()  # until the connection closes (or fails to open)
         self._connection = None
         if not self._became_ready and not self._stopping:
@@ -486,6 +498,15 @@ class Link:
     def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
         self._close_reason = error
         self._ioloop.stop()
+
+    def _on_blocked(self, _connection: Any, frame: Any) -> None:
+        self._blocked_reason = getattr(frame.method, "reason", None) or "the broker is blocked"
+        log.warning("%s: the broker blocks publishing: %s", self.name, self._blocked_reason)
+
+    def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
+        if self._blocked_reason is not None:
+            log.info("%s: the broker accepts publishing again", self.name)
+        self._blocked_reason = None
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         self._close_reason = reason
@@ -597,6 +618,7 @@ class Link:
     def _connection_gone(self, reason: BaseException) -> None:
         was_ready = self._ready.is_set()
         self._ready.clear()
+        self._blocked_reason = None
         self._channel = None
         self._consumer_tags.clear()
         lost = ConnectionLost(f"{self.name}: connection lost before confirmation: {reason}")
