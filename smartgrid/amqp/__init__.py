@@ -6,6 +6,8 @@
 * :mod:`smartgrid.amqp.publishing`: publisher confirms and the outbox, as plain state.
 * :mod:`smartgrid.amqp.consuming`: what a Link consumes (:class:`ConsumerSpec`), what it
   hands over (:class:`Delivery`), and what it does when a consumer fails.
+* :mod:`smartgrid.amqp.streams`: reading a stream on a Link (:class:`StreamReader`): a replay
+  from an offset or a point in time, when it has caught up, then the tail.
 * :mod:`smartgrid.amqp.errors`: why a publish failed.
 """
 

@@ -585,6 +585,17 @@ class Link:
             return None
         return self._start_consumer(self._channel, spec)
 
+    def open_side_channel(self, on_open: Callable[[pika.channel.Channel], None]) -> bool:
+        """Open another channel on this connection (I/O thread), for a short exchange that must
+        not disturb the link's own channel; its owner closes it (it closes with the
+        connection anyway). A stream probe uses one: closing a channel drops what is on its way
+        to it, where cancelling a consumer would reject it. False when not connected."""
+        connection = self._connection
+        if connection is None or not connection.is_open or not self.ready:
+            return False
+        connection.channel(on_open_callback=on_open)
+        return True
+
     def cancel_consumer(self, tag: str) -> None:
         if tag in self._consumer_tags:
             self._consumer_tags.remove(tag)

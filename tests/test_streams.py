@@ -1,0 +1,250 @@
+"""Reading a stream on a Link: the offsets asked for, when a replay has caught up, and the
+reader against the real broker (a replay, its tail, a point in time, an empty stream, a
+reconnect that resumes where it stopped)."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import threading
+import time
+import uuid
+
+import pika
+import pytest
+
+from smartgrid import contract
+from smartgrid.amqp import ConsumerSpec, Delivery, Link
+from smartgrid.amqp.streams import Catchup, StreamReader, offset_argument, since
+from tests.helpers import eventually
+
+STREAM = "test.stream"
+
+
+# ----------------------------------------------------------------------------- pure parts
+def test_a_reader_resumes_after_the_last_message_it_read_whatever_it_started_at():
+    assert offset_argument("first", None) == {"x-stream-offset": "first"}
+    assert offset_argument("first", 42) == {"x-stream-offset": 42}
+    assert offset_argument(1000.0, 7) == {"x-stream-offset": 7}
+
+
+def test_a_point_in_time_goes_as_a_timestamp():
+    (value,) = offset_argument(since(3600, now=1_700_003_600.0), None).values()
+    assert value == datetime.datetime.fromtimestamp(1_700_000_000, tz=datetime.UTC)
+
+
+def test_an_unknown_named_offset_is_refused():
+    with pytest.raises(ValueError, match="stream offset"):
+        offset_argument("latest", None)
+
+
+def test_caught_up_on_reading_the_end_mark_not_before():
+    catchup = Catchup()
+    assert not catchup.read(0)
+    assert not catchup.end_found(5)
+    assert not catchup.read(4)
+    assert catchup.read(5)
+    assert not catchup.read(6)  # once per subscription
+    assert catchup.caught_up
+
+
+def test_a_reader_already_past_the_end_mark_when_it_is_found_has_caught_up():
+    catchup = Catchup()
+    assert not catchup.read(3)
+    assert catchup.end_found(2)
+
+
+def test_an_empty_stream_has_nothing_to_replay():
+    assert Catchup().end_found(None)
+
+
+def test_a_resume_past_the_end_mark_has_caught_up_at_once():
+    assert Catchup(resume_at=10).end_found(9)
+    assert not Catchup(resume_at=9).end_found(9)
+
+
+def test_silence_counts_only_once_the_end_is_known():
+    catchup = Catchup()
+    assert not catchup.quiet()
+    catchup.end_found(100)
+    assert catchup.quiet()  # started past it (a point in time after the last chunk)
+
+
+# ----------------------------------------------------------------------------- the broker
+def declare_stream(url: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    connection.channel().queue_declare(STREAM, durable=True, arguments={"x-queue-type": "stream"})
+    connection.close()
+
+
+def publish(url: str, bodies: list[bytes]) -> None:
+    """Publish to the stream, all at once, and wait for the confirms (so the broker writes
+    them in few, large chunks)."""
+    link = Link(url, name=f"test-publisher-{uuid.uuid4().hex[:6]}").start()
+    try:
+        assert link.wait_ready(10)
+        futures = [link.publish("", STREAM, body) for body in bodies]
+        for future in futures:
+            future.result(20)
+    finally:
+        link.stop()
+
+
+class Reading:
+    """A Link with a StreamReader, and what it read."""
+
+    def __init__(self, url: str, *, start="first", quiet: float = 1.0, then=None) -> None:
+        self.read: list[tuple[str, bytes]] = []
+        self.read_when_caught_up: list[int] = []
+        self.then = then
+        self.link = Link(
+            url,
+            name=f"test-{uuid.uuid4().hex[:6]}",
+            on_ready=lambda: self.reader.on_ready(),
+            on_lost=lambda: self.reader.on_lost(),
+        )
+        self.reader = StreamReader(
+            self.link,
+            STREAM,
+            lambda d: self.read.append((d.routing_key, d.body)),
+            start=start,
+            on_caught_up=self._caught_up,
+            prefetch=50,
+            quiet=quiet,
+        )
+        self.link.start()
+
+    def _caught_up(self) -> None:
+        self.read_when_caught_up.append(len(self.read))
+        if self.then is not None:
+            self.then(self)
+
+    def stop(self) -> None:
+        self.link.stop()
+
+
+def test_a_replay_catches_up_before_a_consumer_it_starts_hears_anything_then_follows_the_tail(
+    amqp_url,
+):
+    declare_stream(amqp_url)
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection.channel().queue_declare("after-replay", durable=True)
+    connection.channel().basic_publish("", "after-replay", b"go")
+    connection.close()
+    bodies = [b"%d" % i for i in range(2000)]
+    for start in range(0, len(bodies), 500):
+        publish(amqp_url, bodies[start : start + 500])
+
+    heard_after: list[int] = []
+
+    def start_the_other_consumer(reading: Reading) -> None:
+        def on_message(delivery: Delivery) -> None:
+            heard_after.append(len(reading.read))
+            reading.link.ack(delivery)
+
+        reading.link.add_consumer(ConsumerSpec("after-replay", on_message))
+
+    reading = Reading(amqp_url, then=start_the_other_consumer)
+    try:
+        assert reading.reader.wait_caught_up(30)
+        # Everything the stream held was read before the other queue's first delivery.
+        assert eventually(lambda: heard_after) == [len(bodies)]
+        assert [body for _key, body in reading.read] == bodies
+        publish(amqp_url, [b"tail"])
+        eventually(lambda: len(reading.read) == len(bodies) + 1)
+        assert reading.read[-1] == (STREAM, b"tail")
+        assert reading.read_when_caught_up[0] <= len(bodies)
+    finally:
+        reading.stop()
+
+
+def test_an_empty_stream_is_caught_up_after_a_quiet_while_and_then_followed(amqp_url):
+    declare_stream(amqp_url)
+    reading = Reading(amqp_url, quiet=0.5)
+    try:
+        assert reading.reader.wait_caught_up(20)
+        assert reading.read == []
+        publish(amqp_url, [b"first"])
+        assert [body for _key, body in eventually(lambda: reading.read)] == [b"first"]
+    finally:
+        reading.stop()
+
+
+def test_a_reader_from_a_point_in_time_skips_what_is_older(amqp_url):
+    declare_stream(amqp_url)
+    publish(amqp_url, [b"old-1", b"old-2"])
+    time.sleep(1.5)  # stream chunk timestamps are in milliseconds; leave a clear gap
+    cutoff = time.time()
+    time.sleep(0.5)
+    publish(amqp_url, [b"new"])
+    reading = Reading(amqp_url, start=cutoff, quiet=0.5)
+    try:
+        assert reading.reader.wait_caught_up(20)
+        assert [body for _key, body in reading.read] == [b"new"]
+    finally:
+        reading.stop()
+
+
+def test_a_reader_from_a_point_in_time_after_the_last_message_catches_up_on_silence(amqp_url):
+    declare_stream(amqp_url)
+    publish(amqp_url, [b"old"])
+    time.sleep(1.5)
+    reading = Reading(amqp_url, start=time.time(), quiet=0.5)
+    try:
+        assert reading.reader.wait_caught_up(20)
+        assert reading.read == []
+        publish(amqp_url, [b"new"])
+        assert [body for _key, body in eventually(lambda: reading.read)] == [b"new"]
+    finally:
+        reading.stop()
+
+
+def test_after_a_reconnect_the_reader_resumes_where_it_stopped_and_catches_up_again(amqp_url):
+    declare_stream(amqp_url)
+    publish(amqp_url, [b"a", b"b", b"c"])
+    reading = Reading(amqp_url, quiet=0.5)
+    try:
+        assert reading.reader.wait_caught_up(20)
+        eventually(lambda: len(reading.read) == 3)
+        vhost = amqp_url.rsplit("/", 1)[1]
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost, "test"],
+            check=True,
+            timeout=60,
+        )
+        publish(amqp_url, [b"d"])
+        eventually(lambda: len(reading.read_when_caught_up) == 2, timeout=30)
+        read = eventually(lambda: len(reading.read) >= 4 and reading.read)
+        assert [body for _key, body in read] == [b"a", b"b", b"c", b"d"]
+    finally:
+        reading.stop()
+
+
+def test_the_history_stream_of_the_contract_is_read_with_its_routing_keys(amqp_url):
+    topology = contract.core_topology() + contract.history_topology(
+        max_age_seconds=3600, max_bytes=10_000_000
+    )
+    done = threading.Event()
+    read: list[str] = []
+    link = Link(
+        amqp_url,
+        name="test-history",
+        topology=topology,
+        on_ready=lambda: reader.on_ready(),
+        on_lost=lambda: reader.on_lost(),
+    )
+    reader = StreamReader(
+        link,
+        contract.HISTORY_STREAM,
+        lambda d: read.append(d.routing_key),
+        on_caught_up=done.set,
+        quiet=0.5,
+    )
+    link.start()
+    try:
+        assert done.wait(20)
+        event = contract.CancelRequested(at=time.time(), request_id="r1", ev_id="EV1", client="c")
+        link.publish(contract.EVENTS_EXCHANGE, event.kind, contract.encode_events([event]))
+        assert eventually(lambda: read) == [event.kind]
+    finally:
+        link.stop()
