@@ -93,7 +93,9 @@ def publish(url: str, bodies: list[bytes]) -> None:
 class Reading:
     """A Link with a StreamReader, and what it read."""
 
-    def __init__(self, url: str, *, start="first", quiet: float = 1.0, then=None) -> None:
+    def __init__(
+        self, url: str, *, start="first", quiet: float = 1.0, then=None, follow: bool = True
+    ) -> None:
         self.read: list[tuple[str, bytes]] = []
         self.read_when_caught_up: list[int] = []
         self.then = then
@@ -111,6 +113,7 @@ class Reading:
             on_caught_up=self._caught_up,
             prefetch=50,
             quiet=quiet,
+            follow=follow,
         )
         self.link.start()
 
@@ -216,6 +219,33 @@ def test_after_a_reconnect_the_reader_resumes_where_it_stopped_and_catches_up_ag
         eventually(lambda: len(reading.read_when_caught_up) == 2, timeout=30)
         read = eventually(lambda: len(reading.read) >= 4 and reading.read)
         assert [body for _key, body in read] == [b"a", b"b", b"c", b"d"]
+    finally:
+        reading.stop()
+
+
+def test_a_replay_only_reader_stops_after_catching_up_and_after_a_reconnect_reads_the_gap(
+    amqp_url,
+):
+    declare_stream(amqp_url)
+    bodies = [b"%d" % i for i in range(300)]
+    publish(amqp_url, bodies)
+    reading = Reading(amqp_url, quiet=0.3, follow=False)
+    try:
+        assert reading.reader.wait_caught_up(20)
+        eventually(lambda: len(reading.read) == len(bodies))
+        # Its channel closes a moment after the replay: what comes later is not read.
+        eventually(lambda: reading.reader._reader_channel is None)  # noqa: SLF001
+        publish(amqp_url, [b"later"])
+        vhost = amqp_url.rsplit("/", 1)[1]
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost, "test"],
+            check=True,
+            timeout=60,
+        )
+        # After the reconnect it reads from shortly before the loss: "later" among it.
+        eventually(lambda: len(reading.read_when_caught_up) == 2, timeout=30)
+        assert eventually(lambda: reading.read[-1][1] == b"later")
+        assert [body for _key, body in reading.read[: len(bodies)]] == bodies
     finally:
         reading.stop()
 

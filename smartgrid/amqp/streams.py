@@ -136,13 +136,24 @@ class Catchup:
 
 
 class StreamReader:
-    """Reads ``stream`` on ``link`` from ``start``, then follows its tail.
+    """Reads ``stream`` on ``link`` from ``start``, then follows its tail (``follow``), or
+    stops a little after it has caught up (``follow=False``).
 
     Call :meth:`on_ready` from the Link's ``on_ready`` and :meth:`on_lost` from its
     ``on_lost`` (I/O thread). ``on_message(delivery)`` and ``on_caught_up()`` run on the I/O
     thread; a delivery has ``routing_key``, ``body``, and ``properties.user_id`` (the sender,
-    for :func:`smartgrid.events.events_in`). ``on_caught_up`` runs once per subscription,
-    so again after a reconnect, once the reader has resumed and read to the end.
+    for :func:`smartgrid.events.events_in`), and is acknowledged already. ``on_caught_up``
+    runs once per subscription, so again after a reconnect, once the reader has resumed and
+    read to the end.
+
+    A following reader consumes on the Link's channel, so that a consumer its owner starts from
+    ``on_caught_up`` hears nothing before the replay is done. ``follow=False`` is for an owner
+    whose own event subscription hears what comes next (a substation's cancels: the whole
+    history's traffic is not worth following for them): the reader consumes on a channel of its
+    own and closes it ``quiet`` seconds after it has caught up (it cannot cancel its consumer:
+    a stream sends whole chunks, and pika would reject what is still on its way). After a
+    reconnect that followed a finished replay it reads what came since ``resume_margin``
+    seconds before the loss (the owner's subscription queue went with the connection).
     """
 
     def __init__(
@@ -153,8 +164,10 @@ class StreamReader:
         *,
         start: Start = "first",
         on_caught_up: Callable[[], None] | None = None,
+        follow: bool = True,
         prefetch: int = 1000,
         quiet: float = 2.0,
+        resume_margin: float = 10.0,
     ) -> None:
         offset_argument(start, None)  # a bad start fails here, not on the I/O thread
         self.link = link
@@ -162,15 +175,17 @@ class StreamReader:
         self.start = start
         self.on_message = on_message
         self.on_caught_up = on_caught_up
+        self.follow = follow
         self.prefetch = prefetch
         self.quiet = quiet
+        self.resume_margin = resume_margin
         #: The offset just after the last message read: where a new subscription resumes.
         self.next_offset: int | None = None
         self.messages_read = 0
         self._catchup = Catchup()
         self._subscription = 0
         self._probe_channel: pika.channel.Channel | None = None
-        self._tag: str | None = None
+        self._reader_channel: pika.channel.Channel | None = None
         self._last_read = 0.0
         self._caught_up = threading.Event()
 
@@ -191,22 +206,32 @@ class StreamReader:
         self._caught_up.clear()
         self._catchup = Catchup(resume_at=self.next_offset)
         self._last_read = time.monotonic()
-        self.link.open_side_channel(lambda channel: self._probe(subscription, channel))
-        self._tag = self.link.add_consumer(
-            ConsumerSpec(
-                self.stream,
-                lambda delivery: self._on_delivery(subscription, delivery),
-                prefetch=self.prefetch,
-                arguments=lambda: offset_argument(self.start, self.next_offset),
+        if not self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
+            return
+        if self.follow:
+            self.link.add_consumer(
+                ConsumerSpec(
+                    self.stream,
+                    lambda delivery: self._on_delivery(subscription, delivery),
+                    prefetch=self.prefetch,
+                    arguments=self._arguments,
+                )
             )
-        )
-        if self._tag is not None:
-            self.link.call_later(self.quiet, lambda: self._probe_quiet(subscription))
+        else:
+            self.link.open_side_channel(lambda channel: self._read_on(subscription, channel))
+        self.link.call_later(self.quiet, lambda: self._probe_quiet(subscription))
 
     def on_lost(self) -> None:
+        if not self.follow and self._catchup.caught_up:
+            # Its owner's subscription heard what came after the replay until now.
+            self.start = since(self.resume_margin)
+            self.next_offset = None
         self._subscription += 1  # late timers and deliveries of the old channel do nothing
         self._caught_up.clear()
-        self._probe_channel = self._tag = None
+        self._probe_channel = self._reader_channel = None
+
+    def _arguments(self) -> dict[str, Any]:
+        return offset_argument(self.start, self.next_offset)
 
     def _probe(self, subscription: int, channel: pika.channel.Channel) -> None:
         if subscription != self._subscription:
@@ -224,24 +249,64 @@ class StreamReader:
             if not isinstance(end_mark, int):  # pragma: no cover - streams always send it
                 log.warning("%s: a stream delivery without x-stream-offset", self.stream)
                 return
-            self._settle(self._catchup.end_found(end_mark))
+            self._settle(subscription, self._catchup.end_found(end_mark))
             if not self.caught_up:
                 self.link.call_later(self.quiet, lambda: self._reader_quiet(subscription))
 
         channel.basic_qos(prefetch_count=1)
         channel.basic_consume(self.stream, on_message, arguments={"x-stream-offset": "last"})
 
+    def _read_on(self, subscription: int, channel: pika.channel.Channel) -> None:
+        """Consume on a channel of the reader's own (``follow=False``)."""
+        if subscription != self._subscription:
+            channel.close()
+            return
+        self._reader_channel = channel
+        channel.add_on_close_callback(lambda _ch, reason: self._reader_closed(subscription, reason))
+
+        def on_message(_channel: Any, method: Any, properties: Any, body: bytes) -> None:
+            if not channel.is_open:
+                return
+            channel.basic_ack(method.delivery_tag)
+            delivery = Delivery(
+                generation=self.link.generation,
+                delivery_tag=method.delivery_tag,
+                exchange=method.exchange,
+                routing_key=method.routing_key,
+                redelivered=method.redelivered,
+                properties=properties,
+                body=body,
+            )
+            self._read(subscription, delivery)
+
+        channel.basic_qos(prefetch_count=self.prefetch)
+        channel.basic_consume(self.stream, on_message, arguments=self._arguments())
+
+    def _reader_closed(self, subscription: int, reason: BaseException) -> None:
+        if subscription != self._subscription or self._reader_channel is None:
+            return  # closed by the reader, or with the connection
+        self._reader_channel = None
+        log.warning("%s: the reader's channel was closed (%s); reading again", self.stream, reason)
+        self.link.call_later(self.quiet, lambda: self._read_again(subscription))
+
+    def _read_again(self, subscription: int) -> None:
+        if subscription == self._subscription and self._reader_channel is None:
+            self.link.open_side_channel(lambda channel: self._read_on(subscription, channel))
+
+    def _stop_reading(self, subscription: int) -> None:
+        channel, self._reader_channel = self._reader_channel, None
+        if subscription == self._subscription and channel is not None and channel.is_open:
+            channel.close()
+            log.info("%s: replay done (%d message(s) read)", self.stream, self.messages_read)
+
     def _probe_quiet(self, subscription: int) -> None:
         if subscription != self._subscription or self._catchup.end_known:
             return
         # A stream with anything in it answers at offset "last" at once: it is empty.
-        self._close_probe()
-        self._settle(self._catchup.end_found(None))
-
-    def _close_probe(self) -> None:
         channel, self._probe_channel = self._probe_channel, None
         if channel is not None and channel.is_open:
             channel.close()
+        self._settle(subscription, self._catchup.end_found(None))
 
     def _reader_quiet(self, subscription: int) -> None:
         if subscription != self._subscription or self.caught_up:
@@ -250,10 +315,13 @@ class StreamReader:
         if waited < self.quiet:
             self.link.call_later(self.quiet - waited, lambda: self._reader_quiet(subscription))
             return
-        self._settle(self._catchup.quiet())
+        self._settle(subscription, self._catchup.quiet())
 
     def _on_delivery(self, subscription: int, delivery: Delivery) -> None:
         self.link.ack(delivery)
+        self._read(subscription, delivery)
+
+    def _read(self, subscription: int, delivery: Delivery) -> None:
         if subscription != self._subscription:
             return
         offset = stream_offset(delivery)
@@ -268,12 +336,15 @@ class StreamReader:
         except Exception:
             # A reject would close the channel; a message the owner cannot use is skipped.
             log.exception("%s: the reader failed on the message at offset %s", self.stream, offset)
-        self._settle(self._catchup.read(offset))
+        self._settle(subscription, self._catchup.read(offset))
 
-    def _settle(self, became_caught_up: bool) -> None:
+    def _settle(self, subscription: int, became_caught_up: bool) -> None:
         if not became_caught_up:
             return
         self._caught_up.set()
         log.info("%s: caught up (%d message(s) read)", self.stream, self.messages_read)
+        if not self.follow:
+            # The rest of the last chunk is on its way in the same go: a moment to take it.
+            self.link.call_later(self.quiet, lambda: self._stop_reading(subscription))
         if self.on_caught_up is not None:
             self.on_caught_up()
