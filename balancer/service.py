@@ -9,8 +9,8 @@ This module is the wiring; the decisions are elsewhere and pure: which substatio
 (balancer.power_routing over balancer.fleet's estimates and balancer.power_fleet's power view,
 or a count-only strategy of balancer.strategies), which requests wait, the order held ones are
 released in and what follows a failed forward (balancer.dispatch, balancer.priorities), which
-dead substations are drained (balancer.draining). The share allocator runs beside it on a
-connection of its own (balancer.allocator).
+dead substations are drained and when a forgotten one's queue is deleted (balancer.draining).
+The share allocator runs beside it on a connection of its own (balancer.allocator).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from balancer.dispatch import (
     HeldRequests,
     after_failed_forward,
 )
-from balancer.draining import Draining
+from balancer.draining import Draining, Retirement
 from balancer.fleet import Fleet
 from balancer.poller import Poller, PollerCollector, PollResult
 from balancer.power_fleet import PowerView, need_of
@@ -383,18 +383,41 @@ class BalancerService:
             )
             if tag is not None:
                 self._draining.draining(substation, tag)
+        for substation, drain in changes.to_retire.items():
+            self._retire(substation, drain)
+
+    def _retire(self, substation: str, drain: str) -> None:
+        """Stop draining a forgotten substation's queue, and check it for deletion."""
+        self.link.cancel_consumer(drain)
+        # Declared again first: a check of a queue that is gone would close the channel.
+        self.link.declare(contract.substation_topology(substation))
+        self.link.inspect_queue(
+            contract.substation_queue_name(substation),
+            functools.partial(self._retirement_checked, substation),
+        )
+
+    def _retirement_checked(self, substation: str, messages: int, consumers: int) -> None:
+        if self._draining.checked(substation, messages, consumers) is Retirement.DELETE:
+            log.info("substation %s was forgotten and its queue is empty; deleting it", substation)
+            self.link.delete_queue(contract.substation_queue_name(substation))
+            self.metrics.rerouted.remove(substation)
 
     def _reroute(self, substation: str, delivery: Delivery) -> None:
+        # Its queue is deleted only once every delivery taken off it is settled.
+        moving = (delivery.generation, delivery.delivery_tag)
+        settled = functools.partial(self._draining.settled, substation, moving)
         try:
             routed = contract.RoutedRequest.from_body(delivery.body)
         except contract.InvalidMessage as exc:
+            self._draining.moving(substation, moving)
             self.dead_letters.dead_letter(
                 delivery,
                 reason=f"invalid routed request: {exc}",
                 source=contract.substation_queue_name(substation),
-            )
+            ).add_done_callback(lambda _: settled())
             return
         request = routed.back_to_pending()
+        self._draining.moving(substation, moving)
         confirmation = self.link.publish(
             contract.REQUESTS_EXCHANGE,
             contract.REQUEST_ROUTING_KEY,
@@ -405,15 +428,18 @@ class BalancerService:
         def settle(result: Future) -> None:
             if result.exception() is None:
                 self.link.ack(delivery)
+                settled()
                 self.fleet.unrouted(substation, request_id=routed.request_id)
                 self.power.unrouted(substation, routed.request_id)
                 self.metrics.rerouted.labels(substation).inc()
             else:
                 # Not the message's fault (see _after_forward): give it back after a pause,
                 # so that the drain consumer's next attempt is not an immediate loop.
-                self.link.call_later(
-                    RETRY_REFUSED_AFTER, lambda: self.link.reject(delivery, requeue=True)
-                )
+                def give_back() -> None:
+                    self.link.reject(delivery, requeue=True)
+                    settled()
+
+                self.link.call_later(RETRY_REFUSED_AFTER, give_back)
 
         confirmation.add_done_callback(settle)
 
@@ -479,9 +505,16 @@ class BalancerService:
                 substation,
                 self.config.forget_after,
             )
-            for gauge in (self.metrics.estimated_load, self.metrics.up, self.metrics.metrics_age):
-                gauge.remove(substation)
+            for series in (
+                self.metrics.estimated_load,
+                self.metrics.up,
+                self.metrics.metrics_age,
+                self.metrics.routed,
+                self.metrics.poll_errors,
+            ):
+                series.remove(substation)
             self.power.forget(substation)
+            self._draining.forgotten(substation)
         self._update_draining()
         self._publish_fleet_metrics()
         self._publish_power_metrics()

@@ -21,12 +21,13 @@ class DeadLetterer:
         self._link = link
         self._events = events
 
-    def dead_letter(self, delivery: Delivery, *, reason: str, source: str) -> None:
+    def dead_letter(self, delivery: Delivery, *, reason: str, source: str) -> Future:
         """Move ``delivery`` to the dead-letter queue with ``reason``.
 
         The original is acknowledged only once the dead-letter queue has confirmed the copy;
         if that fails the original is rejected back to its queue, whose delivery limit
-        dead-letters it through the broker in the end.
+        dead-letters it through the broker in the end. The copy's confirmation is returned:
+        once it is done (and its callbacks have run) the original is settled.
         """
         log.warning("dead-lettering a message from %s: %s", source, reason)
         headers = {
@@ -57,6 +58,7 @@ class DeadLetterer:
             )
 
         copy.add_done_callback(settle)
+        return copy
 
     def poisoned(self, delivery: Delivery, error: Exception, *, source: str) -> None:
         """Dead-letter a message its consumer kept failing on (a ``ConsumerSpec.on_poison``

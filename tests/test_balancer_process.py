@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import signal
 
+import pika
+import pika.exceptions
 import pytest
 
 from smartgrid import contract
 from stack.local import StackSettings, balancer_process, substation_process
-from tests.helpers import BrokerClient, eventually, metric
+from tests.helpers import BrokerClient, eventually, metric, scrape
 
 
 @pytest.fixture
@@ -214,3 +216,65 @@ def test_forged_counts_and_a_forged_leaving_do_not_pin_the_balancers_view(stack_
         assert balancer.stop() == 0
         for service in substations:
             assert service.stop() == 0
+
+
+def _queue_exists(url: str, queue: str) -> bool:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().queue_declare(queue, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        assert exc.reply_code == 404, exc
+        return False
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def test_a_forgotten_dead_substations_queue_is_drained_then_deleted(
+    stack_settings, broker, amqp_url
+):
+    """Issue 11, defect 4: a substation killed for good (as a scaled-out replica is when it is
+    recreated under a new id) has its queue drained, and once it is forgotten, deleted; its
+    series leave the balancer's page. The live one keeps its queue and its series."""
+    stack_settings.poll_interval = 0.3
+    stack_settings.session_seconds = 0.2
+    stack_settings.substations = 2
+    substations = [substation_process(stack_settings, i).start() for i in range(2)]
+    for s in substations:
+        s.wait_healthy()
+    balancer = _balancer(stack_settings, STALE_AFTER="1.0", DRAIN_AFTER="1.5", FORGET_AFTER="4")
+    dead_queue = contract.substation_queue_name("substation-1")
+    live_queue = contract.substation_queue_name("substation-2")
+    try:
+        eventually(lambda: _up(stack_settings, "substation-1") == 1)
+        eventually(lambda: _up(stack_settings, "substation-2") == 1)
+        substations[0].signal(signal.SIGKILL)
+        substations[0].process.wait(10)
+        completions = broker.subscribe_events(contract.SessionCompleted.kind)
+        # Routed there before its death was noticed: waiting in its queue.
+        stranded = {broker.send_to_substation("substation-1", ev_id=f"EV{i}") for i in range(5)}
+        completed: set[str] = set()
+
+        def all_completed() -> bool:
+            completed.update(e.request_id for e in broker.events(completions))
+            return stranded <= completed
+
+        eventually(all_completed, what="the stranded requests completed elsewhere", timeout=30)
+        eventually(
+            lambda: not _queue_exists(amqp_url, dead_queue),
+            what="the dead substation's queue deleted",
+            timeout=30,
+        )
+        page = scrape(balancer.health_url)
+        assert not [k for k in page if dict(k[1]).get("substation") == "substation-1"], page
+        assert _queue_exists(amqp_url, live_queue)
+        assert _up(stack_settings, "substation-2") == 1
+        # It stays deleted: the balancer does not declare it again.
+        broker.send_request()
+        eventually(lambda: _routed(stack_settings, "substation-2") >= 6)
+        assert not _queue_exists(amqp_url, dead_queue)
+    finally:
+        assert balancer.stop() == 0
+        for s in substations:
+            s.stop()

@@ -276,7 +276,8 @@ def test_only_the_consumers_of_a_queue_may_read_purge_or_delete_it(strict: Users
             assert strict.attempt(user, lambda ch, q=queue: ch.queue_purge(q)) == ACCESS_REFUSED
         if queue == contract.substation_queue_name("s2") and user in allowed:
             # The balancer and the shared substation user declare substation queues, so they
-            # may delete them (test_one_shared_substation_user_cannot_tell_substations_apart).
+            # may delete them (test_one_shared_substation_user_cannot_tell_substations_apart;
+            # the balancer deletes a forgotten substation's: test_each_role_can_still_do_its_job).
             continue
         deleting = strict.attempt(user, lambda ch, q=queue: ch.queue_delete(q, if_empty=True))
         assert deleting == ACCESS_REFUSED, queue
@@ -361,6 +362,21 @@ def _declare_and_drain(substation: str) -> Operation:
     return operation
 
 
+def _declare_and_delete(substation: str) -> Operation:
+    """As the balancer retires a forgotten substation's queue: declared again, checked, then
+    deleted without ``if-empty`` (which quorum queues refuse)."""
+
+    def operation(ch):
+        queue = next(
+            d for d in contract.substation_topology(substation) if isinstance(d, contract.Queue)
+        )
+        ch.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+        ch.queue_declare(queue.name, passive=True)
+        ch.queue_delete(queue.name)
+
+    return operation
+
+
 def _consume_shares(substation: str) -> Operation:
     """As the substation does it: the exchange passively (the admin's definitions declare it),
     its own exclusive queue and binding."""
@@ -434,6 +450,7 @@ LEGITIMATE_OPERATIONS: dict[str, dict[str, Operation]] = {
             contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, _charge_request()
         ),
         "declare and drain the queue of a substation presumed dead": _declare_and_drain("s9"),
+        "delete the drained queue of a forgotten substation": _declare_and_delete("s8"),
         "hand out a power share": _publish(contract.POWER_EXCHANGE, "s1", _power_share("s1")),
         "consume the power reports": lambda ch: ch.basic_consume(
             contract.POWER_REPORTS_QUEUE, lambda *a: None

@@ -360,6 +360,17 @@ class Link:
         channel.queue_declare(queue, passive=True, callback=answered)
         return True
 
+    def delete_queue(self, queue: str) -> bool:
+        """Delete ``queue`` now (I/O thread), whatever it holds; False when not connected.
+        Deleting a queue that does not exist succeeds. There is no "only if empty": quorum
+        queues refuse ``if-empty`` and ``if-unused`` with 540 NOT_IMPLEMENTED, which closes
+        the connection, so the caller checks first (:meth:`inspect_queue`)."""
+        channel = self._channel
+        if channel is None or not channel.is_open or not self.ready:
+            return False
+        channel.queue_delete(queue)
+        return True
+
     def is_current(self, delivery: Delivery) -> bool:
         """Whether ``delivery`` came on the channel open now (so it can still be settled)."""
         return self._live_channel_for(delivery) is not None
