@@ -19,12 +19,19 @@ from loadgen.schedules import (
     SPIKE_FACTOR,
     named_profile,
 )
-from loadgen.traffic import GatewayUnreachable
-from smartgrid.config import amqp_url_from_env, from_env
+from loadgen.traffic import (
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    GatewayUnreachable,
+    TokenRefused,
+    token_from_env,
+)
+from smartgrid.config import ConfigError, amqp_url_from_env, from_env
 
 EXIT_UNREACHABLE = 3
 EXIT_INCOMPLETE = 4
 EXIT_OUTPUT = 5
+EXIT_UNAUTHORIZED = 6
 EXIT_INTERRUPTED = 130
 DEFAULT_DURATION = 60.0
 DEFAULT_GIVE_UP_AFTER = 10.0
@@ -50,10 +57,14 @@ exit status:
        or the broker is unreachable when following events
   4    with --expect-complete: not every accepted request completed exactly once
   5    the report could not be written to --json's or --plot's file
+  6    the gateway refused loadgen's client token, or wants one (401)
   130  interrupted (Ctrl-C stops sending and waiting, and still reports)
 
 environment variables:
   GATEWAY_URL   default for --url (http://localhost:8000)
+  {TOKEN_ENV}  the client token sent as Authorization: Bearer (gateways with
+                GATEWAY_TOKENS_FILE); every request also carries an Idempotency-Key
+  {TOKEN_FILE_ENV}  a file holding it (docker compose keeps one in its secrets)
   AMQP_URL      default for --amqp-url (the broker whose lifecycle events are followed)
   AMQP_PASSWORD_FILE  a file holding its password (quoted into AMQP_URL)
   DECLARE_TOPOLOGY, EVENT_SENDERS   as for the services (see python -m balancer --help)
@@ -173,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_PROFILE_DURATION:g})",
     )
     stop.add_argument("--count", type=_positive(int), help="stop after this many requests")
+    stop.add_argument(
+        "--ev-prefix",
+        default="EV",
+        help="EV ids are this and a number (default EV); one EV has one active request at a "
+        "time, so a run overlapping an earlier one's sessions wants another prefix",
+    )
     stop.add_argument(
         "--concurrency", type=_positive(int), default=256, help="most requests in flight at once"
     )
@@ -302,6 +319,8 @@ def settings_from_args(
     burst_every = (args.burst_every or 10.0) * scale if args.burst else None
     settings = LoadSettings(
         gateway_url=args.url,
+        token=token_from_env(),
+        ev_prefix=args.ev_prefix,
         amqp_url=None if args.no_observe else args.amqp_url,
         declare_topology=observer_settings.declare_topology,
         event_senders=observer_settings.event_senders,
@@ -335,9 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     # pika logs every failed reconnect attempt as half a dozen ERROR lines, some with a
     # traceback; the Link says what matters (lost, retrying, back) in one line each.
     logging.getLogger("pika").setLevel(logging.CRITICAL)
-    settings = settings_from_args(args, parser)
+    try:
+        settings = settings_from_args(args, parser)
+    except ConfigError as exc:
+        parser.error(str(exc))
     try:
         result = run_load(settings)
+    except TokenRefused as exc:
+        print(f"loadgen: {exc}", file=sys.stderr)
+        return EXIT_UNAUTHORIZED
     except GatewayUnreachable as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from loadgen.observer import RequestFate
-from loadgen.traffic import ERROR_KINDS, Outcome
+from loadgen.traffic import CLIENT_REFUSALS, ERROR_KINDS, Outcome
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -213,6 +213,12 @@ class Report:
         )
 
 
+def rejected_example(status: str, example: str) -> str:
+    """``409 (the EV already has an active request ...), e.g.: ev_busy: ...``."""
+    meaning = CLIENT_REFUSALS.get(int(status)) if status.isdigit() else None
+    return f"{status} ({meaning}), e.g.: {example}" if meaning else f"{status}, e.g.: {example}"
+
+
 def status_class(status: str | int) -> str:
     text = str(status)
     return f"{text[0]}xx" if len(text) == 3 and text[0] in "45" else "other"
@@ -367,7 +373,7 @@ def render(report: Report) -> str:
     for kind, example in sorted(report.error_examples.items()):
         lines.append(f"  {ERROR_KINDS.get(kind, kind)}, e.g.: {example}")
     for status, example in sorted(report.rejected_examples.items()):
-        lines.append(f"  {status}, e.g.: {example}")
+        lines.append(f"  {rejected_example(status, example)}")
     if report.stopped_early:
         lines.append(f"stopped early: {report.stopped_early}")
     lines += [

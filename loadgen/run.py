@@ -32,6 +32,8 @@ class LoadSettings:
     """What to send, in wall-clock seconds (a time scale is applied before, by the caller)."""
 
     gateway_url: str = "http://localhost:8000"
+    #: The client token sent as ``Authorization: Bearer`` (None: an open gateway).
+    token: str | None = None
     amqp_url: str | None = None  # None: do not follow events
     #: As the services' DECLARE_TOPOLOGY and EVENT_SENDERS (the observer's broker user).
     declare_topology: bool = True
@@ -96,9 +98,11 @@ def arrivals_for(settings: LoadSettings) -> Iterator[float]:
 
 
 def describe(settings: LoadSettings) -> dict:
-    """The settings for the JSON report (without the broker URL, which holds a password)."""
+    """The settings for the JSON report (without the broker URL, which holds a password, nor
+    the token)."""
     described = asdict(settings)
     described.pop("amqp_url")
+    described["token"] = settings.token is not None
     described["observed"] = settings.amqp_url is not None
     if settings.profile is not None:
         described["profile"] = {
@@ -144,6 +148,7 @@ def run_load(settings: LoadSettings) -> LoadResult:
                     give_up_after=settings.give_up_after,
                     interruptible=settings.interruptible,
                     body_for=evmix.mix_bodies(settings.seed) if settings.ev_mix else None,
+                    token=settings.token,
                 )
             )
             fates = None

@@ -8,7 +8,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from loadgen.report import Report, fmt, percent, status_class
+from loadgen.report import Report, fmt, percent, rejected_example, status_class
 from loadgen.traffic import ERROR_KINDS
 
 MIN_WIDTH = 72  # so that no table's title wraps
@@ -50,9 +50,8 @@ def summary(report: Report) -> RenderableType:
         )
         for status in by_status:
             if status in report.rejected_examples:
-                run.add_row(
-                    "", Text(f"{status}, e.g.: {report.rejected_examples[status]}", style="dim")
-                )
+                line = rejected_example(status, report.rejected_examples[status])
+                run.add_row("", Text(line, style="dim"))
     if not report.errors:
         run.add_row("errors", "0")
     for kind, n in sorted(report.errors.items()):

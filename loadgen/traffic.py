@@ -5,21 +5,25 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
 import yarl
 
 from loadgen.schedules import constant_arrivals, poisson_arrivals
+from smartgrid.config import ConfigError
 
 __all__ = [
     "ERROR_KINDS",
     "GatewayUnreachable",
     "Outcome",
+    "TokenRefused",
     "SendStats",
     "check_gateway",
     "constant_arrivals",
@@ -43,6 +47,33 @@ class GatewayUnreachable(ConnectionError):
     pass
 
 
+class TokenRefused(GatewayUnreachable):
+    """The gateway answered 401 to loadgen's token, or to its lack of one."""
+
+
+#: loadgen's client token for the gateway (``Authorization: Bearer``), or a file holding it.
+TOKEN_ENV = "LOADGEN_TOKEN"
+TOKEN_FILE_ENV = "LOADGEN_TOKEN_FILE"
+
+
+def token_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """LOADGEN_TOKEN, else the token in LOADGEN_TOKEN_FILE, else None (an open gateway)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(TOKEN_ENV):
+        return environ[TOKEN_ENV].strip()
+    path = environ.get(TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{TOKEN_FILE_ENV}={path!r}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"{TOKEN_FILE_ENV}={path!r}: the file is empty")
+    return token
+
+
 @dataclass
 class Outcome:
     """One request's answer: an HTTP status, or an error kind when there was no answer."""
@@ -54,6 +85,7 @@ class Outcome:
     error: str | None = None  # one of ERROR_KINDS: "refused", "disconnected", "timeout", ...
     request_id: str | None = None
     routed_to: str | None = None
+    #: The answer's "error" code and its words ("ev_busy: ..."), or what went wrong.
     detail: str | None = None
 
     @property
@@ -128,25 +160,76 @@ def _connection_kind(exc: BaseException) -> str:
     return "connection"
 
 
-async def check_gateway(session: aiohttp.ClientSession, base_url: str) -> None:
+#: A request id nobody has: asking for it tells whether the gateway takes loadgen's token
+#: (404, or 401 if it does not) without sending a charge request.
+_PROBE_ID = "0" * 32
+
+
+async def check_gateway(
+    session: aiohttp.ClientSession, base_url: str, headers: Mapping[str, str] | None = None
+) -> None:
+    """The gateway is up (``/health``) and takes loadgen's credentials in ``headers``."""
+    timeout = aiohttp.ClientTimeout(total=5)
     try:
-        async with session.get(
-            f"{base_url}/health", timeout=aiohttp.ClientTimeout(total=5)
-        ) as response:
+        async with session.get(f"{base_url}/health", timeout=timeout) as response:
             if response.status != 200:
                 body = await response.text()
                 raise GatewayUnreachable(
                     f"gateway at {base_url} is not ready: {response.status} {body.strip()[:200]}"
                 )
+        async with session.get(
+            f"{base_url}/charge/{_PROBE_ID}", headers=headers, timeout=timeout
+        ) as response:
+            if response.status == 401:
+                raise TokenRefused(_token_refusal(base_url, headers, await response.text()))
+    except GatewayUnreachable:
+        raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise GatewayUnreachable(
             f"cannot reach the gateway at {base_url}: {exc or type(exc).__name__}"
         ) from None
 
 
-#: Sent with every POST: built once, since at a thousand requests a second loadgen shares the
-#: machine with the stack it measures, and each object aiohttp need not build is CPU left to it.
-JSON_HEADERS = {"Content-Type": "application/json"}
+def _token_refusal(base_url: str, headers: Mapping[str, str] | None, body: str) -> str:
+    try:
+        said = json.loads(body).get("detail") or body
+    except (ValueError, AttributeError):
+        said = body
+    said = str(said).strip()[:200]
+    if headers is None or "Authorization" not in headers:
+        return (
+            f"the gateway at {base_url} wants a client token (401: {said}); set {TOKEN_ENV}, "
+            f"or {TOKEN_FILE_ENV} to a file holding it"
+        )
+    return (
+        f"the gateway at {base_url} refused loadgen's token (401: {said}); check {TOKEN_ENV} "
+        f"or {TOKEN_FILE_ENV} against the gateway's GATEWAY_TOKENS_FILE"
+    )
+
+
+def request_headers(token: str | None) -> dict[str, str]:
+    """What every POST carries but its Idempotency-Key: built once, since at a thousand
+    requests a second loadgen shares the machine with the stack it measures, and each object
+    aiohttp need not build is CPU left to it."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def idempotency_keys(run: str | None = None) -> Callable[[int], str]:
+    """The Idempotency-Key of request ``index`` of one run: unique to the run (loadgen does
+    not retry, so no key is ever sent twice), at most 255 printable characters."""
+    prefix = f"loadgen-{run or uuid.uuid4().hex}-"
+    return lambda index: f"{prefix}{index + 1:06d}"
+
+
+#: The answers a client gets for who it is and how much it sends, as the reports explain them.
+CLIENT_REFUSALS = {
+    401: "no client token, or a wrong one",
+    409: "the EV already has an active request (one car, one session)",
+    429: "over the client's rate limit (GATEWAY_RATE_LIMIT)",
+}
 
 
 async def _send_one(
@@ -155,6 +238,7 @@ async def _send_one(
     ev_id: str,
     timeout: aiohttp.ClientTimeout,
     body: dict | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Outcome:
     sent_at = time.time()
     started = time.perf_counter()
@@ -162,7 +246,7 @@ async def _send_one(
         async with session.post(
             charge_url,
             data=json.dumps(body or {"ev_id": ev_id}).encode(),
-            headers=JSON_HEADERS,
+            headers=headers or request_headers(None),
             timeout=timeout,
         ) as response:
             try:
@@ -173,7 +257,11 @@ async def _send_one(
             if isinstance(body, dict):
                 outcome.request_id = body.get("request_id")
                 outcome.routed_to = body.get("routed_to")
-                outcome.detail = body.get("error")
+                code, words = body.get("error"), body.get("detail")
+                if code and words:
+                    outcome.detail = f"{code}: {words}"
+                else:
+                    outcome.detail = code or words
             return outcome
     except TimeoutError:
         return Outcome(
@@ -216,6 +304,8 @@ async def drive(
     give_up_after: float | None = None,
     interruptible: bool = False,
     body_for: Callable[[int, str], dict] | None = None,
+    token: str | None = None,
+    idempotency_key: Callable[[int], str] | None = None,
 ) -> list[Outcome]:
     """Send requests at the arrival offsets until ``count`` or ``duration`` is reached.
 
@@ -225,6 +315,9 @@ async def drive(
     ``stats.stopped_early`` says so. With ``interruptible``, cancelling the task (Ctrl-C under
     ``asyncio.run``) stops sending too, and returns what was answered so far. ``body_for``
     gives the body of the request with that index and EV id (default: the EV id alone).
+    Every request carries ``token`` as ``Authorization: Bearer`` (if given) and an
+    ``Idempotency-Key`` of its own (:func:`idempotency_keys`, unless ``idempotency_key``).
+    A 401 to the token at the start raises :class:`TokenRefused`.
     """
     stats = stats if stats is not None else SendStats()
     outcomes: list[Outcome] = []
@@ -232,19 +325,28 @@ async def drive(
     connector = aiohttp.TCPConnector(limit=concurrency)
     charge_url = yarl.URL(f"{base_url}/charge")
     request_timeout = aiohttp.ClientTimeout(total=timeout)
+    headers = request_headers(token)
+    key_of = idempotency_key or idempotency_keys()
     # No cookies to keep (the gateway sets none), and every URL is already well formed.
     async with aiohttp.ClientSession(
         connector=connector, cookie_jar=aiohttp.DummyCookieJar(), requote_redirect_url=False
     ) as session:
-        await check_gateway(session, base_url)
+        await check_gateway(session, base_url, headers)
         start = time.monotonic()
         stats.started_at, stats.started_mono = time.time(), start
         stats.last_answer_mono = start
         tasks: set[asyncio.Task] = set()
 
-        async def one(ev_id: str, body: dict | None) -> None:
+        async def one(ev_id: str, body: dict | None, key: str) -> None:
             try:
-                outcome = await _send_one(session, charge_url, ev_id, request_timeout, body)
+                outcome = await _send_one(
+                    session,
+                    charge_url,
+                    ev_id,
+                    request_timeout,
+                    body,
+                    {**headers, "Idempotency-Key": key},
+                )
             finally:
                 limit.release()
             outcomes.append(outcome)
@@ -279,7 +381,11 @@ async def drive(
                     break
                 ev_id = f"{ev_prefix}{index + 1:06d}"
                 task = asyncio.create_task(
-                    one(ev_id, body_for(index, ev_id) if body_for is not None else None)
+                    one(
+                        ev_id,
+                        body_for(index, ev_id) if body_for is not None else None,
+                        key_of(index),
+                    )
                 )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

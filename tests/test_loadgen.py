@@ -52,8 +52,16 @@ from loadgen.schedules import (
     spike,
 )
 from loadgen.summary import summary
-from loadgen.traffic import Outcome, SendStats, drive
+from loadgen.traffic import (
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    Outcome,
+    SendStats,
+    drive,
+    token_from_env,
+)
 from smartgrid import contract
+from smartgrid.config import ConfigError
 
 
 def take_until(offsets: Iterator[float], end: float) -> list[float]:
@@ -493,13 +501,17 @@ def test_argument_errors_exit_2_with_a_message(
 class FakeGateway:
     """A tiny gateway on a free port. The path prefix picks the behaviour of POST .../charge:
     ``ok`` (202 with a request id), ``mixed`` (202, 422, 503, close, sleep in turn), ``die``
-    (202 three times, then the server goes away)."""
+    (202 three times, then the server goes away), ``clients`` (202, 409 ev_busy, 429 in
+    turn), ``auth`` (as ``ok``, but 401 to GET and POST .../charge without ``Bearer good``).
+    Every POST's headers are kept in ``headers``."""
 
     SLEEP = 1.0
+    TOKEN = "good"
 
     def __init__(self) -> None:
         self.count = 0
         self.lock = threading.Lock()
+        self.headers: list[dict[str, str]] = []
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -514,7 +526,19 @@ class FakeGateway:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _refused(self) -> bool:
+                """401, as the gateway answers, unless ``auth`` mode gets the good token."""
+                mode = self.path.strip("/").split("/")[0]
+                if mode != "auth" or self.headers.get("Authorization") == f"Bearer {gateway.TOKEN}":
+                    return False
+                self._json(401, {"error": "unauthorized", "detail": "the token is not valid"})
+                return True
+
             def do_GET(self) -> None:
+                if "/charge/" in self.path:
+                    if not self._refused():
+                        self._json(404, {"error": "not_found", "detail": "no such request"})
+                    return
                 self._json(200, {"status": "ok"})
 
             def do_POST(self) -> None:
@@ -523,6 +547,13 @@ class FakeGateway:
                 with gateway.lock:
                     index = gateway.count
                     gateway.count += 1
+                    gateway.headers.append(dict(self.headers))
+                if self._refused():
+                    return
+                if mode == "auth":
+                    mode = "ok"
+                if mode == "clients":
+                    mode = ("ok", "409", "429")[index % 3]
                 if mode == "mixed":
                     mode = ("ok", "422", "503", "close", "sleep")[index % 5]
                 if mode == "die":
@@ -540,6 +571,10 @@ class FakeGateway:
                     )
                 elif mode in ("422", "503"):
                     self._json(int(mode), {"error": "no", "detail": mode})
+                elif mode == "409":
+                    self._json(409, {"error": "ev_busy", "detail": "EV1 is charging"})
+                elif mode == "429":
+                    self._json(429, {"error": "rate_limited", "detail": "1 request/s"})
                 elif mode == "close":
                     self.close_connection = True  # no answer at all
                 elif mode == "sleep":
@@ -768,3 +803,80 @@ def test_the_output_stays_clean_while_the_broker_goes_away_and_comes_back(stack_
     assert "sent " in output and "accepted " in output, output
     assert "completed more than once 0" in output, output
     assert "unfinished 0" in output, output
+
+
+# ------------------------------------------------------------------------------ clients (issue 14)
+def test_every_request_carries_the_token_and_a_key_of_its_own(
+    gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    token = tmp_path / "token"
+    token.write_text(FakeGateway.TOKEN + "\n")  # as a secrets file may end
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.setenv(TOKEN_FILE_ENV, str(token))
+    out = tmp_path / "auth.json"
+    args = ["--url", gateway.url("auth"), "--no-observe", "--count", "6", "--rate", "100"]
+    assert cli.main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["accepted"] == 6 and report["settings"]["token"] is True
+    assert FakeGateway.TOKEN not in out.read_text()
+    assert {h["Authorization"] for h in gateway.headers} == {"Bearer good"}
+    keys = [h["Idempotency-Key"] for h in gateway.headers]
+    assert len(set(keys)) == 6
+    assert all(0 < len(k) <= 255 and k.isascii() and k.isprintable() for k in keys)
+    # Another run: other keys (a key sent again would be a replay of the first run's request).
+    assert cli.main(args) == 0
+    assert not set(keys) & {h["Idempotency-Key"] for h in gateway.headers[6:]}
+
+
+def test_a_missing_or_wrong_token_stops_the_run_before_sending_and_says_what_to_set(
+    gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
+    args = ["--url", gateway.url("auth"), "--no-observe", "--count", "3"]
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert cli.main(args) == cli.EXIT_UNAUTHORIZED
+    err = capsys.readouterr().err
+    assert "wants a client token" in err and TOKEN_ENV in err and "Traceback" not in err
+    monkeypatch.setenv(TOKEN_ENV, "stolen")
+    assert cli.main(args) == cli.EXIT_UNAUTHORIZED
+    err = capsys.readouterr().err
+    assert "refused loadgen's token (401: the token is not valid)" in err
+    assert gateway.headers == []  # nothing was sent
+
+
+def test_a_token_file_that_cannot_be_read_is_an_argument_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    assert token_from_env({}) is None
+    assert token_from_env({TOKEN_ENV: "t", TOKEN_FILE_ENV: "/nowhere"}) == "t"
+    (tmp_path / "empty").write_text("")
+    for path, why in ((tmp_path / "missing", "No such file"), (tmp_path / "empty", "empty")):
+        with pytest.raises(ConfigError, match=why):
+            token_from_env({TOKEN_FILE_ENV: str(path)})
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.setenv(TOKEN_FILE_ENV, str(tmp_path / "missing"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--no-observe", "--count", "1"])
+    assert exit_.value.code == 2 and TOKEN_FILE_ENV in capsys.readouterr().err
+
+
+def test_busy_evs_and_the_rate_limit_are_reported_as_such(
+    gateway: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    out = tmp_path / "clients.json"
+    args = ["--url", gateway.url("clients"), "--no-observe", "--count", "6", "--rate", "100"]
+    assert cli.main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["rejected"] == {"409": 2, "429": 2}
+    printed = capsys.readouterr().out
+    assert (
+        "409 (the EV already has an active request (one car, one session)), e.g.: ev_busy: EV1 "
+        "is charging" in printed
+    )
+    assert "429 (over the client's rate limit (GATEWAY_RATE_LIMIT)), e.g.: rate_limited" in printed
+    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console.print(summary(build_report([_outcome(401)], None)))
+    assert "401 (no client token, or a wrong one)" not in console.file.getvalue()  # no example
+    rejected = Outcome("EV1", 0.0, 0.01, status=401, detail="unauthorized: the token is not valid")
+    console.print(summary(build_report([rejected], None)))
+    assert "401 (no client token, or a wrong one), e.g.: unauthorized" in console.file.getvalue()
