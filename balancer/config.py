@@ -99,6 +99,13 @@ class BalancerConfig:
         check=positive,
         expect="seconds > 0",
     )
+    delete_forgotten_queues: bool = setting(
+        "DELETE_FORGOTTEN_QUEUES",
+        True,
+        "Delete the queue of a forgotten substation presumed dead once it is drained; 0 where "
+        "announced substations check their queue passively (DECLARE_QUEUE=0): they could not "
+        "declare it again",
+    )
     poll_timeout: float = setting(
         "POLL_TIMEOUT",
         2.0,

@@ -514,7 +514,8 @@ class BalancerService:
             ):
                 series.remove(substation)
             self.power.forget(substation)
-            self._draining.forgotten(substation)
+            if self.config.delete_forgotten_queues:
+                self._draining.forgotten(substation)
         self._update_draining()
         self._publish_fleet_metrics()
         self._publish_power_metrics()
