@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+from gateway.clients import Clients, TokensFileError  # no prometheus_client underneath
 from gateway.config import GatewayConfig
 from smartgrid.config import load_or_exit
 from smartgrid.runtime import setup_logging
@@ -46,11 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     config = load_or_exit(
         GatewayConfig,
         prog="python -m gateway",
-        description="Serve the gateway HTTP API: POST /charge, GET /charge/<request_id>, "
-        "GET /health, GET /metrics. Slow clients are cut off by HEADER_TIMEOUT and BODY_TIMEOUT.",
+        description="Serve the gateway HTTP API: POST /charge, GET and DELETE "
+        "/charge/<request_id>, GET /health, GET /metrics, GET /openapi.json. Slow clients are "
+        "cut off by HEADER_TIMEOUT and BODY_TIMEOUT.",
         argv=argv,
     )
     setup_logging(config.log_level, name="gateway")
+    # A tokens file that cannot be used stops the gateway here, not in every worker.
+    if config.tokens_file:
+        try:
+            Clients.load(config.tokens_file)
+        except TokensFileError as exc:
+            print(f"python -m gateway: {exc}", file=sys.stderr)
+            return 2
     with prepared_metrics_dir():
         from gateway.server import serve  # after PROMETHEUS_MULTIPROC_DIR is set
 

@@ -11,6 +11,7 @@ unavailable); nothing the client sends can produce a 500.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,11 +31,14 @@ from prometheus_client import (
 )
 from werkzeug.exceptions import HTTPException
 
-from gateway import answers
+from gateway import answers, openapi
 from gateway.answers import Answer, Outcome, PublishRequest
 from gateway.broker import GatewayBroker
+from gateway.clients import AuthFailure, Clients
 from gateway.config import GatewayConfig
 from gateway.history import RequestHistory
+from gateway.idempotency import HEADER, InvalidKey, parse_key
+from gateway.ratelimit import RateLimiter, per_worker
 from smartgrid import contract
 from smartgrid.power_request import (
     POWER_FIELDS,
@@ -47,6 +51,17 @@ from smartgrid.power_request import (
 log = logging.getLogger(__name__)
 
 ACCEPTED_FIELDS = {"ev_id"} | POWER_FIELDS
+#: The ``outcome`` label of ``gateway_charge_requests``.
+OUTCOMES = (
+    "accepted",
+    "replayed",
+    "invalid",
+    "ev_busy",
+    "unavailable",
+    "not_confirmed",
+    "unauthorized",
+    "rate_limited",
+)
 
 
 class GatewayMetrics:
@@ -69,7 +84,7 @@ class GatewayMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=registry,
         )
-        for outcome in ("accepted", "invalid", "unavailable", "not_confirmed"):
+        for outcome in OUTCOMES:
             self.requests.labels(outcome)
         # With several gunicorn workers, the least connected one is what matters.
         self.broker_connected = Gauge(
@@ -104,6 +119,23 @@ _OUTCOME_LABELS = {
 }
 
 
+def _label_of(answer: Answer) -> str:
+    """The metrics' outcome of an answer decided without publishing."""
+    if answer.status == 202:
+        return "replayed"
+    if answer.body.get("error") == "ev_busy":
+        return "ev_busy"
+    return "invalid"
+
+
+def _invalid_request_id() -> Response:
+    return _error(400, "invalid_request_id", "a request id is 32 lowercase hex digits")
+
+
+def _not_found() -> Response:
+    return _error(404, "not_found", "no such request is known (or it is too old)")
+
+
 def _is_json_content_type(mimetype: str) -> bool:
     return mimetype == "application/json" or (
         mimetype.startswith("application/") and mimetype.endswith("+json")
@@ -116,6 +148,8 @@ class ChargeBody:
 
     ev_id: str
     power: PowerFields
+    #: The body as sent (validated): what an Idempotency-Key's fingerprint is taken of.
+    fields: dict = dataclasses.field(default_factory=dict)
 
     def request_fields(self) -> dict:
         """The fields of the ChargeRequest it becomes (beside its id and acceptance time)."""
@@ -154,7 +188,7 @@ def parse_charge_body(raw: bytes, defaults: RequestDefaults = BUILT_IN_DEFAULTS)
         power = parse_power_fields(data, defaults)
     except FieldError as exc:
         raise BadBody(422, exc.code, str(exc)) from None
-    return ChargeBody(ev_id, power)
+    return ChargeBody(ev_id, power, data)
 
 
 class BadBody(Exception):
@@ -175,6 +209,7 @@ class _Endpoints:
         metrics: GatewayMetrics,
         registry: CollectorRegistry | None,
         multiprocess_dir: str | None,
+        clients: Clients | None,
     ) -> None:
         self.config = config
         self.broker = broker
@@ -182,6 +217,33 @@ class _Endpoints:
         self.metrics = metrics
         self.registry = registry
         self.multiprocess_dir = multiprocess_dir
+        self.clients = clients
+        self.limiter = None
+        if config.rate_limit > 0:
+            rate, burst = per_worker(config.rate_limit, config.rate_burst or None, config.workers)
+            self.limiter = RateLimiter(rate, burst)
+
+    def admit(self) -> Response | None:
+        """Before any /charge endpoint: who the client is (``g.client``), then its rate limit.
+        An answer refuses the request; None lets it through."""
+        g.client = None
+        refusal: Answer | None = None
+        label = ""
+        if self.clients is not None:
+            found = self.clients.authenticate(request.headers.get("Authorization"))
+            if isinstance(found, AuthFailure):
+                refusal, label = found.answer(), "unauthorized"
+            else:
+                g.client = found
+        if refusal is None and self.limiter is not None:
+            wait = self.limiter.take(g.client)
+            if wait > 0:
+                refusal, label = self.limiter.answer(wait), "rate_limited"
+        if refusal is None:
+            return None
+        if request.method == "POST" and request.path == "/charge":
+            self.metrics.requests.labels(label).inc()
+        return _answer(refusal)
 
     def charge(self) -> Response:
         started = time.perf_counter()
@@ -195,10 +257,27 @@ class _Endpoints:
         except BadBody as bad:
             self.metrics.requests.labels("invalid").inc()
             return _error(bad.status, bad.error, bad.detail)
-        charge_request = contract.ChargeRequest(
-            request_id=uuid.uuid4().hex, accepted_at=time.time(), **charge.request_fields()
+        key = None
+        raw_key = request.headers.get(HEADER)
+        if raw_key is not None:
+            try:
+                key = parse_key(raw_key)
+            except InvalidKey as bad_key:
+                self.metrics.requests.labels("invalid").inc()
+                return _error(400, "invalid_idempotency_key", str(bad_key))
+        plan = answers.plan_charge(
+            self.history,
+            client=g.client,
+            key=key,
+            fields=charge.fields,
+            now=time.time(),
+            new_request_id=lambda: uuid.uuid4().hex,
+            power=charge.power,
         )
-        return self._publish(PublishRequest(charge_request), started)
+        if isinstance(plan, Answer):
+            self.metrics.requests.labels(_label_of(plan)).inc()
+            return _answer(plan)
+        return self._publish(plan, started)
 
     def _publish(self, plan: PublishRequest, started: float) -> Response:
         request_id = plan.request.request_id
@@ -227,20 +306,46 @@ class _Endpoints:
             # Reliable: it waits in the outbox if need be. Applied here at once as well.
             self.broker.publish_event(event)
             self.history.apply(event)
-        self.metrics.requests.labels(_OUTCOME_LABELS[outcome]).inc()
+        label = _OUTCOME_LABELS[outcome]
+        if outcome is Outcome.CONFIRMED and plan.repeat:
+            label = "replayed"
+        self.metrics.requests.labels(label).inc()
         if outcome is Outcome.CONFIRMED:
             self.metrics.accept_seconds.observe(time.perf_counter() - started)
         return _answer(answer)
 
     def charge_status(self, request_id: str) -> Response:
         if not contract.is_valid_request_id(request_id):
-            return _error(400, "invalid_request_id", "a request id is 32 lowercase hex digits")
-        record = self.history.get(request_id)
+            return _invalid_request_id()
+        record = self.history.get(request_id, g.client)
         if record is None:
-            return _error(
-                404, "not_found", "no such request is known to this gateway (or it is too old)"
-            )
+            return _not_found()
         return jsonify(record)
+
+    def cancel(self, request_id: str) -> Response:
+        if not contract.is_valid_request_id(request_id):
+            return _invalid_request_id()
+        plan = answers.plan_cancel(self.history, request_id, client=g.client, now=time.time())
+        if isinstance(plan, Answer):
+            return _answer(plan)
+        outcome = self.broker.command(
+            plan.event, deadline=time.monotonic() + self.config.publish_timeout
+        )
+        if outcome is Outcome.CONFIRMED:
+            self.history.apply(plan.event)
+        else:
+            log.warning("cancel of %s not taken: %s", request_id, outcome.value)
+        return _answer(
+            answers.after_cancel(
+                plan,
+                outcome,
+                record=self.history.lookup(request_id, g.client),
+                retry_after=self.config.retry_after,
+            )
+        )
+
+    def openapi_document(self) -> Response:
+        return jsonify(openapi.description())
 
     def health(self) -> Response:
         reason = self.broker.unavailable_reason
@@ -275,13 +380,23 @@ def _unexpected_error(exc: Exception) -> Response:  # pragma: no cover - a bug, 
     return _error(500, "internal_error", "an unexpected error occurred; it has been logged")
 
 
+def load_clients(config: GatewayConfig) -> Clients | None:
+    """The clients of ``GATEWAY_TOKENS_FILE``; None (an open API, with a warning) without it."""
+    if not config.tokens_file:
+        log.warning("GATEWAY_TOKENS_FILE is not set: the API is open to anyone who can reach it")
+        return None
+    return Clients.load(config.tokens_file)
+
+
 def create_app(
     config: GatewayConfig,
     *,
     broker: GatewayBroker | None = None,
     registry: CollectorRegistry | None = None,
 ) -> Flask:
-    """Build the app. Without ``broker`` it makes and starts its own (one per process)."""
+    """Build the app. Without ``broker`` it makes and starts its own (one per process).
+    Raises :class:`~gateway.clients.TokensFileError` for a tokens file it cannot use."""
+    clients = load_clients(config)
     multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if registry is None and not multiprocess_dir:
         registry = CollectorRegistry()
@@ -291,7 +406,11 @@ def create_app(
         broker = GatewayBroker(
             config.amqp_url,
             name=f"gateway-{os.getpid()}",
-            history=RequestHistory(capacity=config.tracked_requests),
+            history=RequestHistory(
+                capacity=config.tracked_requests,
+                max_age=config.history_max_age,
+                idempotency_ttl=config.idempotency_ttl,
+            ),
             declare_topology=config.declare_topology,
             event_senders=config.event_senders,
         )
@@ -306,9 +425,20 @@ def create_app(
     app.extensions["smartgrid.broker"] = broker
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
-    endpoints = _Endpoints(config, broker, metrics, registry, multiprocess_dir)
+    endpoints = _Endpoints(config, broker, metrics, registry, multiprocess_dir, clients)
+
+    @app.before_request
+    def admit() -> Response | None:
+        # /health, /metrics and /openapi.json stay open.
+        if request.path == "/charge" or request.path.startswith("/charge/"):
+            return endpoints.admit()
+        g.client = None
+        return None
+
     app.add_url_rule("/charge", view_func=endpoints.charge, methods=["POST"])
     app.add_url_rule("/charge/<request_id>", view_func=endpoints.charge_status, methods=["GET"])
+    app.add_url_rule("/charge/<request_id>", view_func=endpoints.cancel, methods=["DELETE"])
+    app.add_url_rule("/openapi.json", view_func=endpoints.openapi_document, methods=["GET"])
     app.add_url_rule("/health", view_func=endpoints.health, methods=["GET"])
     app.add_url_rule("/metrics", view_func=endpoints.metrics_page, methods=["GET"])
     return app

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smartgrid import contract
 from smartgrid.config import (
     DEFAULT_AMQP_URL,
     declare_topology_setting,
@@ -96,9 +97,55 @@ class GatewayConfig:
     tracked_requests: int = setting(
         "TRACKED_REQUESTS",
         100_000,
-        "Recent requests whose status GET /charge/<id> can report",
+        "Requests the history keeps in memory, newest first: what GET /charge/<id>, the one"
+        " request per EV rule and Idempotency-Key repeats can see",
         check=positive,
         expect="an integer > 0",
+    )
+    idempotency_ttl: int = setting(
+        "IDEMPOTENCY_TTL",
+        contract.IDEMPOTENCY_TTL_SECONDS,
+        "Seconds an Idempotency-Key means the same request; a repeat after that is a new one",
+        check=positive,
+        expect="seconds > 0",
+    )
+    history_max_age: int = setting(
+        "HISTORY_MAX_AGE",
+        contract.HISTORY_MAX_AGE_SECONDS,
+        "Seconds the history stream and each gateway's history keep a request (at least"
+        " IDEMPOTENCY_TTL, or repeats of an older key are new requests)",
+        check=positive,
+        expect="seconds > 0",
+    )
+    history_max_bytes: int = setting(
+        "HISTORY_MAX_BYTES",
+        contract.HISTORY_MAX_BYTES,
+        "Size limit of the history stream (about 700 bytes a request); whichever of it and"
+        " HISTORY_MAX_AGE binds first drops the oldest",
+        check=positive,
+        expect="bytes > 0",
+    )
+    tokens_file: str = setting(
+        "GATEWAY_TOKENS_FILE",
+        "",
+        "Clients and the SHA-256 of their tokens, one 'client-name sha256-hex' a line (python -m"
+        " gateway.clients add FILE NAME); /charge then needs Authorization: Bearer <token>."
+        " Empty: the API is open to anyone (a warning is logged)",
+    )
+    rate_limit: float = setting(
+        "GATEWAY_RATE_LIMIT",
+        0.0,
+        "Requests a second each client may make to /charge (a token bucket; 429 beyond),"
+        " shared out among GATEWAY_WORKERS; 0: no limit",
+        check=non_negative,
+        expect="requests/s >= 0",
+    )
+    rate_burst: float = setting(
+        "GATEWAY_RATE_BURST",
+        0.0,
+        "Requests a client may make at once above GATEWAY_RATE_LIMIT (0: one second's worth)",
+        check=non_negative,
+        expect="requests >= 0",
     )
     retry_after: int = setting(
         "RETRY_AFTER",

@@ -436,10 +436,10 @@ def test_services_run_on_the_imported_definitions_with_least_privileged_users(
 
         # Requests go all the way through: each user could do its part, and nothing was
         # refused (ACCESS_REFUSED) or conflicted with the imported queues (PRECONDITION_FAILED).
-        for _ in range(3):
+        for n in range(3):
             request = urllib.request.Request(
                 f"{base.gateway_url}/charge",
-                data=b'{"ev_id": "EV1"}',
+                data=f'{{"ev_id": "EV{n}"}}'.encode(),
                 headers={"Content-Type": "application/json"},
             )
             with urllib.request.urlopen(request, timeout=5) as response:

@@ -90,27 +90,29 @@ def test_a_valid_charge_request_is_accepted_with_an_id_and_a_location(client: Fl
 def test_an_accepted_request_really_is_in_the_pending_queue(
     client: FlaskClient, module_amqp_url: str
 ):
-    response = post_charge(client, {"ev_id": "EV1234"})
+    response = post_charge(client, {"ev_id": "EV-PENDING"})
     assert response.status_code == 202
     request_id = response.get_json()["request_id"]
     matching = [r for r in pending_requests(module_amqp_url) if r.request_id == request_id]
     assert len(matching) == 1
-    assert matching[0].ev_id == "EV1234"
+    assert matching[0].ev_id == "EV-PENDING"
     assert matching[0].accepted_at > 0
 
 
 def test_a_json_content_type_with_a_charset_or_a_json_suffix_is_accepted(client: FlaskClient):
-    for content_type in ("application/json; charset=utf-8", "application/vnd.smartgrid+json"):
-        assert post_charge(client, {"ev_id": "EV-7"}, content_type).status_code == 202
+    for n, content_type in enumerate(
+        ("application/json; charset=utf-8", "application/vnd.smartgrid+json")
+    ):
+        assert post_charge(client, {"ev_id": f"EV-7{n}"}, content_type).status_code == 202
 
 
 def test_an_accepted_request_can_be_looked_up(client: FlaskClient):
-    request_id = post_charge(client, {"ev_id": "EV1234"}).get_json()["request_id"]
+    request_id = post_charge(client, {"ev_id": "EV-LOOKUP"}).get_json()["request_id"]
     response = client.get(f"/charge/{request_id}")
     assert response.status_code == 200
     record = response.get_json()
     assert record["request_id"] == request_id
-    assert record["ev_id"] == "EV1234"
+    assert record["ev_id"] == "EV-LOOKUP"
     assert record["status"] == "queued"
 
 
