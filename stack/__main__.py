@@ -5,6 +5,10 @@ time compressed (sessions 15 x and polls 2.5 x the arrival interval, as in the o
 the report with the load spread between substations, stop everything.
 
 ``up``: start the same stack and keep it running until Ctrl-C.
+
+Both run the gateway with client tokens (GATEWAY_TOKENS_FILE), kept under ``out/tokens``
+(beside the log directory): ``loadgen-token`` for the load run, ``driver-token`` for you.
+``--open`` runs the API without tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from loadgen.schedules import SEED
 from smartgrid.config import DEFAULT_AMQP_URL
 from stack.local import StackSettings, start_stack
 from stack.processes import ProcessGroup
+from stack.tokens import TOKENS_FILE, Client, ensure_tokens, token_path
 
 log = logging.getLogger("stack")
 
@@ -68,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--log-dir", type=Path, default=defaults.log_dir, help="where each service logs"
         )
+        p.add_argument(
+            "--open",
+            action="store_true",
+            help="no client tokens: anyone who reaches the gateway may use the API",
+        )
         if name == "run":
             p.add_argument(
                 "--time-scale",
@@ -85,10 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tokens_dir(log_dir: Path) -> Path:
+    return log_dir.parent / "tokens"
+
+
 def _settings(
     args: argparse.Namespace, *, session_seconds: float, poll_interval: float
 ) -> StackSettings:
+    tokens_dir = _tokens_dir(args.log_dir)
     return StackSettings(
+        tokens_file=None if args.open else tokens_dir / TOKENS_FILE,
         substations=args.substations,
         capacity=args.capacity,
         strategy=args.strategy,
@@ -126,10 +142,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"logs in {settings.log_dir}/",
         flush=True,
     )
+    tokens = _client_tokens(settings)
     group = start_stack(settings)
     try:
         load = LoadSettings(
             gateway_url=settings.gateway_url,
+            token=tokens.get("loadgen"),
             amqp_url=settings.amqp_url,
             interval=SEED.interval * scale,
             duration=SEED.duration * scale,
@@ -153,6 +171,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
     return 0 if report.every_accepted_completed_once and not unclean else 1
+
+
+def _client_tokens(settings: StackSettings) -> dict[str, str]:
+    """loadgen's and the driver's tokens, kept beside the tokens file (none if open)."""
+    if settings.tokens_file is None:
+        return {}
+    return ensure_tokens(settings.tokens_file.parent, [Client("loadgen"), Client("driver")])
 
 
 def _start_prometheus(group: ProcessGroup, settings: StackSettings, port: int = 9090) -> None:
@@ -182,11 +207,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     group = None
     try:
+        _client_tokens(settings)
         group = start_stack(settings)
         print(
-            f"gateway      {settings.gateway_url}  (POST /charge, GET /charge/<id>, /health, "
-            "/metrics)"
+            f"gateway      {settings.gateway_url}  (POST /charge, GET and DELETE "
+            "/charge/<id>, /health, /metrics, /openapi.json)"
         )
+        if settings.tokens_file is not None:
+            driver = token_path(settings.tokens_file.parent, "driver")
+            print(
+                f"token        {driver} (send Authorization: Bearer <it>; clients in "
+                f"{settings.tokens_file})\n"
+                f'             curl -H "Authorization: Bearer $(cat {driver})" '
+                f"-H 'Idempotency-Key: my-first-charge' -H 'Content-Type: application/json' "
+                f'-d \'{{"ev_id": "EV1"}}\' {settings.gateway_url}/charge'
+            )
+        else:
+            print("token        none: the API is open (--open)")
         print(f"balancer     http://{settings.host}:{settings.balancer_port}/metrics")
         for i, substation in enumerate(settings.substation_ids()):
             print(f"{substation:<12} http://{settings.host}:{settings.substation_port(i)}/metrics")

@@ -42,6 +42,8 @@ class StackSettings:
     log_level: str = default_of(GatewayConfig, "log_level")
     #: Further variables for every service, by name (tests use it to reach into details).
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: The gateway's GATEWAY_TOKENS_FILE (stack.tokens); None: the API is open.
+    tokens_file: Path | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -110,6 +112,7 @@ def balancer_process(
 
 
 def gateway_process(settings: StackSettings) -> ServiceProcess:
+    tokens = {} if settings.tokens_file is None else {"tokens_file": settings.tokens_file.resolve()}
     return ServiceProcess(
         name="gateway",
         module=settings.gateway_module,
@@ -119,6 +122,7 @@ def gateway_process(settings: StackSettings) -> ServiceProcess:
             port=settings.gateway_port,
             bind=settings.host,
             workers=settings.gateway_workers,
+            **tokens,
         ),
         log_path=settings.log_dir / "gateway.log",
         health_url=f"{settings.gateway_url}/health",

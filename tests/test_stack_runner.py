@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 
 from tests.conftest import free_ports
@@ -24,6 +26,22 @@ def _alive(pid: int) -> bool:
             return handle.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _charge(port: int, token: str | None) -> int:
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "stack-runner-1"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/charge",
+        data=json.dumps({"ev_id": "EV1"}).encode(),
+        headers=headers,
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_ctrl_c_stops_every_process_of_the_local_stack(amqp_url, tmp_path):
@@ -63,6 +81,12 @@ def test_ctrl_c_stops_every_process_of_the_local_stack(amqp_url, tmp_path):
         )
         with urllib.request.urlopen(f"http://127.0.0.1:{gateway}/health", timeout=2) as response:
             assert response.status == 200
+        # Clients with tokens: the driver's is kept beside the logs, and the runner says where.
+        driver = tmp_path / "tokens" / "driver-token"
+        assert any(str(driver) in line for line in lines), lines
+        assert _charge(gateway, None) == 401
+        assert _charge(gateway, "not-a-token") == 401
+        assert _charge(gateway, driver.read_text().strip()) == 202
         children = _children(runner.pid)
         assert len(children) == 4  # two substations, the balancer, the gateway
         # The gateway's worker processes too.
