@@ -511,6 +511,9 @@ class BalancerService:
                 self.metrics.metrics_age,
                 self.metrics.routed,
                 self.metrics.poll_errors,
+                # As a grid node (a node of the topology file is set again at once).
+                self.metrics.node_power,
+                self.metrics.node_limit,
             ):
                 series.remove(substation)
             self.power.forget(substation)
