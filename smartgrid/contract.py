@@ -1097,6 +1097,8 @@ SUBSTATION_EVENTS = EventSubscription(
         SessionLookupReply,
         SubstationAnnounced,
         SubstationLeaving,
+        # A driver's cancel (rare): it may be for a request here (docs/driver-contract.md).
+        CancelRequested,
     ),
 )
 #: The load generator's ledger must not miss an event because it reconnected, nor the oldest

@@ -40,45 +40,61 @@ _ENDINGS = (
 )
 
 
+#: A cancel requested this long before a delivered request was accepted was for an earlier
+#: attempt of its id (a key used again after IDEMPOTENCY_TTL), not for this one. Attempts of
+#: one id are a TTL apart; the margin only covers the gateways' clocks disagreeing.
+STALE_MARGIN = 300.0
+
+
 class CancelBook:
     """Cancels heard and not yet obeyed; I/O thread only."""
 
     def __init__(self, *, remember: int = 50_000):
         self._remember = remember
-        self._pending: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: Request id -> when its cancel was requested (None: not known).
+        self._pending: collections.OrderedDict[str, float | None] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def on_cancel_requested(
-        self, request_id: str, *, charging: bool, checking: bool, completed: bool
+        self,
+        request_id: str,
+        *,
+        charging: bool,
+        checking: bool,
+        completed: bool,
+        at: float | None = None,
     ) -> CancelAction:
+        """What to do with a cancel requested ``at`` for a request that is ``charging`` here,
+        being ``checking``-ed as a possible duplicate, or ``completed`` here already."""
         if charging:
             return CancelAction.STOP_SESSION
         if checking:
             return CancelAction.DROP_CHECK
         if completed:
             return CancelAction.IGNORE
-        self._pending[request_id] = None
+        self._pending[request_id] = at
         self._pending.move_to_end(request_id)
         if len(self._pending) > self._remember:
             self._pending.popitem(last=False)
         return CancelAction.REMEMBER
 
-    def on_delivery(self, request_id: str) -> bool:
-        """Whether a delivered request was cancelled before it started (then: do not charge
-        it; publish request.cancelled and acknowledge it)."""
-        if request_id in self._pending:
-            del self._pending[request_id]
-            return True
-        return False
+    def on_delivery(self, request_id: str, accepted_at: float | None = None) -> bool:
+        """Whether a delivered request (accepted at ``accepted_at``) was cancelled before it
+        started (then: do not charge it; publish request.cancelled and acknowledge it). A
+        cancel requested well before the request was accepted was for an earlier attempt."""
+        if request_id not in self._pending:
+            return False
+        at = self._pending.pop(request_id)
+        return at is None or accepted_at is None or at >= accepted_at - STALE_MARGIN
 
     def replay(self, events: Iterable[contract.Event]) -> None:
         """Recent events from the history stream, at start: cancels not yet obeyed anywhere."""
         for event in events:
             if isinstance(event, contract.CancelRequested):
                 self.on_cancel_requested(
-                    event.request_id, charging=False, checking=False, completed=False
+                    event.request_id, charging=False, checking=False, completed=False, at=event.at
                 )
             elif isinstance(event, _ENDINGS) and event.request_id is not None:
                 self._pending.pop(event.request_id, None)

@@ -44,6 +44,26 @@ class Session(Generic[Token]):
     #: What it delivered, and how long it was paused in all (substation/sharing.py).
     energy_kwh: float | None = None
     paused_seconds: float | None = None
+    #: It was stopped by a cancel (its end is reported as request.cancelled).
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """A request that ended here (completed, or cancelled) and whose end was reported: which
+    attempt it was, and when it ended."""
+
+    accepted_at: float
+    ended_at: float
+
+
+#: Two acceptance times closer than this are the same attempt (a copy or a reroute keeps
+#: ``accepted_at``; a key used again after the TTL has a later one).
+_SAME_ATTEMPT = 0.001
+
+
+def _same_attempt(a: float, b: float) -> bool:
+    return abs(a - b) < _SAME_ATTEMPT
 
 
 class Admission(Enum):
@@ -72,13 +92,18 @@ class ChargingPoints(Generic[Token]):
         self.instance = instance
         self._lock = threading.Lock()
         self._active: dict[str, Session[Token]] = {}
-        self._recently_completed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: Ended here and reported, by request id: which attempt, and when it ended.
+        self._recently_completed: collections.OrderedDict[str, _Ended] = collections.OrderedDict()
         #: Completed here, report unconfirmed (see the module's docstring).
         self._uncertain: collections.OrderedDict[str, Session[Token]] = collections.OrderedDict()
         self._remember = remember
         self.received = 0
         self.completed = 0
         self.duplicates = 0
+        #: Sessions stopped by a cancel (counted in ``completed`` too: a point freed either
+        #: way), and requests cancelled here before they started.
+        self.sessions_cancelled = 0
+        self.cancelled_before_start = 0
         #: Requests other live substations asked about (session.lookup) and so may be
         #: charging: a request forwarded twice (a balancer that died between forwarding and
         #: acknowledging) must not be charged at two substations.
@@ -102,11 +127,13 @@ class ChargingPoints(Generic[Token]):
                 # A redelivery was counted when it first arrived; counting it again would make
                 # the balancer believe fewer requests are still on their way here.
                 self.received += 1
-            if request.request_id in self._active or request.request_id in self._recently_completed:
+            if request.request_id in self._active or self._ended_here(request):
                 self.duplicates += 1
                 return Admission.DUPLICATE, None
             uncertain = self._uncertain.get(request.request_id)
-            if uncertain is not None:
+            if uncertain is not None and _same_attempt(
+                uncertain.request.accepted_at, request.accepted_at
+            ):
                 uncertain.token = token
                 return Admission.REPORT, uncertain
             claimant = self._claims.get(request.request_id)
@@ -131,6 +158,38 @@ class ChargingPoints(Generic[Token]):
         self._active[request.request_id] = session
         return session
 
+    def _ended_here(self, request: contract.RoutedRequest) -> bool:
+        """This attempt of the request ended here (a key used again after the TTL gives the
+        same request id to a new attempt, with a later ``accepted_at``)."""
+        ended = self._recently_completed.get(request.request_id)
+        return ended is not None and _same_attempt(ended.accepted_at, request.accepted_at)
+
+    def holds(self, request: contract.RoutedRequest) -> bool:
+        """This attempt of the request is charging or ended here (its delivery is a copy)."""
+        with self._lock:
+            if request.request_id in self._active or self._ended_here(request):
+                return True
+            uncertain = self._uncertain.get(request.request_id)
+            return uncertain is not None and _same_attempt(
+                uncertain.request.accepted_at, request.accepted_at
+            )
+
+    def ended_at(self, request_id: str) -> float | None:
+        """When a session of ``request_id`` ended here (reported or not); None if none did."""
+        with self._lock:
+            uncertain = self._uncertain.get(request_id)
+            if uncertain is not None:
+                return uncertain.completed_at
+            ended = self._recently_completed.get(request_id)
+            return ended.ended_at if ended is not None else None
+
+    def count_received(self, *, redelivered: bool = False) -> None:
+        """A delivered request that is not admitted (cancelled before it started) still
+        counts as received: the balancer's estimate subtracts it from those on their way."""
+        with self._lock:
+            if not redelivered:
+                self.received += 1
+
     def count_duplicate(self) -> None:
         with self._lock:
             self.duplicates += 1
@@ -148,8 +207,9 @@ class ChargingPoints(Generic[Token]):
             # An uncertain completion may never have reached anyone: not "completed".
             return "unknown"
 
-    def _remember_completed(self, request_id: str) -> None:
-        self._recently_completed[request_id] = None
+    def _remember_completed(self, request_id: str, accepted_at: float, ended_at: float) -> None:
+        self._recently_completed[request_id] = _Ended(accepted_at, ended_at)
+        self._recently_completed.move_to_end(request_id)
         if len(self._recently_completed) > self._remember:
             self._recently_completed.popitem(last=False)
 
@@ -168,11 +228,33 @@ class ChargingPoints(Generic[Token]):
             self._uncertain[request_id] = session
             return session
 
+    def stop(self, request_id: str, now: float) -> Session[Token] | None:
+        """A cancel stopped the session at ``now``: its point is free, and its end is being
+        reported (as :meth:`finish`, and counted as completed too: the balancer's estimate
+        counts points freed, whatever freed them)."""
+        session = self.finish(request_id, now)
+        if session is not None:
+            with self._lock:
+                session.cancelled = True
+                self.sessions_cancelled += 1
+        return session
+
+    def cancelled_unstarted(self, request: contract.RoutedRequest, now: float) -> None:
+        """The broker confirmed request.cancelled for a request that never started here: a
+        redelivery of it is a duplicate."""
+        with self._lock:
+            self.cancelled_before_start += 1
+            self._remember_completed(request.request_id, request.accepted_at, now)
+
     def reported(self, request_id: str) -> None:
         """The broker confirmed the completion of ``request_id``."""
         with self._lock:
-            if self._uncertain.pop(request_id, None) is not None:
-                self._remember_completed(request_id)
+            session = self._uncertain.pop(request_id, None)
+            if session is not None:
+                assert session.completed_at is not None
+                self._remember_completed(
+                    request_id, session.request.accepted_at, session.completed_at
+                )
 
     def report_failed(self, request_id: str) -> None:
         """The completion of ``request_id`` was not confirmed; it stays uncertain."""
@@ -191,6 +273,10 @@ class ChargingPoints(Generic[Token]):
         with self._lock:
             dropped, self._active = list(self._active.values()), {}
             return dropped
+
+    def cancel_counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.sessions_cancelled, self.cancelled_before_start
 
     def snapshot(self) -> tuple[int, int, int, int]:
         with self._lock:
@@ -264,6 +350,23 @@ class ChargingPointsCollector(Collector):
             contract.COMPLETED_METRIC, "Charging sessions completed", labels=labels
         )
         counter.add_metric(values, completed)
+        yield counter
+
+        stopped, before_start = points.cancel_counts()
+        counter = CounterMetricFamily(
+            "substation_sessions_cancelled",
+            "Charging sessions stopped by a cancel (counted in the completed sessions too)",
+            labels=labels,
+        )
+        counter.add_metric(values, stopped)
+        yield counter
+
+        counter = CounterMetricFamily(
+            "substation_requests_cancelled_before_start",
+            "Requests delivered here that were cancelled before they started",
+            labels=labels,
+        )
+        counter.add_metric(values, before_start)
         yield counter
 
         counter = CounterMetricFamily(

@@ -81,6 +81,14 @@ class SubstationConfig:
         check=non_negative,
         expect="seconds >= 0",
     )
+    cancel_lookback: float = setting(
+        "CANCEL_LOOKBACK",
+        3600.0,
+        "At start, replay this many seconds of the history stream for the cancels of requests "
+        "that waited in its queue while it was down",
+        check=non_negative,
+        expect="seconds >= 0",
+    )
     declare_topology: bool = declare_topology_setting()
     event_senders: tuple[str, ...] = event_senders_setting()
     declare_queue: bool = setting(

@@ -19,6 +19,15 @@ of a share's lease re-shares the limit in force among the sessions, publishes
 end timer: a session ends when its energy has been delivered. ``power.demand`` goes out on
 every change (at most once per DEMAND_MIN_INTERVAL) and every DEMAND_INTERVAL, from the process
 that consumes the queue.
+
+Cancellation (docs/driver-contract.md): ``request.cancel_requested`` reaches every substation
+(its event subscription). The one that charges the request stops the session (its point is
+free at once, and its power goes to the others), one that holds it as a possible duplicate
+drops it, and any other remembers the cancel in its :class:`CancelBook`, for a request still
+waiting in its queue: on delivery it is not charged. Either way it publishes
+``request.cancelled`` and acknowledges the request once that is confirmed. At start, before it
+consumes its queue, it replays the last CANCEL_LOOKBACK seconds of the history stream into the
+book, so that a cancel made while it was down is obeyed too.
 """
 
 from __future__ import annotations
@@ -35,10 +44,12 @@ from prometheus_client import REGISTRY, Histogram, start_http_server
 
 from smartgrid import contract, leases
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
+from smartgrid.amqp.streams import StreamReader, since
 from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
 from smartgrid.power import CLASS_ORDER, kilowatts, watts
 from smartgrid.senders import Senders
+from substation.cancels import CancelAction, CancelBook, cancelled
 from substation.charging import Admission, ChargingPoints, ChargingPointsCollector, Session
 from substation.config import SubstationConfig
 from substation.power_metrics import PowerCollector
@@ -49,6 +60,26 @@ log = logging.getLogger(__name__)
 
 #: How often a standby looks whether its queue is free.
 STANDBY_RETRY = 2.0
+
+#: The history's events that matter to the cancel book: the cancels, and the ends of requests
+#: (after which a cancel has nothing left to do).
+HISTORY_KINDS = frozenset(
+    cls.kind
+    for cls in (
+        contract.CancelRequested,
+        contract.RequestCancelled,
+        contract.SessionCompleted,
+        contract.RequestRejected,
+        contract.RequestDeadLettered,
+    )
+)
+
+#: A cancel that arrives this long after a session of its request ended here is for a later
+#: attempt of the id (a key used again after the TTL), so it is remembered, not ignored.
+CANCEL_AFTER_END = 300.0
+
+#: Silence that tells the history replay the stream is empty (see smartgrid/amqp/streams.py).
+HISTORY_QUIET = 1.0
 
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -98,13 +129,35 @@ class SubstationService:
             config.amqp_url,
             name=f"substation-{config.substation_id}",
             topology=contract.topology(contract.core_topology(), declare=config.declare_topology)
+            # Declared with the default retention, as every service that declares it must.
+            + contract.topology(
+                contract.history_topology(
+                    max_age_seconds=contract.HISTORY_MAX_AGE_SECONDS,
+                    max_bytes=contract.HISTORY_MAX_BYTES,
+                ),
+                declare=config.declare_topology,
+            )
             + contract.topology(
                 contract.substation_topology(config.substation_id), declare=config.declare_queue
             ),
-            # Its own queue is consumed once nobody else does (_take_the_queue).
+            # Its own queue is consumed once the history is replayed and nobody else consumes
+            # it (_take_the_queue).
             consumers=[ConsumerSpec(contract.SUBSTATION_EVENTS, self._on_event, auto_ack=True)],
-            on_ready=self._take_the_queue,
+            on_ready=self._on_ready,
             on_lost=self._connection_lost,
+        )
+        #: Cancels for requests not delivered here (yet).
+        self.cancels = CancelBook()
+        # Its event subscription hears the cancels from now on; the replay covers the time
+        # before it existed.
+        self.history = StreamReader(
+            self.link,
+            contract.HISTORY_STREAM,
+            self._on_history,
+            start=since(config.cancel_lookback),
+            on_caught_up=self._take_the_queue,
+            follow=False,
+            quiet=HISTORY_QUIET,
         )
         self._requests = ConsumerSpec(
             self.queue,
@@ -197,6 +250,13 @@ class SubstationService:
                 f"{self.config.substation_id!r}",
                 source=self.queue,
             )
+            return
+        if not self.points.holds(request) and self.cancels.on_delivery(
+            request.request_id, request.accepted_at
+        ):
+            log.info("request %s was cancelled before it started", request.request_id)
+            self.points.count_received(redelivered=delivery.redelivered)
+            self._cancel_unstarted(request, delivery)
             return
         now = time.time()
         admission, session = self.points.admit(
@@ -375,10 +435,21 @@ class SubstationService:
         for event in events_in(delivery, self.senders):
             self._apply(event)
 
+    def _on_history(self, delivery: Delivery) -> None:
+        if delivery.routing_key not in HISTORY_KINDS:
+            return  # the requests themselves, and events that do not end one
+        for event in events_in(delivery, self.senders):
+            if isinstance(event, contract.CancelRequested):
+                self._cancel_requested(event)
+            else:
+                self.cancels.replay([event])
+
     def _apply(self, event: contract.Event) -> None:
         me = self.config.substation_id
         now = time.time()
-        if isinstance(event, contract.BalancerStarted):
+        if isinstance(event, contract.CancelRequested):
+            self._cancel_requested(event)
+        elif isinstance(event, contract.BalancerStarted):
             self._announce()
         elif isinstance(event, contract.SubstationAnnounced):
             if self.roster.announced(event, now) and event.substation != me:
@@ -417,6 +488,74 @@ class SubstationService:
             del self._checks[event.request_id]
             self.points.count_duplicate()
             self.link.ack(check.delivery)
+
+    # ------------------------------------------------------------------ cancels (I/O thread)
+    def _cancel_requested(self, event: contract.CancelRequested) -> None:
+        request_id = event.request_id
+        ended_at = self.points.ended_at(request_id)
+        action = self.cancels.on_cancel_requested(
+            request_id,
+            charging=self.points.session(request_id) is not None,
+            checking=request_id in self._checks,
+            completed=ended_at is not None and ended_at + CANCEL_AFTER_END >= event.at,
+            at=event.at,
+        )
+        if action is CancelAction.STOP_SESSION:
+            self._stop_session(request_id, event)
+        elif action is CancelAction.DROP_CHECK:
+            check = self._checks.pop(request_id)
+            if check.timer is not None:
+                self.link.cancel_timer(check.timer)
+            log.info("request %s cancelled while checked as a possible duplicate", request_id)
+            self._cancel_unstarted(check.request, check.delivery)
+        elif action is CancelAction.IGNORE:
+            log.info("cancel of %s ignored: it ended here already", request_id)
+
+    def _stop_session(self, request_id: str, event: contract.CancelRequested) -> None:
+        """Stop a session in progress: its point is free now, its power goes to the others,
+        and the delivery is acknowledged once request.cancelled is confirmed."""
+        session = self.points.session(request_id)
+        assert session is not None
+        now = time.time()
+        if not self.link.is_current(session.token):
+            # Its connection is gone (the loss not yet handled): when the request comes back,
+            # the cancel stops it before it starts.
+            self.points.drop(request_id)
+            self._session_over(request_id, now)
+            self.cancels.on_cancel_requested(
+                request_id, charging=False, checking=False, completed=False, at=event.at
+            )
+            return
+        stopped = self.points.stop(request_id, now)
+        assert stopped is not None
+        ended = self._session_over(request_id, now)
+        if ended is not None:
+            stopped.energy_kwh, stopped.paused_seconds = ended.energy_kwh, ended.paused_seconds
+        log.info("session of %s stopped by a cancel", request_id)
+        self._report(stopped)
+
+    def _cancel_unstarted(self, request: contract.RoutedRequest, delivery: Delivery) -> None:
+        """Publish request.cancelled for a request that never started here, then acknowledge
+        it (on its own channel); unconfirmed, the cancel is remembered for its redelivery."""
+        now = time.time()
+        event = cancelled(request, instance=self.instance, now=now)
+        confirmation = self.events.publish(event, generation=delivery.generation)
+
+        def settle(confirmation: Future) -> None:
+            if confirmation.exception() is not None:
+                log.warning(
+                    "cancel of %s not confirmed (%s); obeyed again when it comes back",
+                    request.request_id,
+                    confirmation.exception(),
+                )
+                self.cancels.on_cancel_requested(
+                    request.request_id, charging=False, checking=False, completed=False
+                )
+                return
+            self.points.cancelled_unstarted(request, now)
+            self.link.ack(delivery)
+
+        confirmation.add_done_callback(settle)
 
     def _from_live(
         self, event: contract.SessionLookup | contract.SessionLookupReply, now: float
@@ -498,7 +637,24 @@ class SubstationService:
         delivery once the broker has confirmed it, on that same channel."""
         request = session.request
         assert session.completed_at is not None
-        completed = contract.SessionCompleted(
+        end: contract.Event
+        if session.cancelled:
+            end = cancelled(
+                request,
+                instance=self.instance,
+                now=session.completed_at,
+                started_at=session.started_at,
+            )
+        else:
+            end = self._completed_event(session)
+        delivery = session.token
+        confirmation = self.events.publish(end, generation=delivery.generation)
+        confirmation.add_done_callback(lambda f: self._reported(f, request.request_id, delivery))
+
+    def _completed_event(self, session: Session[Delivery]) -> contract.SessionCompleted:
+        request = session.request
+        assert session.completed_at is not None
+        return contract.SessionCompleted(
             at=session.completed_at,
             request_id=request.request_id,
             ev_id=request.ev_id,
@@ -508,9 +664,6 @@ class SubstationService:
             energy_kwh=session.energy_kwh,
             paused_seconds=session.paused_seconds,
         )
-        delivery = session.token
-        confirmation = self.events.publish(completed, generation=delivery.generation)
-        confirmation.add_done_callback(lambda f: self._reported(f, request.request_id, delivery))
 
     def _reported(self, confirmation: Future, request_id: str, delivery: Delivery) -> None:
         if confirmation.exception() is not None:
@@ -529,8 +682,13 @@ class SubstationService:
                 request_id,
             )
 
+    def _on_ready(self) -> None:
+        # The queue is taken once the history is replayed (on_caught_up).
+        self.history.on_ready()
+
     def _connection_lost(self) -> None:
         """Fencing: the broker hands this connection's deliveries to others now."""
+        self.history.on_lost()
         self._consuming = False
         dropped = self.points.drop_all()
         now = time.time()
@@ -553,7 +711,7 @@ class SubstationService:
     def _take_the_queue(self) -> None:
         """Consume the queue once nobody else does: another process with this id, or the
         balancer moving its requests elsewhere, makes this one wait as a standby."""
-        if self._draining or self._consuming:
+        if self._draining or self._consuming or not self.history.caught_up:
             return
         if not self.link.inspect_queue(self.queue, self._queue_inspected):
             return

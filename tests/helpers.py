@@ -135,6 +135,7 @@ class BrokerClient:
         parameters = pika.URLParameters(url)
         #: Every publish carries it as user_id, as the services' do.
         self.user = parameters.credentials.username
+        self._accepted: dict[str, float] = {}
         self.connection = pika.BlockingConnection(parameters)
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
@@ -189,8 +190,10 @@ class BrokerClient:
     ) -> str:
         request_id = request_id or uuid.uuid4().hex
         now = time.time()
+        # A copy of a request sent before keeps its acceptance (the same attempt).
+        accepted_at = self._accepted.setdefault(request_id, now)
         routed = contract.RoutedRequest(
-            request_id, ev_id, now, substation, now, "test", maybe_duplicate=maybe_duplicate
+            request_id, ev_id, accepted_at, substation, now, "test", maybe_duplicate=maybe_duplicate
         )
         self.publish(contract.DISPATCH_EXCHANGE, substation, routed.to_body())
         return request_id

@@ -160,3 +160,45 @@ def test_finishing_an_unknown_request_changes_nothing():
     charging = points()
     assert charging.finish(routed().request_id, now=1.0) is None
     assert charging.snapshot() == (0, 0, 0, 0)
+
+
+def test_a_stopped_session_frees_its_point_and_counts_as_completed_and_cancelled():
+    charging = points()
+    charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    stopped = charging.stop(routed().request_id, now=12.0)
+    assert stopped is not None and stopped.cancelled and stopped.completed_at == 12.0
+    assert charging.snapshot() == (0, 1, 1, 0)
+    assert charging.cancel_counts() == (1, 0)
+    assert charging.stop(routed().request_id, now=13.0) is None
+    assert charging.ended_at(routed().request_id) == 12.0
+
+
+def test_a_stopped_session_whose_cancel_was_not_confirmed_is_reported_again():
+    charging = points()
+    charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    charging.stop(routed().request_id, now=12.0)
+    charging.report_failed(routed().request_id)
+    admission, session = charging.admit(routed(), "d2", now=20.0, duration=SESSION)
+    assert admission is Admission.REPORT and session is not None and session.cancelled
+    charging.reported(routed().request_id)
+    assert charging.admit(routed(), "d3", now=21.0, duration=SESSION)[0] is Admission.DUPLICATE
+
+
+def test_a_request_cancelled_before_it_started_is_a_duplicate_when_redelivered():
+    charging = points()
+    charging.count_received()
+    charging.cancelled_unstarted(routed(), now=5.0)
+    assert charging.holds(routed())
+    assert charging.admit(routed(), "d2", now=6.0, duration=SESSION)[0] is Admission.DUPLICATE
+    assert charging.cancel_counts() == (0, 1)
+    assert charging.snapshot() == (0, 2, 0, 1)  # the redelivery was not flagged as one here
+
+
+def test_an_id_used_again_after_the_ttl_is_a_new_attempt_not_a_duplicate():
+    charging = points()
+    charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    complete(charging)
+    later = contract.RoutedRequest(routed().request_id, "EV1", 1.0 + 86_400, "s1", 86_402.0, "b1")
+    assert not charging.holds(later) and charging.holds(routed())
+    admission, session = charging.admit(later, "d2", now=86_403.0, duration=SESSION)
+    assert admission is Admission.STARTED and session is not None

@@ -79,3 +79,14 @@ def test_the_cancelled_event_of_a_stopped_session_says_where_and_since_when():
 
 def test_the_cancelled_event_of_a_request_that_never_started_has_no_start():
     assert cancelled(routed_request(), instance="i-1", now=10.0).started_at is None
+
+
+def test_a_cancel_requested_long_before_an_attempt_was_accepted_was_for_an_earlier_one():
+    # A key used again after the TTL derives the same request id: the old cancel is not
+    # this attempt's.
+    book = CancelBook()
+    book.on_cancel_requested(RID, charging=False, checking=False, completed=False, at=1_000.0)
+    assert book.on_delivery(RID, accepted_at=1_000.0 + 86_400) is False
+    assert len(book) == 0
+    book.on_cancel_requested(RID, charging=False, checking=False, completed=False, at=1_000.0)
+    assert book.on_delivery(RID, accepted_at=999.0) is True

@@ -1,0 +1,162 @@
+"""Cancellation at a real substation process on the real broker: a charging session stopped by
+``request.cancel_requested`` frees its point, and a request cancelled while it waited in the
+substation's queue (or before the substation started) is never charged."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from smartgrid import contract
+from stack.local import StackSettings, substation_process
+from tests.helpers import BrokerClient, eventually, metric
+
+SUBSTATION = "substation-1"
+
+
+@pytest.fixture
+def broker(amqp_url: str):
+    client = BrokerClient(amqp_url)
+    yield client
+    client.close()
+
+
+def _start(settings: StackSettings, *, capacity: int):
+    settings.capacity = capacity
+    settings.session_seconds = 120.0  # sessions end only by a cancel here
+    service = substation_process(settings, 0)
+    service.env = {**service.env, "SHUTDOWN_GRACE": "0"}
+    service.start().wait_healthy()
+    metrics_url = service.health_url
+    eventually(lambda: metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) is not None)
+    return service, metrics_url
+
+
+def _load(metrics_url: str) -> float | None:
+    return metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION)
+
+
+def _counter(metrics_url: str, name: str) -> float | None:
+    return metric(metrics_url, name + "_total", substation=SUBSTATION)
+
+
+def _cancel(broker: BrokerClient, request_id: str, ev_id: str = "EV1") -> None:
+    broker.publish_event(
+        contract.CancelRequested(at=time.time(), request_id=request_id, ev_id=ev_id, client="c")
+    )
+
+
+def _events_until(broker: BrokerClient, queue: str, count: int) -> list[contract.Event]:
+    """The events of ``queue`` once there are at least ``count`` of them."""
+    seen: list[contract.Event] = []
+
+    def enough() -> bool:
+        seen.extend(broker.events(queue))
+        return len(seen) >= count
+
+    eventually(enough, what=f"{count} events")
+    return seen
+
+
+def _declare(broker: BrokerClient, declarations: list[contract.Declaration]) -> None:
+    for declaration in declarations:
+        if isinstance(declaration, contract.Exchange):
+            broker.channel.exchange_declare(declaration.name, declaration.type, durable=True)
+        elif isinstance(declaration, contract.Queue):
+            broker.channel.queue_declare(
+                declaration.name, durable=True, arguments=declaration.arguments
+            )
+        else:
+            broker.channel.queue_bind(
+                declaration.queue, declaration.exchange, declaration.routing_key
+            )
+
+
+def test_a_charging_session_cancelled_frees_its_point_and_says_so_once(stack_settings, broker):
+    service, metrics_url = _start(stack_settings, capacity=1)
+    try:
+        events = broker.subscribe_events(
+            contract.SessionStarted.kind,
+            contract.SessionCompleted.kind,
+            contract.RequestCancelled.kind,
+        )
+        request_id = broker.send_to_substation(SUBSTATION)
+        eventually(lambda: _load(metrics_url) == 1, what="the session started")
+        _cancel(broker, request_id)
+        eventually(lambda: _load(metrics_url) == 0, what="the point freed")
+        # A repeat of the cancel is harmless: nothing more is published.
+        _cancel(broker, request_id)
+        eventually(lambda: _counter(metrics_url, "substation_sessions_cancelled") == 1)
+        # The point is free for the next request, and the cancelled one was acknowledged.
+        broker.send_to_substation(SUBSTATION, ev_id="EV2")
+        eventually(lambda: _load(metrics_url) == 1, what="the next session started")
+        assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
+        assert _counter(metrics_url, contract.COMPLETED_METRIC) == 1
+
+        seen = _events_until(broker, events, 3)  # started, cancelled, the next started
+        cancels = [e for e in seen if isinstance(e, contract.RequestCancelled)]
+        (started,) = [
+            e for e in seen if isinstance(e, contract.SessionStarted) and e.ev_id == "EV1"
+        ]
+        assert [(c.request_id, c.substation, c.instance, c.started_at) for c in cancels] == [
+            (request_id, SUBSTATION, started.instance, pytest.approx(started.at))
+        ]
+        assert not [e for e in seen if isinstance(e, contract.SessionCompleted)]
+    finally:
+        assert service.stop() == 0
+
+
+def test_a_request_cancelled_while_it_waits_in_the_queue_never_starts(stack_settings, broker):
+    service, metrics_url = _start(stack_settings, capacity=1)
+    try:
+        events = broker.subscribe_events(
+            contract.SessionStarted.kind, contract.RequestCancelled.kind
+        )
+        charging = broker.send_to_substation(SUBSTATION, ev_id="EV1")
+        eventually(lambda: _load(metrics_url) == 1, what="the first session started")
+        waiting = broker.send_to_substation(SUBSTATION, ev_id="EV2")  # beyond the prefetch
+        _cancel(broker, waiting, "EV2")
+        # Only now can it be delivered: the first session's point frees.
+        _cancel(broker, charging, "EV1")
+        eventually(
+            lambda: _counter(metrics_url, "substation_requests_cancelled_before_start") == 1,
+            what="the waiting request cancelled on delivery",
+        )
+        eventually(lambda: broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0)
+        assert _load(metrics_url) == 0
+        seen = _events_until(broker, events, 3)
+        assert [e.request_id for e in seen if isinstance(e, contract.SessionStarted)] == [charging]
+        cancels = {e.request_id: e for e in seen if isinstance(e, contract.RequestCancelled)}
+        assert set(cancels) == {charging, waiting}
+        assert cancels[waiting].started_at is None and cancels[waiting].source == SUBSTATION
+    finally:
+        assert service.stop() == 0
+
+
+def test_a_cancel_made_while_the_substation_was_down_is_obeyed_when_it_starts(
+    stack_settings, broker
+):
+    _declare(
+        broker,
+        contract.history_topology(
+            max_age_seconds=contract.HISTORY_MAX_AGE_SECONDS, max_bytes=contract.HISTORY_MAX_BYTES
+        )
+        + contract.substation_topology(SUBSTATION),
+    )
+    events = broker.subscribe_events(contract.SessionStarted.kind, contract.RequestCancelled.kind)
+    cancelled = broker.send_to_substation(SUBSTATION, ev_id="EV1")
+    _cancel(broker, cancelled, "EV1")
+    kept = broker.send_to_substation(SUBSTATION, ev_id="EV2")
+    service, metrics_url = _start(stack_settings, capacity=2)
+    try:
+        eventually(lambda: _load(metrics_url) == 1, what="the other request charging")
+        eventually(lambda: broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0)
+        assert _counter(metrics_url, "substation_requests_cancelled_before_start") == 1
+        seen = _events_until(broker, events, 2)
+        assert [e.request_id for e in seen if isinstance(e, contract.SessionStarted)] == [kept]
+        assert [e.request_id for e in seen if isinstance(e, contract.RequestCancelled)] == [
+            cancelled
+        ]
+    finally:
+        assert service.stop() == 0
