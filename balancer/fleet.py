@@ -215,7 +215,12 @@ class TrackedSubstation:
         self.running_ends[event.request_id] = end
         heapq.heappush(self._ends_heap, (end, event.request_id))
 
-    def session_completed(self, event: contract.SessionCompleted) -> None:
+    def session_completed(
+        self, event: contract.SessionCompleted | contract.RequestCancelled
+    ) -> None:
+        """A session ended here: completed, or stopped by a cancel (its point is free either
+        way, and the substation counts both as completed). Counted once per request."""
+        assert event.instance is not None
         self._switch_event_instance(event.instance)
         self.running_ends.pop(event.request_id, None)
         if event.request_id in self.completed_ids:
@@ -359,6 +364,15 @@ class Fleet:
             self._track(event.substation).session_started(event)
 
     def session_completed(self, event: contract.SessionCompleted) -> None:
+        if self.knows(event.substation, event.instance):
+            self._track(event.substation).session_completed(event)
+
+    def request_cancelled(self, event: contract.RequestCancelled) -> None:
+        """A cancel that stopped a session (it names its substation, instance and start) frees
+        its point as a completion does. One that stopped a request before it started changes
+        nothing here: the substation counted it received, and it never ran."""
+        if event.substation is None or event.started_at is None or event.instance is None:
+            return
         if self.knows(event.substation, event.instance):
             self._track(event.substation).session_completed(event)
 

@@ -174,6 +174,11 @@ class PowerView:
         elif isinstance(event, contract.SessionCompleted):
             self.session_ended(event.substation, event.request_id, event.at)
             return True
+        elif isinstance(event, contract.RequestCancelled) and event.substation is not None:
+            # Stopped by a cancel, or cancelled at the substation before it started: either
+            # way it no longer draws (nor will) there.
+            self.session_ended(event.substation, event.request_id, event.at)
+            return True
         elif isinstance(event, contract.SubstationAnnounced):
             self.announced(event)
         return False

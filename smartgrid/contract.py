@@ -1080,6 +1080,8 @@ BALANCER_EVENTS = EventSubscription(
         RequestRouted,
         SessionStarted,
         SessionCompleted,
+        # A session a cancel stopped frees its point as a completion does (balancer/fleet.py).
+        RequestCancelled,
         SubstationAnnounced,
         SubstationLeaving,
         # Its power view (balancer/power_fleet.py); the allocator reads them from its own

@@ -465,3 +465,41 @@ def test_forget_silent_keeps_a_substation_announced_just_now(fleet: Fleet, clock
     clock.advance(FORGET_AFTER)
     assert fleet.forget_silent() == []
     assert "s2" in fleet.substations
+
+
+def cancelled(
+    request: str, *, started_at: float | None = 0.0, instance: str = "i1", substation: str = "s1"
+) -> contract.RequestCancelled:
+    return contract.RequestCancelled(
+        at=1.0,
+        request_id=request.ljust(32, "0"),
+        ev_id="EV1",
+        source=substation,
+        substation=substation,
+        instance=instance,
+        started_at=started_at,
+    )
+
+
+def test_a_session_stopped_by_a_cancel_frees_its_point_as_a_completion_does_once(fleet: Fleet):
+    fleet.reading("s1", reading(load=2, received=5, completed=3))
+    fleet.session_started(started("a", expected_end=100.0))
+    fleet.request_cancelled(cancelled("a"))
+    fleet.request_cancelled(cancelled("a"))  # a copy of the event
+    fleet.session_completed(completed("a"))  # cannot happen, but counts once all the same
+    assert estimate_of(fleet) == 1
+    assert fleet.substations["s1"].next_end(0.0) == math.inf  # its end is no longer expected
+    # The substation counts it as completed too: the next poll agrees.
+    fleet.reading("s1", reading(load=1, received=5, completed=4))
+    assert estimate_of(fleet) == 1
+
+
+def test_a_request_cancelled_before_it_started_frees_no_point(fleet: Fleet):
+    fleet.reading("s1", reading(load=2, received=5, completed=3))
+    fleet.request_cancelled(cancelled("a", started_at=None))
+    balancer_cancel = contract.RequestCancelled(
+        at=1.0, request_id="b".ljust(32, "0"), ev_id="EV2", source="balancer-1"
+    )
+    fleet.request_cancelled(balancer_cancel)
+    fleet.request_cancelled(cancelled("c", instance="unknown-instance"))
+    assert estimate_of(fleet) == 2

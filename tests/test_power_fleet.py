@@ -242,3 +242,40 @@ def test_counts_of_each_class_are_kept_apart():
     load = view.load(S)
     assert load.floors_w == (0, 2 * FLEET_CAR.min_w, CAR.min_w)
     assert load.floor_at_or_above(Priority.FLEET) == 2 * FLEET_CAR.min_w
+
+
+def cancelled(request_id: str, at: float, *, started_at: float | None, substation=S):
+    return contract.RequestCancelled(
+        at=at,
+        request_id=request_id,
+        ev_id="EV" + request_id,
+        source=substation,
+        substation=substation,
+        instance="i1",
+        started_at=started_at,
+    )
+
+
+def test_a_session_stopped_by_a_cancel_is_taken_off_as_a_completion_is():
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.apply(started("r1", 9.0))
+    view.apply(started("r2", 9.0, FLEET_CAR))
+    view.apply(report(10.0, CAR, FLEET_CAR))
+    assert view.apply(cancelled("r1", 10.5, started_at=9.0)) is True
+    assert view.load(S) == cars(FLEET_CAR)
+    view.apply(report(11.0, FLEET_CAR))
+    assert view.load(S) == cars(FLEET_CAR)
+
+
+def test_a_request_cancelled_at_the_substation_before_it_started_no_longer_counts_as_routed():
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.apply(report(10.0))
+    view.routed(S, "r1", CAR)
+    assert view.load(S) == cars(CAR)
+    view.apply(cancelled("r1", 10.5, started_at=None))
+    assert view.load(S) == Load()
+    # A balancer's cancel names no substation: nothing to take off.
+    view.routed(S, "r2", CAR)
+    balancer_cancel = contract.RequestCancelled(at=10.6, request_id="r2", ev_id="EV", source="b")
+    assert view.apply(balancer_cancel) is False
+    assert view.load(S) == cars(CAR)
