@@ -1,6 +1,6 @@
 """python -m gateway: serve the HTTP API with granian (gateway/server.py).
 
-Each worker process is a full gateway (its own broker connection and event subscription), so
+Each worker process is a full gateway (its own broker connection and history), so
 any worker answers for any request. Prometheus metrics are aggregated across
 workers through ``PROMETHEUS_MULTIPROC_DIR``, which must be set before prometheus_client is
 imported; this module sets it up first and imports the app afterwards.

@@ -33,7 +33,7 @@ from werkzeug.exceptions import HTTPException
 
 from gateway import answers, openapi
 from gateway.answers import Answer, Outcome, PublishRequest
-from gateway.broker import GatewayBroker
+from gateway.broker import READY_WAIT, GatewayBroker
 from gateway.clients import AuthFailure, Clients
 from gateway.config import GatewayConfig
 from gateway.history import RequestHistory
@@ -245,6 +245,20 @@ class _Endpoints:
             self.metrics.requests.labels(label).inc()
         return _answer(refusal)
 
+    def _replaying(self) -> Response | None:
+        """503 while the history is being read up to the stream's end after a (re)connect:
+        until then, an Idempotency-Key repeat or a busy EV could be taken for new."""
+        if not self.broker.ready or self.broker.caught_up:
+            return None  # not connected: publishing says so itself
+        if self.broker.wait_caught_up(READY_WAIT):
+            return None
+        return _error(
+            503,
+            "broker_unavailable",
+            "this gateway is still reading the request history; nothing was done, try again",
+            Retry_After=str(self.config.retry_after),
+        )
+
     def charge(self) -> Response:
         started = time.perf_counter()
         if not _is_json_content_type(request.mimetype):
@@ -257,6 +271,10 @@ class _Endpoints:
         except BadBody as bad:
             self.metrics.requests.labels("invalid").inc()
             return _error(bad.status, bad.error, bad.detail)
+        replaying = self._replaying()
+        if replaying is not None:
+            self.metrics.requests.labels("unavailable").inc()
+            return replaying
         key = None
         raw_key = request.headers.get(HEADER)
         if raw_key is not None:
@@ -325,6 +343,9 @@ class _Endpoints:
     def cancel(self, request_id: str) -> Response:
         if not contract.is_valid_request_id(request_id):
             return _invalid_request_id()
+        replaying = self._replaying()
+        if replaying is not None:
+            return replaying
         plan = answers.plan_cancel(self.history, request_id, client=g.client, now=time.time())
         if isinstance(plan, Answer):
             return _answer(plan)
@@ -411,6 +432,8 @@ def create_app(
                 max_age=config.history_max_age,
                 idempotency_ttl=config.idempotency_ttl,
             ),
+            history_max_age=config.history_max_age,
+            history_max_bytes=config.history_max_bytes,
             declare_topology=config.declare_topology,
             event_senders=config.event_senders,
         )

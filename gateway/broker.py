@@ -10,11 +10,17 @@ RabbitMQ tells a connection that it is blocked (``connection.blocked``) only onc
 during an alarm. So that the first request after an alarm starts is refused at once, too, rather
 than held unconfirmed until the deadline, an idle link publishes a *canary* now and then: a
 tiny message that no queue takes, whose only job is to be blocked first.
+
+What the gateway knows of requests comes from the history stream (``contract.HISTORY_STREAM``):
+each worker reads it from the first offset at start into its :class:`RequestHistory`, then
+follows its tail, so every replica, after any restart, knows every request in the retention
+window. Until it has caught up, it is not ready (``unavailable_reason``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,15 +31,17 @@ from gateway.answers import Outcome
 from gateway.history import RequestHistory
 from smartgrid import contract
 from smartgrid.amqp import (
-    ConsumerSpec,
     Delivery,
     Link,
     NotConnected,
     PublishRejected,
     Unroutable,
 )
+from smartgrid.amqp.streams import StreamReader
 from smartgrid.events import events_in
 from smartgrid.senders import DEFAULT_EVENT_SENDERS, Senders
+
+log = logging.getLogger(__name__)
 
 #: How long a publish waits for a broker connection that is being re-established: a reconnect
 #: (a broker restart, a cluster node failing over) takes well under a second.
@@ -43,6 +51,8 @@ READY_WAIT = 1.0
 CANARY_INTERVAL = 1.0
 #: The canary's routing key on the requests exchange: bound to no queue, so the broker drops it.
 CANARY_ROUTING_KEY = "gateway.canary"
+#: /health's reason until the history has been read up to the stream's end.
+REPLAYING = "replaying the history"
 #: While waiting for a confirm, how often to look whether the broker has blocked the link.
 _BLOCKED_POLL = 0.1
 
@@ -62,29 +72,41 @@ class GatewayBroker:
         declare_topology: bool = True,
         event_senders: Iterable[str] = DEFAULT_EVENT_SENDERS,
         canary_interval: float = CANARY_INTERVAL,
+        history_max_age: int = contract.HISTORY_MAX_AGE_SECONDS,
+        history_max_bytes: int = contract.HISTORY_MAX_BYTES,
     ):
         self.history = history
         self.on_connection_change = on_connection_change
+        stream = contract.history_topology(
+            max_age_seconds=history_max_age, max_bytes=history_max_bytes
+        )
         self.link = Link(
             amqp_url,
             name=name,
-            topology=contract.topology(contract.core_topology(), declare=declare_topology),
-            consumers=[ConsumerSpec(contract.GATEWAY_EVENTS, self._on_event, auto_ack=True)],
+            topology=contract.topology(contract.core_topology() + stream, declare=declare_topology),
             on_ready=self._on_ready,
-            on_lost=lambda: self._connection_changed(False),
+            on_lost=self._on_lost,
         )
         self.senders = Senders(event_senders, own_user=self.link.user)
+        self.reader = StreamReader(
+            self.link, contract.HISTORY_STREAM, self._on_history, start="first"
+        )
         self._canary_interval = canary_interval
         self._last_publish = 0.0
         self._canary_started = False
         self._canary_lock = threading.Lock()
 
     def _on_ready(self) -> None:
+        self.reader.on_ready()
         self._connection_changed(True)
         with self._canary_lock:
             start, self._canary_started = not self._canary_started, True
         if start and self._canary_interval > 0:
             self._canary()
+
+    def _on_lost(self) -> None:
+        self.reader.on_lost()
+        self._connection_changed(False)
 
     def _connection_changed(self, connected: bool) -> None:
         if self.on_connection_change is not None:
@@ -107,7 +129,17 @@ class GatewayBroker:
         blocked = self.link.blocked_reason
         if blocked is not None:
             return f"the message broker blocks publishing ({blocked})"
+        if not self.reader.caught_up:
+            return REPLAYING
         return None
+
+    @property
+    def caught_up(self) -> bool:
+        """The history has read the stream up to where it ended when this connection began."""
+        return self.reader.caught_up
+
+    def wait_caught_up(self, timeout: float) -> bool:
+        return self.reader.wait_caught_up(timeout)
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a connection being (re-)established; whether it is up."""
@@ -218,6 +250,17 @@ class GatewayBroker:
         self.link.call_later(self._canary_interval, self._canary)
 
     # ------------------------------------------------------------------ following
-    def _on_event(self, delivery: Delivery) -> None:
+    def _on_history(self, delivery: Delivery) -> None:
+        """One message of the history stream (I/O thread): a request or a batch of events."""
+        if delivery.routing_key == contract.REQUEST_ROUTING_KEY:
+            # Only the gateways and the balancer (reroutes) may publish to the requests
+            # exchange: the broker's permissions vouch for its sender.
+            try:
+                request = contract.ChargeRequest.from_body(delivery.body)
+            except contract.InvalidMessage as exc:
+                log.warning("ignoring an invalid request in the history: %s", exc)
+                return
+            self.history.accepted(request)
+            return
         for event in events_in(delivery, self.senders):
             self.history.apply(event)

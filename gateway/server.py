@@ -7,11 +7,11 @@ between requests), and hands each request to Python on the worker's event loop. 
 ``MAX_BODY_BYTES`` and only then runs the Flask app on one of ``GATEWAY_THREADS`` threads. So a
 slow client holds a socket, never a thread, and is cut off by a deadline.
 
-Each of ``GATEWAY_WORKERS`` processes is a full gateway (its own broker connection and event
-subscription). On SIGTERM granian stops accepting, the workers answer the requests they have,
-and each worker then stops its broker link; a worker that has not finished after
-:data:`GRACEFUL_TIMEOUT` is killed. A worker that dies is started again, and its live gauges
-(``gateway_broker_connected``) leave the aggregated metrics.
+Each of ``GATEWAY_WORKERS`` processes is a full gateway (its own broker connection, and its
+own reading of the history stream). On SIGTERM granian stops accepting, the workers answer
+the requests they have, and each worker then stops its broker link; a worker that has not
+finished after :data:`GRACEFUL_TIMEOUT` is killed. A worker that dies is started again, and its
+live gauges (``gateway_broker_connected``) leave the aggregated metrics.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from gateway.rsgi import BufferedWSGI, Limits
 
 log = logging.getLogger(__name__)
 
+#: Seconds a starting worker waits for the history to be read before it serves anyway (and
+#: answers 503 "replaying the history" until it is): 100,000 requests' history is about 70 MB.
+HISTORY_WAIT = 60
 #: Seconds a worker may take, after SIGTERM, to answer the requests it has.
 GRACEFUL_TIMEOUT = 10
 #: granian's read buffer, which bounds a request's headers in its Rust layer (431 with an empty
@@ -50,9 +53,10 @@ def build_app(config: GatewayConfig) -> BufferedWSGI:
     """One worker's application: the Flask app, its broker link, and the buffering front."""
     app = create_app(config)
     broker = app.extensions["smartgrid.broker"]
-    # Serve only once the broker link is up, or answer 503 until then; wait briefly so a
-    # freshly started stack does not begin with a burst of 503s.
-    broker.link.wait_ready(timeout=5)
+    # Serve only once the broker link is up and the history read, or answer 503 until then;
+    # wait a while so a freshly started stack does not begin with a burst of 503s.
+    if broker.link.wait_ready(timeout=5):
+        broker.wait_caught_up(timeout=HISTORY_WAIT)
 
     def stop() -> None:
         broker.stop()

@@ -42,7 +42,7 @@ def _gateway(url: str, **broker_options: float) -> tuple[GatewayBroker, Flask]:
         broker=broker,
         registry=CollectorRegistry(),
     )
-    assert broker.wait_ready(10)
+    assert broker.wait_ready(10) and broker.wait_caught_up(10)
     return broker, app
 
 

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from flask import Flask
@@ -24,14 +25,15 @@ from gateway.clients import TokensFileError, token_line
 from gateway.config import GatewayConfig
 from gateway.openapi import description
 from smartgrid import contract
-from tests.helpers import BrokerClient, eventually
+from tests.helpers import BrokerClient, eventually, rabbitmqctl
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789"
 
 
 def _app(config: GatewayConfig) -> Flask:
     app = create_app(config, registry=CollectorRegistry())
-    assert app.extensions["smartgrid.broker"].link.wait_ready(10)
+    broker: GatewayBroker = app.extensions["smartgrid.broker"]
+    assert broker.wait_ready(10) and broker.wait_caught_up(10)
     return app
 
 
@@ -233,6 +235,22 @@ def test_cancelling_a_queued_request_publishes_the_command_and_a_repeat_is_harml
         assert (command.request_id, command.ev_id, command.client) == (request_id, ev_id, "alice")
         assert client.delete(f"/charge/{request_id}", headers=_auth()).status_code == 202
 
+        # Whoever held it obeys; then a DELETE publishes nothing more.
+        observer.publish_event(contract.RequestCancelled(time.time(), request_id, ev_id, "b1"))
+        eventually(
+            lambda: (
+                client.get(f"/charge/{request_id}", headers=_auth()).get_json()["status"]
+                == "cancelled"
+            ),
+            what="the cancellation in the history",
+        )
+        observer.events(commands)
+        cancelled = client.delete(f"/charge/{request_id}", headers=_auth())
+        assert cancelled.status_code == 202 and cancelled.get_json()["status"] == "cancelled"
+        time.sleep(0.3)
+        assert observer.events(commands) == []
+        # The EV is free again.
+        assert _post(client, {"ev_id": ev_id}).status_code == 202
     finally:
         observer.close()
 
@@ -272,5 +290,50 @@ def test_without_a_tokens_file_the_api_is_open(module_amqp_url: str):
         accepted = client.post("/charge", json={"ev_id": _ev()})
         assert accepted.status_code == 202
         assert client.get(accepted.headers["Location"]).status_code == 200
+    finally:
+        _stop(app)
+
+
+# ------------------------------------------------------------------------------ refused
+def test_a_request_the_broker_refuses_is_not_confirmed_and_rejected_provisionally(
+    amqp_url: str,
+):
+    # A full pending queue that refuses more (as backpressure does): every publish is nacked.
+    vhost = unquote(amqp_url.rsplit("/", 1)[1])
+    rabbitmqctl(
+        "set_policy",
+        "-p",
+        vhost,
+        "--apply-to",
+        "queues",
+        "full-pending",
+        f"^{contract.PENDING_QUEUE}$",
+        '{"max-length": 1, "overflow": "reject-publish"}',
+    )
+    app = _app(GatewayConfig(amqp_url=amqp_url, publish_timeout=1))
+    try:
+        client = app.test_client()
+        # A quorum queue refuses only once it is over its limit.
+        for _ in range(2):
+            assert client.post("/charge", json={"ev_id": _ev()}).status_code == 202
+        ev_id, key = _ev(), uuid.uuid4().hex
+        refused = client.post("/charge", json={"ev_id": ev_id}, headers={"Idempotency-Key": key})
+        assert refused.status_code == 503
+        body = refused.get_json()
+        assert body["error"] == "not_confirmed"
+        assert refused.headers["Location"] == f"/charge/{body['request_id']}"
+        # Its copy in the history does not hold the EV: it is rejected, provisionally.
+        record = client.get(refused.headers["Location"]).get_json()
+        assert (record["status"], record["reason"]) == ("rejected", "not_enqueued")
+        # Room again (RabbitMQ 3.10's quorum queue keeps refusing if the policy is cleared
+        # instead, until it is drained under a limit).
+        observer = BrokerClient(amqp_url)
+        assert len(observer.get_all(contract.PENDING_QUEUE)) == 2
+        observer.close()
+        # A repeat of the key is a new attempt of the same request, and now it is accepted.
+        again = client.post("/charge", json={"ev_id": ev_id}, headers={"Idempotency-Key": key})
+        assert again.status_code == 202, again.get_json()
+        assert again.get_json()["request_id"] == body["request_id"]
+        assert client.get(refused.headers["Location"]).get_json()["status"] == "queued"
     finally:
         _stop(app)

@@ -53,7 +53,7 @@ def test_the_idle_canary_reaches_no_queue(amqp_url):
     broker.start()
     client = BrokerClient(amqp_url)
     try:
-        assert broker.wait_ready(10)
+        assert broker.wait_ready(10) and broker.wait_caught_up(10)
         time.sleep(0.3)  # several canaries
         assert client.get_all(contract.PENDING_QUEUE) == []
         assert broker.unavailable_reason is None

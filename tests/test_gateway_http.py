@@ -38,6 +38,7 @@ def app(module_amqp_url: str) -> Iterator[Flask]:
     broker: GatewayBroker = app.extensions["smartgrid.broker"]
     try:
         assert broker.link.wait_ready(10), "the gateway's broker link did not become ready"
+        assert broker.wait_caught_up(10), "the gateway did not read the history"
         yield app
     finally:
         broker.stop()

@@ -27,7 +27,7 @@ def test_while_the_broker_is_unreachable_the_gateway_answers_503_and_recovers_by
     client = app.test_client()
     observer = BrokerClient(amqp_url)
     try:
-        assert broker.link.wait_ready(10)
+        assert broker.link.wait_ready(10) and broker.wait_caught_up(10)
         assert client.post("/charge", json={"ev_id": "EV-BEFORE"}).status_code == 202
 
         proxy.cut()
