@@ -93,6 +93,24 @@ class GatewayMetrics:
             registry=registry,
             multiprocess_mode="livemin",
         )
+        # What Idempotency-Key repeats, GET and the one request per EV rule can see: the
+        # retention that binds first (age or size) shows here.
+        self.history_oldest = Gauge(
+            "gateway_history_oldest_seconds",
+            "Age of the oldest request the least covered gateway worker's history holds",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.history_requests = Gauge(
+            "gateway_history_requests",
+            "Requests each gateway worker's history holds (the least of them)",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+
+
+#: Seconds between updates of the history gauges.
+HISTORY_GAUGE_INTERVAL = 5.0
 
 
 def _error(status: int, error: str, detail: str, **headers: str) -> Response:
@@ -441,6 +459,14 @@ def create_app(
     if own_broker:
         broker.start()
     metrics.broker_connected.set(1 if broker.ready else 0)
+
+    def measure_history() -> None:  # on the broker's I/O thread, which feeds the history
+        assert broker is not None
+        metrics.history_oldest.set(broker.history.oldest_age())
+        metrics.history_requests.set(len(broker.history))
+        broker.link.call_later(HISTORY_GAUGE_INTERVAL, measure_history)
+
+    broker.link.call_soon(measure_history)
 
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body

@@ -179,6 +179,14 @@ class RequestHistory:
             request_id = min(active, key=lambda rid: (active[rid], rid))
             return request_id, self._records[request_id].client
 
+    def oldest_age(self, now: float | None = None) -> float:
+        """Seconds since the oldest request held was accepted (0 when none is held)."""
+        with self._lock:
+            if not self._records:
+                return 0.0
+            oldest = next(iter(self._records.values()))
+            return max(0.0, (self._clock() if now is None else now) - oldest.born_at)
+
     def idempotency_expired(self, record: RequestRecord, now: float | None = None) -> bool:
         """Whether a repeat of the key that made ``record`` is now a new use of the key."""
         accepted = record.accepted_at if record.accepted_at is not None else record.born_at

@@ -93,7 +93,9 @@ def test_a_wrong_token_is_401_invalid_token(client: FlaskClient):
 
 def test_health_metrics_and_the_description_stay_open(client: FlaskClient):
     assert client.get("/health").status_code == 200
-    assert client.get("/metrics").status_code == 200
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert b"gateway_history_oldest_seconds" in metrics.data
     served = client.get("/openapi.json")
     assert served.status_code == 200
     assert served.get_json() == description()

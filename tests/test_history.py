@@ -173,6 +173,14 @@ def test_an_accepted_request_is_queued_with_its_ev_id():
     assert h.get(RID) == {"request_id": RID, "ev_id": "EV1", "status": "queued", "accepted_at": T0}
 
 
+def test_the_age_of_the_oldest_request_held_shows_what_is_covered():
+    h = history()
+    assert h.oldest_age() == 0.0
+    h.accepted(request())
+    h.accepted(request(rid=OTHER, ev="EV2", at=NOW - 5))
+    assert h.oldest_age() == 60.0
+
+
 def test_an_unknown_request_has_no_record():
     assert history().get(RID) is None
 
