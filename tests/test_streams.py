@@ -278,3 +278,52 @@ def test_the_history_stream_of_the_contract_is_read_with_its_routing_keys(amqp_u
         assert eventually(lambda: read) == [event.kind]
     finally:
         link.stop()
+
+
+def test_a_link_following_a_busy_stream_stops_with_its_last_publishes_confirmed(amqp_url):
+    # Cancelling the stream consumer on stop would have pika reject the chunks on their way,
+    # and the broker close the channel with the confirms still due.
+    declare_stream(amqp_url)
+    pumping = threading.Event()
+    pumping.set()
+
+    def pump() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        channel = connection.channel()
+        while pumping.is_set():
+            for _ in range(50):
+                channel.basic_publish("", STREAM, b"x" * 100)
+            connection.process_data_events(0.01)
+        connection.close()
+
+    pumper = threading.Thread(target=pump)
+    pumper.start()
+    confirmed = threading.Event()
+    link = Link(
+        amqp_url,
+        name="test-stop",
+        topology=[contract.Queue("last-words", {})],
+        on_ready=lambda: reader.on_ready(),
+        on_lost=lambda: reader.on_lost(),
+    )
+    reader = StreamReader(link, STREAM, lambda d: None, quiet=0.3, prefetch=100)
+
+    failed: list[BaseException] = []
+
+    def last_words() -> None:
+        # Enough that confirms are still due when the consumers are cancelled.
+        futures = [link.publish("", "last-words", b"bye") for _ in range(3000)]
+        for future in futures:
+            future.add_done_callback(lambda f: f.exception() and failed.append(f.exception()))
+        futures[-1].add_done_callback(lambda f: confirmed.set() if not f.exception() else None)
+
+    link.on_stop(last_words)
+    link.start()
+    try:
+        assert reader.wait_caught_up(20)
+        eventually(lambda: reader.messages_read > 500)
+    finally:
+        link.stop()
+        pumping.clear()
+        pumper.join(10)
+    assert confirmed.is_set() and failed == []

@@ -51,6 +51,11 @@ class ConsumerSpec:
     #: ``basic.consume`` arguments, asked for each time the consumer starts (a stream
     #: consumer's ``x-stream-offset`` moves on as it reads).
     arguments: Callable[[], dict[str, Any]] | None = None
+    #: A stream consumer, never cancelled (not even by ``Link.cancel_consumers`` on stop): a
+    #: stream sends whole chunks, pika rejects what reaches a cancelled consumer, and a stream
+    #: answers a reject by closing the channel, publisher confirms still due with it. It ends
+    #: with its channel.
+    stream: bool = False
 
     @property
     def description(self) -> str:

@@ -566,7 +566,8 @@ class Link:
             auto_ack=spec.auto_ack,
             arguments=spec.arguments() if spec.arguments is not None else None,
         )
-        self._consumer_tags.append(tag)
+        if not spec.stream:  # a stream consumer ends with its channel (ConsumerSpec.stream)
+            self._consumer_tags.append(tag)
         return tag
 
     def _tracking(

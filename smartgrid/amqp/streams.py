@@ -215,6 +215,7 @@ class StreamReader:
                     lambda delivery: self._on_delivery(subscription, delivery),
                     prefetch=self.prefetch,
                     arguments=self._arguments,
+                    stream=True,
                 )
             )
         else:
