@@ -96,6 +96,7 @@ class Stack:
             )
         )
         self.env = {**self.ports, **env}
+        self._tokens: dict[str, str] = {}
         self.write_env()
         self.compose = Compose(
             engine,
@@ -137,21 +138,49 @@ class Stack:
     def url(self, port_variable: str, path: str) -> str:
         return f"http://127.0.0.1:{self.ports[port_variable]}{path}"
 
-    def charge(self, ev_id: str) -> tuple[int, dict]:
-        request = urllib.request.Request(
-            self.url("GATEWAY_HOST_PORT", "/charge"),
-            data=json.dumps({"ev_id": ev_id}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
+    def token(self, client: str = "driver") -> str:
+        """A client's token, as the README tells a user to read theirs."""
+        if client not in self._tokens:
+            self._tokens[client] = self.secret(f"{client}-token").strip()
+        return self._tokens[client]
+
+    def _headers(self, client: str | None) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if client is not None:
+            headers["Authorization"] = f"Bearer {self.token(client)}"
+        return headers
+
+    def _call(self, request: urllib.request.Request) -> tuple[int, dict]:
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"{}")
 
-    def status(self, request_id: str) -> dict:
+    def charge(
+        self, ev_id: str, *, client: str | None = "driver", key: str | None = None
+    ) -> tuple[int, dict]:
+        """POST /charge as ``client`` (None: without a token), with an Idempotency-Key."""
+        headers = self._headers(client)
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        request = urllib.request.Request(
+            self.url("GATEWAY_HOST_PORT", "/charge"),
+            data=json.dumps({"ev_id": ev_id}).encode(),
+            headers=headers,
+        )
+        return self._call(request)
+
+    def lookup(self, request_id: str, *, client: str | None = "driver") -> tuple[int, dict]:
+        """GET /charge/<id> as ``client``."""
         url = self.url("GATEWAY_HOST_PORT", f"/charge/{request_id}")
-        with urllib.request.urlopen(url, timeout=10) as response:
+        return self._call(urllib.request.Request(url, headers=self._headers(client)))
+
+    def status(self, request_id: str) -> dict:
+        """The driver's request's record (an HTTPError, an OSError, if there is none)."""
+        url = self.url("GATEWAY_HOST_PORT", f"/charge/{request_id}")
+        request = urllib.request.Request(url, headers=self._headers("driver"))
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
     def secret(self, name: str) -> str:

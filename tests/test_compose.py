@@ -60,12 +60,14 @@ def test_up_with_nothing_prepared_builds_once_and_every_service_becomes_healthy(
     print(f"up --build: {time.monotonic() - started:.0f}s")
 
     containers = {c["Service"]: c for c in stack.compose.containers(all=True)}
-    expected = set(stack.services()) - {"setup"}
+    expected = set(stack.services()) - {"setup", "tokens"}
     running = {name for name, c in containers.items() if c["State"] == "running"}
     assert running == expected, stack.diagnose()
     for name in expected:
         assert containers[name].get("Health") in ("healthy", ""), stack.diagnose()
-    assert containers["setup"]["State"] == "exited" and containers["setup"]["ExitCode"] == 0
+    for one_shot in ("setup", "tokens"):
+        assert containers[one_shot]["State"] == "exited", stack.diagnose()
+        assert containers[one_shot]["ExitCode"] == 0, stack.diagnose()
 
     # One service builds the image; the others run it.
     config = json.loads(stack.compose("config", "--format", "json").stdout)
@@ -84,6 +86,23 @@ def test_up_with_nothing_prepared_builds_once_and_every_service_becomes_healthy(
 def test_requests_flow_from_202_to_completed(compose_stack):
     records = _charge_and_complete(compose_stack, 5)
     assert {r["substation"] for r in records} <= {"substation-1", "substation-2", "substation-3"}
+
+
+def test_the_api_wants_a_token_and_a_request_belongs_to_its_client(compose_stack):
+    stack = compose_stack
+    code, body = stack.charge("EV-no-token", client=None)
+    assert code == 401 and body["error"] == "unauthorized", body
+    key = f"compose-{uuid.uuid4().hex}"
+    code, first = stack.charge("EV-token", key=key)
+    assert code == 202, first
+    code, again = stack.charge("EV-token", key=key)  # a retry: the same request, not another
+    assert code == 202 and again["request_id"] == first["request_id"], again
+    # Another gateway worker may answer the GET, and learns of the request from the history
+    # stream a moment later: read-your-writes holds within one worker only.
+    wait_for(lambda: stack.lookup(first["request_id"])[0] == 200, 10, "the driver sees it")
+    # loadgen's token is another client's: the driver's request is none of its business.
+    assert stack.lookup(first["request_id"], client="loadgen")[0] == 404
+    wait_for(lambda: _completed(stack, first["request_id"]), 60, "the keyed request completed")
 
 
 def test_prometheus_has_every_target_up(compose_stack):

@@ -29,8 +29,10 @@ import yaml
 from balancer.config import BalancerConfig
 from gateway.config import GatewayConfig
 from loadgen.observer import ObserverConfig
+from loadgen.traffic import TOKEN_ENV, TOKEN_FILE_ENV
 from smartgrid import config, contract, definitions
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
+from stack.tokens import TOKENS_FILE
 from substation.config import SubstationConfig
 from tests.helpers import env_example, event_senders, eventually, imported_definitions
 
@@ -50,7 +52,8 @@ READS = {
     "gateway": _env_names(GatewayConfig) | _AMQP,
     "balancer": _env_names(BalancerConfig) | _AMQP,
     "substation": _env_names(SubstationConfig) | _AMQP,
-    "loadgen": {"GATEWAY_URL"} | _AMQP | _env_names(ObserverConfig),
+    "loadgen": {"GATEWAY_URL", TOKEN_ENV, TOKEN_FILE_ENV} | _AMQP | _env_names(ObserverConfig),
+    "stack.tokens": set(),
     "smartgrid.tools.deadletters": _AMQP,
     "smartgrid.definitions": {
         definitions.ADMIN_USER_ENV,
@@ -168,10 +171,40 @@ def test_services_start_only_once_their_dependencies_are_healthy(compose):
     for name, service in services.items():
         if _module_of(service) in {"gateway", "balancer", "substation", "loadgen"}:
             assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
-        if name not in {"setup", "loadgen", "deadletters"}:
+        if name not in {"setup", "tokens", "loadgen", "deadletters"}:
             assert "healthcheck" in service, f"{name} has no healthcheck"
     assert (
         services["rabbitmq"]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
+    )
+
+
+def test_the_gateway_takes_tokens_made_at_the_first_start_and_loadgen_has_one(compose):
+    services = compose["services"]
+    tokens = services["tokens"]
+    assert _module_of(tokens) == "stack.tokens" and tokens["user"] == "0"
+    args = tokens["command"][3:]
+    directory = next(a.partition("=")[2] for a in args if a.startswith("--dir="))
+    owner = next(a.partition("=")[2] for a in args if a.startswith("--owner="))
+    clients = dict(a.partition(":")[::2] for a in args if not a.startswith("--"))
+    image_user = re.search(r"useradd .*--uid (\d+)", (ROOT / "Dockerfile").read_text())
+    assert image_user is not None
+    # The gateway and loadgen run as the image's user: they read the tokens file and
+    # loadgen's token; the driver's token is root's (the README's `setup cat`).
+    assert owner == clients["loadgen"] == image_user.group(1) and clients["driver"] == ""
+    assert "secrets:" + directory in tokens["volumes"]
+    mounted = "/run/smartgrid"  # where the services see the secrets volume
+    gateway, loadgen = services["gateway"], services["loadgen"]
+    assert gateway["environment"]["GATEWAY_TOKENS_FILE"] == f"{mounted}/{TOKENS_FILE}"
+    assert loadgen["environment"][TOKEN_FILE_ENV] == f"{mounted}/loadgen-token"
+    assert gateway["depends_on"]["tokens"]["condition"] == "service_completed_successfully"
+    # The cluster override replaces the gateway's dependencies: it must keep this one.
+    result = _compose(
+        "-f", "docker-compose.yml", "-f", "docker-compose.cluster.yml", "config", "--format", "json"
+    )
+    assert result.returncode == 0, result.stderr
+    cluster = json.loads(result.stdout)["services"]
+    assert cluster["gateway"]["depends_on"]["tokens"]["condition"] == (
+        "service_completed_successfully"
     )
 
 
