@@ -439,3 +439,40 @@ def test_what_a_consumer_publishes_before_the_link_is_ready_is_sent_not_refused(
         link.stop()
     assert failures == []
     assert broker.message_count(contract.PENDING_QUEUE) == 0
+
+
+def test_a_consumer_whose_queue_is_deleted_comes_back_on_a_fresh_connection(amqp_url, broker):
+    """Deleted under its consumer (by an operator, or by a balancer that took it for a
+    forgotten substation's), a queue is declared again and consumed again, not silently
+    abandoned."""
+    received: list[str] = []
+    queue = contract.substation_queue_name("s1")
+
+    def on_message(delivery: Delivery) -> None:
+        received.append(contract.RoutedRequest.from_body(delivery.body).request_id)
+        link.ack(delivery)
+
+    link = Link(
+        amqp_url,
+        name=f"test-{uuid.uuid4().hex[:6]}",
+        topology=contract.core_topology() + contract.substation_topology("s1"),
+        consumers=[ConsumerSpec(queue, on_message, prefetch=5)],
+    ).start()
+    try:
+        assert link.wait_ready(10)
+        first = broker.send_to_substation("s1")
+        eventually(lambda: received == [first])
+        broker.channel.queue_delete(queue)
+        again = eventually(lambda: _try_send(broker, "s1"), what="the queue declared again")
+        eventually(lambda: received == [first, again], what="the queue consumed again")
+        assert link.ready
+    finally:
+        link.stop()
+
+
+def _try_send(broker: BrokerClient, substation: str) -> str | None:
+    """A request for ``substation``, or None while its queue does not exist (unroutable)."""
+    try:
+        return broker.send_to_substation(substation)
+    except pika.exceptions.UnroutableError:
+        return None

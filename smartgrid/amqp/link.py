@@ -531,6 +531,7 @@ class Link:
         self._publishes.new_channel()
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
+        channel.add_on_cancel_callback(self._on_consumer_cancelled)
         channel.confirm_delivery(self._on_confirm)
         for declaration in self._topology:
             declare(channel, declaration)
@@ -635,6 +636,22 @@ class Link:
         # connection in an unknown state; start over from a fresh connection.
         log.error("%s: channel closed by broker: %s", self.name, reason)
         self._close_reason = reason
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    def _on_consumer_cancelled(self, frame: pika.frame.Method) -> None:
+        """The broker cancelled a consumer of this link: its queue was deleted (by an operator,
+        or by a balancer that took it for a forgotten substation's). Rather than stay connected
+        and consume nothing, start over from a fresh connection, which declares the topology
+        again and restarts the consumers (owners restart those they added: on_lost, on_ready)."""
+        tag = frame.method.consumer_tag
+        if tag not in self._consumer_tags or self._stopping:
+            return
+        self._consumer_tags.remove(tag)
+        log.error(
+            "%s: the broker cancelled consumer %s (queue deleted?); reconnecting", self.name, tag
+        )
+        self._close_reason = RuntimeError(f"consumer {tag} cancelled by the broker")
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
 
