@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 #: How long a publish waits for a broker connection that is being re-established: a reconnect
 #: (a broker restart, a cluster node failing over) takes well under a second.
 READY_WAIT = 1.0
+#: How long negative confirms are tried again: long enough for a quorum queue to elect a new
+#: leader, short enough that a full pending queue is answered soon.
+REFUSED_RETRY = 1.0
 #: An idle link publishes a canary this often, so that it learns of an alarm before a request
 #: would (see the module's docstring).
 CANARY_INTERVAL = 1.0
@@ -169,12 +172,15 @@ class GatewayBroker:
         Nothing is published while the broker blocks publishers or there is no connection
         (``NOT_SENT``; a reconnect under way is waited for, briefly). A negative confirm (a
         quorum queue electing a new leader, or the pending queue full) certainly did not
-        enqueue the request, so it is tried again until the deadline (``REFUSED`` then). A
+        enqueue the request, so it is tried again for :data:`REFUSED_RETRY` (``REFUSED`` then). A
         connection lost after publishing, or no confirm by the deadline, may have enqueued it:
         that is ``UNCONFIRMED``, and is never tried again here.
         """
         refused = False
         delay = 0.05
+        # A full pending queue (backpressure) refuses every try: give up on it well before the
+        # deadline rather than hold a server thread (and add a copy to the history) each time.
+        stop_retrying = time.monotonic() + REFUSED_RETRY
         while True:
             if not self._can_publish(deadline):
                 return Outcome.REFUSED if refused else Outcome.NOT_SENT
@@ -185,7 +191,7 @@ class GatewayBroker:
                 return Outcome.REFUSED if refused else Outcome.NOT_SENT
             except (PublishRejected, Unroutable):
                 refused = True
-                if deadline - time.monotonic() <= delay:
+                if min(deadline, stop_retrying) - time.monotonic() <= delay:
                     return Outcome.REFUSED
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
