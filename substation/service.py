@@ -125,18 +125,16 @@ class SubstationService:
         for priority in CLASS_ORDER:  # every series from the start, zero until it has data
             self._wait.labels(config.substation_id, priority.value)
         self.queue = contract.substation_queue_name(config.substation_id)
+        history = contract.history_topology(
+            max_age_seconds=contract.HISTORY_MAX_AGE_SECONDS, max_bytes=contract.HISTORY_MAX_BYTES
+        )
         self.link = Link(
             config.amqp_url,
             name=f"substation-{config.substation_id}",
             topology=contract.topology(contract.core_topology(), declare=config.declare_topology)
-            # Declared with the default retention, as every service that declares it must.
-            + contract.topology(
-                contract.history_topology(
-                    max_age_seconds=contract.HISTORY_MAX_AGE_SECONDS,
-                    max_bytes=contract.HISTORY_MAX_BYTES,
-                ),
-                declare=config.declare_topology,
-            )
+            # Checked here where the broker's definitions declare it; else the history reader
+            # declares it if it is missing (the gateways' retention settings win).
+            + ([] if config.declare_topology else contract.topology(history, declare=False))
             + contract.topology(
                 contract.substation_topology(config.substation_id), declare=config.declare_queue
             ),
@@ -158,6 +156,7 @@ class SubstationService:
             on_caught_up=self._take_the_queue,
             follow=False,
             quiet=HISTORY_QUIET,
+            declare_if_missing=history if config.declare_topology else (),
         )
         self._requests = ConsumerSpec(
             self.queue,

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 import uuid
+from urllib.parse import unquote
 
 import pika
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.amqp.streams import Catchup, StreamReader, offset_argument, since
-from tests.helpers import eventually
+from tests.helpers import BrokerClient, eventually
 
 STREAM = "test.stream"
 
@@ -327,3 +328,68 @@ def test_a_link_following_a_busy_stream_stops_with_its_last_publishes_confirmed(
         pumping.clear()
         pumper.join(10)
     assert confirmed.is_set() and failed == []
+
+
+def read_declaring(url: str, declarations: list[contract.Declaration]) -> None:
+    """Read the history stream once to its end with ``declare_if_missing``."""
+    link = Link(
+        url,
+        name="test-declare",
+        topology=contract.core_topology(),
+        on_ready=lambda: reader.on_ready(),
+        on_lost=lambda: reader.on_lost(),
+    )
+    reader = StreamReader(
+        link, contract.HISTORY_STREAM, lambda d: None, quiet=0.3, declare_if_missing=declarations
+    )
+    link.start()
+    try:
+        assert reader.wait_caught_up(20)
+    finally:
+        link.stop()
+
+
+def history_max_age(url: str) -> str:
+    vhost = unquote(url.rsplit("/", 1)[1])
+    listed = subprocess.run(
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "-p",
+            vhost,
+            "name",
+            "arguments",
+            "--no-table-headers",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    (line,) = [line for line in listed.splitlines() if line.startswith(contract.HISTORY_STREAM)]
+    return line.partition("x-max-age")[2].split('"')[2]
+
+
+OURS = contract.history_topology(max_age_seconds=3600, max_bytes=10_000_000)
+
+
+def test_a_missing_stream_is_declared_with_its_bindings(amqp_url):
+    read_declaring(amqp_url, OURS)
+    assert history_max_age(amqp_url) == "3600s"
+    client = BrokerClient(amqp_url)
+    cancel = contract.CancelRequested(at=time.time(), request_id="r", ev_id="EV1", client="c")
+    try:  # bound: a cancel is routable now (mandatory: an unroutable one would raise)
+        client.publish(contract.EVENTS_EXCHANGE, cancel.kind, cancel.to_body())
+    finally:
+        client.close()
+
+
+def test_a_stream_declared_with_other_settings_is_read_as_it_is(amqp_url):
+    theirs = contract.history_topology(max_age_seconds=7200, max_bytes=20_000_000)
+    (queue,) = [d for d in theirs if isinstance(d, contract.Queue)]
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection.channel().queue_declare(queue.name, durable=True, arguments=queue.arguments)
+    connection.close()
+    read_declaring(amqp_url, OURS)
+    assert history_max_age(amqp_url) == "7200s"

@@ -39,13 +39,14 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika.channel
 
 from smartgrid.amqp.consuming import ConsumerSpec, Delivery
-from smartgrid.amqp.link import Link
+from smartgrid.amqp.link import Link, declare
+from smartgrid.contract import Declaration
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,11 @@ class StreamReader:
     a stream sends whole chunks, and pika would reject what is still on its way). After a
     reconnect that followed a finished replay it reads what came since ``resume_margin``
     seconds before the loss (the owner's subscription queue went with the connection).
+
+    ``declare_if_missing``: the stream and its bindings, declared only if the stream does not
+    exist yet. A stream declared with other retention settings (by a service configured
+    otherwise) is then read as it is; declaring it again with other arguments would be refused
+    (``PRECONDITION_FAILED``), and the Link would reconnect in vain forever.
     """
 
     def __init__(
@@ -168,6 +174,7 @@ class StreamReader:
         prefetch: int = 1000,
         quiet: float = 2.0,
         resume_margin: float = 10.0,
+        declare_if_missing: Sequence[Declaration] = (),
     ) -> None:
         offset_argument(start, None)  # a bad start fails here, not on the I/O thread
         self.link = link
@@ -179,6 +186,7 @@ class StreamReader:
         self.prefetch = prefetch
         self.quiet = quiet
         self.resume_margin = resume_margin
+        self.declare_if_missing = list(declare_if_missing)
         #: The offset just after the last message read: where a new subscription resumes.
         self.next_offset: int | None = None
         self.messages_read = 0
@@ -204,6 +212,78 @@ class StreamReader:
         self._subscription += 1
         subscription = self._subscription
         self._caught_up.clear()
+        if self.declare_if_missing:
+            self._ensure_stream(subscription)
+        else:
+            self._subscribe(subscription)
+
+    def _ensure_stream(self, subscription: int) -> None:
+        """Declare the stream (``declare_if_missing``) unless it exists: a passive check first,
+        on a channel of its own, since a 404 closes the channel."""
+        answered = False
+
+        def check(channel: pika.channel.Channel) -> None:
+            if subscription != self._subscription:
+                channel.close()
+                return
+
+            def exists(_frame: Any) -> None:
+                nonlocal answered
+                answered = True
+                channel.close()
+                self._subscribe(subscription)
+
+            channel.add_on_close_callback(lambda _ch, reason: missing(reason))
+            channel.queue_declare(self.stream, passive=True, callback=exists)
+
+        def missing(reason: BaseException) -> None:
+            if answered or subscription != self._subscription:
+                return
+            if getattr(reason, "reply_code", None) == 404:
+                self.link.open_side_channel(lambda channel: self._declare_on(subscription, channel))
+            else:
+                self._retry_ensure(subscription, reason)
+
+        self.link.open_side_channel(check)
+
+    def _declare_on(self, subscription: int, channel: pika.channel.Channel) -> None:
+        if subscription != self._subscription:
+            channel.close()
+            return
+        declared = False
+
+        def done(_frame: Any) -> None:
+            nonlocal declared
+            declared = True
+            channel.close()
+            log.info("%s: declared", self.stream)
+            self._subscribe(subscription)
+
+        def closed(reason: BaseException) -> None:
+            # Someone else declared it meanwhile, with other settings, say: check again.
+            if not declared and subscription == self._subscription:
+                self._retry_ensure(subscription, reason)
+
+        channel.add_on_close_callback(lambda _ch, reason: closed(reason))
+        for declaration in self.declare_if_missing:
+            declare(channel, declaration)
+        # Synchronous methods answer in order: a no-op qos answers once all of them have.
+        channel.basic_qos(prefetch_count=0, callback=done)
+
+    def _retry_ensure(self, subscription: int, reason: BaseException) -> None:
+        log.warning("%s: could not check or declare the stream (%s); retrying", self.stream, reason)
+        self.link.call_later(
+            self.quiet,
+            lambda: (
+                self._ensure_stream(subscription)
+                if subscription == self._subscription and self.link.ready
+                else None
+            ),
+        )
+
+    def _subscribe(self, subscription: int) -> None:
+        if subscription != self._subscription or not self.link.ready:
+            return
         self._catchup = Catchup(resume_at=self.next_offset)
         self._last_read = time.monotonic()
         if not self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
