@@ -393,3 +393,22 @@ def test_a_stream_declared_with_other_settings_is_read_as_it_is(amqp_url):
     connection.close()
     read_declaring(amqp_url, OURS)
     assert history_max_age(amqp_url) == "7200s"
+
+
+def test_a_following_reader_whose_stream_is_deleted_starts_over_on_a_new_connection(amqp_url):
+    declare_stream(amqp_url)
+    publish(amqp_url, [b"before"])
+    reading = Reading(amqp_url, quiet=0.3)
+    try:
+        assert reading.reader.wait_caught_up(20)
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        connection.channel().queue_delete(STREAM)
+        connection.close()
+        declare_stream(amqp_url)
+        publish(amqp_url, [b"after"])
+        # The broker cancelled the consumer; the link reconnected and the reader subscribed
+        # again (at the offset after the last one it read, which the new stream has reached).
+        eventually(lambda: len(reading.read_when_caught_up) >= 2, timeout=30)
+        assert reading.link.ready
+    finally:
+        reading.stop()

@@ -215,6 +215,8 @@ class Link:
         self._close_reason: BaseException | None = None
         self._publishes = Publishes(name=name, outbox_limit=outbox_limit)
         self._consumer_tags: list[str] = []
+        #: Stream consumers, never cancelled by the link (ConsumerSpec.stream).
+        self._stream_tags: set[str] = set()
         #: Delivery tags of this channel's deliveries not yet settled, oldest first (consumers
         #: that acknowledge; a dict as an ordered set), and those acknowledged during this
         #: loop turn, whose acks go out at its end (:meth:`_send_acks`).
@@ -567,7 +569,9 @@ class Link:
             auto_ack=spec.auto_ack,
             arguments=spec.arguments() if spec.arguments is not None else None,
         )
-        if not spec.stream:  # a stream consumer ends with its channel (ConsumerSpec.stream)
+        if spec.stream:  # it ends with its channel (ConsumerSpec.stream)
+            self._stream_tags.add(tag)
+        else:
             self._consumer_tags.append(tag)
         return tag
 
@@ -645,9 +649,10 @@ class Link:
         and consume nothing, start over from a fresh connection, which declares the topology
         again and restarts the consumers (owners restart those they added: on_lost, on_ready)."""
         tag = frame.method.consumer_tag
-        if tag not in self._consumer_tags or self._stopping:
+        if (tag not in self._consumer_tags and tag not in self._stream_tags) or self._stopping:
             return
-        self._consumer_tags.remove(tag)
+        if tag in self._consumer_tags:
+            self._consumer_tags.remove(tag)
         log.error(
             "%s: the broker cancelled consumer %s (queue deleted?); reconnecting", self.name, tag
         )
@@ -661,6 +666,7 @@ class Link:
         self._blocked_reason = None
         self._channel = None
         self._consumer_tags.clear()
+        self._stream_tags.clear()
         lost = ConnectionLost(f"{self.name}: connection lost before confirmation: {reason}")
         # Unconfirmed publishes first, then those still waiting (unreliable ones among them were
         # made while the channel was being set up): reliable ones are sent again, in that order.
