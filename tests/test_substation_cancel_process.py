@@ -132,6 +132,8 @@ def test_a_request_cancelled_while_it_waits_in_the_queue_never_starts(stack_sett
         assert cancels[waiting].started_at is None and cancels[waiting].source == SUBSTATION
     finally:
         assert service.stop() == 0
+    # Both acknowledged: nothing went back to the queue with the connection.
+    assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
 
 
 def test_a_cancel_made_while_the_substation_was_down_is_obeyed_when_it_starts(
@@ -160,3 +162,31 @@ def test_a_cancel_made_while_the_substation_was_down_is_obeyed_when_it_starts(
         ]
     finally:
         assert service.stop() == 0
+
+
+def test_a_possible_duplicate_cancelled_while_it_is_checked_never_starts(stack_settings, broker):
+    stack_settings.capacity = 1
+    stack_settings.session_seconds = 120.0
+    service = substation_process(stack_settings, 0)
+    # The other substations are asked for longer than this test lasts: only a cancel ends it.
+    service.env = {**service.env, "SHUTDOWN_GRACE": "0", "DUPLICATE_CHECK_SECONDS": "300"}
+    service.start().wait_healthy()
+    metrics_url = service.health_url
+    try:
+        events = broker.subscribe_events(
+            contract.SessionLookup.kind, contract.RequestCancelled.kind
+        )
+        request_id = broker.send_to_substation(SUBSTATION, maybe_duplicate=True)
+        _events_until(broker, events, 1)  # its lookup: it is being checked
+        _cancel(broker, request_id)
+        (cancel,) = [
+            e for e in _events_until(broker, events, 1) if isinstance(e, contract.RequestCancelled)
+        ]
+        assert (cancel.request_id, cancel.started_at) == (request_id, None)
+        eventually(lambda: broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0)
+        eventually(lambda: _counter(metrics_url, "substation_requests_cancelled_before_start") == 1)
+        assert _load(metrics_url) == 0
+    finally:
+        assert service.stop() == 0
+    # Acknowledged: nothing went back to the queue with the connection.
+    assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
