@@ -10,6 +10,11 @@ limit in force at a substation is what its last ``power.demand`` report said
 node drew more than its limit, with the same numbers the services used: no scraping, no
 sampling error between two series.
 
+A substation process that dies takes its sessions with it: when a substation is heard from
+with a new ``instance`` (it restarted), the sessions of its old instance end then (at the
+latest; the process died a little earlier), and a request that starts again (there or
+elsewhere) keeps its earlier run, ended at the new start at the latest, for the power sums.
+
 From the same events: energy delivered, time paused (0 kW while running), the wait from
 acceptance to the session's start per priority class, and fairness: Jain's index over the
 power of the sessions of one class that are running below their own maximum (a car at its own
@@ -21,7 +26,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from loadgen.report import jain_index, percentile
@@ -30,6 +35,9 @@ from smartgrid.grid import Topology
 from smartgrid.limits import LimitOverrides, override_from_event
 from smartgrid.power import kilowatts
 
+#: How late a substation's ``power.demand`` may report a change of its limit: its
+#: DEMAND_MIN_INTERVAL (0.1 s) and an I/O-loop turn on a busy machine.
+REPORT_LAG_SECONDS = 0.25
 _EPSILON_KW = 1e-6  # kW are whole watts / 1000: anything above this is a real watt over
 
 
@@ -45,6 +53,8 @@ class SessionPower:
     #: (time, kW) steps, in time order.
     steps: list[tuple[float, float]] = field(default_factory=list)
     energy_kwh: float | None = None
+    #: The substation process that ran it (a restart starts a new one).
+    instance: str = ""
 
     def power_at(self, t: float) -> float:
         if not self.started_at <= t < self.ended_at or not self.steps:
@@ -69,6 +79,10 @@ class PowerTimeline:
         self.sessions: dict[str, SessionPower] = {}
         self._limits: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self._overrides: list[contract.GridLimit] = []
+        #: Earlier runs of requests that started again (after their substation died).
+        self.earlier_runs: list[SessionPower] = []
+        #: Each substation's latest process, as its events say.
+        self._instances: dict[str, str] = {}
 
     @classmethod
     def from_events(
@@ -81,9 +95,18 @@ class PowerTimeline:
         return timeline
 
     def apply(self, event: contract.Event) -> None:
+        """Take one event; in time order (:meth:`from_events` sorts them)."""
+        instance = getattr(event, "instance", None)
+        substation = getattr(event, "substation", None)
+        if isinstance(instance, str) and isinstance(substation, str):
+            self._heard(substation, instance, event.at)
         if isinstance(event, contract.SessionStarted):
             fields = event.power()
             power = fields.max_kw if event.power_kw is None else event.power_kw
+            earlier = self.sessions.get(event.request_id)
+            if earlier is not None:
+                earlier.ended_at = min(earlier.ended_at, event.at)
+                self.earlier_runs.append(earlier)
             self.sessions[event.request_id] = SessionPower(
                 event.request_id,
                 event.substation,
@@ -92,6 +115,7 @@ class PowerTimeline:
                 event.accepted_at,
                 event.at,
                 steps=[(event.at, power)],
+                instance=event.instance,
             )
         elif isinstance(event, contract.SessionPower):
             session = self.sessions.get(event.request_id)
@@ -107,19 +131,46 @@ class PowerTimeline:
         elif isinstance(event, contract.GridLimit):
             self._overrides.append(event)
 
+    def _heard(self, substation: str, instance: str, at: float) -> None:
+        """A new process of ``substation``: the sessions of the old one died with it."""
+        known = self._instances.get(substation)
+        self._instances[substation] = instance
+        if known is None or known == instance:
+            return
+        for session in self.sessions.values():
+            if session.substation == substation and session.instance == known:
+                session.ended_at = min(session.ended_at, at)
+
+    @property
+    def overrides(self) -> list[contract.GridLimit]:
+        """The operators' limit changes seen, in time order."""
+        return list(self._overrides)
+
     # ------------------------------------------------------------------ at one instant
+    def runs(self) -> list[SessionPower]:
+        """Every session's every run: the current ones and those cut short by a restart."""
+        return [*self.sessions.values(), *self.earlier_runs]
+
     def substation_power(self, t: float) -> dict[str, float]:
         power: dict[str, float] = defaultdict(float)
-        for session in self.sessions.values():
+        for session in self.runs():
             power[session.substation] += session.power_at(t)
         return dict(power)
 
-    def substation_limit(self, substation: str, t: float) -> float | None:
+    def substation_limit(
+        self, substation: str, t: float, within_lag: Callable[..., float] = max
+    ) -> float | None:
+        """The limit in force at ``t``, as far as the reports tell: a report goes out up to
+        DEMAND_MIN_INTERVAL after the change it reports (the sessions' new power is stamped
+        at once), so a limit reported within ``REPORT_LAG_SECONDS`` after ``t`` may already
+        have been in force; the higher of the two counts (``within_lag=min``: the lower)."""
         steps = self._limits.get(substation)
         if not steps:
             return None
         index = bisect.bisect_right(steps, (t, math.inf)) - 1
-        return steps[index][1] if index >= 0 else None
+        known = [steps[index][1]] if index >= 0 else []
+        known += [kw for at, kw in steps[index + 1 :][:3] if at <= t + REPORT_LAG_SECONDS]
+        return within_lag(known) if known else None
 
     def node_limits(self, t: float) -> dict[str, float]:
         store = LimitOverrides()
@@ -146,10 +197,8 @@ class PowerTimeline:
     def span(self) -> tuple[float, float] | None:
         if not self.sessions:
             return None
-        start = min(s.started_at for s in self.sessions.values())
-        end = max(
-            s.ended_at if s.ended_at < math.inf else s.steps[-1][0] for s in self.sessions.values()
-        )
+        start = min(s.started_at for s in self.runs())
+        end = max(s.ended_at if s.ended_at < math.inf else s.steps[-1][0] for s in self.runs())
         return start, end
 
 
@@ -226,6 +275,7 @@ def power_report(timeline: PowerTimeline, interval: float = 0.1) -> PowerReport:
     report = PowerReport(interval)
     span = timeline.span
     sessions = list(timeline.sessions.values())
+    runs = timeline.runs()
     if span is None:
         return report
     start, end = span
@@ -245,7 +295,7 @@ def power_report(timeline: PowerTimeline, interval: float = 0.1) -> PowerReport:
             figures = report.nodes.setdefault(node, NodeFigures())
             _update(figures, kw, node_limits.get(node), ratios[("n", node)])
         by_class: dict[str, list[float]] = defaultdict(list)
-        for session in sessions:
+        for session in runs:
             if session.started_at <= t < session.ended_at:
                 kw = session.power_at(t)
                 if kw < session.max_kw - _EPSILON_KW:

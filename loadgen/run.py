@@ -78,6 +78,8 @@ class LoadResult:
     timeline: LoadTimeline | None = None
     #: Power over the run, against the limits (with the EV mix, when observed).
     power: PowerReport | None = None
+    #: Every session's power over time, which ``power`` sums up (for further analysis).
+    power_timeline: PowerTimeline | None = None
 
 
 def arrivals_for(settings: LoadSettings) -> Iterator[float]:
@@ -168,22 +170,22 @@ def run_load(settings: LoadSettings) -> LoadResult:
         report.stopped_early = stats.stopped_early
         report.settings = describe(settings)
         timeline = timeline_of(outcomes, fates, capacities or ()) if fates is not None else None
-        power = None
+        power = power_timeline = None
         if settings.ev_mix and observer is not None and fates is not None:
-            power = _power_of(fates, observer.power_events(), settings)
-        return LoadResult(report, outcomes, fates or {}, timeline, power)
+            power_timeline = _power_timeline(fates, observer.power_events(), settings)
+            power = power_report(power_timeline, settings.sample_interval)
+        return LoadResult(report, outcomes, fates or {}, timeline, power, power_timeline)
     finally:
         if observer is not None:
             observer.stop()
 
 
-def _power_of(
+def _power_timeline(
     fates: dict[str, RequestFate], power_events: list, settings: LoadSettings
-) -> PowerReport:
+) -> PowerTimeline:
     topology = load_topology(settings.topology_file) if settings.topology_file else None
     events = [e for fate in fates.values() for e in (*fate.started, *fate.completed)]
-    timeline = PowerTimeline.from_events([*events, *power_events], topology)
-    return power_report(timeline, settings.sample_interval)
+    return PowerTimeline.from_events([*events, *power_events], topology)
 
 
 def _settle(

@@ -2,6 +2,9 @@
 
 Used by ``python -m stack`` and by the tests. Every child gets ``PR_SET_PDEATHSIG`` so it dies
 with its parent even if the parent is killed with SIGKILL: no process is ever left behind.
+The signal comes when the *thread* that started the child ends, not the process: start a
+service from a thread that outlives it (a service restarted from a short-lived thread gets
+SIGTERM as soon as that thread returns).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ worked out by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -142,6 +143,45 @@ def test_sessions_of_substations_without_power_run_at_their_maximum():
     )
     timeline = PowerTimeline.from_events([event])
     assert timeline.substation_power(1) == {"s1": parse_power_fields({}).max_kw}
+
+
+def _in(instance, event):
+    return dataclasses.replace(event, instance=instance)
+
+
+def test_a_restarted_substations_sessions_end_with_its_old_process_and_run_again():
+    # s1's process "i" runs A and B at 9 kW; it dies; its new process "j" reports at 5 and
+    # runs A again from 6 (B went to s2 at 7). Nothing of "i" draws after 5.
+    events = [
+        _in("i", started("A", 0, "s1", 11, 9, accepted_at=0)),
+        _in("i", started("B", 0, "s1", 11, 9, accepted_at=0)),
+        _in("j", demand("s1", 5, 20)),
+        _in("j", started("A", 6, "s1", 11, 11, accepted_at=0)),
+        started("B", 7, "s2", 11, 11, accepted_at=0),
+    ]
+    timeline = PowerTimeline.from_events(events, TOPOLOGY)
+    assert timeline.substation_power(4) == {"s1": 18, "s2": 0}
+    assert timeline.substation_power(5.5) == {"s1": 0, "s2": 0}
+    assert timeline.substation_power(6.5) == {"s1": 11, "s2": 0}
+    assert timeline.substation_power(7.5) == {"s1": 11, "s2": 11}
+    assert len(timeline.sessions) == 2 and len(timeline.runs()) == 4
+
+
+def test_a_limit_reported_just_after_a_change_counts_from_the_change():
+    # The share rose from 10 to 20 kW at 1.0: the session's power is stamped then, the report
+    # that says so goes out 0.1 s later (DEMAND_MIN_INTERVAL). Not an overload; a power above
+    # the limit for longer than a report's delay is.
+    events = [
+        demand("s1", 0, 10),
+        started("A", 0, "s1", 22, 10, accepted_at=0),
+        power("A", 1.0, "s1", 20),
+        demand("s1", 1.1, 20),
+        power("A", 2.0, "s1", 22),
+    ]
+    report = power_report(PowerTimeline.from_events(events, TOPOLOGY), interval=0.05)
+    over = report.substations["s1"]
+    assert over.worst_over_kw == pytest.approx(2)
+    assert over.over == len([s for s in report.series if s.t >= 2.0])
 
 
 # ------------------------------------------------------------------------------ the EV mix
