@@ -131,6 +131,13 @@ class PowerTimeline:
         elif isinstance(event, contract.GridLimit):
             self._overrides.append(event)
 
+    def first_starts(self) -> dict[str, float]:
+        """When each request first started (a wait ends there, whatever ran again later)."""
+        first = {rid: s.started_at for rid, s in self.sessions.items()}
+        for run in self.earlier_runs:
+            first[run.request_id] = min(first[run.request_id], run.started_at)
+        return first
+
     def _heard(self, substation: str, instance: str, at: float) -> None:
         """A new process of ``substation``: the sessions of the old one died with it."""
         known = self._instances.get(substation)
@@ -314,8 +321,9 @@ def power_report(timeline: PowerTimeline, interval: float = 0.1) -> PowerReport:
     report.paused_sessions = sum(1 for p in paused if p > 0)
     report.paused_seconds_total = sum(paused)
     waits: dict[str, list[float]] = defaultdict(list)
+    first = timeline.first_starts()
     for session in sessions:
-        waits[session.priority].append(max(0.0, session.started_at - session.accepted_at))
+        waits[session.priority].append(max(0.0, first[session.request_id] - session.accepted_at))
     report.waits_by_class = {
         priority: {
             "count": len(values),

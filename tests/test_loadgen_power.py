@@ -165,6 +165,8 @@ def test_a_restarted_substations_sessions_end_with_its_old_process_and_run_again
     assert timeline.substation_power(6.5) == {"s1": 11, "s2": 0}
     assert timeline.substation_power(7.5) == {"s1": 11, "s2": 11}
     assert len(timeline.sessions) == 2 and len(timeline.runs()) == 4
+    # Each waited once, until its first start.
+    assert power_report(timeline).waits_by_class["standard"]["max"] == 0
 
 
 def test_a_limit_reported_just_after_a_change_counts_from_the_change():
