@@ -33,6 +33,16 @@ from stack.tokens import TOKENS_FILE, Client, ensure_tokens, token_path
 log = logging.getLogger("stack")
 
 
+def _capacities(raw: str) -> tuple[int, ...]:
+    try:
+        found = tuple(int(n) for n in raw.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not whole numbers: {raw!r}") from None
+    if any(n < 1 for n in found):
+        raise argparse.ArgumentTypeError(f"each substation needs a charging point: {raw!r}")
+    return found
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m stack",
@@ -89,6 +99,24 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--session-seconds", type=float, default=SEED.session_seconds)
             p.add_argument("--poll-interval", type=float, default=SEED.poll_interval)
+            p.add_argument(
+                "--topology",
+                metavar="FILE",
+                help="GRID_TOPOLOGY_FILE for every service: the grid's tree of kW limits",
+            )
+            p.add_argument(
+                "--capacities",
+                type=_capacities,
+                metavar="N,N,...",
+                help="charging points of each substation (instead of --capacity)",
+            )
+            p.add_argument(
+                "--simulated-hour",
+                type=float,
+                default=defaults.simulated_hour_seconds,
+                metavar="SECONDS",
+                help="SIMULATED_HOUR_SECONDS of the substations (default: real time)",
+            )
             p.add_argument(
                 "--prometheus-port", type=int, default=9090, help="0: do not start Prometheus"
             )
@@ -204,6 +232,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(
         args, session_seconds=args.session_seconds, poll_interval=args.poll_interval
     )
+    settings.simulated_hour_seconds = args.simulated_hour
+    if args.topology:
+        settings.extra_env = {**settings.extra_env, "GRID_TOPOLOGY_FILE": args.topology}
+    if args.capacities:
+        settings.capacities = args.capacities
+        settings.substations = len(args.capacities)
     stop = _stop_on_signals()
     group = None
     try:
