@@ -50,7 +50,15 @@ from pathlib import Path
 
 from balancer.config import BalancerConfig
 from bench.acn import energy_until
-from bench.common import ROOT, bench_settings, markdown_table, private_vhost, save, scrape
+from bench.common import (
+    ROOT,
+    bench_settings,
+    machine,
+    markdown_table,
+    private_vhost,
+    save,
+    scrape,
+)
 from loadgen import evmix
 from loadgen.power import PowerTimeline, power_report, render_power
 from loadgen.report import jain_index, percentile
@@ -210,8 +218,8 @@ def node_checks(
     count = 0
     if span is None:
         return {}
-    t = span[0]
-    while t <= span[1]:
+    for k in range(math.floor((span[1] - span[0]) / 0.1) + 1):
+        t = span[0] + k * 0.1  # not a running sum: no drift from the instants of the events
         count += 1
         limits = timeline.node_limits(t)
         for node, kw in timeline.node_power(timeline.substation_power(t)).items():
@@ -221,7 +229,6 @@ def node_checks(
                 else:
                     over[node] += 1
                     worst[node] = max(worst[node], kw - limits[node])
-        t += 0.1
     return {
         "samples": count,
         "over": dict(over),
@@ -660,7 +667,7 @@ def loadavg() -> list[float]:
 
 def run(args) -> dict:
     """Run both phases; everything measured, raw (analysed by :func:`analyse`)."""
-    raw: dict = {"loadavg_before": loadavg()}
+    raw: dict = {"loadavg_before": loadavg(), "machine": machine()}
     with private_vhost("bench-power-stack") as amqp_url, tempfile.TemporaryDirectory() as logs:
         settings = bench_settings(
             amqp_url,
@@ -1008,6 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
         if found.power is not None:
             print(render_power(found.power))
     result = analyse(raw, args)
+    if "machine" in raw:
+        result["machine"] = raw["machine"]  # the run's, not the analysis's
     print("== figures ==")
     path = save(args.name, result)
     print(render(result))
