@@ -32,6 +32,7 @@ imposes (its "smartgrid, real stack" row).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import pickle
@@ -44,6 +45,7 @@ import threading
 import time
 import urllib.error
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -695,42 +697,28 @@ def run(args) -> dict:
             }
             sampler = Sampler(urls)
             _wait_for_shares(sampler)
-            # Phase 1: the day, with a freeze, a cut and a kill (--faults).
-            scenario = Scenario(stack, sampler, args)
-            scenario.start()
-            raw["day"] = run_load(
-                load_settings(
-                    settings.gateway_url,
-                    amqp_url,
-                    interval=1 / args.rate,
-                    duration=24 * HOUR,
-                    seed=args.seed,
-                    scenario="ev day",
-                )
-            )
-            scenario.done.wait()
-            raw["day_span"] = (scenario.started_at, time.time())
-            raw["cuts"] = scenario.cuts
-            raw["frozen"] = scenario.frozen
-            raw["killed"] = scenario.killed
-            raw["scenario_errors"] = scenario.errors
-            raw["loadavg_day"] = loadavg()
+            if args.day:
+                scenario = Scenario(stack, sampler, args)
+                _run_day(raw, args, settings, amqp_url, scenario)
             if not args.overload:
                 return raw
             # Phase 2: overload, at a constant rate.
             rate = overload_rate(args.overload)
             overload_start = time.time()
-            raw["overload"] = run_load(
-                load_settings(
-                    settings.gateway_url,
-                    amqp_url,
-                    interval=1 / rate,
-                    duration=args.overload_seconds,
-                    seed=args.seed + 1,
-                    profile=RateProfile(((0.0, rate), (args.overload_seconds, rate)), "overload"),
-                    scenario=f"{args.overload:g}x overload",
+            with _priority_shares(args.overload_priorities):
+                raw["overload"] = run_load(
+                    load_settings(
+                        settings.gateway_url,
+                        amqp_url,
+                        interval=1 / rate,
+                        duration=args.overload_seconds,
+                        seed=args.seed + 1,
+                        profile=RateProfile(
+                            ((0.0, rate), (args.overload_seconds, rate)), "overload"
+                        ),
+                        scenario=f"{args.overload:g}x overload",
+                    )
                 )
-            )
             raw["overload_span"] = (overload_start, overload_start + args.overload_seconds)
             raw["loadavg_overload"] = loadavg()
         finally:
@@ -739,6 +727,42 @@ def run(args) -> dict:
             if scenario is not None:
                 scenario.release()
     return raw
+
+
+@contextlib.contextmanager
+def _priority_shares(shares: dict[str, float] | None) -> Iterator[None]:
+    """The EV mix with other priority shares (loadgen.evmix draws from its module's table)."""
+    if not shares:
+        yield
+        return
+    saved = evmix.PRIORITY_SHARES
+    evmix.PRIORITY_SHARES = tuple(shares.items())
+    try:
+        yield
+    finally:
+        evmix.PRIORITY_SHARES = saved
+
+
+def _run_day(raw: dict, args, settings: StackSettings, amqp_url: str, scenario) -> None:
+    """Phase 1: the day, with a freeze, a cut and a kill (--faults)."""
+    scenario.start()
+    raw["day"] = run_load(
+        load_settings(
+            settings.gateway_url,
+            amqp_url,
+            interval=1 / args.rate,
+            duration=24 * HOUR,
+            seed=args.seed,
+            scenario="ev day",
+        )
+    )
+    scenario.done.wait()
+    raw["day_span"] = (scenario.started_at, time.time())
+    raw["cuts"] = scenario.cuts
+    raw["frozen"] = scenario.frozen
+    raw["killed"] = scenario.killed
+    raw["scenario_errors"] = scenario.errors
+    raw["loadavg_day"] = loadavg()
 
 
 def overload_rate(factor: float) -> float:
@@ -753,6 +777,24 @@ def overload_rate(factor: float) -> float:
 
 def analyse(raw: dict, args) -> dict:
     topology = load_topology(TOPOLOGY_FILE)
+    samples: list[Sample] = raw["samples"]
+    found = {
+        "args": vars(args),
+        "site": {"capacities": CAPACITIES, "failsafe_kw": FAILSAFE_KW, "lease_s": LEASE},
+        "loadavg": {"before": raw["loadavg_before"], "after_day": raw.get("loadavg_day")},
+        "exit_codes": raw["exit_codes"],
+        "substations_metrics": substation_checks(samples),
+    }
+    graces: list = []
+    if "day" in raw:
+        found["day"], graces = analyse_day(raw, args, topology)
+    found["nodes_metrics_sums"] = metrics_node_sums(topology, samples, graces)
+    if "overload" in raw:
+        found["overload"] = analyse_overload(raw, args, topology)
+    return found
+
+
+def analyse_day(raw: dict, args, topology: Topology) -> tuple[dict, list]:
     samples: list[Sample] = raw["samples"]
     day: LoadResult = raw["day"]
     assert day.power_timeline is not None
@@ -779,14 +821,8 @@ def analyse(raw: dict, args) -> dict:
     if raw["killed"]:
         excluded.append((raw["killed"][1], raw["killed"][2] + LEASE + 2))
     node_graces = [(n, a, b) for n, a, b, _kw, _until in graces]
-    found = {
-        "args": vars(args),
-        "site": {"capacities": CAPACITIES, "failsafe_kw": FAILSAFE_KW, "lease_s": LEASE},
-        "loadavg": {"before": raw["loadavg_before"], "after_day": raw["loadavg_day"]},
-        "exit_codes": raw["exit_codes"],
-        "substations_metrics": substation_checks(samples),
-        "nodes_metrics_sums": metrics_node_sums(topology, samples, graces),
-        "day": {
+    return (
+        {
             "trace": evmix.describe_mix(trace),
             "fates": fates(day),
             "nodes": node_checks(day.power_timeline, topology, node_graces),
@@ -802,10 +838,8 @@ def analyse(raw: dict, args) -> dict:
             "jain_per_substation": jain_per_substation(day.power_timeline),
             "lapses": lapses(samples, raw["frozen"]) if raw["frozen"] else None,
         },
-    }
-    if "overload" in raw:
-        found["overload"] = analyse_overload(raw, args, topology)
-    return found
+        graces,
+    )
 
 
 def analyse_overload(raw: dict, args, topology: Topology) -> dict:
@@ -844,26 +878,8 @@ def _wait_for_shares(sampler: Sampler, timeout: float = 30.0) -> None:
     raise TimeoutError("the substations got no shares")
 
 
-def render(result: dict) -> str:
-    day = result["day"]
-    phases = [p for p in ("day", "overload") if p in result]
-    subs, sums = result["substations_metrics"], result["nodes_metrics_sums"]
-    lines = [
-        f"substations, /metrics every 100 ms ({subs['samples']} samples; power and limit in force"
-        f" read together): over the limit in force {sum(subs['over'].values())}"
-        f" ({', '.join(f'{n} {c}' for n, c in subs['checked'].items())} checked)",
-    ]
-    for phase in phases:
-        nodes = result[phase]["nodes"]
-        lines.append(
-            f"grid nodes, {phase}, the sessions' exact power every 100 ms ({nodes['samples']}"
-            f" samples): over a limit {sum(nodes['over'].values())} {nodes['over'] or ''},"
-            f" within a cut's grace {nodes['over_in_cut_grace'] or 0}"
-        )
-    lines.append(
-        f"grid nodes as sums of one /metrics sample each: over a limit {sums['over'] or 0}"
-        " (not one instant: see metrics_node_sums)"
-    )
+def _render_day_events(day: dict) -> list[str]:
+    lines = []
     for cut in day["cuts"]:
         lines.append(
             f"limit cut {cut['node']} (drawing {cut['drawn_kw']:.1f} kW) to {cut['limit_kw']:g} kW"
@@ -885,6 +901,31 @@ def render(result: dict) -> str:
     if day["killed"]:
         name, killed_at, restarted = day["killed"]
         lines.append(f"{name} killed (SIGKILL), restarted {restarted - killed_at:.1f} s later")
+    return lines
+
+
+def render(result: dict) -> str:
+    day = result.get("day")
+    phases = [p for p in ("day", "overload") if p in result]
+    subs, sums = result["substations_metrics"], result["nodes_metrics_sums"]
+    lines = [
+        f"substations, /metrics every 100 ms ({subs['samples']} samples; power and limit in force"
+        f" read together): over the limit in force {sum(subs['over'].values())}"
+        f" ({', '.join(f'{n} {c}' for n, c in subs['checked'].items())} checked)",
+    ]
+    for phase in phases:
+        nodes = result[phase]["nodes"]
+        lines.append(
+            f"grid nodes, {phase}, the sessions' exact power every 100 ms ({nodes['samples']}"
+            f" samples): over a limit {sum(nodes['over'].values())} {nodes['over'] or ''},"
+            f" within a cut's grace {nodes['over_in_cut_grace'] or 0}"
+        )
+    lines.append(
+        f"grid nodes as sums of one /metrics sample each: over a limit {sums['over'] or 0}"
+        " (not one instant: see metrics_node_sums)"
+    )
+    if day is not None:
+        lines += _render_day_events(day)
     for phase in phases:
         rows = [
             [n, v["samples"], f"{v['mean']:.3f}", f"{v['share_at_least_95']:.1%}", _f(v["p01"])]
@@ -912,17 +953,18 @@ def render(result: dict) -> str:
                 for p, w in found["waits"].items()
             )
         )
-    met = day["demand_met"]
-    lines.append(
-        f"demand met (bench.acn's departures; {met['cars']} cars ask {met['asked_kwh']:.0f} kWh;"
-        f" {met['mismatched']} sessions unlike their trace entry):"
-    )
-    for factor, row in met["by_stay"].items():
-        by_class = ", ".join(f"{p} {v:.2%}" for p, v in row["met_by_class"].items())
+    if day is not None:
+        met = day["demand_met"]
         lines.append(
-            f"  stay x{factor}: {row['delivered_kwh']:.0f} kWh, {row['demand_met']:.2%} of demand,"
-            f" fully served {row['cars_fully_served']:.1%}; {by_class}"
+            f"demand met (bench.acn's departures; {met['cars']} cars ask"
+            f" {met['asked_kwh']:.0f} kWh; {met['mismatched']} sessions unlike their trace entry):"
         )
+        for factor, row in met["by_stay"].items():
+            by_class = ", ".join(f"{p} {v:.2%}" for p, v in row["met_by_class"].items())
+            lines.append(
+                f"  stay x{factor}: {row['delivered_kwh']:.0f} kWh, {row['demand_met']:.2%} of"
+                f" demand, fully served {row['cars_fully_served']:.1%}; {by_class}"
+            )
     if "overload" not in result:
         lines.append(f"load average (1, 5, 15 min): {result['loadavg']}")
         return "\n".join(lines)
@@ -954,6 +996,16 @@ def _f(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _shares(raw: str) -> dict[str, float]:
+    try:
+        shares = {k: float(v) for k, v in (part.split("=") for part in raw.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not CLASS=SHARE,...: {raw!r}") from None
+    if not set(shares) <= {"emergency", "fleet", "standard"} or min(shares.values()) < 0:
+        raise argparse.ArgumentTypeError(f"classes are emergency, fleet, standard: {raw!r}")
+    return shares
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.power_stack",
@@ -983,7 +1035,20 @@ def main(argv: list[str] | None = None) -> int:
         help="in the day: freeze the balancer, cut a feeder, kill a substation (default yes)",
     )
     parser.add_argument(
+        "--day",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the day (default yes; --no-day: the overload alone)",
+    )
+    parser.add_argument(
         "--overload", type=float, default=2.0, help="the overload phase's factor (0: none)"
+    )
+    parser.add_argument(
+        "--overload-priorities",
+        type=_shares,
+        metavar="CLASS=SHARE,...",
+        help="the overload's priority mix instead of loadgen's (e.g. emergency=0.6,fleet=0.2,"
+        "standard=0.2: emergency requests flood, and fleet and standard live on their guarantee)",
     )
     parser.add_argument("--overload-seconds", type=float, default=40.0)
     parser.add_argument("--name", default="power-stack", help="results in docs/bench/<name>.json")
