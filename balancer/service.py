@@ -37,6 +37,7 @@ from balancer.dispatch import (
 )
 from balancer.draining import Draining, Retirement
 from balancer.fleet import Fleet
+from balancer.legacy_pending import LegacyPendingMover
 from balancer.poller import Poller, PollerCollector, PollResult
 from balancer.power_fleet import PowerView, need_of
 from balancer.power_routing import POWER_MIN, power_min
@@ -204,9 +205,11 @@ class BalancerService:
             ),
             registry=registry,
         )
+        self.legacy_pending = LegacyPendingMover(config.amqp_url, name=self.balancer_id)
         #: This balancer's forwards awaiting their confirm, by substation.
         self._forwarding: collections.Counter[str] = collections.Counter()
         self._http: WSGIServer | None = None
+        self._legacy_started = False
 
     # ------------------------------------------------------------------ lifecycle (any thread)
     def start(self) -> None:
@@ -233,6 +236,8 @@ class BalancerService:
         """Stop consuming; forwards in flight get their confirms; held requests go back."""
         self.poller.stop()
         self.allocator.stop()
+        if self._legacy_started:
+            self.legacy_pending.stop()
         self.link.stop(timeout=10)
         if self._http is not None:
             self._http.shutdown()
@@ -345,6 +350,11 @@ class BalancerService:
         self._route_held()
 
     def _say_hello(self) -> None:
+        if not self._legacy_started and self.config.declare_topology:
+            # Once today's pending queue is declared: requests are moved into it. Where the
+            # admin alone declares the topology, the admin does this too.
+            self._legacy_started = True
+            self.legacy_pending.start()
         hello = contract.BalancerStarted(at=time.time(), balancer=self.balancer_id)
         self.events.publish(hello, reliable=False)
 

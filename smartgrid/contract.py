@@ -7,8 +7,8 @@ anything malformed with a reason.
 
 Flow of a charge request::
 
-    gateway --(charge.request)--> [smartgrid.requests] --> smartgrid.pending
-    balancer <-- smartgrid.pending
+    gateway --(charge.request)--> [smartgrid.requests] --> smartgrid.pending.v2
+    balancer <-- smartgrid.pending.v2 (one balancer at a time: single active consumer)
     balancer --(<substation id>)--> [smartgrid.dispatch] --> smartgrid.substation.<id>
     substation <-- smartgrid.substation.<id>
 
@@ -61,7 +61,25 @@ SCHEMA_VERSION = 1
 # --------------------------------------------------------------------------------------------
 REQUESTS_EXCHANGE = "smartgrid.requests"
 REQUEST_ROUTING_KEY = "charge.request"
-PENDING_QUEUE = "smartgrid.pending"
+#: One balancer at a time consumes it (single active consumer), so one decides for every
+#: request which holds its EV; a full queue refuses publishes (backpressure). Queue arguments
+#: cannot change in place, so these came with a new name: the earlier version's queue,
+#: :data:`LEGACY_PENDING_QUEUE`, is moved into this one and deleted by the balancers
+#: (balancer/legacy_pending.py).
+PENDING_QUEUE = "smartgrid.pending.v2"
+LEGACY_PENDING_QUEUE = "smartgrid.pending"
+#: The most requests waiting in the pending queue; beyond it, publishes are refused
+#: (``x-overflow: reject-publish``, a ``basic.nack``) and the gateway answers 503. A request
+#: waiting in a queue this long is waiting for minutes at the least (a busy gateway accepts
+#: about 1,100/s, and the substations drain far fewer), and each costs the broker about 1 kB of
+#: memory (issue 12: 250,000 took 230 MB), so 100,000 keeps the broker's memory under 100 MB
+#: and a driver gets a prompt 503 instead of a place in a queue hours long. Every service
+#: declares the queue with the same arguments, so this is not a per-service setting (a
+#: different value would make the declarations conflict, and a change would need a new
+#: queue). An operator lowers it in place with a policy, and the lower of the two applies:
+#: ``rabbitmqctl set_policy --apply-to queues pending-limit '^smartgrid\.pending\.v2$'
+#: '{"max-length": 5000}'`` (README, Backpressure).
+PENDING_MAX_LENGTH = 100_000
 DISPATCH_EXCHANGE = "smartgrid.dispatch"
 SUBSTATION_QUEUE_PREFIX = "smartgrid.substation."
 EVENTS_EXCHANGE = "smartgrid.events"
@@ -142,9 +160,19 @@ def core_topology() -> list[Declaration]:
             _quorum_arguments(dead_letter=False, delivery_limit=DEAD_LETTER_DELIVERY_LIMIT),
         ),
         Binding(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, ""),
-        Queue(PENDING_QUEUE, _quorum_arguments()),
+        Queue(PENDING_QUEUE, pending_arguments()),
         Binding(PENDING_QUEUE, REQUESTS_EXCHANGE, REQUEST_ROUTING_KEY),
     ]
+
+
+def pending_arguments() -> dict[str, Any]:
+    """The pending queue's arguments. RabbitMQ 3.10 and 4.x both support single active
+    consumer, ``x-max-length`` and ``reject-publish`` on quorum queues; with reject-publish a
+    quorum queue refuses publishes once it holds more than the limit (so it may hold one more)."""
+    return _quorum_arguments() | {
+        "x-single-active-consumer": True,
+        "x-max-length": PENDING_MAX_LENGTH,
+    }
 
 
 def passively(declarations: list[Declaration]) -> list[Declaration]:

@@ -72,6 +72,10 @@ class Role:
     #: It reads the history stream (``contract.HISTORY_STREAM``), and declares it and its
     #: bindings when services declare (whoever starts first declares it).
     reads_history: bool = False
+    #: Queues of an earlier version that it empties into today's and deletes, where services
+    #: declare the topology (unbinding one from the requests exchange needs write on it and
+    #: read on the exchange, which they have then).
+    retires: tuple[str, ...] = ()
 
 
 _ANY_SUBSTATION_QUEUE = (
@@ -123,6 +127,8 @@ ROLES: dict[str, Role] = {
         declares_power=True,
         # Its ledger is replayed from the history when it becomes the active consumer.
         reads_history=True,
+        # balancer/legacy_pending.py: the pending queue before its arguments changed.
+        retires=(contract.LEGACY_PENDING_QUEUE,),
     ),
     "substation": Role(
         publishes_to=(contract.EVENTS_EXCHANGE, contract.DEAD_LETTER_EXCHANGE),
@@ -254,6 +260,12 @@ def role_permissions(
             write.append(contract.HISTORY_STREAM)
             read.append(contract.EVENTS_EXCHANGE)
             topic_read += _HISTORY_BIND_KINDS
+    if role.retires and services_declare:
+        # Where the admin alone declares the topology, the admin retires it too
+        # (python -m balancer.legacy_pending).
+        configure += role.retires
+        write += role.retires
+        read += role.retires
     if binds_own_queue:
         read.append(contract.DISPATCH_EXCHANGE)
     if share_queues:

@@ -208,12 +208,26 @@ class BrokerClient:
         return self.channel.queue_declare(queue, passive=True).method.message_count
 
     def get_all(self, queue: str) -> list[tuple[pika.spec.BasicProperties, bytes]]:
+        """Take every message waiting in ``queue``. By a consumer, not ``basic.get``, which
+        quorum queues with a single active consumer (the pending queue) refuse."""
         messages = []
-        while True:
-            method, properties, body = self.channel.basic_get(queue, auto_ack=True)
+        for method, properties, body in self.channel.consume(queue, inactivity_timeout=0.3):
             if method is None:
-                return messages
+                break
+            self.channel.basic_ack(method.delivery_tag)
             messages.append((properties, body))
+        self.channel.cancel()
+        return messages
+
+    def get_one(self, queue: str) -> pika.spec.Basic.Deliver | None:
+        """One message of ``queue``, delivered and not settled (as :meth:`get_all`), or None."""
+        self.channel.basic_qos(prefetch_count=1)
+        try:
+            method, _properties, _body = next(self.channel.consume(queue, inactivity_timeout=0.3))
+        finally:
+            self.channel.cancel()
+            self.channel.basic_qos(prefetch_count=0)
+        return method
 
     def subscribe_events(self, *kinds: str) -> str:
         queue = self.channel.queue_declare("", exclusive=True).method.queue

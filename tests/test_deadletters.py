@@ -53,7 +53,7 @@ def _poison_through_the_delivery_limit(broker: BrokerClient) -> str:
     request_id = broker.send_request(ev_id="EV-POISON")
     for _ in range(contract.DELIVERY_LIMIT + 1):
         method = eventually(
-            lambda: broker.channel.basic_get(contract.PENDING_QUEUE)[0],
+            lambda: broker.get_one(contract.PENDING_QUEUE),
             what="the request back in pending",
         )
         broker.channel.basic_reject(method.delivery_tag, requeue=True)

@@ -10,7 +10,6 @@ import json
 import re
 from collections.abc import Iterator
 
-import pika
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -25,6 +24,7 @@ from gateway.history import RequestHistory
 from smartgrid import contract
 from smartgrid.config import ConfigError, from_env
 from smartgrid.power_request import DEFAULT_MAX_KW, DEFAULT_MIN_KW
+from tests.helpers import BrokerClient
 
 JSON = "application/json"
 UNREACHABLE_URL = "amqp://guest:guest@127.0.0.1:1/%2F"
@@ -64,17 +64,14 @@ def assert_json_error(response, status: int) -> dict:
 
 def pending_requests(url: str) -> list[contract.ChargeRequest]:
     """Take every message in the pending queue of the vhost (nothing else consumes it)."""
-    connection = pika.BlockingConnection(pika.URLParameters(url))
+    client = BrokerClient(url)
     try:
-        channel = connection.channel()
-        found = []
-        while True:
-            method, _properties, body = channel.basic_get(contract.PENDING_QUEUE, auto_ack=True)
-            if method is None:
-                return found
-            found.append(contract.ChargeRequest.from_body(body))
+        return [
+            contract.ChargeRequest.from_body(body)
+            for _properties, body in client.get_all(contract.PENDING_QUEUE)
+        ]
     finally:
-        connection.close()
+        client.close()
 
 
 # ------------------------------------------------------------------------------ accepted

@@ -529,7 +529,7 @@ def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(
             r["metric"]["queue"]
             for r in query(f'rabbitmq_detailed_queue_messages{{vhost="{vhost}"}}')
         }
-        assert {"smartgrid.pending", "smartgrid.dead-letters"} | {
+        assert {contract.PENDING_QUEUE, "smartgrid.dead-letters"} | {
             f"smartgrid.substation.{s}" for s in stack_settings.substation_ids()
         } <= queues
 

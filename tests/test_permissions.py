@@ -263,11 +263,11 @@ def test_only_the_consumers_of_a_queue_may_read_purge_or_delete_it(strict: Users
     for queue, allowed in readers.items():
         consume = strict.attempt(user, lambda ch, q=queue: ch.basic_consume(q, lambda *a: None))
         get = strict.attempt(user, lambda ch, q=queue: ch.basic_get(q, auto_ack=False))
-        # A substation queue and the power reports have a single active consumer, which
-        # basic.get would bypass:
+        # A substation queue, the pending queue and the power reports have a single active
+        # consumer, which basic.get would bypass:
         # the broker refuses it (405 RESOURCE_LOCKED) once the permission check has passed.
         single_active = queue.startswith(contract.SUBSTATION_QUEUE_PREFIX) or (
-            queue == contract.POWER_REPORTS_QUEUE
+            queue in (contract.PENDING_QUEUE, contract.POWER_REPORTS_QUEUE)
         )
         got = 405 if single_active else None
         # Purging needs only read, so what may consume may also purge (see the README).
