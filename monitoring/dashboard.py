@@ -412,7 +412,7 @@ def estimate_against_reported_load() -> timeseries.Panel:
 def messages_waiting() -> timeseries.Panel:
     return graph(
         "Broker queues: messages waiting",
-        "Ready messages in each smartgrid queue (RabbitMQ per-queue metrics). smartgrid.pending:"
+        "Ready messages in each smartgrid queue (RabbitMQ per-queue metrics). smartgrid.pending.v2:"
         " accepted requests the balancer has not taken yet; smartgrid.substation.<id>: routed"
         " requests waiting for a charging point; smartgrid.dead-letters: requests set aside.",
         each_queue("rabbitmq_detailed_queue_messages_ready"),
@@ -423,7 +423,7 @@ def messages_waiting() -> timeseries.Panel:
 def messages_unacknowledged() -> timeseries.Panel:
     return graph(
         "Broker queues: delivered, not yet acknowledged",
-        "Unacknowledged messages per queue: on smartgrid.pending the requests the balancer is"
+        "Unacknowledged messages per queue: on smartgrid.pending.v2 the requests the balancer is"
         " holding or forwarding; on a substation's queue its running sessions (acknowledged when"
         " the session completes).",
         each_queue("rabbitmq_detailed_queue_messages_unacked"),
