@@ -176,6 +176,14 @@ class BalancerConfig:
         check=positive,
         expect="whole seconds > 0",
     )
+    idempotency_ttl: int = setting(
+        "IDEMPOTENCY_TTL",
+        contract.IDEMPOTENCY_TTL_SECONDS,
+        "Seconds a request id seen again means the same request (a copy, dropped); later, its "
+        "client used the Idempotency-Key again (a new request). The gateways' value",
+        check=positive,
+        expect="seconds > 0",
+    )
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ from balancer.dispatch import (
 )
 from balancer.draining import Draining, Retirement
 from balancer.fleet import Fleet
+from balancer.ledger import EvLedger, Verdict
 from balancer.legacy_pending import LegacyPendingMover
 from balancer.poller import Poller, PollerCollector, PollResult
 from balancer.power_fleet import PowerView, need_of
@@ -44,6 +45,7 @@ from balancer.power_routing import POWER_MIN, power_min
 from balancer.strategies import Candidate, make_strategy
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
+from smartgrid.amqp.streams import StreamReader
 from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
 from smartgrid.limits import LimitOverrides
@@ -51,6 +53,11 @@ from smartgrid.power import CLASS_ORDER
 from smartgrid.senders import Senders
 
 log = logging.getLogger(__name__)
+
+#: Silence that tells the history replay the stream is empty (see smartgrid/amqp/streams.py).
+HISTORY_QUIET = 1.0
+#: What the ledger reads of the history: the events about requests (not the requests).
+HISTORY_KINDS = frozenset(cls.kind for cls in contract.HISTORY_EVENTS)
 
 
 class BalancerMetrics:
@@ -167,23 +174,44 @@ class BalancerService:
         self._held: HeldRequests[Delivery] = HeldRequests()
         #: Substations presumed dead, whose queues are drained by a consumer (its tag).
         self._draining: Draining[str] = Draining()
+        #: Which request holds each EV, and what became of each request (balancer/ledger.py).
+        self.ledger = EvLedger(idempotency_ttl=config.idempotency_ttl)
+        #: Confirms awaited of the events that say a request's fate (routed, rejected,
+        #: cancelled), by request id: a copy of the request is acknowledged only after it.
+        self._deciding: dict[str, Future] = {}
         self.link: Link = Link(
             config.amqp_url,
             name=self.balancer_id,
-            topology=contract.topology(contract.core_topology(), declare=config.declare_topology),
-            consumers=[
-                ConsumerSpec(
-                    contract.PENDING_QUEUE,
-                    self._on_request,
-                    prefetch=config.prefetch,
-                    on_poison=lambda d, e: self.dead_letters.poisoned(
-                        d, e, source=contract.PENDING_QUEUE
-                    ),
+            topology=contract.topology(contract.core_topology(), declare=config.declare_topology)
+            # Declared with the default retention, as every service that declares it must.
+            + contract.topology(
+                contract.history_topology(
+                    max_age_seconds=contract.HISTORY_MAX_AGE_SECONDS,
+                    max_bytes=contract.HISTORY_MAX_BYTES,
                 ),
-                ConsumerSpec(contract.BALANCER_EVENTS, self._on_event, auto_ack=True),
-            ],
-            on_ready=self._say_hello,
+                declare=config.declare_topology,
+            ),
+            # The pending queue is consumed once the history is replayed (_history_read).
+            consumers=[ConsumerSpec(contract.BALANCER_EVENTS, self._on_event, auto_ack=True)],
+            on_ready=self._on_ready,
             on_lost=self._on_connection_lost,
+        )
+        self._pending = ConsumerSpec(
+            contract.PENDING_QUEUE,
+            self._on_request,
+            prefetch=config.prefetch,
+            on_poison=lambda d, e: self.dead_letters.poisoned(d, e, source=contract.PENDING_QUEUE),
+        )
+        # The event subscription hears what comes after the replay (it exists before the
+        # replay starts, so nothing falls between them); the replay, the history before it.
+        self.history = StreamReader(
+            self.link,
+            contract.HISTORY_STREAM,
+            self._on_history,
+            start="first",
+            on_caught_up=self._history_read,
+            follow=False,
+            quiet=HISTORY_QUIET,
         )
         self.senders = Senders(config.event_senders, own_user=self.link.user)
         self.events = EventPublisher(self.link)
@@ -254,8 +282,79 @@ class BalancerService:
                 source=contract.PENDING_QUEUE,
             )
             return
-        self._held.arrived(delivery, request)
-        self._route_held()
+        decision = self.ledger.decide(request)
+        if decision.verdict is Verdict.ROUTE:
+            self._held.arrived(delivery, request)
+            self._route_held()
+        elif decision.verdict is Verdict.DUPLICATE:
+            log.debug("dropping a copy of %s: %s", request.request_id, decision.why)
+            self._ack_once_decided(delivery, request.request_id)
+        elif decision.verdict is Verdict.REJECT:
+            log.info(
+                "rejecting %s: EV %s is held by %s",
+                request.request_id,
+                request.ev_id,
+                decision.active_request_id,
+            )
+            self._decided(
+                delivery,
+                contract.RequestRejected(
+                    at=time.time(),
+                    request_id=request.request_id,
+                    ev_id=request.ev_id,
+                    reason=contract.REJECTED_EV_BUSY,
+                    detail="another request for this EV came first and is still active",
+                    source=self.balancer_id,
+                    accepted_at=request.accepted_at,
+                    active_request_id=decision.active_request_id,
+                ),
+            )
+        else:
+            self._cancelled_before_forward(delivery, request)
+
+    def _cancelled_before_forward(
+        self, delivery: Delivery, request: contract.ChargeRequest
+    ) -> None:
+        log.info("%s was cancelled before it was forwarded", request.request_id)
+        self._decided(
+            delivery,
+            contract.RequestCancelled(
+                at=time.time(),
+                request_id=request.request_id,
+                ev_id=request.ev_id,
+                source=self.balancer_id,
+            ),
+        )
+
+    def _decided(self, delivery: Delivery, event: contract.Event) -> None:
+        """Publish the event that says what became of a pending request, and acknowledge the
+        request once the event is confirmed: the decision is in the history before the request
+        leaves the pending queue. Reliable: the outbox sends it again after a reconnect, and
+        the redelivered request, a copy now to the ledger, waits for it (_ack_once_decided)."""
+        request_id = event.request_id  # type: ignore[attr-defined]
+        confirmation = self.events.publish(event)
+        self._deciding[request_id] = confirmation
+
+        def confirmed(result: Future) -> None:
+            if self._deciding.get(request_id) is result:
+                del self._deciding[request_id]
+            if result.exception() is None:
+                self.link.ack(delivery)
+            else:
+                log.warning(
+                    "%s for %s not published: %s", event.kind, request_id, result.exception()
+                )
+
+        confirmation.add_done_callback(confirmed)
+
+    def _ack_once_decided(self, delivery: Delivery, request_id: str) -> None:
+        deciding = self._deciding.get(request_id)
+        if deciding is None:
+            self.link.ack(delivery)
+        else:
+            deciding.add_done_callback(
+                lambda result: result.exception() is None and self.link.ack(delivery)
+            )
 
     def _route_held(self) -> None:
         self._held.place(self._choose, self._forward)
@@ -307,7 +406,7 @@ class BalancerService:
         error = confirmation.exception()
         self._forwarding[routed.substation] -= 1
         if error is None:
-            self.link.ack(delivery)
+            self.ledger.forwarded(routed.request_id)
             self.metrics.routed.labels(routed.substation).inc()
             event = contract.RequestRouted(
                 at=routed.routed_at,
@@ -316,12 +415,14 @@ class BalancerService:
                 substation=routed.substation,
                 balancer=self.balancer_id,
             )
-            self.events.publish(event)
+            self._decided(delivery, event)
             return
         self.fleet.unrouted(routed.substation, request_id=routed.request_id)
         self.power.unrouted(routed.substation, routed.request_id)
         self.metrics.dispatch_failures.labels(type(error).__name__).inc()
         next_step = after_failed_forward(error, still_settleable=self.link.is_current(delivery))
+        if next_step is not AfterFailedForward.LET_THE_BROKER_REQUEUE:
+            self.ledger.forward_failed(routed.request_id)  # held again, keeping its EV
         if next_step is AfterFailedForward.ROUTE_ELSEWHERE:
             log.warning(
                 "substation %s has no queue (%s); not routing there", routed.substation, error
@@ -349,6 +450,26 @@ class BalancerService:
         self._held.forward_failed(delivery, request)
         self._route_held()
 
+    def _on_ready(self) -> None:
+        self._say_hello()
+        # The pending queue is consumed once the history is replayed (_history_read).
+        self.history.on_ready()
+
+    def _history_read(self) -> None:
+        log.info(
+            "history replayed (%d message(s) read); consuming %s (one balancer at a time: "
+            "this one may stand by)",
+            self.history.messages_read,
+            contract.PENDING_QUEUE,
+        )
+        self.link.add_consumer(self._pending)
+
+    def _on_history(self, delivery: Delivery) -> None:
+        if delivery.routing_key not in HISTORY_KINDS:
+            return  # the requests themselves: this balancer learns of them from pending
+        for event in events_in(delivery, self.senders):
+            self.ledger.apply(event)
+
     def _say_hello(self) -> None:
         if not self._legacy_started and self.config.declare_topology:
             # Once today's pending queue is declared: requests are moved into it. Where the
@@ -364,6 +485,9 @@ class BalancerService:
         self._held.clear()
         self._publish_held()
         self._draining.connection_lost()
+        # Decided again when the broker delivers them again, here or to a standby.
+        self.ledger.forget_held()
+        self.history.on_lost()
 
     # ---------------------------------------------------------- dead substations (I/O thread)
     def _update_draining(self) -> None:
@@ -460,8 +584,25 @@ class BalancerService:
         for event in events:
             freed |= self.power.apply(event)
             self._apply(event)
+            if isinstance(event, contract.CancelRequested):
+                self._cancel_requested(event)
+            else:
+                self.ledger.apply(event)
         if self._held and freed:
             self._route_held()
+
+    def _cancel_requested(self, event: contract.CancelRequested) -> None:
+        """A request held here is cancelled now; one not here yet, when it comes (the ledger
+        remembers); one forwarded is its substation's to cancel."""
+        if not self.ledger.cancel_requested(event):
+            return
+        held = self._held.take(event.request_id)
+        if held is None:
+            return  # its forward is on its way: the substation hears the cancel too
+        delivery, request = held
+        self._publish_held()
+        self.ledger.cancelled_here(request.request_id)
+        self._cancelled_before_forward(delivery, request)
 
     def _limits_changed(self, overrides: LimitOverrides) -> None:
         self.power.set_overrides(overrides)

@@ -1115,6 +1115,11 @@ BALANCER_EVENTS = EventSubscription(
         # Its power view (balancer/power_fleet.py); the allocator reads them from its own
         # queue, POWER_REPORTS_QUEUE.
         PowerDemand,
+        # Its ledger (balancer/ledger.py): cancels to obey, and requests that ended.
+        CancelRequested,
+        RequestCancelled,
+        RequestRejected,
+        RequestDeadLettered,
     ),
 )
 #: Only rare events: a substation's cost must not grow with the fleet's traffic. The

@@ -167,8 +167,9 @@ def test_forged_counts_and_a_forged_leaving_do_not_pin_the_balancers_view(stack_
         eventually(lambda: _up(stack_settings, "substation-2") == 1)
         two = _instance(substations[1].health_url, "substation-2")
         # Two sessions run at substation-2 (sent straight to its queue): its true load is 2.
-        for _ in range(2):
-            broker.send_to_substation("substation-2")
+        for i in range(2):
+            # Cars of their own: a car that is charging holds back any other request for it.
+            broker.send_to_substation("substation-2", ev_id=f"EV-there-{i}")
         eventually(lambda: estimate("substation-2") == 2)
         now = time.time()
         for _ in range(100):
