@@ -178,9 +178,7 @@ def test_a_balancer_that_takes_over_knows_from_the_history_what_was_decided(sett
         (rejected,) = events.wait(contract.RequestRejected, request_id=rival.request_id)
         assert rejected.active_request_id == charging.request_id
         eventually(lambda: broker.message_count(contract.PENDING_QUEUE) == 0)
-        assert [e.request_id for e in events.of(contract.SessionStarted)] == [
-            charging.request_id
-        ]
+        assert [e.request_id for e in events.of(contract.SessionStarted)] == [charging.request_id]
     finally:
         exits = group.stop()
     assert exits == {name: 0 for name in exits}, exits
