@@ -1,9 +1,17 @@
 """The balancer: takes pending requests, picks a substation, forwards, then acknowledges.
 
 Consume-transform-republish in RabbitMQ Shovel's ``on-confirm`` mode: a pending request is
-acknowledged only after the substation's queue has confirmed the forwarded copy, so a crash at
-any point leaves it in the pending queue (at worst it is forwarded twice; substations
-deduplicate by request id). Confirms are asynchronous, so many requests are in flight at once.
+acknowledged only after the substation's queue has confirmed the forwarded copy and the
+history has confirmed ``request.routed``, so a crash at any point leaves it in the pending
+queue (at worst it is forwarded twice; substations deduplicate by request id). Confirms are
+asynchronous, so many requests are in flight at once.
+
+One balancer at a time consumes the pending queue (single active consumer), after replaying
+the history stream into its ledger (balancer.ledger): it decides, per request, whether it takes
+its car (route it), finds the car held by another (``request.rejected`` ev_busy), was cancelled
+before it was forwarded (``request.cancelled``), or is a copy of one already decided
+(acknowledged, nothing said). Each decision's event is confirmed before the request is
+acknowledged, so a balancer that takes over reads it in the history.
 
 This module is the wiring; the decisions are elsewhere and pure: which substation
 (balancer.power_routing over balancer.fleet's estimates and balancer.power_fleet's power view,
