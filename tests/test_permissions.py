@@ -604,3 +604,41 @@ def test_the_admins_definitions_declare_the_history_with_the_default_retention()
     assert bound == {(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY)} | {
         (contract.EVENTS_EXCHANGE, event.kind) for event in contract.HISTORY_EVENTS
     }
+
+
+def test_where_services_declare_the_balancer_alone_may_retire_the_old_pending_queue(
+    declaring: Users,
+):
+    """balancer/legacy_pending.py with the balancer's own user: the pending queue of an earlier
+    version (declared here by the balancer, which may) is moved into today's and deleted."""
+    from balancer.legacy_pending import move_legacy_pending
+
+    def old_queue(ch) -> None:
+        ch.queue_declare(
+            contract.LEGACY_PENDING_QUEUE,
+            durable=True,
+            arguments={"x-queue-type": "quorum"},
+        )
+        ch.queue_bind(
+            contract.LEGACY_PENDING_QUEUE, contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY
+        )
+        # Into both pending queues, as while an earlier version's binding remains.
+        ch.basic_publish(
+            contract.REQUESTS_EXCHANGE,
+            contract.REQUEST_ROUTING_KEY,
+            _charge_request(),
+            pika.BasicProperties(delivery_mode=2),
+        )
+
+    assert declaring.attempt("balancer", old_queue) is None
+    for user in EVERY_USER:
+        if user != "balancer":
+            deleting = declaring.attempt(
+                user, lambda ch: ch.queue_delete(contract.LEGACY_PENDING_QUEUE)
+            )
+            assert deleting == ACCESS_REFUSED, user
+    assert move_legacy_pending(declaring.urls["balancer"], name="test", settle=0.1) is None
+    gone = declaring.attempt(
+        "balancer", lambda ch: ch.queue_declare(contract.LEGACY_PENDING_QUEUE, passive=True)
+    )
+    assert gone == 404
