@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from loadgen.run import LoadSettings, run_load
+from smartgrid import contract
 from stack.local import StackSettings, start_stack
 from stack.prometheus import RABBITMQ_METRICS_PORT, prometheus_process
 from tests.conftest import free_port
