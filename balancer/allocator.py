@@ -162,6 +162,7 @@ class Allocator:
                 self._on_limit,
                 prefetch=STREAM_PREFETCH,
                 arguments=self._stream_offset,
+                stream=True,
             )
         )
         if tag is not None:

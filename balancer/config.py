@@ -95,7 +95,8 @@ class BalancerConfig:
     forget_after: float = setting(
         "FORGET_AFTER",
         60.0,
-        "An announced substation silent this long (no announcement, no reading) is forgotten",
+        "An announced substation silent this long (no announcement, no reading) is forgotten "
+        "(at least DRAIN_AFTER + POLL_INTERVAL, so that it is drained first)",
         check=positive,
         expect="seconds > 0",
     )
@@ -206,6 +207,11 @@ class BalancerConfig:
     @property
     def effective_drain_after(self) -> float:
         return self.drain_after or 2 * self.effective_stale_after
+
+    @property
+    def effective_forget_after(self) -> float:
+        # Forgotten before it was drained, a dead substation's queue would keep its requests.
+        return max(self.forget_after, self.effective_drain_after + self.poll_interval)
 
     @property
     def effective_poll_timeout(self) -> float:

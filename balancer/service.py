@@ -164,7 +164,7 @@ class BalancerService:
         self.strategy = None if config.strategy == POWER_MIN else make_strategy(config.strategy)
         self.power = PowerView(config.topology)
         self.fleet = Fleet(
-            stale_after=config.effective_stale_after, forget_after=config.forget_after
+            stale_after=config.effective_stale_after, forget_after=config.effective_forget_after
         )
         for substation, url in parse_static_substations(config.substations).items():
             self.fleet.add_static(substation, url)
@@ -622,6 +622,9 @@ class BalancerService:
             self.fleet.session_completed(event)
         elif isinstance(event, contract.SessionStarted):
             self.fleet.session_started(event)
+        elif isinstance(event, contract.RequestCancelled):
+            # A cancel that stopped a session frees its point as a completion does.
+            self.fleet.request_cancelled(event)
         elif isinstance(event, contract.RequestRouted):
             # Another balancer's decision; one about a substation nobody polls cannot count.
             if event.balancer != self.balancer_id and self.fleet.knows(event.substation):
@@ -662,7 +665,7 @@ class BalancerService:
             log.warning(
                 "substation %s has been silent for %.0fs; forgotten",
                 substation,
-                self.config.forget_after,
+                self.config.effective_forget_after,
             )
             for series in (
                 self.metrics.estimated_load,

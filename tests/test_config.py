@@ -54,3 +54,11 @@ def test_the_stack_defaults_are_the_services_own():
     )
     assert settings.strategy == BalancerConfig().strategy
     assert settings.gateway_port == GatewayConfig().port
+
+
+def test_a_substation_is_never_forgotten_before_it_is_drained():
+    config = from_env(
+        BalancerConfig, {"POLL_INTERVAL": "5", "DRAIN_AFTER": "100", "FORGET_AFTER": "60"}
+    )
+    assert config.effective_forget_after == 105
+    assert from_env(BalancerConfig, {"FORGET_AFTER": "600"}).effective_forget_after == 600

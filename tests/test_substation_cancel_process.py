@@ -9,7 +9,7 @@ import time
 import pytest
 
 from smartgrid import contract
-from stack.local import StackSettings, substation_process
+from stack.local import StackSettings, balancer_process, substation_process
 from tests.helpers import BrokerClient, eventually, metric
 
 SUBSTATION = "substation-1"
@@ -190,3 +190,33 @@ def test_a_possible_duplicate_cancelled_while_it_is_checked_never_starts(stack_s
         assert service.stop() == 0
     # Acknowledged: nothing went back to the queue with the connection.
     assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
+
+
+def test_the_balancer_counts_a_cancelled_session_as_a_free_point(stack_settings, broker):
+    """Between two polls only events move the balancer's estimate: a full substation whose
+    session was cancelled takes the next request at once, not after the next poll."""
+    stack_settings.substations = 1
+    stack_settings.poll_interval = 120.0  # no poll after the first within the test
+    stack_settings.extra_env = {**stack_settings.extra_env, "STALE_AFTER": "600"}
+    service, metrics_url = _start(stack_settings, capacity=1)
+    balancer = balancer_process(stack_settings)
+    try:
+        balancer.start().wait_healthy()
+        eventually(
+            lambda: (
+                metric(balancer.health_url, "balancer_substation_up", substation=SUBSTATION) == 1
+            ),
+            what="the balancer's first poll",
+        )
+        first = broker.send_request(ev_id="EV1")
+        eventually(lambda: _load(metrics_url) == 1, what="the first session started")
+        _cancel(broker, first, ev_id="EV1")
+        eventually(lambda: _load(metrics_url) == 0, what="the point freed")
+        broker.send_request(ev_id="EV2")
+        # Without the cancel counted, the balancer sees the substation full until its next
+        # poll (two minutes away) and holds the request.
+        eventually(lambda: _load(metrics_url) == 1, what="the next request routed and started")
+        assert metric(balancer.health_url, contract.HELD_METRIC, priority="standard") == 0
+    finally:
+        assert balancer.stop() == 0
+        assert service.stop() == 0
