@@ -16,12 +16,18 @@ from urllib.parse import quote
 
 import pika
 import pytest
+from hypothesis import HealthCheck, settings
 
 from smartgrid.config import DEFAULT_AMQP_URL
 from stack.local import StackSettings
 from tests.ports import free_port, free_ports  # noqa: F401 - imported from here by tests
 
 BASE_URL = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+
+# Property tests assert what is true, not how fast: hypothesis's default 200 ms deadline per
+# example and its too-slow health check fail them on a loaded machine (timing is bench/'s).
+settings.register_profile("smartgrid", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("smartgrid")
 
 #: The Docker Engine and compose stack fixtures (and running those tests last).
 pytest_plugins = ["tests.compose_stack"]
