@@ -9,7 +9,9 @@ turns answers into responses and does the publishing; nothing here blocks or tal
 The 503s are honest: ``broker_unavailable`` means nothing was published (no connection, or the
 broker blocks publishers), so the request was not accepted; ``not_confirmed`` means it was
 published and may yet be accepted, so the answer carries its id and ``Location``, and a repeat
-with the same Idempotency-Key is safe.
+with the same Idempotency-Key is safe; ``busy`` means the broker refused it (the pending queue
+is full: backpressure), so it was not accepted, and the client should come back after
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -207,14 +209,26 @@ def after_publish(
         if plan.keyed
         else f"without an {HEADER}, a repeat is a new request: look this one up first"
     )
-    answer = error(
-        503,
-        "not_confirmed",
-        "the message broker did not confirm the request in time; it may still be accepted: "
-        f"look it up at its Location; {repeat}",
-        request_id=request.request_id,
-        headers={**retry, **_location(request.request_id)},
-    )
+    if outcome is Outcome.REFUSED:
+        # A negative confirm: the pending queue is full (reject-publish), or refused it for
+        # another reason of its own. Either way it holds no copy to run.
+        answer = error(
+            503,
+            "busy",
+            "the system is at capacity (its queue of pending requests is full); the request "
+            f"was not accepted: try again after Retry-After; {repeat}",
+            request_id=request.request_id,
+            headers={**retry, **_location(request.request_id)},
+        )
+    else:
+        answer = error(
+            503,
+            "not_confirmed",
+            "the message broker did not confirm the request in time; it may still be accepted: "
+            f"look it up at its Location; {repeat}",
+            request_id=request.request_id,
+            headers={**retry, **_location(request.request_id)},
+        )
     if outcome is Outcome.REFUSED and not plan.repeat:
         # The copy the history stream may hold must not keep the EV busy forever; if the
         # pending queue took it after all, its routing overrides this provisional rejection.

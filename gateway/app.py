@@ -59,6 +59,7 @@ OUTCOMES = (
     "ev_busy",
     "unavailable",
     "not_confirmed",
+    "busy",
     "unauthorized",
     "rate_limited",
 )
@@ -133,7 +134,7 @@ _OUTCOME_LABELS = {
     Outcome.CONFIRMED: "accepted",
     Outcome.NOT_SENT: "unavailable",
     Outcome.UNCONFIRMED: "not_confirmed",
-    Outcome.REFUSED: "not_confirmed",
+    Outcome.REFUSED: "busy",
 }
 
 

@@ -221,16 +221,24 @@ def test_nothing_sent_is_a_503_that_says_not_accepted_and_names_no_request(histo
     assert event is None
 
 
-@pytest.mark.parametrize("outcome", [Outcome.UNCONFIRMED, Outcome.REFUSED])
+@pytest.mark.parametrize(
+    ("outcome", "code", "accepted"),
+    [
+        (Outcome.UNCONFIRMED, "not_confirmed", "may still be accepted"),
+        (Outcome.REFUSED, "busy", "not accepted"),
+    ],
+)
 @pytest.mark.parametrize("key", [None, "k1"])
-def test_an_unconfirmed_request_is_a_503_with_its_id_and_location(history, outcome, key):
+def test_an_unconfirmed_or_refused_request_is_a_503_with_its_id_and_location(
+    history, outcome, code, accepted, key
+):
     plan = post(history, key=key)
     answer, _event = after_publish(plan, outcome, record=None, retry_after=7)
     rid = plan.request.request_id
-    assert answer.status == 503 and answer.body["error"] == "not_confirmed"
+    assert answer.status == 503 and answer.body["error"] == code
     assert answer.body["request_id"] == rid
     assert answer.headers == {"Retry-After": "7", "Location": f"/charge/{rid}"}
-    assert "not accepted" not in answer.body["detail"]
+    assert accepted in answer.body["detail"]
     assert ("is safe" in answer.body["detail"]) == (key is not None)
 
 

@@ -297,7 +297,7 @@ def test_without_a_tokens_file_the_api_is_open(module_amqp_url: str):
 
 
 # ------------------------------------------------------------------------------ refused
-def test_a_request_the_broker_refuses_is_not_confirmed_and_rejected_provisionally(
+def test_a_request_the_broker_refuses_is_busy_and_rejected_provisionally(
     amqp_url: str,
 ):
     # A full pending queue that refuses more (as backpressure does): every publish is nacked.
@@ -322,7 +322,7 @@ def test_a_request_the_broker_refuses_is_not_confirmed_and_rejected_provisionall
         refused = client.post("/charge", json={"ev_id": ev_id}, headers={"Idempotency-Key": key})
         assert refused.status_code == 503
         body = refused.get_json()
-        assert body["error"] == "not_confirmed"
+        assert body["error"] == "busy" and refused.headers["Retry-After"]
         assert refused.headers["Location"] == f"/charge/{body['request_id']}"
         # Its copy in the history does not hold the EV: it is rejected, provisionally.
         record = client.get(refused.headers["Location"]).get_json()
