@@ -212,23 +212,28 @@ def after_publish(
     if outcome is Outcome.REFUSED:
         # A negative confirm: the pending queue is full (reject-publish), or refused it for
         # another reason of its own. Either way it holds no copy to run.
-        answer = error(
-            503,
+        code, why = (
             "busy",
-            "the system is at capacity (its queue of pending requests is full); the request "
-            f"was not accepted: try again after Retry-After; {repeat}",
-            request_id=request.request_id,
-            headers={**retry, **_location(request.request_id)},
+            (
+                "the system is at capacity (its queue of pending requests is full); the request "
+                "was not accepted: try again after Retry-After"
+            ),
         )
     else:
-        answer = error(
-            503,
+        code, why = (
             "not_confirmed",
-            "the message broker did not confirm the request in time; it may still be accepted: "
-            f"look it up at its Location; {repeat}",
-            request_id=request.request_id,
-            headers={**retry, **_location(request.request_id)},
+            (
+                "the message broker did not confirm the request in time; it may still be accepted: "
+                "look it up at its Location"
+            ),
         )
+    answer = error(
+        503,
+        code,
+        f"{why}; {repeat}",
+        request_id=request.request_id,
+        headers={**retry, **_location(request.request_id)},
+    )
     if outcome is Outcome.REFUSED and not plan.repeat:
         # The copy the history stream may hold must not keep the EV busy forever; if the
         # pending queue took it after all, its routing overrides this provisional rejection.
