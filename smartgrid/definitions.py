@@ -87,12 +87,11 @@ _ANY_SHARE_QUEUE = (
 
 ROLES: dict[str, Role] = {
     # Internet-facing: it publishes requests, a driver's cancels and the requests the broker
-    # refused (not_enqueued), and follows their fate in the history.
+    # refused (not_enqueued), and follows their fate in the history stream alone (no event
+    # subscription of its own).
     "gateway": Role(
         publishes_to=(contract.REQUESTS_EXCHANGE, contract.EVENTS_EXCHANGE),
         publishes=(contract.CancelRequested, contract.RequestRejected),
-        subscribes=contract.GATEWAY_EVENTS.events,
-        subscription=contract.GATEWAY_EVENTS.prefix,
         reads_history=True,
     ),
     "balancer": Role(

@@ -707,8 +707,8 @@ def test_a_history_stream_without_limits_is_refused(age: int, size: int):
         contract.history_topology(max_age_seconds=age, max_bytes=size)
 
 
+#: The services' event subscriptions (the gateway follows the history stream instead).
 SUBSCRIPTIONS = [
-    contract.GATEWAY_EVENTS,
     contract.BALANCER_EVENTS,
     contract.SUBSTATION_EVENTS,
     contract.LOADGEN_EVENTS,
