@@ -6,7 +6,8 @@ window (``/proc/<pid>/stat``: user + system, children of a service counted with 
 gateway's worker processes are the gateway's) by the requests accepted. RabbitMQ is the local
 broker's ``beam.smp``; the load generator is this process (loadgen) or a ``wrk`` child
 (``--client wrk``, a C client whose own cost stays small, posting as fast as ``--connections``
-allow; ``make bench-tools`` installs it).
+allow, each request for an EV of its own; ``make bench-tools`` installs it). Only requests
+answered 2xx (202: accepted) count.
 
     .venv/bin/python -m bench.cpu [--rate 400] [--duration 20] [--client loadgen|wrk]
     .venv/bin/python -m bench.cpu --client wrk --servers gunicorn,granian --rounds 2
@@ -57,11 +58,18 @@ T = TypeVar("T")
 #: The stack's own processes (not the broker, not the client).
 SERVICES = ("gateway", "balancer", "substations")
 TICKS = os.sysconf("SC_CLK_TCK")
-WRK_SCRIPT = (
-    'wrk.method = "POST"\n'
-    'wrk.body = \'{"ev_id": "EV1234"}\'\n'
-    'wrk.headers["Content-Type"] = "application/json"\n'
-)
+#: wrk's script: a POST per request, each for an EV of its own (one EV's requests would be
+#: refused ev_busy while its first one is active, since issue 14, and measure 409s instead).
+WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local prefix = "{prefix}-"
+local sent = 0
+request = function()
+  sent = sent + 1
+  return wrk.format(nil, nil, nil, '{{"ev_id": "' .. prefix .. sent .. '"}}')
+end
+"""
 
 
 def _processes() -> dict[int, tuple[int, float]]:
@@ -257,7 +265,7 @@ def _drive(
         )
         return result.report.accepted
     script = log_dir / "post.lua"
-    script.write_text(WRK_SCRIPT)
+    script.write_text(WRK_SCRIPT.format(prefix=f"W{uuid.uuid4().hex[:8]}"))
     out = subprocess.run(
         [
             "wrk",
@@ -272,10 +280,16 @@ def _drive(
         text=True,
         check=True,
     ).stdout
+    return wrk_accepted(out)
+
+
+def wrk_accepted(out: str) -> int:
+    """The requests wrk got a 2xx (202) for: its count, less its non-2xx or 3xx answers."""
     found = re.search(r"(\d+) requests in", out)
     if found is None:
         raise RuntimeError(f"wrk printed no request count:\n{out}")
-    return int(found.group(1))
+    refused = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return int(found.group(1)) - (int(refused.group(1)) if refused else 0)
 
 
 def main() -> None:
