@@ -11,6 +11,7 @@ function and everything it called) and by itself; the raw collapsed stacks are k
 
     .venv/bin/python -m bench.profile --client wrk [--duration 20] [--top 25]
     .venv/bin/python -m bench.profile --client loadgen --rate 200
+    .venv/bin/python -m bench.profile --client wrk --rev main   # the services of a revision
 
 py-spy comes with the ``bench`` extra (``pip install -e '.[bench]'``) and needs ptrace (root,
 or ``kernel.yama.ptrace_scope=0``).
@@ -27,7 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import GATEWAY_SERVERS, bench_settings, markdown_table, private_vhost
+from bench.common import (
+    GATEWAY_SERVERS,
+    bench_settings,
+    markdown_table,
+    private_vhost,
+    source_tree,
+)
 from bench.cpu import _drive
 from bench.throughput import CAPACITY, SESSION_SECONDS
 from stack.local import start_stack
@@ -108,6 +115,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="functions shown per service")
     parser.add_argument("--server", choices=sorted(GATEWAY_SERVERS), default="granian")
     parser.add_argument("--out", type=Path, default=None, help="where the raw stacks go")
+    parser.add_argument(
+        "--rev", default="", help="a git revision to run the services from (default: this checkout)"
+    )
     args = parser.parse_args()
     if py_spy() is None:
         parser.error("py-spy is not installed (pip install -e '.[bench]')")
@@ -115,6 +125,7 @@ def main() -> None:
         parser.error("wrk is not installed (make bench-tools)")
     out = args.out or Path(tempfile.mkdtemp(prefix="smartgrid-profile-"))
     out.mkdir(parents=True, exist_ok=True)
+    extra_env = source_tree(args.rev)[1] if args.rev else {}
     with private_vhost("bench-profile") as url:
         settings = bench_settings(
             url,
@@ -123,6 +134,7 @@ def main() -> None:
             session_seconds=SESSION_SECONDS,
             poll_interval=1.0,
             gateway_module=GATEWAY_SERVERS[args.server],
+            extra_env=extra_env,
         )
         group = start_stack(settings)
         try:
