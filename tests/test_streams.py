@@ -16,7 +16,7 @@ import pytest
 
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
-from smartgrid.amqp.streams import Catchup, StreamReader, offset_argument, since
+from smartgrid.amqp.streams import Catchup, StreamReader, fallen_behind, offset_argument, since
 from tests.helpers import BrokerClient, eventually
 
 STREAM = "test.stream"
@@ -71,6 +71,25 @@ def test_silence_counts_only_once_the_end_is_known():
     assert catchup.quiet()  # started past it (a point in time after the last chunk)
 
 
+def test_a_follower_that_has_not_read_what_was_at_the_end_a_probe_ago_has_fallen_behind():
+    assert fallen_behind(end_before=40, next_offset=40, end_at_start=10)  # 40 not read
+    assert fallen_behind(end_before=40, next_offset=12, end_at_start=10)
+    assert not fallen_behind(end_before=40, next_offset=41, end_at_start=10)
+    assert not fallen_behind(end_before=40, next_offset=90, end_at_start=10)
+
+
+def test_no_end_found_by_the_last_probe_is_never_behind():
+    assert not fallen_behind(end_before=None, next_offset=None, end_at_start=None)
+    assert not fallen_behind(end_before=None, next_offset=3, end_at_start=10)
+
+
+def test_a_follower_that_has_read_nothing_is_behind_only_once_the_stream_grew():
+    # It started past the end it found (a point in time after the last chunk, or "next").
+    assert not fallen_behind(end_before=10, next_offset=None, end_at_start=10)
+    assert fallen_behind(end_before=11, next_offset=None, end_at_start=10)
+    assert fallen_behind(end_before=0, next_offset=None, end_at_start=None)  # was empty
+
+
 # ----------------------------------------------------------------------------- the broker
 def declare_stream(url: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -95,7 +114,14 @@ class Reading:
     """A Link with a StreamReader, and what it read."""
 
     def __init__(
-        self, url: str, *, start="first", quiet: float = 1.0, then=None, follow: bool = True
+        self,
+        url: str,
+        *,
+        start="first",
+        quiet: float = 1.0,
+        then=None,
+        follow: bool = True,
+        probe_every: float = 5.0,
     ) -> None:
         self.read: list[tuple[str, bytes]] = []
         self.read_when_caught_up: list[int] = []
@@ -115,6 +141,7 @@ class Reading:
             prefetch=50,
             quiet=quiet,
             follow=follow,
+            probe_every=probe_every,
         )
         self.link.start()
 
@@ -220,6 +247,31 @@ def test_after_a_reconnect_the_reader_resumes_where_it_stopped_and_catches_up_ag
         eventually(lambda: len(reading.read_when_caught_up) == 2, timeout=30)
         read = eventually(lambda: len(reading.read) >= 4 and reading.read)
         assert [body for _key, body in read] == [b"a", b"b", b"c", b"d"]
+    finally:
+        reading.stop()
+
+
+def test_a_follower_that_stops_hearing_from_its_stream_resubscribes_and_reads_on(amqp_url):
+    declare_stream(amqp_url)
+    publish(amqp_url, [b"before"])
+    reading = Reading(amqp_url, quiet=0.3, probe_every=0.5)
+    try:
+        assert reading.reader.wait_caught_up(20)
+        eventually(lambda: len(reading.read) == 1)
+        # Its consumer on the Link's channel stalls: unacknowledged, its prefetch runs out,
+        # and the broker sends it nothing more on a channel that stays open (as a consumer
+        # of a replica whose leader died did on RabbitMQ 3.10).
+        reading.link.ack = lambda _delivery: True  # type: ignore[method-assign]
+        bodies = [b"%d" % i for i in range(400)]
+        for start in range(0, len(bodies), 50):
+            publish(amqp_url, bodies[start : start + 50])
+        eventually(lambda: len(reading.read) == 1 + len(bodies), timeout=30)
+        assert reading.reader.resubscriptions >= 1
+        # Nothing read twice, nothing skipped, and the tail followed on the fresh channel.
+        assert [body for _key, body in reading.read] == [b"before", *bodies]
+        publish(amqp_url, [b"tail"])
+        eventually(lambda: reading.read[-1] == (STREAM, b"tail"))
+        assert reading.link.ready and reading.reader.caught_up
     finally:
         reading.stop()
 

@@ -27,6 +27,20 @@ Two cases have no end mark to read, and fall back on ``quiet`` seconds of silenc
   resume after a reconnect that had read it): it may never hear a message. Resuming past the
   end mark is recognised at once; a point in time only by silence since the end was found.
 
+**A follower that falls behind.** A following reader that has caught up asks where the stream
+ends again every ``probe_every`` seconds (:data:`FOLLOW_PROBE_EVERY`: one probe, one channel
+open and one chunk sent, per few seconds per reader). A consumer can stop hearing from its
+stream while the stream goes on: on RabbitMQ 3.10, when the node hosting a stream's leader is
+killed, a consumer reading another node's replica has been seen to receive nothing more, on a
+channel and a connection that stay open, so the Link never reconnects (a gateway worker then
+answered 404 or a stale status for every request accepted after the kill). So if a probe finds
+the end past what the reader has read, and the next probe, ``probe_every`` seconds later, finds
+the reader still short of that end (:func:`fallen_behind`), the reader resubscribes on a fresh
+channel of its own, just after the last offset it read; a mistake costs one resubscription,
+never a message read twice or skipped. The stalled consumer cannot be cancelled (see below): it
+stays on the Link's channel until the next reconnect, and whatever it might still send is
+acknowledged and ignored.
+
 A stream requires manual acks and a prefetch; acks only make room for more deliveries (a
 stream redelivers nothing), so each message is acknowledged before it is handed over. The
 owner's callback must not raise: a stream answers a reject by closing the channel, so the
@@ -55,6 +69,29 @@ NAMED_OFFSETS = ("first", "last", "next")
 
 #: Where a reader starts: a named offset, or a point in time (Unix seconds).
 Start = str | float
+
+#: Seconds between a following reader's probes of the stream's end (see the module docstring):
+#: it resubscribes when it has not read, by one probe, what the stream held at the one before.
+FOLLOW_PROBE_EVERY = 5.0
+
+
+def fallen_behind(
+    end_before: int | None, next_offset: int | None, end_at_start: int | None
+) -> bool:
+    """Whether a following reader has fallen behind its stream.
+
+    ``end_before``: the end mark (the first offset of the stream's last chunk) that the
+    previous probe found, a probe interval ago (None: it found none). ``next_offset``: the
+    offset just after the last message the reader has read since (None: it has read nothing).
+    ``end_at_start``: the end mark when the reader subscribed (None: the stream was empty),
+    which a reader that started past it (a point in time later than the last chunk) never
+    reads. A reader keeping up has read the message at ``end_before`` well within an interval.
+    """
+    if end_before is None:
+        return False
+    if next_offset is not None:
+        return next_offset <= end_before
+    return end_at_start is None or end_before > end_at_start
 
 
 def offset_argument(start: Start, resume_at: int | None) -> dict[str, Any]:
@@ -156,6 +193,10 @@ class StreamReader:
     reconnect that followed a finished replay it reads what came since ``resume_margin``
     seconds before the loss (the owner's subscription queue went with the connection).
 
+    A following reader that has caught up probes the stream's end every ``probe_every``
+    seconds and resubscribes, on a fresh channel, if it has fallen behind (see the module
+    docstring); ``resubscriptions`` counts those.
+
     ``declare_if_missing``: the stream and its bindings, declared only if the stream does not
     exist yet. A stream declared with other retention settings (by a service configured
     otherwise) is then read as it is; declaring it again with other arguments would be refused
@@ -174,6 +215,7 @@ class StreamReader:
         prefetch: int = 1000,
         quiet: float = 2.0,
         resume_margin: float = 10.0,
+        probe_every: float = FOLLOW_PROBE_EVERY,
         declare_if_missing: Sequence[Declaration] = (),
     ) -> None:
         offset_argument(start, None)  # a bad start fails here, not on the I/O thread
@@ -186,6 +228,7 @@ class StreamReader:
         self.prefetch = prefetch
         self.quiet = quiet
         self.resume_margin = resume_margin
+        self.probe_every = probe_every
         self.declare_if_missing = list(declare_if_missing)
         #: The offset just after the last message read: where a new subscription resumes.
         self.next_offset: int | None = None
@@ -196,6 +239,10 @@ class StreamReader:
         self._reader_channel: pika.channel.Channel | None = None
         self._last_read = 0.0
         self._caught_up = threading.Event()
+        #: The end mark the last probe of a following reader found (None: none yet).
+        self._end_seen: int | None = None
+        #: Times a following reader found itself behind and resubscribed.
+        self.resubscriptions = 0
 
     # ------------------------------------------------------------------ any thread
     @property
@@ -360,6 +407,9 @@ class StreamReader:
             )
             self._read(subscription, delivery)
 
+        # The broker cancels a consumer whose stream is deleted (or whose replica goes away):
+        # close the channel, and read again on another one.
+        channel.add_on_cancel_callback(lambda _frame: channel.close() if channel.is_open else None)
         channel.basic_qos(prefetch_count=self.prefetch)
         channel.basic_consume(self.stream, on_message, arguments=self._arguments())
 
@@ -427,5 +477,73 @@ class StreamReader:
         if not self.follow:
             # The rest of the last chunk is on its way in the same go: a moment to take it.
             self.link.call_later(self.quiet, lambda: self._stop_reading(subscription))
+        else:
+            self._end_seen = None
+            self.link.call_later(self.probe_every, lambda: self._watch(subscription))
         if self.on_caught_up is not None:
             self.on_caught_up()
+
+    # ------------------------------------------------------ a follower that falls behind
+    def _watch(self, subscription: int) -> None:
+        """Every ``probe_every`` seconds while following: resubscribe if the reader has not
+        read what the previous probe found at the stream's end; probe the end again."""
+        if subscription != self._subscription or not self.link.ready:
+            return
+        if fallen_behind(self._end_seen, self.next_offset, self._catchup.end_mark):
+            subscription = self._resubscribe()
+        self._probe_end(subscription)
+        self.link.call_later(self.probe_every, lambda: self._watch(subscription))
+
+    def _probe_end(self, subscription: int) -> None:
+        """Find the stream's end mark now, into ``_end_seen`` (a probe like the one at
+        subscription, on a channel of its own, closed on its first message or after
+        ``quiet`` seconds of silence)."""
+
+        def on_open(channel: pika.channel.Channel) -> None:
+            if subscription != self._subscription:
+                channel.close()
+                return
+            answered = False
+
+            def on_message(_channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
+                nonlocal answered
+                if channel.is_open:
+                    channel.close()  # whatever else of the chunk is on its way is dropped
+                if answered or subscription != self._subscription:
+                    return
+                answered = True
+                end_mark = (properties.headers or {}).get("x-stream-offset")
+                if isinstance(end_mark, int):
+                    self._end_seen = end_mark
+
+            def silent() -> None:
+                if channel.is_open:
+                    channel.close()
+
+            channel.basic_qos(prefetch_count=1)
+            channel.basic_consume(self.stream, on_message, arguments={"x-stream-offset": "last"})
+            self.link.call_later(self.quiet, silent)
+
+        self.link.open_side_channel(on_open)
+
+    def _resubscribe(self) -> int:
+        """Read on a fresh channel of the reader's own from just after the last offset read.
+        A new subscription number, so that what the old consumer might still deliver is
+        ignored (the Link's channel acknowledges it); the reader stays caught up."""
+        log.warning(
+            "%s: fallen behind: not read up to offset %s, at the stream's end %.0fs ago "
+            "(read up to %s); resubscribing on a fresh channel",
+            self.stream,
+            self._end_seen,
+            self.probe_every,
+            None if self.next_offset is None else self.next_offset - 1,
+        )
+        self._subscription += 1
+        subscription = self._subscription
+        self.resubscriptions += 1
+        self._end_seen = None
+        channel, self._reader_channel = self._reader_channel, None
+        if channel is not None and channel.is_open:
+            channel.close()
+        self.link.open_side_channel(lambda channel: self._read_on(subscription, channel))
+        return subscription
