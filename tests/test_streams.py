@@ -16,7 +16,17 @@ import pytest
 
 from smartgrid import contract
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
-from smartgrid.amqp.streams import Catchup, StreamReader, fallen_behind, offset_argument, since
+from smartgrid.amqp.streams import (
+    KEEP_READING,
+    RECONNECT,
+    RESUBSCRIBE,
+    Catchup,
+    StreamReader,
+    fallen_behind,
+    follow_check,
+    offset_argument,
+    since,
+)
 from tests.helpers import BrokerClient, eventually
 
 STREAM = "test.stream"
@@ -88,6 +98,28 @@ def test_a_follower_that_has_read_nothing_is_behind_only_once_the_stream_grew():
     assert not fallen_behind(end_before=10, next_offset=None, end_at_start=10)
     assert fallen_behind(end_before=11, next_offset=None, end_at_start=10)
     assert fallen_behind(end_before=0, next_offset=None, end_at_start=None)  # was empty
+
+
+def check(*, behind=False, behind_before=False, unanswered=0, has_messages=True) -> str:
+    return follow_check(
+        behind=behind,
+        behind_before=behind_before,
+        unanswered_probes=unanswered,
+        stream_has_messages=has_messages,
+    )
+
+
+def test_a_follower_behind_resubscribes_and_reconnects_if_that_did_not_help():
+    assert check() == KEEP_READING
+    assert check(behind=True) == RESUBSCRIBE
+    assert check(behind=True, behind_before=True) == RECONNECT
+    assert check(behind=False, behind_before=True) == KEEP_READING
+
+
+def test_a_node_that_answers_no_probe_of_a_stream_with_messages_is_left():
+    assert check(unanswered=1) == KEEP_READING
+    assert check(unanswered=2) == RECONNECT
+    assert check(unanswered=5, has_messages=False) == KEEP_READING  # an empty stream is silent
 
 
 # ----------------------------------------------------------------------------- the broker

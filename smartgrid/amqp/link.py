@@ -619,6 +619,16 @@ class Link:
             if self._channel is not None and self._channel.is_open:
                 self._channel.basic_cancel(tag)
 
+    def reconnect(self, reason: str) -> None:
+        """Start over on a fresh connection, to the next address (I/O thread): for an owner
+        that finds this one no longer serves it (a stream consumer that stopped hearing from
+        its stream, say). Owners restart what they added (on_lost, on_ready)."""
+        if self._stopping or self._connection is None or not self._connection.is_open:
+            return
+        log.warning("%s: reconnecting: %s", self.name, reason)
+        self._close_reason = RuntimeError(reason)
+        self._connection.close()
+
     def _on_channel_ready(self, channel: pika.channel.Channel) -> None:
         if channel is not self._channel or self._stopping:
             return

@@ -75,6 +75,28 @@ Start = str | float
 FOLLOW_PROBE_EVERY = 5.0
 
 
+#: What a following reader does after a probe: nothing, read on a fresh channel, or start over
+#: on a fresh connection (to the Link's next address).
+KEEP_READING, RESUBSCRIBE, RECONNECT = "keep reading", "resubscribe", "reconnect"
+
+#: Probes in a row that hear nothing from a stream known to hold messages before the reader
+#: gives up on its node (a node whose replica cannot serve a consumer answers no probe either).
+UNANSWERED_PROBES_BEFORE_RECONNECT = 2
+
+
+def follow_check(
+    *, behind: bool, behind_before: bool, unanswered_probes: int, stream_has_messages: bool
+) -> str:
+    """What a following reader does now. ``behind``: :func:`fallen_behind` by this probe;
+    ``behind_before``: by the one before too, so a resubscription did not help;
+    ``unanswered_probes``: probes in a row that heard nothing."""
+    if stream_has_messages and unanswered_probes >= UNANSWERED_PROBES_BEFORE_RECONNECT:
+        return RECONNECT
+    if behind:
+        return RECONNECT if behind_before else RESUBSCRIBE
+    return KEEP_READING
+
+
 def fallen_behind(
     end_before: int | None, next_offset: int | None, end_at_start: int | None
 ) -> bool:
@@ -241,8 +263,11 @@ class StreamReader:
         self._caught_up = threading.Event()
         #: The end mark the last probe of a following reader found (None: none yet).
         self._end_seen: int | None = None
-        #: Times a following reader found itself behind and resubscribed.
+        self._behind_before = False
+        self._unanswered_probes = 0
+        #: Times a following reader found itself behind and resubscribed, or reconnected.
         self.resubscriptions = 0
+        self.reconnections = 0
 
     # ------------------------------------------------------------------ any thread
     @property
@@ -478,18 +503,34 @@ class StreamReader:
             # The rest of the last chunk is on its way in the same go: a moment to take it.
             self.link.call_later(self.quiet, lambda: self._stop_reading(subscription))
         else:
-            self._end_seen = None
+            self._end_seen, self._behind_before, self._unanswered_probes = None, False, 0
             self.link.call_later(self.probe_every, lambda: self._watch(subscription))
         if self.on_caught_up is not None:
             self.on_caught_up()
 
     # ------------------------------------------------------ a follower that falls behind
     def _watch(self, subscription: int) -> None:
-        """Every ``probe_every`` seconds while following: resubscribe if the reader has not
-        read what the previous probe found at the stream's end; probe the end again."""
+        """Every ``probe_every`` seconds while following: act on what the probes say
+        (:func:`follow_check`), then probe the end again."""
         if subscription != self._subscription or not self.link.ready:
             return
-        if fallen_behind(self._end_seen, self.next_offset, self._catchup.end_mark):
+        behind = fallen_behind(self._end_seen, self.next_offset, self._catchup.end_mark)
+        action = follow_check(
+            behind=behind,
+            behind_before=self._behind_before,
+            unanswered_probes=self._unanswered_probes,
+            stream_has_messages=self.next_offset is not None or self._catchup.end_mark is not None,
+        )
+        self._behind_before = behind
+        if action == RECONNECT:
+            self.reconnections += 1
+            self.link.reconnect(
+                f"{self.stream}: the reader stays behind the stream's end (read up to "
+                f"{None if self.next_offset is None else self.next_offset - 1}, the end at "
+                f"{self._end_seen}, {self._unanswered_probes} probe(s) unanswered)"
+            )
+            return  # on_lost, then on_ready: a new subscription, on another node
+        if action == RESUBSCRIBE:
             subscription = self._resubscribe()
         self._probe_end(subscription)
         self.link.call_later(self.probe_every, lambda: self._watch(subscription))
@@ -497,13 +538,15 @@ class StreamReader:
     def _probe_end(self, subscription: int) -> None:
         """Find the stream's end mark now, into ``_end_seen`` (a probe like the one at
         subscription, on a channel of its own, closed on its first message or after
-        ``quiet`` seconds of silence)."""
+        ``quiet`` seconds of silence, which counts as an unanswered probe)."""
+        answered = False
+        probe_channel: list[pika.channel.Channel] = []
 
         def on_open(channel: pika.channel.Channel) -> None:
-            if subscription != self._subscription:
+            if subscription != self._subscription or answered:
                 channel.close()
                 return
-            answered = False
+            probe_channel.append(channel)
 
             def on_message(_channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
                 nonlocal answered
@@ -512,19 +555,32 @@ class StreamReader:
                 if answered or subscription != self._subscription:
                     return
                 answered = True
+                self._unanswered_probes = 0
                 end_mark = (properties.headers or {}).get("x-stream-offset")
                 if isinstance(end_mark, int):
                     self._end_seen = end_mark
 
-            def silent() -> None:
-                if channel.is_open:
-                    channel.close()
-
             channel.basic_qos(prefetch_count=1)
             channel.basic_consume(self.stream, on_message, arguments={"x-stream-offset": "last"})
-            self.link.call_later(self.quiet, silent)
+
+        def silent() -> None:
+            nonlocal answered
+            for channel in probe_channel:
+                if channel.is_open:
+                    channel.close()
+            if answered or subscription != self._subscription:
+                return
+            answered = True  # a late channel or message no longer counts
+            self._unanswered_probes += 1
+            log.warning(
+                "%s: the probe of the stream's end heard nothing in %.1fs (%d in a row)",
+                self.stream,
+                self.quiet,
+                self._unanswered_probes,
+            )
 
         self.link.open_side_channel(on_open)
+        self.link.call_later(self.quiet, silent)
 
     def _resubscribe(self) -> int:
         """Read on a fresh channel of the reader's own from just after the last offset read.
