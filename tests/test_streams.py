@@ -308,6 +308,22 @@ def test_a_follower_that_stops_hearing_from_its_stream_resubscribes_and_reads_on
         reading.stop()
 
 
+def test_a_refused_probe_is_not_an_empty_stream(amqp_url):
+    # A node whose replica is restarting refuses stream consumers (406, 541): the probe's
+    # channel is closed without an answer. Here the stream does not exist yet (404).
+    reading = Reading(amqp_url, quiet=0.3, follow=False)
+    try:
+        time.sleep(1.0)  # the probe refused a few times
+        declare_stream(amqp_url)
+        publish(amqp_url, [b"there all along"])
+        assert reading.reader.wait_caught_up(30)
+        # Caught up by reading the end mark, not by a silence taken for an empty stream.
+        assert eventually(lambda: reading.read_when_caught_up) == [1]
+        assert [body for _key, body in reading.read] == [b"there all along"]
+    finally:
+        reading.stop()
+
+
 def test_a_replay_only_reader_stops_after_catching_up_and_after_a_reconnect_reads_the_gap(
     amqp_url,
 ):

@@ -263,6 +263,7 @@ class StreamReader:
         self._caught_up = threading.Event()
         #: The end mark the last probe of a following reader found (None: none yet).
         self._end_seen: int | None = None
+        self._probe_attempt = 0
         self._behind_before = False
         self._unanswered_probes = 0
         #: Times a following reader found itself behind and resubscribed, or reconnected.
@@ -357,6 +358,7 @@ class StreamReader:
         if subscription != self._subscription or not self.link.ready:
             return
         self._catchup = Catchup(resume_at=self.next_offset)
+        self._probe_attempt = 0
         self._last_read = time.monotonic()
         if not self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
             return
@@ -391,6 +393,9 @@ class StreamReader:
             channel.close()
             return
         self._probe_channel = channel
+        channel.add_on_close_callback(
+            lambda _ch, reason: self._probe_closed(subscription, channel, reason)
+        )
 
         def on_message(_channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
             if channel.is_open:
@@ -455,8 +460,40 @@ class StreamReader:
             channel.close()
             log.info("%s: replay done (%d message(s) read)", self.stream, self.messages_read)
 
-    def _probe_quiet(self, subscription: int) -> None:
-        if subscription != self._subscription or self._catchup.end_known:
+    def _probe_closed(
+        self, subscription: int, channel: pika.channel.Channel, reason: BaseException
+    ) -> None:
+        """The broker closed the probe's channel before it answered: no end was found, which
+        is not an empty stream (a node whose replica is restarting after its leader died
+        refuses stream consumers for a while: 406 "does not have a replica", 541). Probe
+        again rather than replay nothing."""
+        if (
+            subscription != self._subscription
+            or self._catchup.end_known
+            or channel is not self._probe_channel
+        ):
+            return  # answered, given up on as silent, or gone with the connection
+        self._probe_channel = None
+        self._probe_attempt += 1
+        attempt = self._probe_attempt
+        log.warning(
+            "%s: the probe of the stream's end was refused (%s); probing again", self.stream, reason
+        )
+
+        def again() -> None:
+            if subscription != self._subscription or self._catchup.end_known:
+                return
+            if self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
+                self.link.call_later(self.quiet, lambda: self._probe_quiet(subscription, attempt))
+
+        self.link.call_later(self.quiet, again)
+
+    def _probe_quiet(self, subscription: int, attempt: int = 0) -> None:
+        if (
+            subscription != self._subscription
+            or self._catchup.end_known
+            or attempt != self._probe_attempt
+        ):
             return
         # A stream with anything in it answers at offset "last" at once: it is empty.
         channel, self._probe_channel = self._probe_channel, None
@@ -522,6 +559,14 @@ class StreamReader:
             stream_has_messages=self.next_offset is not None or self._catchup.end_mark is not None,
         )
         self._behind_before = behind
+        log.debug(
+            "%s: end %s by the last probe, read up to %s, %d probe(s) unanswered: %s",
+            self.stream,
+            self._end_seen,
+            None if self.next_offset is None else self.next_offset - 1,
+            self._unanswered_probes,
+            action,
+        )
         if action == RECONNECT:
             self.reconnections += 1
             self.link.reconnect(
