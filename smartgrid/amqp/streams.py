@@ -420,6 +420,7 @@ class StreamReader:
             channel.close()
             return
         self._reader_channel = channel
+        self._last_read = time.monotonic()
         channel.add_on_close_callback(lambda _ch, reason: self._reader_closed(subscription, reason))
 
         def on_message(_channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -503,6 +504,12 @@ class StreamReader:
 
     def _reader_quiet(self, subscription: int) -> None:
         if subscription != self._subscription or self.caught_up:
+            return
+        if not self.follow and self._reader_channel is None:
+            # Its channel was refused (a replica restarting after its leader died): silence
+            # while nobody listens is not the end of the stream. It counts again from when the
+            # reader consumes again (_read_on).
+            self.link.call_later(self.quiet, lambda: self._reader_quiet(subscription))
             return
         waited = time.monotonic() - self._last_read
         if waited < self.quiet:
