@@ -624,6 +624,8 @@ class StreamReader:
                 return
             answered = True  # a late channel or message no longer counts
             self._unanswered_probes += 1
+            if self.next_offset is None and self._catchup.end_mark is None:
+                return  # an empty stream answers no probe
             log.warning(
                 "%s: the probe of the stream's end heard nothing in %.1fs (%d in a row)",
                 self.stream,
