@@ -30,6 +30,21 @@ class Delivery:
     def headers(self) -> dict[str, Any]:
         return self.properties.headers or {}
 
+    @classmethod
+    def received(
+        cls, generation: int, method: Any, properties: pika.BasicProperties, body: bytes
+    ) -> Delivery:
+        """What pika handed a ``basic.deliver`` callback, on connection ``generation``."""
+        return cls(
+            generation=generation,
+            delivery_tag=method.delivery_tag,
+            exchange=method.exchange,
+            routing_key=method.routing_key,
+            redelivered=method.redelivered,
+            properties=properties,
+            body=body,
+        )
+
 
 @dataclass(frozen=True)
 class ConsumerSpec:
@@ -77,15 +92,7 @@ def message_handler(
     """
 
     def on_message(_channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        delivery = Delivery(
-            generation=generation,
-            delivery_tag=method.delivery_tag,
-            exchange=method.exchange,
-            routing_key=method.routing_key,
-            redelivered=method.redelivered,
-            properties=properties,
-            body=body,
-        )
+        delivery = Delivery.received(generation, method, properties, body)
         try:
             spec.on_message(delivery)
         except Exception as exc:

@@ -427,15 +427,7 @@ class StreamReader:
             if not channel.is_open:
                 return
             channel.basic_ack(method.delivery_tag)
-            delivery = Delivery(
-                generation=self.link.generation,
-                delivery_tag=method.delivery_tag,
-                exchange=method.exchange,
-                routing_key=method.routing_key,
-                redelivered=method.redelivered,
-                properties=properties,
-                body=body,
-            )
+            delivery = Delivery.received(self.link.generation, method, properties, body)
             self._read(subscription, delivery)
 
         # The broker cancels a consumer whose stream is deleted (or whose replica goes away):
