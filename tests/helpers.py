@@ -8,9 +8,11 @@ import os
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from email.message import Message
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,6 +50,23 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def metric(url: str, name: str, **labels: str) -> float | None:
     return scrape(url).get((name, tuple(sorted(labels.items()))))
+
+
+def http_json(
+    url: str, method: str = "GET", body: dict | None = None, *, timeout: float = 30
+) -> tuple[int, Message, dict]:
+    """A JSON call to a real HTTP server: its status, headers and JSON body, errors included."""
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.loads(error.read())
 
 
 def eventually(

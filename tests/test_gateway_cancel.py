@@ -4,27 +4,15 @@ free again, and the request ends ``cancelled``, as every gateway's history says.
 from __future__ import annotations
 
 import dataclasses
-import json
-import urllib.error
-import urllib.request
 
 from smartgrid import contract
 from stack.local import StackSettings, start_stack
-from tests.helpers import eventually, metric
+from tests.helpers import eventually, http_json, metric
 
 
 def _call(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    status, _headers, answer = http_json(url, method, body, timeout=10)
+    return status, answer
 
 
 def test_cancelling_a_charging_session_frees_its_point_and_ends_it_cancelled(

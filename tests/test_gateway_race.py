@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
-import urllib.error
-import urllib.request
 
 from stack.local import StackSettings, gateway_process, start_stack
-from tests.helpers import BrokerClient, eventually
+from tests.helpers import BrokerClient, eventually, http_json
 from tests.ports import free_port
 
 #: Rounds of two simultaneous requests for one EV; about half of them race (both gateways
@@ -24,21 +21,12 @@ ROUNDS = 12
 
 
 def _post(base: str, ev_id: str) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        f"{base}/charge",
-        data=json.dumps({"ev_id": ev_id}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    status, _headers, answer = http_json(f"{base}/charge", "POST", {"ev_id": ev_id}, timeout=10)
+    return status, answer
 
 
 def _get(base: str, request_id: str) -> dict:
-    with urllib.request.urlopen(f"{base}/charge/{request_id}", timeout=10) as response:
-        return json.loads(response.read())
+    return http_json(f"{base}/charge/{request_id}", timeout=10)[2]
 
 
 def test_two_gateways_racing_on_one_ev_end_in_one_session_and_one_rejection(

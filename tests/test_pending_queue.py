@@ -3,10 +3,7 @@ earlier version's queue, whose arguments could not change in place."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from email.message import Message
 
@@ -18,7 +15,7 @@ from balancer.legacy_pending import move_legacy_pending
 from smartgrid import contract
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from stack.processes import ProcessGroup
-from tests.helpers import BrokerClient, eventually, rabbitmqctl
+from tests.helpers import BrokerClient, eventually, http_json, rabbitmqctl
 
 
 @pytest.fixture
@@ -33,17 +30,7 @@ def _vhost(amqp_url: str) -> str:
 
 
 def _post(settings: StackSettings, ev_id: str) -> tuple[int, Message, dict]:
-    request = urllib.request.Request(
-        f"{settings.gateway_url}/charge",
-        data=json.dumps({"ev_id": ev_id}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.headers, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, json.loads(error.read())
+    return http_json(f"{settings.gateway_url}/charge", "POST", {"ev_id": ev_id})
 
 
 def test_the_pending_queue_has_one_active_consumer_and_a_length_limit(broker):
