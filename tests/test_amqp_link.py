@@ -329,6 +329,47 @@ def test_a_publish_bound_to_a_lost_connection_is_never_sent_on_the_next_one(amqp
         proxy.cut()
 
 
+def test_a_publish_bound_to_a_live_connection_is_sent_again_until_the_broker_takes_it(
+    amqp_url, broker
+):
+    """A broker that refuses a report (a node killed in a cluster nacks what it led) must not
+    leave a substation's delivery unsettled on a live connection with its end unreported: the
+    report goes out again, on the same connection, until it is confirmed."""
+    full = f"full-{uuid.uuid4().hex[:6]}"
+    broker.channel.queue_declare(
+        full, exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    broker.channel.queue_bind(full, contract.EVENTS_EXCHANGE, contract.SessionCompleted.kind)
+    broker.publish("", full, b"filler")
+    link = _link(amqp_url)
+    try:
+        event = contract.SessionCompleted(
+            at=time.time(),
+            request_id=uuid.uuid4().hex,
+            ev_id="EV1",
+            substation="s1",
+            instance="i",
+            started_at=time.time() - 1,
+        )
+        futures: list = []
+        generation = link.generation
+        link.call_soon(
+            lambda: futures.append(EventPublisher(link).publish(event, generation=generation))
+        )
+        eventually(lambda: futures)
+        time.sleep(2.5)  # refused, sent again after a pause, refused again
+        assert not futures[0].done()
+        broker.channel.queue_purge(full)
+        assert futures[0].result(10) is None
+        assert link.generation == generation
+        bodies = [body for _properties, body in broker.get_all(full)]
+        assert [e.request_id for b in bodies for e in contract.decode_events(event.kind, b)] == [
+            event.request_id
+        ]
+    finally:
+        link.stop()
+
+
 def test_every_publish_carries_the_connections_user_which_the_broker_vouches_for(amqp_url, broker):
     queue = broker.subscribe_events(contract.RequestAccepted.kind)
     link = _link(amqp_url)

@@ -8,8 +8,8 @@ from smartgrid.amqp.errors import ConnectionLost, NotConnected, PublishRejected,
 from smartgrid.amqp.publishing import Outgoing, Publishes
 
 
-def outgoing(n: int = 0, *, reliable: bool = False) -> Outgoing:
-    return Outgoing("x", "key", b"%d" % n, None, True, True, reliable)
+def outgoing(n: int = 0, *, reliable: bool = False, generation: int | None = None) -> Outgoing:
+    return Outgoing("x", "key", b"%d" % n, None, True, True, reliable, generation)
 
 
 def sent(publishes: Publishes, *messages: Outgoing) -> list[int]:
@@ -50,6 +50,16 @@ def test_a_nack_fails_an_ordinary_publish_and_hands_a_reliable_one_back_to_send_
         ordinary.future.result(0)
     assert not reliable.future.done()
     assert publishes.unconfirmed == 0
+
+
+def test_a_nack_hands_a_publish_bound_to_its_connection_back_to_send_again():
+    """A substation's report on a delivery it holds: failing it would leave the delivery
+    unsettled on a live connection, its session's end never reported."""
+    publishes = Publishes(name="t", outbox_limit=10)
+    ordinary, report = outgoing(1), outgoing(2, generation=7)
+    sent(publishes, ordinary, report)
+    assert publishes.confirmed(2, multiple=True, acked=False) == [report]
+    assert ordinary.future.done() and not report.future.done()
 
 
 def test_a_returned_publish_fails_as_unroutable_and_its_later_confirm_is_ignored():

@@ -6,8 +6,13 @@ settles each publish's future and says which publishes are to be sent again.
 
 A publish is "reliable" when losing it matters more than sending it twice (lifecycle events,
 whose consumers deduplicate): while the broker is away it waits in the outbox, and after a
-lost connection or a negative confirm it is sent again. Every other publish fails fast, which
-is what a caller that can still say "try again" wants.
+lost connection or a negative confirm it is sent again. A publish bound to a connection (a
+report on a delivery that connection holds) is sent again after a negative confirm too, on
+that connection: nobody else will ever get that delivery while the connection lives, so
+failing the report would leave the delivery unsettled and its outcome unreported until the
+connection ends (a broker node killed in a cluster nacks what was routed to a queue or stream
+whose leader it was, while the publisher's own connection, to another node, lives on). Every
+other publish fails fast, which is what a caller that can still say "try again" wants.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ class Publishes:
 
     def confirmed(self, tag: int, *, multiple: bool, acked: bool) -> list[Outgoing]:
         """The broker confirmed (``acked``) or refused publishes up to ``tag``. Settle them;
-        return the reliable ones it refused, to be sent again after a pause."""
+        return the refused ones that are reliable or bound to a connection, to be sent again
+        after a pause (on a later connection, a bound one then fails as its connection lost)."""
         if multiple:
             tags = list(itertools.takewhile(lambda t: t <= tag, self._unconfirmed))
         else:
@@ -105,7 +111,7 @@ class Publishes:
                 continue
             if acked:
                 outgoing.succeed()
-            elif outgoing.reliable:
+            elif outgoing.reliable or outgoing.generation is not None:
                 again.append(outgoing)  # an internal broker error; do not lose an event
             else:
                 outgoing.fail(PublishRejected(f"broker refused message to {outgoing.exchange!r}"))
