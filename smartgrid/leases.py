@@ -24,7 +24,7 @@ only as far as, with everyone else's commitment, every node on the path stays wi
 Substations echo the grant they hold in their demand reports, which retires the grants it
 replaced. So the commitments always bound what the substations draw, and every grant fits
 beside all of them: raising A's share waits until B's lowered share has been acknowledged (or
-B's old lease has run out).
+B's old lease has run out), which B therefore does at once (:func:`acknowledge_at_once`).
 
 **Failover.** A new allocator takes a higher ``term`` (its activation time in ms), so its grants
 replace any of its predecessor's. Until a substation has acknowledged a grant of the new term,
@@ -190,6 +190,16 @@ class Grant:
     @property
     def key(self) -> tuple[int, int]:
         return (self.term, self.seq)
+
+
+def acknowledge_at_once(previous: Grant | None, taken: Grant) -> bool:
+    """Whether a substation that has just taken ``taken`` (after ``previous``) should report at
+    once rather than at its next report: when the allocator may still be counting it at more
+    than ``taken`` (a lower share than the previous one, or the first of an allocator's term,
+    which counts it at its whole limit until acknowledged). Until that acknowledgement arrives
+    the power it gave up is held back from everyone else, so every report interval of delay
+    is power lost under a busy node; a raise or a renewal changes no commitment and waits."""
+    return previous is None or taken.term != previous.term or taken.share_w < previous.share_w
 
 
 @dataclass(frozen=True)

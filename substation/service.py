@@ -17,8 +17,9 @@ from the allocator (``power.share``, on the substation's own share queue) and th
 of a share's lease re-shares the limit in force among the sessions, publishes
 ``session.power`` for each session whose power changed, and re-arms each changed session's
 end timer: a session ends when its energy has been delivered. ``power.demand`` goes out on
-every change (at most once per DEMAND_MIN_INTERVAL) and every DEMAND_INTERVAL, from the process
-that consumes the queue.
+every change (at most once per DEMAND_MIN_INTERVAL), every DEMAND_INTERVAL, and at once when it
+takes a lower share (the allocator holds the power given up until it is acknowledged), from
+the process that consumes the queue.
 
 Cancellation (docs/driver-contract.md): ``request.cancel_requested`` reaches every substation
 (its event subscription). The one that charges the request stops the session (its point is
@@ -393,6 +394,7 @@ class SubstationService:
             return
         now = time.time()
         managed = self.sharing.lease.managed
+        previous = self.sharing.lease.last_grant
         if not self.sharing.offer(grant, now):
             log.debug("power share %s refused (stale, expired, or from before a restart)", grant)
             return
@@ -403,6 +405,17 @@ class SubstationService:
                 "failsafe until the first share arrives"
             )
         self._reshare(now)
+        if leases.acknowledge_at_once(previous, grant):
+            # The allocator holds back the power this share gave up until it hears that it
+            # was taken: waiting for the next report would waste it meanwhile.
+            self._report_now()
+
+    def _report_now(self) -> None:
+        """A ``power.demand`` report now, whatever DEMAND_MIN_INTERVAL says (it replaces the
+        one pending, if any)."""
+        if self._report_timer is not None:
+            self.link.cancel_timer(self._report_timer)
+        self._publish_report()
 
     def _report_soon(self) -> None:
         """A ``power.demand`` report at the end of this I/O-loop turn (one for all the changes

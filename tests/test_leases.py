@@ -17,6 +17,7 @@ from smartgrid.leases import (
     Grant,
     LeaseHolder,
     ShareAllocator,
+    acknowledge_at_once,
     divide,
     sum_by_node,
     target_shares,
@@ -198,6 +199,15 @@ def test_a_restarted_substation_refuses_grants_issued_before_it_started():
     h = holder(started_at=100.0)
     assert not h.offer(grant(issued_at=100.4), 100.6)  # within the clock skew of the start
     assert h.offer(grant(issued_at=100.6), 100.7)
+
+
+def test_a_lower_share_or_a_new_terms_first_is_acknowledged_at_once_a_raise_or_renewal_is_not():
+    previous = grant(share_w=20_000, term=1, seq=4)
+    assert acknowledge_at_once(None, previous)  # the allocator counts it at more until it knows
+    assert acknowledge_at_once(previous, grant(share_w=19_999, term=1, seq=5))
+    assert acknowledge_at_once(previous, grant(share_w=40_000, term=2, seq=1))
+    assert not acknowledge_at_once(previous, grant(share_w=20_000, term=1, seq=5))
+    assert not acknowledge_at_once(previous, grant(share_w=30_000, term=1, seq=5))
 
 
 def test_a_substation_outside_the_tree_ignores_leases():

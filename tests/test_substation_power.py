@@ -238,3 +238,36 @@ def test_with_the_defaults_a_bare_request_runs_session_seconds_at_full_power_unn
         assert metric(url, contract.LEASE_METRIC, substation=SUBSTATION) is None
     finally:
         assert service.stop() == 0
+
+
+def test_a_lower_share_is_acknowledged_at_once_not_at_the_next_report(stack_settings, broker):
+    # Reports at most every 30 s: any acknowledgement seen sooner was sent for the grant.
+    service, url = _start(
+        stack_settings,
+        SUBSTATION_PARENT="feeder-a",
+        SUBSTATION_FAILSAFE_KW="12",
+        DEMAND_MIN_INTERVAL="30",
+        DEMAND_INTERVAL="60",
+    )
+    try:
+        events = broker.subscribe_events(contract.PowerDemand.kind)
+        _send(broker, max_kw=22, min_kw=11, energy_kwh=200)
+        # Charging: its share queue is there. It refuses shares issued before its start.
+        eventually(lambda: _power(url) == (12.0, 12.0), what="the car on the failsafe")
+        time.sleep(leases.CLOCK_SKEW_SECONDS)
+        reports: list[contract.PowerDemand] = []
+
+        def acknowledged(grant: leases.Grant) -> bool:
+            reports.extend(e for e in broker.events(events) if isinstance(e, contract.PowerDemand))
+            return any((e.last_term, e.last_seq) == grant.key for e in reports)
+
+        # The first share of a term, then a lower one: each acknowledged at once, since the
+        # allocator counts the substation at more until it knows.
+        first = _grant(broker, 100, lease=60)
+        eventually(lambda: acknowledged(first), what="the first share acknowledged")
+        lower = _grant(broker, 30, lease=60)
+        eventually(lambda: acknowledged(lower), what="the lower share acknowledged")
+        assert reports[-1].holding_share_kw == 30 and reports[-1].limit_in_force_kw == 30
+        assert _power(url) == (22.0, 30.0)
+    finally:
+        assert service.stop() == 0
