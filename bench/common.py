@@ -7,6 +7,8 @@ import io
 import json
 import os
 import platform
+import random
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -46,13 +48,42 @@ def private_vhost(prefix: str = "bench") -> Iterator[str]:
         _rabbitmqctl("delete_vhost", vhost)
 
 
+#: A benchmark's stack takes a block of this many ports (the gateway's, the balancer's, then the
+#: substations'), chosen free below the kernel's ephemeral range, so that benchmarks run side
+#: by side on one machine (several sessions share it) do not collide, or worse, serve each
+#: other's clients: on fixed ports a second run's services failed to start ("Address already
+#: in use") and its wrk measured the first run's gateway.
+PORT_BLOCK = 32
+_PORT_RANGE = (10_000, 30_000)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(width: int = PORT_BLOCK) -> int:
+    """The first of ``width`` consecutive ports that are free now."""
+    for _ in range(200):
+        base = random.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - width)
+        if all(_port_free(port) for port in range(base, base + width)):
+            return base
+    raise RuntimeError(f"no {width} consecutive free ports in {_PORT_RANGE}")
+
+
 def bench_settings(amqp_url: str, log_dir: Path, **overrides) -> StackSettings:
-    """Stack settings on ports away from `make up`'s, logging only warnings."""
+    """Stack settings on a block of free ports (:func:`free_port_block`), logging only
+    warnings."""
+    base = free_port_block()
     settings = StackSettings(
         amqp_url=amqp_url,
-        gateway_port=8200,
-        balancer_port=9600,
-        substation_base_port=9601,
+        gateway_port=base,
+        balancer_port=base + 1,
+        substation_base_port=base + 2,
         log_dir=log_dir,
         log_level="WARNING",
     )

@@ -1,0 +1,32 @@
+"""bench.common: each benchmark's stack on ports of its own."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from bench.common import PORT_BLOCK, bench_settings, free_port_block
+
+
+def test_each_benchmark_stack_gets_a_block_of_ports_free_when_chosen():
+    """Two benchmarks side by side (several sessions share the machine) must not share ports."""
+    first = free_port_block()
+    held = []
+    try:
+        for port in range(first, first + PORT_BLOCK):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(sock)
+            sock.bind(("127.0.0.1", port))  # every port of the block was free
+        second = free_port_block()
+        assert not set(range(first, first + PORT_BLOCK)) & set(range(second, second + PORT_BLOCK))
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_the_stack_settings_take_their_ports_from_one_block():
+    settings = bench_settings("amqp://guest:guest@127.0.0.1/x", Path("/tmp"), substations=5)
+    ports = {settings.gateway_port, settings.balancer_port}
+    ports |= {settings.substation_port(index) for index in range(5)}
+    assert len(ports) == 7
+    assert max(ports) - min(ports) < PORT_BLOCK
