@@ -62,6 +62,8 @@ class _Request:
     """A request the balancer knows to be at a substation, as far as its load goes."""
 
     need: Need
+    #: What it asks of the substation, as a load (made once: it is added and taken off often).
+    load: Load
     #: When it was routed (this balancer's wall clock), for forgetting one that never starts.
     routed_at: float
     #: Substation clock times, and the instance that started it.
@@ -72,11 +74,21 @@ class _Request:
 
 @dataclass
 class _Substation:
+    """One substation's report and the requests that correct it.
+
+    The correction (the sum in the module's formula) is kept as it changes: each request adds
+    its :meth:`effect` when it is tracked, and a change of its state replaces its effect, so a
+    routing decision reads the load without going over the requests. Only a new report, which
+    may change whether it counts each of them, counts the correction again (:meth:`rebase`).
+    """
+
     report: contract.PowerDemand | None = None
     reported: Load = field(default_factory=Load)
     announced_limit_w: int | None = None
     announced_parent: str | None = None
     requests: dict[str, _Request] = field(default_factory=dict)
+    #: The sum of every request's effect on the report, kept with every change.
+    correction: Load = field(default_factory=Load)
     load: Load | None = None  # cached until the next change
 
     @property
@@ -96,23 +108,74 @@ class _Substation:
             and (request.completed_at is None or request.completed_at > report.at)
         )
 
+    def effect(self, request: _Request) -> int:
+        """How the request corrects the last report: +1 if it draws (or will) and the report
+        did not count it, -1 if the report counted a session that has ended since, else 0."""
+        counted = self.counted_by_report(request)
+        if request.completed_at is None:
+            return 0 if counted else 1
+        return -1 if counted else 0
+
+    def _correct(self, load: Load, effect: int) -> None:
+        if effect > 0:
+            self.correction = self.correction + load
+        elif effect < 0:
+            self.correction = self.correction - load
+        else:
+            return
+        self.load = None
+
+    def track(self, request_id: str, request: _Request) -> None:
+        self.requests[request_id] = request
+        self._correct(request.load, self.effect(request))
+
+    def untrack(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self._correct(request.load, -self.effect(request))
+
+    def started(self, request: _Request, at: float, instance: str) -> None:
+        self._correct(request.load, -self.effect(request))
+        request.started_at = at
+        request.instance = instance
+        request.completed_at = None
+        self._correct(request.load, self.effect(request))
+
+    def ended(self, request: _Request, at: float) -> None:
+        self._correct(request.load, -self.effect(request))
+        request.completed_at = at
+        self._correct(request.load, self.effect(request))
+
+    def recount(self) -> Load:
+        """The correction counted over every request (what :attr:`correction` keeps)."""
+        correction = Load()
+        for request in self.requests.values():
+            effect = self.effect(request)
+            if effect > 0:
+                correction = correction + request.load
+            elif effect < 0:
+                correction = correction - request.load
+        return correction
+
+    def rebase(self, report: contract.PowerDemand, now: float, forget_after: float) -> None:
+        """A new report: it counts sessions afresh, so the correction is counted again."""
+        self.report = report
+        self.reported = _reported_load(report)
+        self.prune(now, forget_after)
+        self.correction = self.recount()
+        self.load = None
+
     def compute_load(self) -> Load:
         if self.load is None:
-            load = self.reported
-            for request in self.requests.values():
-                counted = self.counted_by_report(request)
-                if request.completed_at is None and not counted:
-                    load = load + _load_of(request.need)
-                elif request.completed_at is not None and counted:
-                    load = load - _load_of(request.need)
-            self.load = load.clamped()
+            self.load = (self.reported + self.correction).clamped()
         return self.load
 
     def prune(self, now: float, forget_after: float) -> None:
         """Drop what no longer changes the load: sessions that ended before the report was
         taken, and requests the reports have not counted for ``forget_after`` (never started,
         started by a predecessor instance and never again, or a completion no report ever
-        follows: reports come every second, so a session running here is in them)."""
+        follows: reports come every second, so a session running here is in them). Only with
+        :meth:`rebase`, which counts the correction again after it."""
         report_at = self.report.at if self.report is not None else None
         for request_id, request in list(self.requests.items()):
             # Ended before this report: no report from now on counts it (older ones are
@@ -126,11 +189,10 @@ class _Substation:
                 continue
             if not self.counted_by_report(request) and now - request.routed_at > forget_after:
                 del self.requests[request_id]
-        self.load = None
 
 
-def _load_of(need: Need) -> Load:
-    return Load.of(need.max_w, need.min_w, need.priority)
+def _new_request(need: Need, routed_at: float) -> _Request:
+    return _Request(need, Load.of(need.max_w, need.min_w, need.priority), routed_at)
 
 
 def _reported_load(report: contract.PowerDemand) -> Load:
@@ -188,10 +250,8 @@ class PowerView:
         current = tracked.report
         if current is not None and current.instance == report.instance and current.at > report.at:
             return False  # overtaken by a newer one
-        tracked.report = report
-        tracked.reported = _reported_load(report)
+        tracked.rebase(report, self._clock(), self.forget_after)
         self._place(report.substation, report.parent)
-        tracked.prune(self._clock(), self.forget_after)
         return True
 
     def announced(self, event: contract.SubstationAnnounced) -> None:
@@ -216,13 +276,12 @@ class PowerView:
     def routed(self, substation: str, request_id: str, power: PowerFields) -> None:
         tracked = self._track(substation)
         if request_id not in tracked.requests:
-            tracked.requests[request_id] = _Request(need_of(power), self._clock())
-            tracked.load = None
+            tracked.track(request_id, _new_request(need_of(power), self._clock()))
 
     def unrouted(self, substation: str, request_id: str) -> None:
         tracked = self._substations.get(substation)
-        if tracked is not None and tracked.requests.pop(request_id, None) is not None:
-            tracked.load = None
+        if tracked is not None:
+            tracked.untrack(request_id)
 
     def session_started(self, event: contract.SessionStarted) -> None:
         tracked = self._track(event.substation)
@@ -230,13 +289,9 @@ class PowerView:
         if request is None:
             # Routed by another balancer (or before this one started): its event carries its
             # power fields.
-            request = tracked.requests[event.request_id] = _Request(
-                need_of(event.power()), self._clock()
-            )
-        request.started_at = event.at
-        request.instance = event.instance
-        request.completed_at = None
-        tracked.load = None
+            request = _new_request(need_of(event.power()), self._clock())
+            tracked.track(event.request_id, request)
+        tracked.started(request, event.at, event.instance)
 
     def session_ended(self, substation: str, request_id: str, at: float) -> None:
         """Its session completed (or was cancelled) at ``at``, on the substation's clock."""
@@ -247,8 +302,7 @@ class PowerView:
         if request is None:
             return
         # Kept until a report taken after the end arrives: one taken before it may still come.
-        request.completed_at = at
-        tracked.load = None
+        tracked.ended(request, at)
 
     def set_overrides(self, overrides: LimitOverrides) -> None:
         self.overrides = overrides
@@ -257,6 +311,11 @@ class PowerView:
     def load(self, substation: str) -> Load:
         tracked = self._substations.get(substation)
         return tracked.compute_load() if tracked is not None else Load()
+
+    def recounted_load(self, substation: str) -> Load:
+        """:meth:`load` counted over every request tracked there (what it keeps as it goes)."""
+        tracked = self._substations.get(substation)
+        return (tracked.reported + tracked.recount()).clamped() if tracked else Load()
 
     def own_limits_w(self, capacities: Mapping[str, int] | None = None) -> dict[str, int]:
         """Each substation's own limit: as it reports or announces it, else its points at the

@@ -178,6 +178,75 @@ def test_the_load_does_not_depend_on_when_the_report_arrives_among_the_events(po
     assert view.load(S) == cars(CAR)
 
 
+_IDS = st.sampled_from(["r1", "r2", "r3"])
+_SUBSTATIONS = st.sampled_from([S, S, "s2"])
+_INSTANCES = st.sampled_from(["i1", "i1", "i2"])  # mostly the reports' own
+# Substation clock times: sessions start and end between reports, or at their times.
+_STARTS = st.sampled_from([9.0, 10.5, 11.0])
+_ENDS = st.sampled_from([10.5, 11.5, 10.0])
+_REPORTS = st.sampled_from([10.0, 11.0, 12.0])
+_POWER = st.sampled_from([CAR, FLEET_CAR])
+_STEP = st.one_of(
+    st.tuples(st.just("routed"), _SUBSTATIONS, _IDS, _POWER),
+    st.tuples(st.just("unrouted"), _SUBSTATIONS, _IDS),
+    st.builds(
+        lambda i, at, p, inst, sub: ("event", started(i, at, p, inst, sub)),
+        _IDS,
+        _STARTS,
+        _POWER,
+        _INSTANCES,
+        _SUBSTATIONS,
+    ),
+    st.builds(
+        lambda i, at, inst, sub: ("event", completed(i, at, inst, sub)),
+        _IDS,
+        _ENDS,
+        _INSTANCES,
+        _SUBSTATIONS,
+    ),
+    st.builds(
+        lambda i, at, began, sub: ("event", cancelled(i, at, started_at=began, substation=sub)),
+        _IDS,
+        _ENDS,
+        st.none() | _STARTS,
+        _SUBSTATIONS,
+    ),
+    # Each report counts at least as many cars of each class as there are ids, so that no
+    # correction reaches below zero, where the clamp would hide a wrong one.
+    st.builds(
+        lambda at, sessions, inst, sub: (
+            "event",
+            report(at, *[CAR, FLEET_CAR] * 3, *sessions, instance=inst, substation=sub),
+        ),
+        _REPORTS,
+        st.lists(_POWER, max_size=3),
+        _INSTANCES,
+        _SUBSTATIONS,
+    ),
+    st.tuples(st.just("later"), st.sampled_from([1.0, 200.0])),
+)
+
+
+@settings(deadline=None, max_examples=300)
+@given(steps=st.lists(_STEP, min_size=5, max_size=40))
+def test_the_load_kept_as_it_goes_is_the_load_counted_over_every_request(steps):
+    """Whatever happens in whatever order, the load a decision reads (kept by adding and taking
+    off each change) is the one counted afresh over every request tracked."""
+    clock = Clock()
+    view = PowerView(Topology(), wall_clock=clock, forget_after=300.0)
+    for step in steps:
+        if step[0] == "routed":
+            view.routed(step[1], step[2], step[3])
+        elif step[0] == "unrouted":
+            view.unrouted(step[1], step[2])
+        elif step[0] == "later":
+            clock.now += step[1]
+        else:
+            view.apply(step[1])
+        for substation in (S, "s2"):
+            assert view.load(substation) == view.recounted_load(substation)
+
+
 # ------------------------------------------------------------------------------ limits and tree
 def candidate(name: str, capacity: int = 4) -> Candidate:
     return Candidate(name, capacity, 0.0, 0.0)
