@@ -218,13 +218,9 @@ def _load(requests: Iterable[EvRequest]) -> Load:
 
 
 def demand_of(sessions: Iterable[SessionDemand]) -> Demand:
-    """What a substation's sessions ask of the allocator, per class."""
-    counts, floors, wants = [0] * 3, [0] * 3, [0] * 3
-    for s in sessions:
-        counts[s.priority.rank] += 1
-        floors[s.priority.rank] += s.min_w
-        wants[s.priority.rank] += s.max_w
-    return Demand(tuple(counts), tuple(floors), tuple(wants))
+    """What a substation's sessions ask of the allocator, per class and per session (as
+    ``substation.sharing`` reports it)."""
+    return Demand.of_sessions((s.priority, s.min_w, s.max_w) for s in sessions)
 
 
 class DaySimulation:

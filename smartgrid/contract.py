@@ -377,9 +377,20 @@ _ID_CHECKS = {
 }
 
 
+#: The one field type beyond plain values: a JSON array of finite numbers.
+NUMBERS = tuple[float, ...]
+
+
 def _check_value(name: str, base: type, optional: bool, value: Any) -> Any:
     if value is None and optional:
         return None
+    if base is NUMBERS:
+        if not isinstance(value, list | tuple):
+            raise InvalidMessage(f"field {name!r} must be an array of numbers")
+        try:
+            return tuple(float(finite_number(v)) for v in value)
+        except NotANumber as exc:
+            raise InvalidMessage(f"field {name!r}: every item {exc}") from None
     if base is bool:
         if not isinstance(value, bool):
             raise InvalidMessage(f"field {name!r} must be true or false")
@@ -418,7 +429,9 @@ def _schema(cls: type) -> tuple[tuple[str, type, bool, bool], ...]:
             args = typing.get_args(annotation)
             optional = type(None) in args
             base = next(a for a in args if a is not type(None)) if optional else annotation
-            if base not in (str, int, float, bool):
+            if base == NUMBERS:
+                base = NUMBERS  # the one object, so that ``base is NUMBERS`` tells
+            elif base not in (str, int, float, bool):
                 raise TypeError(f"unsupported field type {annotation!r}")  # pragma: no cover
             entries.append((f.name, base, optional, f.default is dataclasses.MISSING))
         schema = _SCHEMAS[cls] = tuple(entries)
@@ -430,6 +443,8 @@ def _field_check(name: str, base: type, optional: bool) -> Callable[[Any], Any]:
     type that passes (the type JSON gives, nearly always); anything else takes the full check,
     which decides and says why."""
     full = functools.partial(_check_value, name, base, optional)
+    if base is NUMBERS:
+        return full
     if base is str:
         id_check = _ID_CHECKS.get(name)
         if id_check is None:
@@ -518,7 +533,10 @@ def _dump(obj: Any, **extra: Any) -> bytes:
     finite = True
     for name, base, _optional, _required in _schema(type(obj)):
         value = payload[name] = getattr(obj, name)
-        if base is float and value.__class__ is float and not math.isfinite(value):
+        if base is float:
+            if value.__class__ is float and not math.isfinite(value):
+                finite = False
+        elif base is NUMBERS and value is not None and not all(map(math.isfinite, value)):
             finite = False
     payload.update(extra)
     if finite:
@@ -967,6 +985,16 @@ class PowerDemand(Event):
     want_kw_emergency: float = 0.0
     want_kw_fleet: float = 0.0
     want_kw_standard: float = 0.0
+    #: Each running session's minimum and maximum (in the same order) per class, so that the
+    #: allocator divides a feeder over the sessions, not the substations (a substation whose
+    #: sessions are at their own maximum needs no more). Absent from older substations: the
+    #: allocator then takes their sessions as alike (the class's sums spread evenly).
+    session_min_kw_emergency: NUMBERS | None = None
+    session_max_kw_emergency: NUMBERS | None = None
+    session_min_kw_fleet: NUMBERS | None = None
+    session_max_kw_fleet: NUMBERS | None = None
+    session_min_kw_standard: NUMBERS | None = None
+    session_max_kw_standard: NUMBERS | None = None
     parent: str | None = None
     #: The share it holds (its lease not run out), as the grant said: all or none.
     holding_share_kw: float | None = None
@@ -979,8 +1007,24 @@ class PowerDemand(Event):
     last_seq: int | None = None
 
     def __post_init__(self) -> None:
-        numbers = (n for n, base, _, _ in _schema(type(self)) if base is not str and n != "at")
+        numbers = (n for n, base, _, _ in _schema(type(self)) if base in (int, float) and n != "at")
         _check_at_least(self, 0, *numbers)
+        for name in POWER_CLASSES:
+            lows = getattr(self, f"session_min_kw_{name}")
+            highs = getattr(self, f"session_max_kw_{name}")
+            if lows is None and highs is None:
+                continue
+            sessions = getattr(self, f"sessions_{name}")
+            if lows is None or highs is None or not len(lows) == len(highs) == sessions:
+                raise InvalidMessage(
+                    f"the session_min_kw_{name} and session_max_kw_{name} fields come together, "
+                    f"one item for each of the sessions_{name} ({sessions})"
+                )
+            if not all(0 <= low <= high for low, high in zip(lows, highs, strict=True)):
+                raise InvalidMessage(
+                    f"field 'session_min_kw_{name}': each session's minimum must be at least 0 "
+                    f"and at most its maximum in 'session_max_kw_{name}'"
+                )
         holding = [getattr(self, f"holding_{n}") for n in _HOLDING]
         if any(v is None for v in holding) and any(v is not None for v in holding):
             raise InvalidMessage("the holding_* fields come all together or not at all")

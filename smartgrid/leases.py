@@ -7,12 +7,15 @@ lease, and never lets its sessions draw more than the lower of its own limit and
 A substation whose lease runs out falls back to its failsafe (``SUBSTATION_FAILSAFE_KW``).
 
 **Dividing a limit** (:func:`divide`, :func:`target_shares`). Top-down from each root: a node's
-budget is shared among its children by the same rules a substation uses for its sessions, with
-each child standing for all the sessions under it: first each child's failsafe (so that a lease
-running out can never overload the parent), then the minimums class by class, then the rest
-class by class, each step water-filled with the child's number of sessions as its weight, so
-that sessions under different substations get about the same power. No child gets more than its
-own limit.
+budget is shared among its children by the same rules a substation uses for its sessions, over
+the sessions under them: first each child's failsafe (so that a lease running out can never
+overload the parent), then the minimums class by class, then the rest class by class, each
+step water-filled over the sessions (a common *level*; each session takes what it can of it,
+within its own minimum and maximum), so that a session under one substation gets what one under
+another gets, and a substation whose cars are at their maximum gets no more for them. A child
+takes what its sessions take at the level, never more than its own limit, nor than the nodes
+under it can pass on. Substations report each session's minimum and maximum; a report without
+them (an older substation) counts its sessions as alike.
 
 **Leases, and why the sum of the shares in force never exceeds a limit.** A grant is in force
 at its substation from arrival until ``issued_at + lease_seconds`` on the substation's clock, or
@@ -40,13 +43,15 @@ Every class here is a pure state machine: times are arguments, nothing reads a c
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from smartgrid import contract
 from smartgrid.grid import Topology, TopologyError
-from smartgrid.power import CLASS_ORDER, kilowatts, water_fill, watts
+from smartgrid.power import CLASS_ORDER, Priority, kilowatts, watts
 
 #: How far apart the clocks of the allocator and the substations may be, at most (both sides
 #: must assume the same): a substation refuses grants issued before its start plus this.
@@ -62,73 +67,194 @@ def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Demand:
-    """What the sessions under a node ask for, per class in CLASS_ORDER."""
+    """What the sessions under a node ask for, per class in CLASS_ORDER: how many, the sums of
+    their minimums and maxima, and (from a substation that reports them) each session's
+    ``(min_w, max_w)``, sorted, so that a limit is divided over the sessions themselves."""
 
     sessions: tuple[int, ...] = _ZEROS
     floors_w: tuple[int, ...] = _ZEROS
     wants_w: tuple[int, ...] = _ZEROS
     failsafe_w: int = 0
+    #: Per class, each session's (min_w, max_w); None from a report without them (an older
+    #: substation): its sessions then count as alike (:meth:`bounds`).
+    sessions_w: tuple[tuple[tuple[int, int], ...], ...] | None = None
+
+    @classmethod
+    def of_sessions(
+        cls, sessions: Iterable[tuple[Priority, int, int]], failsafe_w: int = 0
+    ) -> Demand:
+        """The demand of sessions given as (class, min_w, max_w)."""
+        per_class: list[list[tuple[int, int]]] = [[] for _ in CLASS_ORDER]
+        for priority, min_w, max_w in sessions:
+            per_class[priority.rank].append((min_w, max_w))
+        bounds = tuple(tuple(sorted(b)) for b in per_class)
+        return cls(
+            tuple(len(b) for b in bounds),
+            tuple(sum(lo for lo, _ in b) for b in bounds),
+            tuple(sum(hi for _, hi in b) for b in bounds),
+            failsafe_w,
+            bounds,
+        )
+
+    def bounds(self, rank: int) -> tuple[tuple[int, int], ...]:
+        """Each session's (min_w, max_w) in class ``rank``; without the sessions' own, the
+        class's sums spread evenly over its sessions (to the watt: the first ones take the
+        remainders), as alike sessions."""
+        if self.sessions_w is not None:
+            return self.sessions_w[rank]
+        count, floor, want = self.sessions[rank], self.floors_w[rank], self.wants_w[rank]
+        if count == 0:
+            return () if want == 0 else ((floor, want),)
+        return tuple(
+            (floor // count + (i < floor % count), want // count + (i < want % count))
+            for i in range(count)
+        )
 
     def __add__(self, other: Demand) -> Demand:
+        sessions_w = None
+        if self.sessions_w is not None and other.sessions_w is not None:
+            sessions_w = tuple(
+                tuple(sorted(a + b)) for a, b in zip(self.sessions_w, other.sessions_w, strict=True)
+            )
         return Demand(
             _add(self.sessions, other.sessions),
             _add(self.floors_w, other.floors_w),
             _add(self.wants_w, other.wants_w),
             self.failsafe_w + other.failsafe_w,
+            sessions_w,
         )
 
 
 # ------------------------------------------------------------------------------ dividing
+#: A *level* orders every way of giving power to a node's sessions: (phase, watts). Phases
+#: 0..K-1 give class k its minimums (each session min(level, its min_w)), phases K..2K-1 the
+#: rest of class k (each session clamp(level, min_w, max_w)); earlier phases are complete.
+_PHASES = 2 * _CLASSES
+
+
+def _sum_min(values: Sequence[int], prefix: Sequence[int], level: int) -> int:
+    """sum(min(level, v) for v in values), ``values`` sorted and ``prefix`` their running sums."""
+    below = bisect.bisect_left(values, level)
+    return prefix[below] + level * (len(values) - below)
+
+
+def _prefix(values: Sequence[int]) -> list[int]:
+    return [0, *itertools.accumulate(values)]
+
+
+class _Sessions:
+    """What a substation's sessions take at every level, in O(log n) per question."""
+
+    def __init__(self, demand: Demand) -> None:
+        per_class = [demand.bounds(k) for k in range(_CLASSES)]
+        self._mins = [sorted(low for low, _ in bounds) for bounds in per_class]
+        self._maxes = [sorted(high for _, high in bounds) for bounds in per_class]
+        self._min_prefix = [_prefix(values) for values in self._mins]
+        self._max_prefix = [_prefix(values) for values in self._maxes]
+        self._top = [max(v, default=0) for v in self._mins + self._maxes]
+        # What the phases before each one have given: every minimum, class by class, then
+        # every rest, class by class.
+        steps = [m[-1] for m in self._min_prefix] + [
+            high[-1] - low[-1] for high, low in zip(self._max_prefix, self._min_prefix, strict=True)
+        ]
+        self._before = [0, *itertools.accumulate(steps)][:-1]
+
+    def top(self, phase: int) -> int:
+        """The level from which this phase gives these sessions nothing more."""
+        return self._top[phase]
+
+    def at(self, phase: int, level: int) -> int:
+        if phase < _CLASSES:
+            k = phase
+            return self._before[phase] + _sum_min(self._mins[k], self._min_prefix[k], level)
+        k = phase - _CLASSES
+        return (
+            self._before[phase]
+            + _sum_min(self._maxes[k], self._max_prefix[k], level)
+            - _sum_min(self._mins[k], self._min_prefix[k], level)
+        )
+
+
+@dataclass
+class _Child:
+    """One child of a node: what it (and everything under it) takes at each level, up to its
+    limit and at least its failsafe."""
+
+    demand: _Sessions | list[_Child]
+    cap_w: int
+    failsafe_w: int
+    #: Its failsafe, once its parent has checked that the failsafes fit.
+    base_w: int = 0
+
+    def __post_init__(self) -> None:
+        self.cap_w = max(0, self.cap_w)
+        self.base_w = min(self.failsafe_w, self.cap_w)
+
+    def top(self, phase: int) -> int:
+        if isinstance(self.demand, _Sessions):
+            return self.demand.top(phase)
+        return max((c.top(phase) for c in self.demand), default=0)
+
+    def wants(self, phase: int, level: int) -> int:
+        if isinstance(self.demand, _Sessions):
+            return self.demand.at(phase, level)
+        return sum(c.takes(phase, level) for c in self.demand)
+
+    def takes(self, phase: int, level: int) -> int:
+        return min(self.cap_w, max(self.base_w, self.wants(phase, level)))
+
+    def without_failsafes(self) -> None:
+        """Reserve no failsafe here or anywhere under it (they do not fit above)."""
+        self.base_w = 0
+        if not isinstance(self.demand, _Sessions):
+            for c in self.demand:
+                c.without_failsafes()
+
+
+def _divide(budget_w: int, children: Sequence[_Child]) -> tuple[list[int], bool]:
+    """Share ``budget_w`` among ``children``: every child its failsafe first (if they all fit:
+    else none, and True), then the highest level that fits, each child what it takes at that
+    level; the watts left over (fewer than one more watt per session on the level) go to the
+    first children that would take more one watt higher."""
+    overcommitted = sum(min(c.failsafe_w, c.cap_w) for c in children) > budget_w
+    for c in children:
+        c.base_w = 0 if overcommitted else min(c.failsafe_w, c.cap_w)
+
+    def total(phase: int, level: int) -> int:
+        return sum(c.takes(phase, level) for c in children)
+
+    if total(0, 0) > budget_w:  # the failsafes of the nodes further down do not fit either
+        overcommitted = True
+        for c in children:
+            c.without_failsafes()
+
+    tops = [max((c.top(p) for c in children), default=0) for p in range(_PHASES)]
+    phase = next((p for p in range(_PHASES) if total(p, tops[p]) > budget_w), None)
+    if phase is None:  # everyone takes all they want
+        return [c.takes(_PHASES - 1, tops[-1]) for c in children], overcommitted
+    low, high = 0, tops[phase]  # total(low) <= budget < total(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if total(phase, middle) <= budget_w:
+            low = middle
+        else:
+            high = middle
+    shares = [c.takes(phase, low) for c in children]
+    left = budget_w - sum(shares)
+    for i, c in enumerate(children):
+        if left <= 0:
+            break
+        more = min(left, c.takes(phase, low + 1) - shares[i])
+        shares[i] += more
+        left -= more
+    return shares, overcommitted
+
+
 def divide(budget_w: int, children: Sequence[tuple[Demand, int]]) -> tuple[list[int], bool]:
     """Share ``budget_w`` among ``children`` given as (demand, own limit); return the shares and
     whether the budget could not even cover every child's failsafe (then failsafes are ignored,
     and a lease running out may overload this node: an alert, not a crash)."""
-    count = len(children)
-    caps = [max(0, limit) for _, limit in children]
-    base = [min(d.failsafe_w, cap) for (d, _), cap in zip(children, caps, strict=True)]
-    overcommitted = sum(base) > budget_w
-    if overcommitted:
-        base = [0] * count
-    remaining = budget_w - sum(base)
-    # What the failsafe already covers is taken off each child's demand: minimums first, in
-    # class order, then the rest.
-    floors = [list(d.floors_w) for d, _ in children]
-    extras = [[w - f for w, f in zip(d.wants_w, d.floors_w, strict=True)] for d, _ in children]
-    for index in range(count):
-        covered = base[index]
-        for needs in (floors[index], extras[index]):
-            for k in range(_CLASSES):
-                take = min(covered, needs[k])
-                needs[k] -= take
-                covered -= take
-    given = [[0] * _CLASSES for _ in range(count)]
-
-    def room(index: int) -> int:
-        return caps[index] - base[index] - sum(given[index])
-
-    def weight(index: int, k: int) -> int:
-        return max(1, children[index][0].sessions[k])
-
-    for k in range(_CLASSES):  # minimums
-        shares = water_fill(
-            remaining, [(0, min(floors[i][k], room(i)), weight(i, k)) for i in range(count)]
-        )
-        for i, share in enumerate(shares):
-            given[i][k] += share
-        remaining -= sum(shares)
-    for k in range(_CLASSES):  # the rest
-        current = [given[i][k] for i in range(count)]
-        shares = water_fill(
-            remaining + sum(current),
-            [
-                (current[i], current[i] + min(extras[i][k], room(i)), weight(i, k))
-                for i in range(count)
-            ],
-        )
-        for i, share in enumerate(shares):
-            given[i][k] = share
-        remaining -= sum(shares) - sum(current)
-    return [base[i] + sum(given[i]) for i in range(count)], overcommitted
+    return _divide(budget_w, [_Child(_Sessions(d), limit, d.failsafe_w) for d, limit in children])
 
 
 @dataclass(frozen=True)
@@ -142,34 +268,44 @@ class Division:
 def target_shares(
     topology: Topology, limits_w: Mapping[str, int], demands: Mapping[str, Demand]
 ) -> Division:
-    """Divide every root's limit down the tree among the substations in ``demands``."""
-    below: dict[str, Demand] = {}
+    """Divide every root's limit down the tree among the substations in ``demands``: at every
+    node over the sessions under it, each child standing for what its own sessions take at a
+    level within the limits of every node between (so power is never given to a child that
+    cannot pass it on)."""
     children: dict[str, set[str]] = {}
     roots: set[str] = set()
-    for substation, demand in demands.items():
+    for substation in demands:
         path = topology.path(substation)
         roots.add(path[-1])
-        for node in path:
-            below[node] = below.get(node, Demand()) + demand
         for child, parent in zip(path, path[1:], strict=False):
             children.setdefault(parent, set()).add(child)
+
+    def build(node: str) -> _Child:
+        under = sorted(children.get(node, ()))
+        if under:
+            kids = [build(c) for c in under]
+            failsafe = sum(k.failsafe_w for k in kids)
+            return _Child(kids, limits_w[node], failsafe)
+        demand = demands.get(node, Demand())
+        return _Child(_Sessions(demand), limits_w[node], demand.failsafe_w)
+
     shares: dict[str, int] = {}
     overcommitted: set[str] = set()
 
-    def descend(node: str, budget: int) -> None:
-        under = sorted(children.get(node, ()))
-        if not under:
+    def descend(node: str, tree: _Child, budget: int) -> None:
+        if isinstance(tree.demand, _Sessions):
             if node in demands and topology.parent(node) is not None:
                 shares[node] = budget
             return
-        split, over = divide(budget, [(below[c], limits_w[c]) for c in under])
+        under = sorted(children.get(node, ()))
+        split, over = _divide(budget, tree.demand)
         if over:
             overcommitted.add(node)
-        for child, share in zip(under, split, strict=True):
-            descend(child, share)
+        for child, kid, share in zip(under, tree.demand, split, strict=True):
+            descend(child, kid, share)
 
     for root in sorted(roots):
-        descend(root, limits_w[root])
+        descend(root, build(root), limits_w[root])
     return Division(shares, frozenset(overcommitted))
 
 
@@ -493,6 +629,10 @@ def report_to_event(
         fields[f"sessions_{name}"] = sessions
         fields[f"floor_kw_{name}"] = kilowatts(floor)
         fields[f"want_kw_{name}"] = kilowatts(want)
+    if demand.sessions_w is not None:
+        for name, bounds in zip(contract.POWER_CLASSES, demand.sessions_w, strict=True):
+            fields[f"session_min_kw_{name}"] = tuple(kilowatts(low) for low, _ in bounds)
+            fields[f"session_max_kw_{name}"] = tuple(kilowatts(high) for _, high in bounds)
     if report.holding is not None:
         grant = report.holding
         fields |= {
@@ -524,6 +664,21 @@ def report_from_event(event: contract.PowerDemand) -> DemandReport:
             event.holding_term,
             event.holding_seq,
         )
+    sessions_w = None
+    if all(getattr(event, f"session_min_kw_{c}") is not None for c in contract.POWER_CLASSES):
+        sessions_w = tuple(
+            tuple(
+                sorted(
+                    (watts(low), watts(high))
+                    for low, high in zip(
+                        getattr(event, f"session_min_kw_{c}"),
+                        getattr(event, f"session_max_kw_{c}"),
+                        strict=True,
+                    )
+                )
+            )
+            for c in contract.POWER_CLASSES
+        )
     last_key = None
     if event.last_term is not None and event.last_seq is not None:
         last_key = (event.last_term, event.last_seq)
@@ -536,6 +691,7 @@ def report_from_event(event: contract.PowerDemand) -> DemandReport:
             floors_w=per_class("floor_kw"),
             wants_w=per_class("want_kw"),
             failsafe_w=watts(event.failsafe_kw),
+            sessions_w=sessions_w,
         ),
         parent=event.parent,
         holding=holding,

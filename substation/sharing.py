@@ -236,21 +236,15 @@ class PowerSharing:
         """What to tell the allocator: the demand report, the limit in force and the power
         drawn (the rest of ``power.demand``)."""
         with self._lock:
-            sessions = [0] * len(CLASS_ORDER)
-            floors = [0] * len(CLASS_ORDER)
-            wants = [0] * len(CLASS_ORDER)
-            power_w = 0
-            for session in self._sessions.values():
-                rank = session.demand.priority.rank
-                sessions[rank] += 1
-                floors[rank] += session.demand.min_w
-                wants[rank] += session.demand.max_w
-                power_w += session.energy.power_w
+            running = [s.demand for s in self._sessions.values()]
+            power_w = sum(s.energy.power_w for s in self._sessions.values())
             report = DemandReport(
                 substation=self.substation,
                 at=now,
                 limit_w=self.lease.own_limit_w,
-                demand=Demand(tuple(sessions), tuple(floors), tuple(wants), self.lease.failsafe_w),
+                demand=Demand.of_sessions(
+                    ((d.priority, d.min_w, d.max_w) for d in running), self.lease.failsafe_w
+                ),
                 parent=self.parent,
                 holding=self.lease.holding(now),
                 last_key=self.lease.last_key,

@@ -145,6 +145,12 @@ ONE_OF_EACH_EVENT: list[contract.Event] = [
         sessions_standard=3,
         floor_kw_standard=4.2,
         want_kw_standard=150.0,
+        session_min_kw_emergency=(),
+        session_max_kw_emergency=(),
+        session_min_kw_fleet=(1.4, 1.4),
+        session_max_kw_fleet=(11.0, 11.0),
+        session_min_kw_standard=(1.4, 1.4, 1.4),
+        session_max_kw_standard=(3.7, 46.3, 100.0),
         parent="feeder-a",
         holding_share_kw=40.0,
         holding_issued_at=5.0,
@@ -829,6 +835,13 @@ def test_a_request_message_breaking_the_power_rules_is_rejected_naming_the_field
         ("power.demand", {"sessions_fleet": 1.5}, "'sessions_fleet'"),
         ("power.demand", {"holding_term": None}, "holding_"),
         ("power.demand", {"last_seq": None}, "last_term"),
+        ("power.demand", {"session_max_kw_fleet": [11.0]}, "sessions_fleet"),
+        ("power.demand", {"session_max_kw_fleet": None}, "session_max_kw_fleet"),
+        ("power.demand", {"session_min_kw_fleet": [1.4, 12.0]}, "'session_min_kw_fleet'"),
+        ("power.demand", {"session_min_kw_fleet": [1.4, -1]}, "'session_min_kw_fleet'"),
+        ("power.demand", {"session_max_kw_fleet": [11.0, "11"]}, "'session_max_kw_fleet'"),
+        ("power.demand", {"session_max_kw_fleet": 11.0}, "'session_max_kw_fleet'"),
+        ("power.demand", {"session_max_kw_fleet": [11.0, math.inf]}, "'session_max_kw_fleet'"),
         ("grid.limit", {"limit_kw": 0}, "'limit_kw'"),
         ("grid.limit", {"valid_until": 6.0}, "'valid_until'"),
         ("grid.limit", {"node": "a b"}, "'node'"),
@@ -875,6 +888,50 @@ def test_a_demand_report_survives_the_trip_through_its_event_to_the_watt(
     decoded = contract.decode_event(event.kind, event.to_body())
     assert isinstance(decoded, contract.PowerDemand)
     assert leases.report_from_event(decoded) == report
+
+
+@given(
+    sessions=st.lists(
+        st.tuples(
+            st.sampled_from(power.CLASS_ORDER),
+            st.integers(0, 20_000),
+            st.integers(0, 350_000),
+        ).map(lambda s: (s[0], min(s[1], s[2]), s[2])),
+        max_size=12,
+    ),
+    failsafe=st.integers(0, 10**6),
+)
+def test_a_demand_over_sessions_survives_the_trip_through_its_event_to_the_watt(sessions, failsafe):
+    demand = leases.Demand.of_sessions(sessions, failsafe)
+    report = leases.DemandReport("s1", 101.5, 50_000, demand)
+    event = leases.report_to_event(report, instance="i", limit_in_force_w=1, power_w=0)
+    decoded = contract.decode_event(event.kind, event.to_body())
+    assert isinstance(decoded, contract.PowerDemand)
+    assert leases.report_from_event(decoded) == report
+
+
+def test_a_demand_of_an_older_substation_without_its_sessions_is_accepted():
+    # A rolling upgrade: the allocator takes its sessions as alike.
+    data = json.loads(
+        contract.PowerDemand(
+            at=1.0,
+            substation="s1",
+            instance="i",
+            limit_kw=60.0,
+            failsafe_kw=0.0,
+            limit_in_force_kw=60.0,
+            power_kw=0.0,
+            sessions_standard=2,
+            floor_kw_standard=2.8,
+            want_kw_standard=22.0,
+        ).to_body()
+    )
+    older = {k: v for k, v in data.items() if not k.startswith("session_")}  # never sent them
+    decoded = contract.decode_event("power.demand", encode(older))
+    assert isinstance(decoded, contract.PowerDemand)
+    demand = leases.report_from_event(decoded).demand
+    assert demand.sessions_w is None
+    assert demand.bounds(2) == ((1_400, 11_000), (1_400, 11_000))
 
 
 def test_a_grant_and_an_override_survive_the_trip_through_their_messages():

@@ -6,7 +6,7 @@ be exceeded. Pure: every clock is a number the test moves."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -22,6 +22,7 @@ from smartgrid.leases import (
     sum_by_node,
     target_shares,
 )
+from smartgrid.power import CLASS_ORDER, Priority, SessionDemand, allocate
 
 no_deadline = settings(deadline=None)
 
@@ -113,6 +114,64 @@ def test_when_everything_fits_every_child_gets_all_it_wants(budget, kids):
         assert shares == needs or all(s >= n for s, n in zip(shares, needs, strict=True))
 
 
+def cars(*bounds_kw: tuple[float, float], priority=Priority.STANDARD) -> list:
+    return [(priority, round(lo * 1000), round(hi * 1000)) for lo, hi in bounds_kw]
+
+
+def test_a_feeder_is_shared_over_the_sessions_so_cars_at_their_maximum_need_no_more():
+    # Counted by sessions, the first substation's four cars would weigh 4 against 2 and take
+    # 40 kW, though three of them cannot draw more than 3.7 kW. Over the sessions, every car
+    # below its maximum gets the same: (60 - 3 x 3.7) / 3 = 16.3 kW.
+    slow = Demand.of_sessions(cars((1.4, 3.7), (1.4, 3.7), (1.4, 3.7), (1.4, 50)))
+    fast = Demand.of_sessions(cars((1.4, 50), (1.4, 50)))
+    shares, _ = divide(60_000, [(slow, 60_000), (fast, 60_000)])
+    assert shares == [3 * 3_700 + 16_300, 2 * 16_300]
+    powers = [
+        allocate(share, _sessions(d)).power_w for share, d in zip(shares, (slow, fast), strict=True)
+    ]
+    below_max = [p for alloc in powers for p in alloc.values() if p > 3_700]
+    assert max(below_max) - min(below_max) <= 1
+
+
+def test_a_dc_cars_minimum_is_counted_as_its_own_not_as_an_average():
+    # A 150 kW car that needs 15 kW beside 11 kW cars: at 10 kW a car the DC car takes its
+    # minimum, and the level of the others is what is left.
+    dc = Demand.of_sessions(cars((15, 150)))
+    ac = Demand.of_sessions(cars((1.4, 11), (1.4, 11)))
+    shares, _ = divide(35_000, [(dc, 200_000), (ac, 200_000)])
+    assert shares == [15_000, 20_000]
+
+
+def test_a_demand_without_its_sessions_counts_them_as_alike():
+    # An older substation reports sums only: its sessions are taken as alike.
+    old = Demand((0, 0, 3), (0, 0, 4_200), (0, 0, 33_000))
+    assert old.bounds(2) == ((1_400, 11_000),) * 3
+    assert Demand((0, 0, 2), (0, 0, 3), (0, 0, 7)).bounds(2) == ((2, 4), (1, 3))
+    new = Demand.of_sessions(cars((1.4, 11), (1.4, 11), (1.4, 11)))
+    shares, _ = divide(30_000, [(old, 60_000), (new, 60_000)])
+    assert shares == [15_000, 15_000]
+    assert (old + new).sessions_w is None and (new + new).sessions_w is not None
+
+
+def _sessions(demand: Demand) -> list[SessionDemand]:
+    """A substation's sessions from its demand (the inverse of Demand.of_sessions)."""
+    return [
+        SessionDemand(f"{priority.value}-{i}", low, high, priority, i)
+        for priority in CLASS_ORDER
+        for i, (low, high) in enumerate(demand.bounds(priority.rank))
+    ]
+
+
+@st.composite
+def substation_sessions(draw, floor_kw=(1_400, 15_000)):
+    bounds = []
+    for _ in range(draw(st.integers(0, 6))):
+        high = draw(st.sampled_from([3_700, 7_400, 11_000, 22_000, 50_000, 150_000]))
+        low = draw(st.integers(min(floor_kw[0], high), min(floor_kw[1], high)))
+        bounds.append((draw(st.sampled_from(CLASS_ORDER)), low, high))
+    return Demand.of_sessions(bounds)
+
+
 TREE = Topology(
     {
         "site": Node("site", 100_000),
@@ -144,6 +203,75 @@ def test_shares_down_a_tree_fit_every_node_on_the_way(demands, overrides):
         assert total <= limits[node]
     for s, share in division.shares_w.items():
         assert share <= limits[s]
+
+
+@no_deadline
+@given(
+    demands=st.fixed_dictionaries({s: substation_sessions() for s in SUBSTATIONS}),
+    limits=st.fixed_dictionaries(
+        {n: st.integers(0, 120_000) for n in ("site", "fa", "fb", *SUBSTATIONS)}
+    ),
+    failsafes=st.fixed_dictionaries({s: st.integers(0, 10_000) for s in SUBSTATIONS}),
+)
+def test_a_division_over_sessions_never_exceeds_any_limit(demands, limits, failsafes):
+    demands = {s: _with_failsafe(d, failsafes[s]) for s, d in demands.items()}
+    division = target_shares(TREE, limits, demands)
+    for node, total in sum_by_node(TREE, division.shares_w, TREE.nodes).items():
+        assert total <= limits[node]
+    for s, share in division.shares_w.items():
+        assert 0 <= share <= limits[s]
+        overcommitted = any(node in division.overcommitted for node in TREE.path(s)[1:])
+        if not overcommitted:
+            assert share >= min(failsafes[s], limits[s])
+
+
+def _with_failsafe(d: Demand, failsafe_w: int) -> Demand:
+    return Demand(d.sessions, d.floors_w, d.wants_w, failsafe_w, d.sessions_w)
+
+
+@no_deadline
+@given(
+    demands=st.fixed_dictionaries({s: substation_sessions() for s in SUBSTATIONS}),
+    limits=st.fixed_dictionaries(
+        {n: st.integers(20_000, 150_000) for n in ("site", "fa", "fb", *SUBSTATIONS)}
+    ),
+)
+def test_a_division_over_sessions_is_max_min_fair_over_the_sessions(demands, limits):
+    """Each substation shares its share as it does (smartgrid.power.allocate); then a session
+    of a class below another's power, and below its own maximum, is held back by a limit on
+    its way that is full (the other's power cannot move to it) or the other is at its own
+    minimum. Given that every minimum fits (else minimums pause sessions first come first
+    served, by the substation's rule, not the allocator's)."""
+    floors = {s: sum(d.floors_w) for s, d in demands.items()}
+    for node in TREE.nodes:
+        assume(sum(floors[s] for s in SUBSTATIONS if node in TREE.path(s)) <= limits[node])
+    division = target_shares(TREE, limits, demands)
+    drawn = sum_by_node(TREE, division.shares_w, TREE.nodes) | dict(division.shares_w)
+    power = {}
+    for s, share in division.shares_w.items():
+        allocation = allocate(share, _sessions(demands[s]))
+        assert not allocation.paused
+        for session in _sessions(demands[s]):
+            power[(s, session.session)] = (session, allocation.power_w[session.session])
+    slack = 2 * len(power) + 2  # the watts of rounding: at most one per session and node
+
+    def full(node: str) -> bool:
+        return drawn[node] >= limits[node] - slack
+
+    for (s, _), (low, low_w) in power.items():
+        if low_w >= low.max_w - 2:
+            continue  # at its own maximum
+        for (t, _), (high, high_w) in power.items():
+            if high.priority is not low.priority or high_w <= low_w + 2 or high_w <= high.min_w:
+                continue
+            held_back = [n for n in TREE.path(s) if n not in TREE.path(t) and full(n)]
+            assert held_back, (s, low, low_w, t, high, high_w, division.shares_w)
+    # And a class gets power above its minimums only once every class before it is served.
+    for (s, _), (low, low_w) in power.items():
+        for (t, _), (high, high_w) in power.items():
+            above_min = high_w > high.min_w + 2
+            if high.priority.rank > low.priority.rank and above_min and low_w < low.max_w - 2:
+                assert [n for n in TREE.path(s) if n not in TREE.path(t) and full(n)]
 
 
 def test_a_substation_outside_the_tree_gets_no_share_it_has_only_its_own_limit():
