@@ -59,6 +59,7 @@ from smartgrid.events import EventPublisher, events_in
 from smartgrid.limits import LimitOverrides
 from smartgrid.power import CLASS_ORDER
 from smartgrid.senders import Senders
+from smartgrid.told import Told
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,8 @@ class BalancerService:
         #: Confirms awaited of the events that say a request's fate (routed, rejected,
         #: cancelled), by request id: a copy of the request is acknowledged only after it.
         self._deciding: dict[str, Future] = {}
+        #: Its decisions, told again when a gateway doubts the history (smartgrid/told.py).
+        self.told = Told()
         self.link: Link = Link(
             config.amqp_url,
             name=self.balancer_id,
@@ -342,6 +345,7 @@ class BalancerService:
         request_id = event.request_id  # type: ignore[attr-defined]
         confirmation = self.events.publish(event)
         self._deciding[request_id] = confirmation
+        self.told.told(event)
 
         def confirmed(result: Future) -> None:
             if self._deciding.get(request_id) is result:
@@ -594,6 +598,12 @@ class BalancerService:
             self._apply(event)
             if isinstance(event, contract.CancelRequested):
                 self._cancel_requested(event)
+            elif isinstance(event, contract.StatusRequested):
+                for told in self.told.again(event.request_id, time.time()):
+                    log.info(
+                        "%s of %s published again: a gateway asked", told.kind, event.request_id
+                    )
+                    self.events.publish(told)
             else:
                 self.ledger.apply(event)
         if self._held and freed:

@@ -36,6 +36,7 @@ from gateway.answers import Answer, Outcome, PublishRequest
 from gateway.broker import READY_WAIT, GatewayBroker
 from gateway.clients import AuthFailure, Clients
 from gateway.config import GatewayConfig
+from gateway.doubts import Doubts
 from gateway.history import RequestHistory
 from gateway.idempotency import HEADER, InvalidKey, parse_key
 from gateway.ratelimit import RateLimiter, per_worker
@@ -450,6 +451,10 @@ def create_app(
                 capacity=config.tracked_requests,
                 max_age=config.history_max_age,
                 idempotency_ttl=config.idempotency_ttl,
+                doubts=Doubts(
+                    copy_after=config.history_copy_after,
+                    check_after=config.status_check_after,
+                ),
             ),
             history_max_age=config.history_max_age,
             history_max_bytes=config.history_max_bytes,

@@ -28,6 +28,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from gateway.answers import Outcome
+from gateway.doubts import Doubts
 from gateway.history import RequestHistory
 from smartgrid import contract
 from smartgrid.amqp import (
@@ -54,6 +55,8 @@ REFUSED_RETRY = 1.0
 CANARY_INTERVAL = 1.0
 #: The canary's routing key on the requests exchange: bound to no queue, so the broker drops it.
 CANARY_ROUTING_KEY = "gateway.canary"
+#: How often the doubts about the history are looked at (gateway/doubts.py).
+DOUBTS_INTERVAL = 5.0
 #: /health's reason until the history has been read up to the stream's end.
 REPLAYING = "replaying the history"
 #: While waiting for a confirm, how often to look whether the broker has blocked the link.
@@ -98,14 +101,20 @@ class GatewayBroker:
         self._last_publish = 0.0
         self._canary_started = False
         self._canary_lock = threading.Lock()
+        if history.doubts is None:
+            history.doubts = Doubts()
+        self.doubts: Doubts = history.doubts
+        self.doubts_interval = DOUBTS_INTERVAL
 
     def _on_ready(self) -> None:
         self.reader.on_ready()
         self._connection_changed(True)
         with self._canary_lock:
             start, self._canary_started = not self._canary_started, True
-        if start and self._canary_interval > 0:
-            self._canary()
+        if start:
+            if self._canary_interval > 0:
+                self._canary()
+            self.link.call_later(self.doubts_interval, self._act_on_doubts)
 
     def _on_lost(self) -> None:
         self.reader.on_lost()
@@ -186,6 +195,7 @@ class GatewayBroker:
                 return Outcome.REFUSED if refused else Outcome.NOT_SENT
             try:
                 self._wait(self.publish_request(request), deadline)
+                self.doubts.accepted(request, time.time())
                 return Outcome.CONFIRMED
             except NotConnected:  # the link went between the check and the publish
                 return Outcome.REFUSED if refused else Outcome.NOT_SENT
@@ -255,10 +265,33 @@ class GatewayBroker:
             )
         self.link.call_later(self._canary_interval, self._canary)
 
+    def _act_on_doubts(self) -> None:
+        """I/O thread: send again what the stream lost, ask about what stands still
+        (gateway/doubts.py); only once the history is read up to date, so that what is still
+        to be read is not taken for lost."""
+        if self.link.ready and self.reader.caught_up:
+            due = self.doubts.due(time.time())
+            for request in due.copies:
+                log.info(
+                    "request %s was not read back from the history: sent again", request.request_id
+                )
+                self.link.publish(
+                    contract.REQUESTS_EXCHANGE,
+                    contract.REQUEST_COPY_ROUTING_KEY,
+                    request.to_body(),
+                    mandatory=False,
+                    reliable=True,
+                )
+            now = time.time()
+            for request_id in due.status_requests:
+                log.debug("request %s stands still in the history: status asked", request_id)
+                self.publish_event(contract.StatusRequested(at=now, request_id=request_id))
+        self.link.call_later(self.doubts_interval, self._act_on_doubts)
+
     # ------------------------------------------------------------------ following
     def _on_history(self, delivery: Delivery) -> None:
         """One message of the history stream (I/O thread): a request or a batch of events."""
-        if delivery.routing_key == contract.REQUEST_ROUTING_KEY:
+        if delivery.routing_key in contract.HISTORY_REQUEST_KEYS:
             # Only the gateways and the balancer (reroutes) may publish to the requests
             # exchange: the broker's permissions vouch for its sender.
             try:
@@ -267,6 +300,7 @@ class GatewayBroker:
                 log.warning("ignoring an invalid request in the history: %s", exc)
                 return
             self.history.accepted(request)
+            self.doubts.copy_read(request.request_id)
             return
         for event in events_in(delivery, self.senders):
             self.history.apply(event)

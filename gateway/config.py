@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway import doubts
 from smartgrid import contract
 from smartgrid.config import (
     DEFAULT_AMQP_URL,
@@ -124,6 +125,24 @@ class GatewayConfig:
         " HISTORY_MAX_AGE binds first drops the oldest",
         check=positive,
         expect="bytes > 0",
+    )
+    history_copy_after: float = setting(
+        "HISTORY_COPY_AFTER",
+        doubts.COPY_AFTER,
+        "Seconds after its accept that a request this gateway did not read back from the"
+        " history stream is sent to the stream again (a stream may lose what it confirmed when"
+        " a cluster node fails)",
+        check=positive,
+        expect="seconds > 0",
+    )
+    status_check_after: float = setting(
+        "STATUS_CHECK_AFTER",
+        doubts.CHECK_AFTER,
+        "Seconds an active request may stand still in the history (counted from its expected"
+        " end while it charges) before the gateway asks the balancer and the substations to"
+        " publish its events again; then twice as long each time, up to 10 minutes",
+        check=positive,
+        expect="seconds > 0",
     )
     tokens_file: str = setting(
         "GATEWAY_TOKENS_FILE",

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from gateway.doubts import Doubts
 from smartgrid import contract
 
 QUEUED, ROUTED, CHARGING = "queued", "routed", "charging"
@@ -129,6 +130,7 @@ class RequestHistory:
         max_age: float = 25 * 3600.0,
         idempotency_ttl: float = 24 * 3600.0,
         clock: Callable[[], float] = time.time,
+        doubts: Doubts | None = None,
     ):
         if capacity <= 0 or max_age <= 0 or idempotency_ttl <= 0:
             raise ValueError("capacity, max_age and idempotency_ttl must be positive")
@@ -136,6 +138,8 @@ class RequestHistory:
         self.max_age = max_age
         self.idempotency_ttl = idempotency_ttl
         self._clock = clock
+        #: Told of every record that moves (gateway/doubts.py).
+        self.doubts = doubts
         self._records: collections.OrderedDict[str, RequestRecord] = collections.OrderedDict()
         #: EV -> its active requests (normally one; more only while a race is being decided).
         self._active_by_ev: dict[str, dict[str, float]] = {}
@@ -244,9 +248,19 @@ class RequestHistory:
             if born_at < now - self.max_age:
                 return  # older than the retention window (a replay of an old stream segment)
             record = self._records[request_id] = RequestRecord(request_id, born_at=born_at)
+            progress_before = None
+        else:
+            progress_before = _progress(record)
         before = (record.ev_id, record.active)
         change(record)
         self._reindex(record, *before)
+        if self.doubts is not None and _progress(record) != progress_before:
+            self.doubts.moved(
+                request_id,
+                active=record.active,
+                now=now,
+                quiet_from=record.expected_end or now,
+            )
         if record.substation is not None or not record.active:
             waiter = self._routed_waiters.pop(request_id, None)
             if waiter is not None:
@@ -347,6 +361,13 @@ class RequestHistory:
                 return
             records.popitem(last=False)
             self._reindex_removed(oldest)
+            if self.doubts is not None:
+                self.doubts.forget(oldest.request_id)
+
+
+def _progress(record: RequestRecord) -> tuple:
+    """What says a record moved (a copy of an event it had already read says nothing new)."""
+    return (record.status, record.substation, record.started_at, record.expected_end)
 
 
 def read_stream_message(
@@ -354,6 +375,6 @@ def read_stream_message(
 ) -> list[contract.ChargeRequest] | list[contract.Event]:
     """Decode a message of the history stream: a charge request (routing key
     ``charge.request``) or a lifecycle event message (one event or a batch)."""
-    if routing_key == contract.REQUEST_ROUTING_KEY:
+    if routing_key in contract.HISTORY_REQUEST_KEYS:
         return [contract.ChargeRequest.from_body(body)]
     return contract.decode_events(routing_key, body)

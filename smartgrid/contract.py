@@ -61,6 +61,11 @@ SCHEMA_VERSION = 1
 # --------------------------------------------------------------------------------------------
 REQUESTS_EXCHANGE = "smartgrid.requests"
 REQUEST_ROUTING_KEY = "charge.request"
+#: A copy of an accepted request for the history stream alone (not the pending queue): a
+#: gateway sends one when its request did not show up in the stream (gateway/doubts.py).
+REQUEST_COPY_ROUTING_KEY = "charge.request.copy"
+#: The routing keys under which the history stream holds charge requests.
+HISTORY_REQUEST_KEYS = (REQUEST_ROUTING_KEY, REQUEST_COPY_ROUTING_KEY)
 #: One balancer at a time consumes it (single active consumer), so one decides for every
 #: request which holds its EV; a full queue refuses publishes (backpressure). Queue arguments
 #: cannot change in place, so these came with a new name: the earlier version's queue,
@@ -292,6 +297,7 @@ def history_topology(*, max_age_seconds: int, max_bytes: int) -> list[Declaratio
             },
         ),
         Binding(HISTORY_STREAM, REQUESTS_EXCHANGE, REQUEST_ROUTING_KEY),
+        Binding(HISTORY_STREAM, REQUESTS_EXCHANGE, REQUEST_COPY_ROUTING_KEY),
     ]
     declarations += [Binding(HISTORY_STREAM, EVENTS_EXCHANGE, cls.kind) for cls in HISTORY_EVENTS]
     return declarations
@@ -940,6 +946,18 @@ class CancelRequested(Event):
 
 
 @dataclass(frozen=True)
+class StatusRequested(Event):
+    """A gateway doubts what the history says of an active request (it has not moved for a
+    while, docs/driver-contract.md): whoever decided or ran it publishes its events about it
+    again, the same events, which every reader takes as the copies they are. A stream can
+    lose confirmed messages when its leader's node fails (rabbitmq-server#9457); quorum queues
+    and the services' own memory do not, so the history is repaired from them."""
+
+    kind: ClassVar[str] = "request.status_requested"
+    request_id: str
+
+
+@dataclass(frozen=True)
 class RequestCancelled(Event):
     """A request that was cancelled: it never started (``started_at`` is None) or its session
     was stopped at ``substation`` and its charging point freed."""
@@ -1069,6 +1087,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RequestDeadLettered,
         RequestRejected,
         CancelRequested,
+        StatusRequested,
         RequestCancelled,
         SubstationAnnounced,
         SubstationLeaving,
@@ -1164,6 +1183,8 @@ BALANCER_EVENTS = EventSubscription(
         RequestCancelled,
         RequestRejected,
         RequestDeadLettered,
+        # A gateway's doubt about a request: its decision is published again.
+        StatusRequested,
     ),
 )
 #: Only rare events: a substation's cost must not grow with the fleet's traffic. The
@@ -1178,6 +1199,8 @@ SUBSTATION_EVENTS = EventSubscription(
         SubstationLeaving,
         # A driver's cancel (rare): it may be for a request here (docs/driver-contract.md).
         CancelRequested,
+        # A gateway's doubt about a request (rare): its session's events are published again.
+        StatusRequested,
     ),
 )
 #: The load generator's ledger must not miss an event because it reconnected, nor the oldest

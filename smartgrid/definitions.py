@@ -86,12 +86,12 @@ _ANY_SHARE_QUEUE = (
 )
 
 ROLES: dict[str, Role] = {
-    # Internet-facing: it publishes requests, a driver's cancels and the requests the broker
-    # refused (not_enqueued), and follows their fate in the history stream alone (no event
-    # subscription of its own).
+    # Internet-facing: it publishes requests, a driver's cancels, the requests the broker
+    # refused (not_enqueued) and its doubts about requests that stand still, and follows their
+    # fate in the history stream alone (no event subscription of its own).
     "gateway": Role(
         publishes_to=(contract.REQUESTS_EXCHANGE, contract.EVENTS_EXCHANGE),
-        publishes=(contract.CancelRequested, contract.RequestRejected),
+        publishes=(contract.CancelRequested, contract.RequestRejected, contract.StatusRequested),
         reads_history=True,
     ),
     "balancer": Role(

@@ -50,6 +50,7 @@ from smartgrid.dead_lettering import DeadLetterer
 from smartgrid.events import EventPublisher, events_in
 from smartgrid.power import CLASS_ORDER, kilowatts, watts
 from smartgrid.senders import Senders
+from smartgrid.told import Told
 from substation.cancels import CancelAction, CancelBook, cancelled
 from substation.charging import Admission, ChargingPoints, ChargingPointsCollector, Session
 from substation.config import SubstationConfig
@@ -103,6 +104,8 @@ class SubstationService:
         self.points: ChargingPoints[Delivery] = ChargingPoints(
             config.substation_id, config.capacity, self.instance
         )
+        #: Its sessions' events, told again when a gateway doubts the history (smartgrid/told.py).
+        self.told = Told()
         #: Other substations that announced themselves lately: whose lookups are trusted.
         self.roster = Roster(live_for=3 * config.announce_interval)
         self.sharing = PowerSharing(
@@ -306,6 +309,7 @@ class SubstationService:
             power_kw=kilowatts(change.power_w),
         )
         self.events.publish(started)
+        self.told.told(started)
 
     # ------------------------------------------------------------------ power (I/O thread)
     def _reshare(self, now: float, starting: contract.RoutedRequest | None = None) -> None:
@@ -461,6 +465,10 @@ class SubstationService:
         now = time.time()
         if isinstance(event, contract.CancelRequested):
             self._cancel_requested(event)
+        elif isinstance(event, contract.StatusRequested):
+            for told in self.told.again(event.request_id, now):
+                log.info("%s of %s published again: a gateway asked", told.kind, event.request_id)
+                self.events.publish(told)
         elif isinstance(event, contract.BalancerStarted):
             self._announce()
         elif isinstance(event, contract.SubstationAnnounced):
@@ -565,6 +573,7 @@ class SubstationService:
                 )
                 return
             self.points.cancelled_unstarted(request, now)
+            self.told.told(event)
             self.link.ack(delivery)
 
         confirmation.add_done_callback(settle)
@@ -649,7 +658,7 @@ class SubstationService:
         delivery once the broker has confirmed it, on that same channel."""
         request = session.request
         assert session.completed_at is not None
-        end: contract.Event
+        end: contract.SessionCompleted | contract.RequestCancelled
         if session.cancelled:
             end = cancelled(
                 request,
@@ -661,7 +670,7 @@ class SubstationService:
             end = self._completed_event(session)
         delivery = session.token
         confirmation = self.events.publish(end, generation=delivery.generation)
-        confirmation.add_done_callback(lambda f: self._reported(f, request.request_id, delivery))
+        confirmation.add_done_callback(lambda f: self._reported(f, end, delivery))
 
     def _completed_event(self, session: Session[Delivery]) -> contract.SessionCompleted:
         request = session.request
@@ -677,7 +686,13 @@ class SubstationService:
             paused_seconds=session.paused_seconds,
         )
 
-    def _reported(self, confirmation: Future, request_id: str, delivery: Delivery) -> None:
+    def _reported(
+        self,
+        confirmation: Future,
+        end: contract.SessionCompleted | contract.RequestCancelled,
+        delivery: Delivery,
+    ) -> None:
+        request_id = end.request_id
         if confirmation.exception() is not None:
             self.points.report_failed(request_id)
             log.warning(
@@ -687,6 +702,7 @@ class SubstationService:
             )
             return
         self.points.reported(request_id)
+        self.told.told(end)
         if not self.link.ack(delivery):
             log.info(
                 "request %s completed but its delivery's channel is gone; the redelivery will be "

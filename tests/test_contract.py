@@ -173,6 +173,7 @@ ONE_OF_EACH_EVENT: list[contract.Event] = [
     contract.GridLimit(at=6.0, node="feeder-a"),
     contract.CancelRequested(at=10.0, request_id=REQUEST_ID, ev_id="EV1", client="fleet-1"),
     contract.CancelRequested(at=10.0, request_id=REQUEST_ID, ev_id="EV1"),
+    contract.StatusRequested(at=10.2, request_id=REQUEST_ID),
     contract.RequestCancelled(at=10.5, request_id=REQUEST_ID, ev_id="EV1", source="b-1"),
     contract.RequestCancelled(
         at=10.5,

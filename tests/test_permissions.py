@@ -606,7 +606,7 @@ def test_the_admins_definitions_declare_the_history_with_the_default_retention()
         for b in document["bindings"]
         if b["destination"] == contract.HISTORY_STREAM
     }
-    assert bound == {(contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY)} | {
+    assert bound == {(contract.REQUESTS_EXCHANGE, key) for key in contract.HISTORY_REQUEST_KEYS} | {
         (contract.EVENTS_EXCHANGE, event.kind) for event in contract.HISTORY_EVENTS
     }
 
