@@ -136,6 +136,7 @@ def measure(
     revision: tuple[str, dict[str, str]] | None = None,
     broker: Broker | None = None,
     syscalls: bool = False,
+    gateway_workers: int | None = None,
 ) -> dict:
     load_before = os.getloadavg()
     counted: dict[str, dict[str, float]] = {}
@@ -149,6 +150,8 @@ def measure(
             gateway_module=GATEWAY_SERVERS[server],
             extra_env=revision[1] if revision else {},
         )
+        if gateway_workers is not None:
+            settings.gateway_workers = gateway_workers
         group = start_stack(settings)
         try:
             roots = service_roots(group, broker.pids if broker else None)
@@ -167,6 +170,7 @@ def measure(
         "server": server,
         "revision": revision[0] if revision else None,
         "broker": broker.spec if broker else "shared",
+        "gateway_workers": settings.gateway_workers,
         # The machine is shared: other work's load, at the start and at the end.
         "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "client": client,
@@ -316,6 +320,12 @@ def main() -> None:
         help="brokers to run on, in turn: shared (the machine's), private (a node of the "
         "run's own), private:<Erlang VM arguments> (e.g. 'private:+sbwt none')",
     )
+    parser.add_argument(
+        "--gateway-workers",
+        default="",
+        help="the gateway's worker processes, in turn (default: GATEWAY_WORKERS' default); "
+        "each worker reads the whole history stream",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="times to measure each side")
     parser.add_argument(
         "--syscalls",
@@ -335,6 +345,9 @@ def main() -> None:
     revisions: list[tuple[str, dict[str, str]] | None] = [
         source_tree(rev) for rev in args.revs.split(",") if rev
     ] or [None]
+    worker_counts: list[int | None] = [int(n) for n in args.gateway_workers.split(",") if n] or [
+        None
+    ]
     # A stop (SIGTERM) unwinds like an error, so that the private nodes are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     specs = args.brokers.split(",")
@@ -346,7 +359,9 @@ def main() -> None:
         for spec in specs:
             brokers.append(None if spec == "shared" else Broker(spec))
         for _ in range(args.rounds):
-            for server, revision, broker in itertools.product(servers, revisions, brokers):
+            for server, revision, broker, workers in itertools.product(
+                servers, revisions, brokers, worker_counts
+            ):
                 log_dir = Path(tempfile.mkdtemp(prefix=f"smartgrid-cpu-{server}-"))
                 result = measure(
                     args.rate,
@@ -358,6 +373,7 @@ def main() -> None:
                     revision,
                     broker,
                     args.syscalls,
+                    workers,
                 )
                 results.append(result)
                 report(result)
@@ -376,9 +392,16 @@ def _figure(value: float) -> str:
 
 def side(result: dict) -> str:
     broker = result.get("broker", "shared")
+    workers = result.get("gateway_workers")
     return " ".join(
         filter(
-            None, (result["server"], result.get("revision"), None if broker == "shared" else broker)
+            None,
+            (
+                result["server"],
+                result.get("revision"),
+                None if broker == "shared" else broker,
+                None if workers is None else f"{workers} worker{'s' if workers != 1 else ''}",
+            ),
         )
     )
 

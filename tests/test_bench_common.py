@@ -1,10 +1,11 @@
-"""bench.common: each benchmark's stack on ports of its own."""
+"""The benchmarks' helpers: each stack on ports of its own; bench.history_read on the broker."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
+from bench import history_read
 from bench.common import PORT_BLOCK, bench_settings, free_port_block
 
 
@@ -30,3 +31,10 @@ def test_the_stack_settings_take_their_ports_from_one_block():
     ports |= {settings.substation_port(index) for index in range(5)}
     assert len(ports) == 7
     assert max(ports) - min(ports) < PORT_BLOCK
+
+
+def test_the_history_read_benchmark_replays_every_request_it_filled_the_stream_with(amqp_url):
+    made = history_read.fill(amqp_url, 30, batch=7)
+    messages = 30 + 3 * 5  # the requests, and each kind of event in batches of 7
+    result = history_read.read(amqp_url, made, messages)  # exits unless it holds all 30
+    assert result["cpu_us_per_request"] > 0
