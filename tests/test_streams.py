@@ -25,6 +25,7 @@ from smartgrid.amqp.streams import (
     fallen_behind,
     follow_check,
     offset_argument,
+    silence_means_empty,
     since,
 )
 from tests.helpers import BrokerClient, eventually
@@ -79,6 +80,16 @@ def test_silence_counts_only_once_the_end_is_known():
     assert not catchup.quiet()
     catchup.end_found(100)
     assert catchup.quiet()  # started past it (a point in time after the last chunk)
+
+
+def test_silence_means_an_empty_stream_at_the_first_subscription_only():
+    assert silence_means_empty(caught_up_before=False, silent_probes=1, silent_subscriptions=0)
+    # After a reconnect: a replica that cannot serve yet (its leader's node just died) is
+    # silent too. Probe again, then try the next node, and only then believe it.
+    assert not silence_means_empty(caught_up_before=True, silent_probes=1, silent_subscriptions=0)
+    assert not silence_means_empty(caught_up_before=True, silent_probes=2, silent_subscriptions=0)
+    assert not silence_means_empty(caught_up_before=True, silent_probes=1, silent_subscriptions=1)
+    assert silence_means_empty(caught_up_before=True, silent_probes=2, silent_subscriptions=1)
 
 
 def test_a_follower_that_has_not_read_what_was_at_the_end_a_probe_ago_has_fallen_behind():

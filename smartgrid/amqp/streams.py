@@ -83,6 +83,31 @@ KEEP_READING, RESUBSCRIBE, RECONNECT = "keep reading", "resubscribe", "reconnect
 #: gives up on its node (a node whose replica cannot serve a consumer answers no probe either).
 UNANSWERED_PROBES_BEFORE_RECONNECT = 2
 
+#: Subscriptions in a row whose probes heard nothing before a reader that had caught up once
+#: takes its stream for empty (see :func:`silence_means_empty`).
+SILENT_SUBSCRIPTIONS_BEFORE_EMPTY = 2
+
+
+def silence_means_empty(
+    *, caught_up_before: bool, silent_probes: int, silent_subscriptions: int
+) -> bool:
+    """Whether a probe that heard nothing says the stream is empty.
+
+    At a reader's first subscription it does: an empty stream answers no probe. After a
+    reconnect, it was seen not to: right after a stream's leader died (RabbitMQ 3.10, a killed
+    cluster node), another node's replica answered no probe while the stream held hundreds of
+    messages, and a balancer that took that silence for an empty stream replayed nothing into
+    its ledger. So a reader that had caught up before probes again, has the link reconnect to
+    its next address after ``UNANSWERED_PROBES_BEFORE_RECONNECT`` silent probes, and takes the
+    stream for empty only when ``SILENT_SUBSCRIPTIONS_BEFORE_EMPTY`` subscriptions in a row
+    heard nothing (a stream emptied meanwhile: deleted and declared again)."""
+    if not caught_up_before:
+        return True
+    return (
+        silent_subscriptions + 1 >= SILENT_SUBSCRIPTIONS_BEFORE_EMPTY
+        and silent_probes >= UNANSWERED_PROBES_BEFORE_RECONNECT
+    )
+
 
 def follow_check(
     *, behind: bool, behind_before: bool, unanswered_probes: int, stream_has_messages: bool
@@ -269,6 +294,11 @@ class StreamReader:
         #: Times a following reader found itself behind and resubscribed, or reconnected.
         self.resubscriptions = 0
         self.reconnections = 0
+        #: Whether any subscription has caught up; subscriptions in a row whose probes heard
+        #: nothing, and silent probes in this subscription (:func:`silence_means_empty`).
+        self._caught_up_before = False
+        self._silent_subscriptions = 0
+        self._silent_probes = 0
 
     # ------------------------------------------------------------------ any thread
     @property
@@ -359,6 +389,7 @@ class StreamReader:
             return
         self._catchup = Catchup(resume_at=self.next_offset)
         self._probe_attempt = 0
+        self._silent_probes = 0
         self._last_read = time.monotonic()
         if not self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
             return
@@ -488,11 +519,36 @@ class StreamReader:
             or attempt != self._probe_attempt
         ):
             return
-        # A stream with anything in it answers at offset "last" at once: it is empty.
         channel, self._probe_channel = self._probe_channel, None
         if channel is not None and channel.is_open:
             channel.close()
-        self._settle(subscription, self._catchup.end_found(None))
+        self._silent_probes += 1
+        if silence_means_empty(
+            caught_up_before=self._caught_up_before,
+            silent_probes=self._silent_probes,
+            silent_subscriptions=self._silent_subscriptions,
+        ):
+            # A stream with anything in it answers at offset "last" at once: it is empty.
+            self._settle(subscription, self._catchup.end_found(None))
+            return
+        if self._silent_probes >= UNANSWERED_PROBES_BEFORE_RECONNECT:
+            self._silent_subscriptions += 1
+            self.reconnections += 1
+            self.link.reconnect(
+                f"{self.stream}: {self._silent_probes} probes of the stream's end heard nothing "
+                "on this node since the reconnect"
+            )
+            return
+        log.warning(
+            "%s: the probe of the stream's end heard nothing in %.1fs since the reconnect; "
+            "probing again",
+            self.stream,
+            self.quiet,
+        )
+        self._probe_attempt += 1
+        again = self._probe_attempt
+        if self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
+            self.link.call_later(self.quiet, lambda: self._probe_quiet(subscription, again))
 
     def _reader_quiet(self, subscription: int) -> None:
         if subscription != self._subscription or self.caught_up:
@@ -534,6 +590,9 @@ class StreamReader:
         if not became_caught_up:
             return
         self._caught_up.set()
+        self._caught_up_before = True
+        if self._catchup.end_mark is not None:
+            self._silent_subscriptions = 0
         log.info("%s: caught up (%d message(s) read)", self.stream, self.messages_read)
         if not self.follow:
             # The rest of the last chunk is on its way in the same go: a moment to take it.
