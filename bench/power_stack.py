@@ -70,7 +70,8 @@ from loadgen.schedules import RateProfile
 from smartgrid import contract
 from smartgrid.config import default_of
 from smartgrid.grid import Topology, load_topology
-from smartgrid.power import kilowatts
+from smartgrid.leases import Demand, target_shares
+from smartgrid.power import MIN_CAR_KW, Priority, SessionDemand, allocate, kilowatts, watts
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from stack.processes import ServiceProcess
 
@@ -285,14 +286,49 @@ def efficiency(
                     wants[node] += run.max_kw
             limits = timeline.node_limits(t)
             can = deliverable(topology, {**own, **limits}, wants)
+            left = _left_by_parents(topology, {**own, **limits}, power, wants)
             for node, asked in wants.items():
                 if not topology.children(node):
                     continue  # a substation: substation_efficiency
                 limit = limits.get(node, own.get(node, math.inf))
                 if asked >= 1.2 * limit and can[node] > 0:
                     ratios[node].append(power[node] / can[node])
+                parent = topology.parent(node)
+                if parent is not None and asked >= 1.2 * left[node] and left[node] > 0:
+                    # Against what its parent's limit left it beside its siblings' draw.
+                    within = min(left[node], can[node])
+                    ratios[f"{node} within {parent}"].append(power[node] / within)
         t += 0.1
     return _ratios(ratios)
+
+
+def _left_by_parents(
+    topology: Topology,
+    limits: dict[str, float],
+    power: dict[str, float],
+    wants: dict[str, float],
+) -> dict[str, float]:
+    """What each node could draw at most, top-down: its limit, and no more than what its
+    parent could beside what its siblings draw. A feeder under a full site cannot deliver its
+    own limit, whatever its cars ask; how much of the site it gets is the division's choice,
+    so this holds it only to the power nobody else used."""
+    found: dict[str, float] = {}
+
+    def left(node: str) -> float:
+        if node not in found:
+            limit = limits.get(node, math.inf)
+            parent = topology.parent(node)
+            if parent is not None and parent in wants:
+                siblings = sum(
+                    power[c] for c in topology.children(parent) if c != node and c in wants
+                )
+                limit = min(limit, left(parent) - siblings)
+            found[node] = limit
+        return found[node]
+
+    for node in wants:
+        left(node)
+    return found
 
 
 # ---------------------------------------------------------------- /metrics samples
@@ -636,6 +672,57 @@ def jain_per_substation(timeline: PowerTimeline, interval: float = 0.1) -> dict:
     return {p: {"samples": len(v), "mean": statistics.fmean(v)} for p, v in sorted(found.items())}
 
 
+#: A car's minimum by its maximum (the trace's car classes: one maximum each).
+_MIN_KW = {car.max_kw: car.min_kw for car in evmix.CAR_CLASSES}
+
+
+def jain_of_the_division(
+    timeline: PowerTimeline, topology: Topology, interval: float = 0.1
+) -> dict:
+    """The fleet-wide Jain's index the allocator's division itself gives the sessions running
+    at each 100 ms (``leases.target_shares`` down the tree from their classes, minimums and
+    maxima, then ``power.allocate`` at each substation, with no report, grant or lease in
+    between), averaged as the measured index: what the site's limits allow, so what the
+    measured index is read against."""
+    span = timeline.span
+    if span is None:
+        return {}
+    found: dict[str, list[float]] = defaultdict(list)
+    own = {n: node.limit_w for n, node in topology.nodes.items()}
+    runs = timeline.runs()
+    t = span[0]
+    while t < span[1]:
+        live = [r for r in runs if r.started_at <= t < r.ended_at]
+        by_substation: dict[str, list[SessionDemand]] = defaultdict(list)
+        for order, run in enumerate(live):
+            max_w = watts(run.max_kw)
+            min_w = min(max_w, watts(_MIN_KW.get(run.max_kw, MIN_CAR_KW)))
+            by_substation[run.substation].append(
+                SessionDemand(run.request_id, min_w, max_w, Priority(run.priority), order)
+            )
+        limits = own | {n: watts(kw) for n, kw in timeline.node_limits(t).items()}
+        demands = {
+            s: Demand.of_sessions(
+                ((d.priority, d.min_w, d.max_w) for d in sessions), watts(FAILSAFE_KW)
+            )
+            for s, sessions in by_substation.items()
+        }
+        shares = target_shares(topology, limits, demands).shares_w
+        groups: dict[str, list[float]] = defaultdict(list)
+        for substation, sessions in by_substation.items():
+            limit = min(limits[substation], shares.get(substation, limits[substation]))
+            power = allocate(limit, sessions).power_w
+            for d in sessions:
+                if power[d.session] < d.max_w - 1:
+                    groups[d.priority.value].append(power[d.session] / 1000)
+        for priority, values in groups.items():
+            index = jain_index(values) if len(values) >= 2 else None
+            if index is not None:
+                found[priority].append(index)
+        t += interval
+    return {p: {"samples": len(v), "mean": statistics.fmean(v)} for p, v in sorted(found.items())}
+
+
 def fates(result: LoadResult) -> dict:
     report = result.report
     return {
@@ -821,6 +908,9 @@ def analyse_day(raw: dict, args, topology: Topology) -> tuple[dict, list]:
     if raw["killed"]:
         excluded.append((raw["killed"][1], raw["killed"][2] + LEASE + 2))
     node_graces = [(n, a, b) for n, a, b, _kw, _until in graces]
+    # From a cut's issue until it is obeyed the cut node draws above its new limit, which no
+    # ratio of delivered to deliverable power means anything against.
+    excluded += [(a, b) for _n, a, b in node_graces]
     return (
         {
             "trace": evmix.describe_mix(trace),
@@ -836,6 +926,7 @@ def analyse_day(raw: dict, args, topology: Topology) -> tuple[dict, list]:
             "efficiency": efficiency(day.power_timeline, topology, excluded, day_start, day_end)
             | substation_efficiency(samples, excluded, day_start, day_end),
             "jain_per_substation": jain_per_substation(day.power_timeline),
+            "jain_of_the_division": jain_of_the_division(day.power_timeline, topology),
             "lapses": lapses(samples, raw["frozen"]) if raw["frozen"] else None,
         },
         graces,
@@ -857,6 +948,7 @@ def analyse_overload(raw: dict, args, topology: Topology) -> dict:
         "releases": releases(overload, [s for s in samples if overload_start <= s.t < sending_end]),
         "power_share_by_class": power_by_class(overload, overload_start + 5, sending_end),
         "jain_per_substation": jain_per_substation(overload.power_timeline),
+        "jain_of_the_division": jain_of_the_division(overload.power_timeline, topology),
         "efficiency": efficiency(overload.power_timeline, topology, [], overload_start, sending_end)
         | substation_efficiency(samples, [], overload_start, sending_end),
         "loadavg_after": raw["loadavg_overload"],
@@ -945,6 +1037,10 @@ def render(result: dict) -> str:
             + ", ".join(f"{p} {_f(v)}" for p, v in jain.items())
             + "; at one substation: "
             + ", ".join(f"{p} {_f(v['mean'])}" for p, v in local.items())
+            + "; the division itself on the same sessions: "
+            + ", ".join(
+                f"{p} {_f(v['mean'])}" for p, v in found.get("jain_of_the_division", {}).items()
+            )
         )
         lines.append(
             f"{phase} wait to start (s): "
