@@ -1,9 +1,11 @@
-"""A TCP forwarder that a test can cut and restore: a broker outage for one client only."""
+"""A TCP forwarder that a test can cut and restore (a broker outage for one client only), or
+freeze (a broker that keeps the connection open and answers nothing on it)."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class CuttableProxy:
@@ -11,6 +13,7 @@ class CuttableProxy:
         self.target = target
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
+        self._frozen: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.port = 0
 
@@ -48,6 +51,12 @@ class CuttableProxy:
                 s.close()
             self._sockets.clear()
 
+    def freeze(self) -> None:
+        """Forward nothing more on the connections open now, either way, and close none of
+        them; new connections are forwarded as ever."""
+        with self._lock:
+            self._frozen.update(self._sockets)
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -64,10 +73,13 @@ class CuttableProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                while source in self._frozen:  # held, never sent: frozen is for good
+                    if source.fileno() < 0:
+                        return  # cut
+                    time.sleep(0.05)
                 sink.sendall(data)
         except OSError:
             pass

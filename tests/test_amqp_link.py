@@ -370,6 +370,34 @@ def test_a_publish_bound_to_a_live_connection_is_sent_again_until_the_broker_tak
         link.stop()
 
 
+def test_a_link_whose_publishes_go_unconfirmed_too_long_starts_over_on_a_fresh_connection(
+    amqp_url, broker
+):
+    """A channel that never confirms (seen on RabbitMQ 3.10 after a stream's leader node was
+    killed) must not hold a reliable publish, and what waits on it, forever."""
+    from tests.proxy import CuttableProxy
+
+    proxy = CuttableProxy(("127.0.0.1", 5672)).start()
+    scheme, rest = amqp_url.split("://")
+    credentials, _, path = rest.partition("@")
+    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    link = _link(url, confirm_timeout=1.0, max_backoff=0.5)
+    try:
+        generation = link.generation
+        proxy.freeze()  # the connection stays open; nothing more comes back on it
+        future = link.publish(
+            contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY, b'{"n": 1}', reliable=True
+        )
+        assert future.result(20) is None
+        assert link.generation > generation
+        assert [body for _properties, body in broker.get_all(contract.PENDING_QUEUE)] == [
+            b'{"n": 1}'
+        ]
+    finally:
+        link.stop(timeout=1)
+        proxy.cut()
+
+
 def test_every_publish_carries_the_connections_user_which_the_broker_vouches_for(amqp_url, broker):
     queue = broker.subscribe_events(contract.RequestAccepted.kind)
     link = _link(amqp_url)

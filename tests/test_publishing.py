@@ -125,3 +125,14 @@ def test_a_publish_is_settled_once():
     message.succeed()
     message.fail(NotConnected("late"))
     assert message.future.result(0) is None
+
+
+def test_the_oldest_unconfirmed_publish_is_the_first_still_owed_a_confirm():
+    publishes = Publishes(name="t", outbox_limit=10)
+    assert publishes.oldest_unconfirmed() is None
+    first, second = outgoing(1), outgoing(2)
+    publishes.sent(first, now=10.0)
+    publishes.sent(second, now=12.0)
+    assert publishes.oldest_unconfirmed() == 10.0
+    publishes.confirmed(1, multiple=False, acked=True)
+    assert publishes.oldest_unconfirmed() == 12.0

@@ -128,6 +128,17 @@ def declare(channel: pika.channel.Channel, declaration: Declaration) -> None:
 #: At most this much buffered output goes out in one send (the rest in the next).
 COALESCE_BYTES = 256 * 1024
 
+#: Seconds a publish may go unconfirmed (outside a memory or disk alarm) before the link gives
+#: up on its channel and starts over on a fresh connection. A broker confirms in milliseconds,
+#: or seconds under load; but a RabbitMQ 3.10 channel whose stream's leader node was killed
+#: was seen never to confirm what it had routed to that stream, neither ack nor nack, on a
+#: connection to a surviving node that stayed open: a substation's completions waited forever,
+#: its prefetch used up by the deliveries they were to settle, and it took nothing more.
+CONFIRM_TIMEOUT = 30.0
+#: Seconds a connection the link closes to start over may take to close before its socket is
+#: dropped (a broker that answers nothing on it never sends close-ok).
+CLOSE_TIMEOUT = 5.0
+
 
 def coalesce_writes(transport: Any) -> bool:
     """Make pika's ``transport`` send what it has buffered in one system call, not one per
@@ -184,6 +195,7 @@ class Link:
         on_lost: Callable[[], None] | None = None,
         outbox_limit: int = 100_000,
         max_backoff: float = 10.0,
+        confirm_timeout: float = CONFIRM_TIMEOUT,
     ) -> None:
         self.name = name
         self._urls = parse_urls(url) if isinstance(url, str) else list(url)
@@ -192,6 +204,7 @@ class Link:
         self._on_ready = on_ready
         self._on_lost = on_lost
         self._max_backoff = max_backoff
+        self._confirm_timeout = confirm_timeout
 
         self._ioloop = IOLoop()
         self._handoff: collections.deque[Callable[[], None]] = collections.deque()
@@ -227,6 +240,9 @@ class Link:
         #: Why the broker blocks this connection's publishes (``connection.blocked``: a memory
         #: or disk alarm), or None. Set on the I/O thread, read from any.
         self._blocked_reason: str | None = None
+        #: When the broker last stopped blocking publishes (time.monotonic()).
+        self._unblocked_at = 0.0
+        self._confirms_watched = False
 
     # ----------------------------------------------------------------------------------------
     # Any thread
@@ -520,6 +536,24 @@ class Link:
         if self._blocked_reason is not None:
             log.info("%s: the broker accepts publishing again", self.name)
         self._blocked_reason = None
+        self._unblocked_at = time.monotonic()
+
+    def _watch_confirms(self) -> None:
+        """Every third of ``confirm_timeout``: a publish the broker has owed a confirm for
+        longer (not counting an alarm's block) means a channel that will never confirm it, so
+        start over on a fresh connection (see :data:`CONFIRM_TIMEOUT`)."""
+        if self._stopping:
+            return
+        self._ioloop.call_later(self._confirm_timeout / 3, self._watch_confirms)
+        oldest = self._publishes.oldest_unconfirmed()
+        if oldest is None or not self._ready.is_set() or self._blocked_reason is not None:
+            return
+        waited = time.monotonic() - max(oldest, self._unblocked_at)
+        if waited > self._confirm_timeout:
+            self.reconnect(
+                f"the broker has not confirmed a publish in {waited:.0f}s "
+                f"({self._publishes.unconfirmed} unconfirmed)"
+            )
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         self._close_reason = reason
@@ -627,13 +661,27 @@ class Link:
             return
         log.warning("%s: reconnecting: %s", self.name, reason)
         self._close_reason = RuntimeError(reason)
-        self._connection.close()
+        connection: SelectConnection = self._connection
+        connection.close()
+
+        def abort() -> None:
+            # A peer that answers nothing never sends close-ok: drop the socket instead
+            # (pika's own adapter method for a broken stream; it calls on_connection_closed).
+            if connection.is_closed or id(self._connection) != id(connection):
+                return
+            log.warning("%s: the broker did not answer the close; dropping the socket", self.name)
+            connection._adapter_disconnect_stream()
+
+        self._ioloop.call_later(CLOSE_TIMEOUT, abort)
 
     def _on_channel_ready(self, channel: pika.channel.Channel) -> None:
         if channel is not self._channel or self._stopping:
             return
         self._became_ready = True
         self._ready.set()
+        if not self._confirms_watched and self._confirm_timeout > 0:
+            self._confirms_watched = True
+            self._ioloop.call_later(self._confirm_timeout / 3, self._watch_confirms)
         log.info("%s: connected to %s and ready", self.name, _redact(self._current_url))
         for outgoing in self._publishes.take_waiting():
             self._send(outgoing)

@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,8 @@ class Outgoing:
     reliable: bool
     #: Bound to this connection (see ``Link.publish``): never kept for another one.
     generation: int | None = None
+    #: When it last went out on a channel (time.monotonic()).
+    sent_at: float | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
     def succeed(self) -> None:
@@ -72,13 +75,21 @@ class Publishes:
     def waiting(self) -> int:
         return len(self._outbox)
 
+    def oldest_unconfirmed(self) -> float | None:
+        """When the oldest publish the broker still owes a confirm went out (None: none)."""
+        for outgoing in self._unconfirmed.values():
+            return outgoing.sent_at
+        return None
+
     def new_channel(self) -> None:
         """A channel in confirm mode numbers its publishes from 1."""
         self.next_tag = 1
 
-    def sent(self, outgoing: Outgoing) -> int:
-        """``outgoing`` went out on the channel as tag :attr:`next_tag`; that tag."""
+    def sent(self, outgoing: Outgoing, now: float | None = None) -> int:
+        """``outgoing`` went out on the channel as tag :attr:`next_tag` (at ``now``, by
+        time.monotonic()); that tag."""
         tag = self.next_tag
+        outgoing.sent_at = time.monotonic() if now is None else now
         self._unconfirmed[tag] = outgoing
         self.next_tag += 1
         return tag
