@@ -19,7 +19,6 @@ window. Until it has caught up, it is not ready (``unavailable_reason``).
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time
@@ -244,10 +243,15 @@ class GatewayBroker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FutureTimeout()
-            done, _ = concurrent.futures.wait([future], timeout=min(remaining, _BLOCKED_POLL))
-            if done:
-                future.result()
+            # Future.result waits on the future's own condition: concurrent.futures.wait
+            # builds a waiter with an Event of its own and locks the future twice more, some
+            # 5-10 µs of CPU per request more (issue 16).
+            try:
+                future.result(timeout=min(remaining, _BLOCKED_POLL))
                 return
+            except FutureTimeout:
+                if future.done():
+                    raise  # the publish itself failed so, not the wait
             if self.link.blocked_reason is not None:
                 raise _Blocked(self.link.blocked_reason)
 
