@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from bench import history_read
+from bench import accept_cpu, history_read
 from bench.common import PORT_BLOCK, bench_settings, free_port_block
 
 
@@ -37,4 +37,10 @@ def test_the_history_read_benchmark_replays_every_request_it_filled_the_stream_w
     made = history_read.fill(amqp_url, 30, batch=7)
     messages = 30 + 3 * 5  # the requests, and each kind of event in batches of 7
     result = history_read.read(amqp_url, made, messages)  # exits unless it holds all 30
+    assert result["cpu_us_per_request"] > 0
+
+
+def test_the_accept_benchmark_has_every_request_confirmed(amqp_url):
+    result = accept_cpu.accept_many(amqp_url, requests=40, threads=4)
+    assert result["outcomes"] == ["confirmed"]
     assert result["cpu_us_per_request"] > 0
