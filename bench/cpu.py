@@ -137,6 +137,7 @@ def measure(
     broker: Broker | None = None,
     syscalls: bool = False,
     gateway_workers: int | None = None,
+    session_seconds: float = SESSION_SECONDS,
 ) -> dict:
     load_before = os.getloadavg()
     counted: dict[str, dict[str, float]] = {}
@@ -145,7 +146,7 @@ def measure(
             url,
             log_dir,
             capacity=CAPACITY,
-            session_seconds=SESSION_SECONDS,
+            session_seconds=session_seconds,
             poll_interval=1.0,
             gateway_module=GATEWAY_SERVERS[server],
             extra_env=revision[1] if revision else {},
@@ -171,6 +172,7 @@ def measure(
         "revision": revision[0] if revision else None,
         "broker": broker.spec if broker else "shared",
         "gateway_workers": settings.gateway_workers,
+        "session_seconds": session_seconds,
         # The machine is shared: other work's load, at the start and at the end.
         "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "client": client,
@@ -333,6 +335,13 @@ def main() -> None:
         help="also count each service's system calls and context switches (perf stat)",
     )
     parser.add_argument(
+        "--session-seconds",
+        type=float,
+        default=SESSION_SECONDS,
+        help=f"each session's length (default {SESSION_SECONDS:g}): longer ones keep more "
+        "sessions running, which the balancer and substations track",
+    )
+    parser.add_argument(
         "--name", default="cpu", help="results file: docs/bench/<name>.json (default cpu)"
     )
     args = parser.parse_args()
@@ -374,6 +383,7 @@ def main() -> None:
                     broker,
                     args.syscalls,
                     workers,
+                    args.session_seconds,
                 )
                 results.append(result)
                 report(result)
