@@ -48,7 +48,9 @@ from bench.common import (
     markdown_table,
     private_vhost,
     save,
+    scrape,
     source_tree,
+    total,
 )
 from bench.throughput import CAPACITY, SESSION_SECONDS
 from loadgen.run import LoadSettings, run_load
@@ -157,6 +159,7 @@ def measure(
         try:
             roots = service_roots(group, broker.pids if broker else None)
             time.sleep(2)
+            routed_before = _routed(settings)
             with count_syscalls(roots, log_dir, counted) if syscalls else contextlib.nullcontext():
                 accepted, cpu, elapsed = cpu_during(
                     roots,
@@ -165,6 +168,9 @@ def measure(
                         client, settings.gateway_url, rate, duration, connections, log_dir
                     ),
                 )
+            # A service that falls behind leaves work for after the window (the balancer
+            # routing a backlog): the CPU per accepted request is then the others' share.
+            routed = _routed(settings) - routed_before
         finally:
             group.stop()
     return {
@@ -181,6 +187,8 @@ def measure(
         "duration": elapsed,
         "accepted": accepted,
         "accepted_per_s": accepted / elapsed,
+        "routed": routed,
+        "routed_per_s": routed / elapsed,
         "cpu_seconds": cpu,
         "cpu_us_per_request": {name: seconds / accepted * 1e6 for name, seconds in cpu.items()},
         # perf's counts (--syscalls): system calls and context switches per request.
@@ -189,6 +197,12 @@ def measure(
             for name, counts in counted.items()
         },
     }
+
+
+def _routed(settings) -> float:
+    """Requests the balancer has forwarded, confirmed, so far."""
+    page = scrape(f"http://{settings.host}:{settings.balancer_port}/metrics")
+    return total(page, "balancer_routed_requests_total")
 
 
 PERF_EVENTS = ("raw_syscalls:sys_enter", "context-switches")
@@ -460,6 +474,8 @@ def summary(results: list[dict]) -> str:
 
     def figures(runs: list[dict]) -> dict[str, list[float]]:
         found = {"requests/s": [r["accepted_per_s"] for r in runs]}
+        if all("routed_per_s" in r for r in runs):
+            found["routed/s"] = [r["routed_per_s"] for r in runs]
         for name in names:
             found[f"{name} µs"] = [r["cpu_us_per_request"][name] for r in runs]
         # The broker may serve other work on a shared machine (other vhosts' tests): the
@@ -500,7 +516,8 @@ def report(result: dict) -> None:
     per_request = result["cpu_us_per_request"]
     print(
         f"\n{side(result)}: {result['accepted']:,} requests accepted, "
-        f"{result['accepted_per_s']:,.0f}/s (load average {result['load_average'][0]:.1f}, "
+        f"{result['accepted_per_s']:,.0f}/s, {result['routed_per_s']:,.0f}/s routed meanwhile "
+        f"(load average {result['load_average'][0]:.1f}, "
         f"then {result['load_average'][1]:.1f})\n"
     )
     rows = [
