@@ -18,8 +18,10 @@ of a share's lease re-shares the limit in force among the sessions, publishes
 ``session.power`` for each session whose power changed, and re-arms each changed session's
 end timer: a session ends when its energy has been delivered. ``power.demand`` goes out on
 every change (at most once per DEMAND_MIN_INTERVAL), every DEMAND_INTERVAL, and at once when it
-takes a lower share (the allocator holds the power given up until it is acknowledged), from
-the process that consumes the queue.
+takes a lower share (the allocator holds the power given up until it is acknowledged), and on
+every change while its share binds or its sessions leave more of it unused than it last
+reported (``PowerSharing.report_at_once``: power lost or unfairly shared until the allocator
+knows), from the process that consumes the queue.
 
 Cancellation (docs/driver-contract.md): ``request.cancel_requested`` reaches every substation
 (its event subscription). The one that charges the request stops the session (its point is
@@ -201,6 +203,8 @@ class SubstationService:
         self._lease_timer: object | None = None
         self._lease_timer_at: float | None = None
         self._report_timer: object | None = None
+        #: When the pending report goes out (time.monotonic), if one is pending.
+        self._report_due = 0.0
         self._last_report = float("-inf")
         self._http: WSGIServer | None = None
         self._draining = False
@@ -332,7 +336,9 @@ class SubstationService:
                 )
             self._arm_end_timer(change.request_id, change.expected_end, now)
         self._arm_lease_timer(now)
-        self._report_soon()
+        # While the share binds or is left unused, power is lost or unfairly shared until the
+        # allocator knows: no waiting for DEMAND_MIN_INTERVAL then.
+        self._report_soon(at_once=self.sharing.report_at_once())
 
     def _arm_end_timer(self, request_id: str, end: float | None, now: float) -> None:
         timer = self._timers.pop(request_id, None)
@@ -412,23 +418,22 @@ class SubstationService:
         if leases.acknowledge_at_once(previous, grant):
             # The allocator holds back the power this share gave up until it hears that it
             # was taken: waiting for the next report would waste it meanwhile.
-            self._report_now()
+            self._report_soon(at_once=True)
 
-    def _report_now(self) -> None:
-        """A ``power.demand`` report now, whatever DEMAND_MIN_INTERVAL says (it replaces the
-        one pending, if any)."""
-        if self._report_timer is not None:
-            self.link.cancel_timer(self._report_timer)
-        self._publish_report()
-
-    def _report_soon(self) -> None:
+    def _report_soon(self, *, at_once: bool = False) -> None:
         """A ``power.demand`` report at the end of this I/O-loop turn (one for all the changes
         of the turn), or, within DEMAND_MIN_INTERVAL of the last one, at its end (one for all
         the changes until then): under load every turn changes something, and each report is
-        a quorum-queue message and two deliveries to each balancer."""
-        if self._report_timer is None:
-            wait = self._last_report + self.config.demand_min_interval - time.monotonic()
-            self._report_timer = self.link.call_later(max(0.0, wait), self._publish_report)
+        a quorum-queue message and two deliveries to each balancer. ``at_once``: at the end
+        of this turn whatever the interval says."""
+        now = time.monotonic()
+        due = now if at_once else self._last_report + self.config.demand_min_interval
+        if self._report_timer is not None:
+            if self._report_due <= due:
+                return  # one is coming as soon
+            self.link.cancel_timer(self._report_timer)
+        self._report_due = max(now, due)
+        self._report_timer = self.link.call_later(self._report_due - now, self._publish_report)
 
     def _publish_report(self) -> None:
         self._report_timer = None

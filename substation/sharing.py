@@ -142,6 +142,8 @@ class PowerSharing:
         #: Energy of the sessions that ended (the counter adds the running ones' so far).
         self._energy_done_kwh = 0.0
         self._limit_in_force_w = self.lease.limit_w(started_at)
+        #: How much of the limit in force the sessions could not take, at the last report.
+        self._reported_unused_w = 0
 
     # ------------------------------------------------------------------ changes (I/O thread)
     def add(self, request_id: str, fields: PowerFields, now: float) -> None:
@@ -227,6 +229,23 @@ class PowerSharing:
             end = session.energy.expected_end(now)
             return end if end > now + END_TOLERANCE_SECONDS else None
 
+    def report_at_once(self) -> bool:
+        """Whether a change should be reported now rather than within DEMAND_MIN_INTERVAL:
+        while the share binds (its sessions want more than it: a new one shares it with the
+        others until the allocator moves power here), and when the sessions leave more of it
+        unused than the last report said (a session ended and the others are at their
+        maximum: power another substation could use). Either way power is lost or unfairly
+        shared until the allocator knows. Never for a substation that is not managed (no
+        share: a count-only deployment keeps the interval)."""
+        with self._lock:
+            if not self.lease.managed:
+                return False
+            binds = self._wanted_w > self._limit_in_force_w
+            return binds or self._unused_w() > self._reported_unused_w
+
+    def _unused_w(self) -> int:
+        return max(0, self._limit_in_force_w - self._wanted_w)
+
     def lease_expires_at(self, now: float) -> float | None:
         """When the share in force runs out (re-share then), if one is."""
         with self._lock:
@@ -238,6 +257,7 @@ class PowerSharing:
         with self._lock:
             running = [s.demand for s in self._sessions.values()]
             power_w = sum(s.energy.power_w for s in self._sessions.values())
+            self._reported_unused_w = self._unused_w()
             report = DemandReport(
                 substation=self.substation,
                 at=now,

@@ -306,3 +306,38 @@ def test_the_topology_file_places_the_substation_and_lowers_its_limit(tmp_path):
         _config(GRID_TOPOLOGY_FILE=str(topology))
     with pytest.raises(ConfigError, match="SUBSTATION_PARENT"):
         _config(SUBSTATION_PARENT="no spaces")
+
+
+def test_a_binding_share_or_one_left_unused_is_reported_at_once():
+    sharing = _sharing(parent="feeder-a", failsafe_kw=5)
+    assert sharing.offer(_grant(30, at=T0 + 1), T0 + 1)
+    sharing.add("r0", _car(max_kw=11), T0 + 1)
+    sharing.reshare(T0 + 1)
+    sharing.report(T0 + 1)
+    assert not sharing.report_at_once()  # 11 kW of cars on 30 kW: no hurry
+    for i in (1, 2):
+        sharing.add(f"r{i}", _car(max_kw=11), T0 + 1)
+    sharing.reshare(T0 + 1)
+    assert sharing.report_at_once()  # 33 kW of cars on 30 kW: the share binds
+    sharing.report(T0 + 1)
+    assert sharing.report_at_once()  # and goes on binding, every change
+    sharing.remove("r0", T0 + 2)
+    sharing.reshare(T0 + 2)
+    assert sharing.report_at_once()  # 8 kW of the share now unused
+    sharing.report(T0 + 2)
+    assert not sharing.report_at_once()  # told
+    sharing.add("r3", _car(max_kw=3.7), T0 + 3)
+    sharing.reshare(T0 + 3)
+    assert not sharing.report_at_once()  # less unused than reported: the next report will do
+
+
+def test_a_substation_without_a_parent_keeps_the_report_interval():
+    sharing = _sharing(limit_kw=30)
+    for i in range(4):
+        sharing.add(f"r{i}", _car(max_kw=11), T0)
+    sharing.reshare(T0)
+    assert not sharing.report_at_once()  # binding, but no share: nobody to tell
+    sharing.report(T0)
+    sharing.remove("r0", T0 + 1)
+    sharing.reshare(T0 + 1)
+    assert not sharing.report_at_once()
