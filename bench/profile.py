@@ -113,6 +113,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64, help="wrk's connections")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--top", type=int, default=25, help="functions shown per service")
+    parser.add_argument(
+        "--session-seconds",
+        type=float,
+        default=SESSION_SECONDS,
+        help=f"each session's length (default {SESSION_SECONDS:g}), as bench.cpu's",
+    )
     parser.add_argument("--server", choices=sorted(GATEWAY_SERVERS), default="granian")
     parser.add_argument("--out", type=Path, default=None, help="where the raw stacks go")
     parser.add_argument(
@@ -131,7 +137,7 @@ def main() -> None:
             url,
             out / "logs",
             capacity=CAPACITY,
-            session_seconds=SESSION_SECONDS,
+            session_seconds=args.session_seconds,
             poll_interval=1.0,
             gateway_module=GATEWAY_SERVERS[args.server],
             extra_env=extra_env,
