@@ -22,7 +22,6 @@ interval, so that they do not all ask at once.
 
 from __future__ import annotations
 
-import heapq
 import random
 import threading
 from collections.abc import Callable
@@ -65,11 +64,10 @@ class Doubts:
         #: Accepted here, not read back yet: request id -> (request, when to send it again,
         #: the interval after that).
         self._unread: dict[str, tuple[contract.ChargeRequest, float, float]] = {}
-        #: Active requests: id -> (due, interval, version); the heap holds (due, version, id)
-        #: and entries whose version is not the current one are stale.
-        self._active: dict[str, tuple[float, float, int]] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._version = 0
+        #: Active requests: id -> (when to ask, the interval after that). A dict assignment
+        #: per move, and a scan of the active ones per look (:meth:`due`, every few seconds):
+        #: cheaper than keeping them in order, for the many moves of every request.
+        self._active: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ copies
     def accepted(self, request: contract.ChargeRequest, now: float) -> None:
@@ -92,16 +90,7 @@ class Doubts:
                 return
             interval = self.check_after
             due = max(now, quiet_from) + interval * (1 + 0.5 * self._rng())
-            self._schedule(request_id, due, interval)
-
-    def _schedule(self, request_id: str, due: float, interval: float) -> None:
-        self._version += 1
-        self._active[request_id] = (due, interval, self._version)
-        heapq.heappush(self._heap, (due, self._version, request_id))
-        if len(self._heap) > 4 * len(self._active) + 1_000:
-            # Most entries are of requests that moved since: drop them in one go.
-            self._heap = [(d, v, r) for r, (d, _i, v) in self._active.items()]
-            heapq.heapify(self._heap)
+            self._active[request_id] = (due, interval)
 
     def forget(self, request_id: str) -> None:
         """The history no longer holds it (evicted)."""
@@ -118,15 +107,10 @@ class Doubts:
                     copies.append(request)
                     longer = min(2 * interval, self.max_interval)
                     self._unread[request_id] = (request, now + longer, longer)
-            asks = []
-            while self._heap and self._heap[0][0] <= now:
-                _due, version, request_id = heapq.heappop(self._heap)
-                current = self._active.get(request_id)
-                if current is None or current[2] != version:
-                    continue  # it moved since, or ended
-                asks.append(request_id)
-                longer = min(2 * current[1], self.max_interval)
-                self._schedule(request_id, now + longer, longer)
+            asks = [request_id for request_id, (due, _) in self._active.items() if due <= now]
+            for request_id in asks:
+                longer = min(2 * self._active[request_id][1], self.max_interval)
+                self._active[request_id] = (now + longer, longer)
             return Due(copies, asks)
 
     def __len__(self) -> int:
