@@ -78,8 +78,12 @@ class _Substation:
 
     The correction (the sum in the module's formula) is kept as it changes: each request adds
     its :meth:`effect` when it is tracked, and a change of its state replaces its effect, so a
-    routing decision reads the load without going over the requests. Only a new report, which
-    may change whether it counts each of them, counts the correction again (:meth:`rebase`).
+    routing decision reads the load without going over the requests. A new report may change
+    whether it counts each request, so it counts the correction again (:meth:`rebase`), but
+    only over the requests not *settled*: a session a report counted as running is counted by
+    every later report of the same instance until it ends, its effect 0 meanwhile, so only
+    its end (or a start again) brings it back into the count. A report then costs what
+    changed since the last one, not every session running there.
     """
 
     report: contract.PowerDemand | None = None
@@ -87,6 +91,8 @@ class _Substation:
     announced_limit_w: int | None = None
     announced_parent: str | None = None
     requests: dict[str, _Request] = field(default_factory=dict)
+    #: The requests but the settled sessions: those a report may count otherwise.
+    unsettled: dict[str, _Request] = field(default_factory=dict)
     #: The sum of every request's effect on the report, kept with every change.
     correction: Load = field(default_factory=Load)
     load: Load | None = None  # cached until the next change
@@ -126,24 +132,27 @@ class _Substation:
         self.load = None
 
     def track(self, request_id: str, request: _Request) -> None:
-        self.requests[request_id] = request
+        self.requests[request_id] = self.unsettled[request_id] = request
         self._correct(request.load, self.effect(request))
 
     def untrack(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
+        self.unsettled.pop(request_id, None)
         if request is not None:
             self._correct(request.load, -self.effect(request))
 
-    def started(self, request: _Request, at: float, instance: str) -> None:
+    def started(self, request_id: str, request: _Request, at: float, instance: str) -> None:
         self._correct(request.load, -self.effect(request))
         request.started_at = at
         request.instance = instance
         request.completed_at = None
+        self.unsettled[request_id] = request
         self._correct(request.load, self.effect(request))
 
-    def ended(self, request: _Request, at: float) -> None:
+    def ended(self, request_id: str, request: _Request, at: float) -> None:
         self._correct(request.load, -self.effect(request))
         request.completed_at = at
+        self.unsettled[request_id] = request
         self._correct(request.load, self.effect(request))
 
     def recount(self) -> Load:
@@ -158,37 +167,48 @@ class _Substation:
         return correction
 
     def rebase(self, report: contract.PowerDemand, now: float, forget_after: float) -> None:
-        """A new report: it counts sessions afresh, so the correction is counted again."""
+        """A new report (of this instance, not older than the last; or of another instance)."""
+        previous = self.report
         self.report = report
         self.reported = _reported_load(report)
-        self.prune(now, forget_after)
-        self.correction = self.recount()
+        if previous is None or previous.instance != report.instance:
+            # Sessions settled by the predecessor's reports are in none of this one's.
+            self.unsettled = dict(self.requests)
+        self._settle(now, forget_after)
         self.load = None
+
+    def _settle(self, now: float, forget_after: float) -> None:
+        """Count the correction again over the unsettled requests, settle the sessions the
+        report counts as running, and drop what no longer changes the load: sessions that
+        ended before the report was taken (no later report counts them; older ones are
+        ignored), and requests the reports have not counted for ``forget_after`` (never
+        started, started by a predecessor instance and never again, or a completion no report
+        ever follows: reports come every second, so a session running here is in them)."""
+        report_at = self.report.at if self.report is not None else None
+        correction = Load()
+        for request_id, request in list(self.unsettled.items()):
+            ended_before = (
+                request.completed_at is not None
+                and report_at is not None
+                and request.completed_at <= report_at
+            )
+            counted = self.counted_by_report(request)
+            if ended_before or (not counted and now - request.routed_at > forget_after):
+                del self.requests[request_id]
+                del self.unsettled[request_id]
+            elif request.completed_at is None:
+                if counted:
+                    del self.unsettled[request_id]  # settled: its effect is 0
+                else:
+                    correction = correction + request.load
+            elif counted:
+                correction = correction - request.load
+        self.correction = correction
 
     def compute_load(self) -> Load:
         if self.load is None:
             self.load = (self.reported + self.correction).clamped()
         return self.load
-
-    def prune(self, now: float, forget_after: float) -> None:
-        """Drop what no longer changes the load: sessions that ended before the report was
-        taken, and requests the reports have not counted for ``forget_after`` (never started,
-        started by a predecessor instance and never again, or a completion no report ever
-        follows: reports come every second, so a session running here is in them). Only with
-        :meth:`rebase`, which counts the correction again after it."""
-        report_at = self.report.at if self.report is not None else None
-        for request_id, request in list(self.requests.items()):
-            # Ended before this report: no report from now on counts it (older ones are
-            # ignored).
-            if (
-                request.completed_at is not None
-                and report_at is not None
-                and request.completed_at <= report_at
-            ):
-                del self.requests[request_id]
-                continue
-            if not self.counted_by_report(request) and now - request.routed_at > forget_after:
-                del self.requests[request_id]
 
 
 def _new_request(need: Need, routed_at: float) -> _Request:
@@ -291,7 +311,7 @@ class PowerView:
             # power fields.
             request = _new_request(need_of(event.power()), self._clock())
             tracked.track(event.request_id, request)
-        tracked.started(request, event.at, event.instance)
+        tracked.started(event.request_id, request, event.at, event.instance)
 
     def session_ended(self, substation: str, request_id: str, at: float) -> None:
         """Its session completed (or was cancelled) at ``at``, on the substation's clock."""
@@ -302,7 +322,7 @@ class PowerView:
         if request is None:
             return
         # Kept until a report taken after the end arrives: one taken before it may still come.
-        tracked.ended(request, at)
+        tracked.ended(request_id, request, at)
 
     def set_overrides(self, overrides: LimitOverrides) -> None:
         self.overrides = overrides

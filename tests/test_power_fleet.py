@@ -115,6 +115,23 @@ def test_a_completion_after_the_report_is_taken_off_until_the_next_report():
     assert view.load(S) == cars(FLEET_CAR)
 
 
+def test_a_session_counted_by_a_report_that_ends_stays_off_until_a_report_after_its_end():
+    """A session the reports count as running costs nothing to keep at each report; once it
+    ends, a report taken before its end (which still counts it) must not bring it back."""
+    view = PowerView(Topology(), wall_clock=Clock())
+    view.routed(S, "r1", CAR)
+    view.apply(started("r1", 9.0))
+    view.apply(report(10.0, CAR))
+    view.apply(report(10.5, CAR))
+    assert view.load(S) == cars(CAR)
+    view.apply(completed("r1", 11.5))
+    assert view.load(S) == Load()
+    view.apply(report(11.0, CAR))  # taken before the end arrived: it still counts r1
+    assert view.load(S) == Load()
+    view.apply(report(12.0))
+    assert view.load(S) == Load()
+
+
 def test_a_session_that_started_and_ended_between_two_reports_never_counts():
     view = PowerView(Topology(), wall_clock=Clock())
     view.apply(report(10.0))
