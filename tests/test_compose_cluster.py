@@ -135,13 +135,6 @@ def test_every_stream_has_a_replica_on_every_node(cluster):
         assert _stream_nodes(cluster, stream) == [f"rabbit@{node}" for node in NODES], stream
 
 
-@pytest.mark.xfail(
-    reason="known defect, issue 14 (open): since the gateways follow the history stream, a "
-    "node killed mid-load leaves requests the gateways' GET shows unfinished (charging, routed, "
-    "or 404 on one worker) at the end of the settle time; the stream reader's end probes "
-    "(smartgrid/amqp/streams.py) did not cure it. Was passing before the stream.",
-    strict=False,
-)
 def test_killing_a_node_mid_load_loses_nothing(cluster, tmp_path):
     leader = _queues(cluster, "rabbitmq-1")[contract.PENDING_QUEUE]["leader"].split("@")[1]
     survivor = next(node for node in NODES if node != leader)
@@ -166,10 +159,11 @@ def test_killing_a_node_mid_load_loses_nothing(cluster, tmp_path):
     time.sleep(5)
     before_kill = len(accepted)
     cluster.compose("kill", "-s", "SIGKILL", leader)  # docker kill: no goodbye to anyone
-    time.sleep(15)
+    # Load goes on through the failover: 30 more accepted, however slow the machine is.
+    wait_for(lambda: len(accepted) >= before_kill + 30, 120, "30 requests accepted after the kill")
     stop.set()
     sender.join(timeout=30)
-    assert before_kill > 10 and len(accepted) > before_kill + 30, (before_kill, len(accepted))
+    assert before_kill > 10, before_kill
 
     def unfinished() -> list[str]:
         left = []
@@ -208,10 +202,13 @@ def test_killing_a_node_mid_load_loses_nothing(cluster, tmp_path):
 
     # The history survived the node: a gateway started now replays it from a survivor's
     # replica, and still answers for every request, from before the kill and after.
+    restarted = time.monotonic()
     cluster.compose("restart", "gateway")
     try:
         wait_for(lambda: not unfinished() or None, 120, "every request completed after a restart")
     except AssertionError:
         raise explain("after a restart of the gateway") from None
-    logs = cluster.compose.logs("gateway", "balancer", "substation-1", tail=400)
+    # Its replay read a live replica (the failover's refusals, before, are in the log too).
+    since = f"{int(time.monotonic() - restarted) + 2}s"
+    logs = cluster.compose("logs", "--no-color", "--since", since, "gateway").stdout
     assert "does not have a replica" not in logs, logs
