@@ -255,11 +255,14 @@ class RequestHistory:
         change(record)
         self._reindex(record, *before)
         if self.doubts is not None and _progress(record) != progress_before:
+            # Counted from when the word was said, not read: a gateway replaying the history
+            # at start would otherwise ask about every active request at once, 30 s later.
+            said_at = min(born_at, now)
             self.doubts.moved(
                 request_id,
                 active=record.active,
-                now=now,
-                quiet_from=record.expected_end or now,
+                now=said_at,
+                quiet_from=record.expected_end or said_at,
             )
         if record.substation is not None or not record.active:
             waiter = self._routed_waiters.pop(request_id, None)

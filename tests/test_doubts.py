@@ -89,6 +89,16 @@ def test_the_history_tells_its_doubts_of_every_move_and_of_nothing_else():
     assert len(d) == 0
 
 
+def test_a_replayed_word_counts_from_when_it_was_said_not_when_it_was_read():
+    d = doubts()
+    history = RequestHistory(clock=lambda: 1_000.0, doubts=d)
+    history.accepted(request())  # accepted at 100, read at 1,000 (a replay at start)
+    history.apply(contract.RequestRouted(500.0, "r1", "EV1", "s1", "b1"))
+    assert d._active["r1"][0] == 530  # asked about at once, not in 30 s
+    history.apply(contract.RequestRouted(5_000.0, "r1", "EV1", "s2", "b1"))  # a clock ahead
+    assert d._active["r1"][0] == 1_030
+
+
 def test_the_history_forgets_the_doubts_of_what_it_evicts():
     d = doubts()
     history = RequestHistory(capacity=1, clock=lambda: 100.0, doubts=d)
