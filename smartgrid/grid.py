@@ -37,6 +37,7 @@ them for it.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -225,16 +226,16 @@ class Load:
     #: The sum of their minimums, per class in CLASS_ORDER.
     floors_w: tuple[int, ...] = (0,) * len(CLASS_ORDER)
 
+    # map over the two tuples rather than a generator: the balancer adds and takes off a
+    # request's load on every route, start and end (both tuples are one per class).
     def __add__(self, other: Load) -> Load:
         return Load(
-            self.demand_w + other.demand_w,
-            tuple(a + b for a, b in zip(self.floors_w, other.floors_w, strict=True)),
+            self.demand_w + other.demand_w, tuple(map(operator.add, self.floors_w, other.floors_w))
         )
 
     def __sub__(self, other: Load) -> Load:
         return Load(
-            self.demand_w - other.demand_w,
-            tuple(a - b for a, b in zip(self.floors_w, other.floors_w, strict=True)),
+            self.demand_w - other.demand_w, tuple(map(operator.sub, self.floors_w, other.floors_w))
         )
 
     def clamped(self) -> Load:
