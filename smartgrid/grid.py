@@ -282,7 +282,8 @@ class GridState:
         loads: dict[str, Load] = {}
         for substation, load in substation_loads.items():
             for node in topology.path(substation):
-                loads[node] = loads.get(node, Load()) + load
+                below = loads.get(node)
+                loads[node] = load if below is None else below + load
         return cls(topology, limits_w, loads)
 
     def load(self, node: str) -> Load:
