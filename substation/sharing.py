@@ -136,6 +136,13 @@ class PowerSharing:
         )
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
+        #: The sessions not at their maximum (paused, curtailed, or not started yet): while the
+        #: limit covers every maximum, the only ones a re-share can change. Kept as they
+        #: change, so that a start or an end costs the same whatever the sessions running.
+        self._below_max: dict[str, _Session] = {}
+        #: False: every re-share runs the full allocation over every session (the reference
+        #: the tests hold the shortcut to).
+        self.incremental = True
         #: What the sessions would draw at their maximum, together.
         self._wanted_w = 0
         self._admitted = 0
@@ -158,9 +165,11 @@ class PowerSharing:
             demand = SessionDemand(
                 request_id, fields.min_w, fields.max_w, fields.priority, self._admitted
             )
-            self._sessions[request_id] = _Session(
+            session = _Session(
                 demand, SessionEnergy(energy, hour_seconds=self.hour_seconds, now=now)
             )
+            self._sessions[request_id] = session
+            self._below_max[request_id] = session
             self._wanted_w += demand.max_w
 
     def remove(self, request_id: str, now: float) -> Ended | None:
@@ -170,6 +179,7 @@ class PowerSharing:
             session = self._sessions.pop(request_id, None)
             if session is None:
                 return None
+            self._below_max.pop(request_id, None)
             self._wanted_w -= session.demand.max_w
             delivered = session.energy.delivered_kwh(now)
             self._energy_done_kwh += delivered
@@ -188,18 +198,18 @@ class PowerSharing:
         changed (and every new one), in the order they are served."""
         with self._lock:
             self._limit_in_force_w = self.lease.limit_w(now)
-            sessions: Iterable[_Session] = self._sessions.values()
-            if self._wanted_w <= self._limit_in_force_w:
+            sessions: Iterable[_Session]
+            if self.incremental and self._wanted_w <= self._limit_in_force_w:
                 # The limit covers every session's maximum, which is then what allocate gives
                 # each (guaranteed shares or not): only a new or a curtailed session changes.
                 # The commonest case by far (the default limit never binds), and allocate's
                 # sorting and water-filling on every start and end was 40% of a substation's
-                # CPU under load.
-                sessions = [
-                    s for s in sessions if not s.started or s.energy.power_w != s.demand.max_w
-                ]
+                # CPU under load, then a scan of every session for those below their maximum
+                # 46% (docs/benchmarks.md §4): they are kept as a set instead.
+                sessions = list(self._below_max.values())
                 power: Mapping[str, int] = {s.demand.session: s.demand.max_w for s in sessions}
             else:
+                sessions = self._sessions.values()
                 power = allocate(
                     self._limit_in_force_w, (s.demand for s in sessions), self.guaranteed
                 ).power_w
@@ -207,6 +217,10 @@ class PowerSharing:
             for session in sorted(sessions, key=lambda s: s.demand.order):
                 request_id = session.demand.session
                 power_w = power[request_id]
+                if power_w == session.demand.max_w:
+                    self._below_max.pop(request_id, None)
+                else:
+                    self._below_max[request_id] = session
                 if session.started and power_w == session.energy.power_w:
                     continue
                 first = not session.started

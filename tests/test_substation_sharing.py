@@ -274,6 +274,66 @@ def test_each_session_draws_what_allocate_gives_it_whatever_the_limit(steps, lim
         ]
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=_steps,
+    limit_kw=st.sampled_from([50, 400, 5_000]),
+    parent=st.booleans(),
+    guaranteed=st.sampled_from([None, {Priority.STANDARD: 0.25}]),
+)
+def test_the_shortcut_reshares_exactly_as_the_full_allocation_does(
+    steps, limit_kw, parent, guaranteed
+):
+    # Two substations live through the same starts, ends, shares and lease expiries: one takes
+    # the shortcut (only the sessions below their maximum are visited while the limit covers
+    # every maximum), the other runs allocate over every session each time. Every re-share must
+    # report the same changes and leave every session at the same power.
+    def substation(incremental: bool) -> PowerSharing:
+        sharing = PowerSharing(
+            "s1",
+            limit_w=watts(limit_kw),
+            failsafe_w=watts(4),
+            parent="feeder" if parent else None,
+            session_seconds=30.0,
+            hour_seconds=HOUR,
+            started_at=T0,
+            skew_seconds=SKEW,
+            guaranteed=guaranteed,
+        )
+        sharing.incremental = incremental
+        return sharing
+
+    fast, full = substation(True), substation(False)
+    now = T0 + 1
+    running: list[str] = []
+    seq = 0
+    for added, step in enumerate(steps):
+        for sharing in (fast, full):
+            if step[0] == "add":
+                _, max_tenths, min_tenths, priority = step
+                max_kw = max_tenths / 10
+                car = _car(max_kw, min(min_tenths / 10, max_kw), 20, priority)
+                sharing.add(f"r{added}", car, now)
+            elif step[0] == "end" and running:
+                sharing.remove(running[step[1] % len(running)], now)
+            elif step[0] == "grant":
+                sharing.offer(Grant("s1", step[1] * 1000, now, step[2], 1, seq + 1), now)
+        if step[0] == "add":
+            running.append(f"r{added}")
+        elif step[0] == "end" and running:
+            running.pop(step[1] % len(running))
+        elif step[0] == "grant":
+            seq += 1
+        elif step[0] == "wait":
+            now += step[1]
+        assert fast.reshare(now) == full.reshare(now)
+        powers = {r: s.energy.power_w for r, s in fast._sessions.items()}
+        assert powers == {r: s.energy.power_w for r, s in full._sessions.items()}
+        assert set(fast._below_max) == {
+            r for r, s in fast._sessions.items() if powers[r] != s.demand.max_w
+        }
+
+
 # ------------------------------------------------------------------------------ configuration
 def _config(**env: str) -> SubstationConfig:
     return from_env(SubstationConfig, {"SUBSTATION_ID": "s1", **env})
