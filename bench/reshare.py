@@ -1,0 +1,103 @@
+"""A substation's power sharing alone: CPU per session start and end against the sessions running.
+
+No broker, no other process: substation/sharing.py's PowerSharing driven as the substation
+service drives it, for each new session ``add`` and ``reshare``, then the oldest session's
+``remove`` and ``reshare``, with ``--running`` sessions running meanwhile, under the default
+limit (every point at a car's maximum: it never binds, as in a count-only deployment). What
+bench.cpu cannot separate from the rest of the stack on a shared machine, this measures alone:
+the same work, one process, best of ``--repeat``.
+
+    .venv/bin/python -m bench.reshare --revs a2bd13f,HEAD --running 10,100,1000 \\
+        --name issue16/reshare-start-end
+
+``--revs`` imports the substation of each git revision in turn (bench.common.source_tree); the
+driver is this file's, run by path in a child process, so it is the same for every revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def _measure(running: int, sessions: int) -> dict[str, float]:
+    """In the child: microseconds per session started and ended, ``running`` running."""
+    from smartgrid.power import Priority, watts
+    from smartgrid.power_request import PowerFields
+    from substation.sharing import PowerSharing, default_limit_kw
+
+    car = PowerFields(max_kw=11.0, min_kw=1.4, priority=Priority.STANDARD)
+    sharing = PowerSharing(
+        "s1",
+        limit_w=watts(default_limit_kw(running + 1)),
+        failsafe_w=0,
+        parent=None,
+        session_seconds=5.0,
+        hour_seconds=3600.0,
+        started_at=0.0,
+        skew_seconds=0.5,
+    )
+    now = 0.0
+    for n in range(running):
+        now += 1e-4
+        sharing.add(f"warm-{n}", car, now)
+        sharing.reshare(now)
+    oldest = [f"warm-{n}" for n in range(running)]
+    began = time.perf_counter()
+    for n in range(sessions):
+        now += 1e-3
+        sharing.add(f"r{n}", car, now)
+        sharing.reshare(now)
+        oldest.append(f"r{n}")
+        sharing.remove(oldest.pop(0), now)
+        sharing.reshare(now)
+    return {"us_per_session": (time.perf_counter() - began) / sessions * 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.reshare", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--revs", default="", help="git revisions, in turn (default: this one)")
+    parser.add_argument("--running", default="10,100,1000", help="sessions running")
+    parser.add_argument("--sessions", type=int, default=5000, help="sessions started and ended")
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--name", default="", help="results file: docs/bench/<name>.json")
+    parser.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure is not None:  # the child: one measurement, as JSON
+        print(json.dumps(_measure(args.measure, args.sessions)))
+        return
+
+    from bench.common import markdown_table, save, source_tree
+
+    sides = [source_tree(rev) for rev in args.revs.split(",") if rev] or [("this checkout", {})]
+    results = []
+    for running in [int(n) for n in args.running.split(",")]:
+        for label, env in sides:
+            runs = []
+            for _ in range(args.repeat):
+                out = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), "--measure", str(running)]
+                    + ["--sessions", str(args.sessions)],
+                    env={**os.environ, **env, "PYTHONSAFEPATH": "1"} if env else None,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                runs.append(json.loads(out))
+            best = min(r["us_per_session"] for r in runs)
+            results.append({"revision": label, "running": running, "us_per_session": best})
+    rows = [[r["revision"], r["running"], f"{r['us_per_session']:,.1f}"] for r in results]
+    print(markdown_table(["revision", "sessions running", "µs per start and end"], rows))
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    if args.name:
+        save(args.name, {"runs": results})
+
+
+if __name__ == "__main__":
+    main()
