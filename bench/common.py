@@ -10,6 +10,7 @@ import platform
 import random
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -116,6 +117,20 @@ def source_tree(revision: str) -> tuple[str, dict[str, str]]:
         tar.extractall(directory, filter="data")
     label = revision if revision == short else f"{revision} ({short})"
     return label, {"PYTHONPATH": str(directory), "PYTHONSAFEPATH": "1"}
+
+
+def measure_in_child(script: str, env: dict[str, str] | None, *args: str) -> dict:
+    """Run ``script --measure *args`` in a child process, with ``env`` from
+    :func:`source_tree` (another revision's code; None: this checkout's), and return the JSON
+    object it prints: a micro-benchmark's measurement of one revision, in a process of its own."""
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(script), "--measure", *args],
+        env={**os.environ, **env} if env else None,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 SUBSTATIONS = ("s1", "s2", "s3")
@@ -141,7 +139,7 @@ def main() -> None:
         print(json.dumps(_measure(args.measure, args.requests, args.report_every)))
         return
 
-    from bench.common import markdown_table, save, source_tree
+    from bench.common import markdown_table, measure_in_child, save, source_tree
 
     sides = [source_tree(rev) for rev in args.revs.split(",") if rev] or [("this checkout", {})]
     counts = [int(n) for n in args.running.split(",")]
@@ -150,15 +148,17 @@ def main() -> None:
         for label, env in sides:
             runs = []
             for _ in range(args.repeat):
-                out = subprocess.run(
-                    [sys.executable, os.path.abspath(__file__), "--measure", str(running)]
-                    + ["--requests", str(args.requests), "--report-every", str(args.report_every)],
-                    env={**os.environ, **env, "PYTHONSAFEPATH": "1"} if env else None,
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                runs.append(json.loads(out))
+                runs.append(
+                    measure_in_child(
+                        __file__,
+                        env,
+                        str(running),
+                        "--requests",
+                        str(args.requests),
+                        "--report-every",
+                        str(args.report_every),
+                    )
+                )
             best = {key: min(r[key] for r in runs) for key in runs[0]}
             results.append({"revision": label, "running": running, **best})
     rows = [

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 
@@ -73,7 +71,7 @@ def main() -> None:
         print(json.dumps(_measure(args.measure, args.sessions)))
         return
 
-    from bench.common import markdown_table, save, source_tree
+    from bench.common import markdown_table, measure_in_child, save, source_tree
 
     sides = [source_tree(rev) for rev in args.revs.split(",") if rev] or [("this checkout", {})]
     results = []
@@ -81,15 +79,9 @@ def main() -> None:
         for label, env in sides:
             runs = []
             for _ in range(args.repeat):
-                out = subprocess.run(
-                    [sys.executable, os.path.abspath(__file__), "--measure", str(running)]
-                    + ["--sessions", str(args.sessions)],
-                    env={**os.environ, **env, "PYTHONSAFEPATH": "1"} if env else None,
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                runs.append(json.loads(out))
+                runs.append(
+                    measure_in_child(__file__, env, str(running), "--sessions", str(args.sessions))
+                )
             best = min(r["us_per_session"] for r in runs)
             results.append({"revision": label, "running": running, "us_per_session": best})
     rows = [[r["revision"], r["running"], f"{r['us_per_session']:,.1f}"] for r in results]
