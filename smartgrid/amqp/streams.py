@@ -498,19 +498,24 @@ class StreamReader:
         ):
             return  # answered, given up on as silent, or gone with the connection
         self._probe_channel = None
-        self._probe_attempt += 1
-        attempt = self._probe_attempt
+        self._probe_attempt += 1  # the refused probe's silence timer no longer counts
         log.warning(
             "%s: the probe of the stream's end was refused (%s); probing again", self.stream, reason
         )
 
         def again() -> None:
-            if subscription != self._subscription or self._catchup.end_known:
-                return
-            if self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
-                self.link.call_later(self.quiet, lambda: self._probe_quiet(subscription, attempt))
+            if subscription == self._subscription and not self._catchup.end_known:
+                self._probe_again(subscription)
 
         self.link.call_later(self.quiet, again)
+
+    def _probe_again(self, subscription: int) -> None:
+        """A fresh probe of the stream's end, on a channel of its own, timed by a silence
+        timer of its own (an earlier probe's no longer counts)."""
+        self._probe_attempt += 1
+        attempt = self._probe_attempt
+        if self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
+            self.link.call_later(self.quiet, lambda: self._probe_quiet(subscription, attempt))
 
     def _probe_quiet(self, subscription: int, attempt: int = 0) -> None:
         if (
@@ -545,10 +550,7 @@ class StreamReader:
             self.stream,
             self.quiet,
         )
-        self._probe_attempt += 1
-        again = self._probe_attempt
-        if self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
-            self.link.call_later(self.quiet, lambda: self._probe_quiet(subscription, again))
+        self._probe_again(subscription)
 
     def _reader_quiet(self, subscription: int) -> None:
         if subscription != self._subscription or self.caught_up:
