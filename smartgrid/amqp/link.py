@@ -242,7 +242,6 @@ class Link:
         self._blocked_reason: str | None = None
         #: When the broker last stopped blocking publishes (time.monotonic()).
         self._unblocked_at = 0.0
-        self._confirms_watched = False
 
     # ----------------------------------------------------------------------------------------
     # Any thread
@@ -457,6 +456,9 @@ class Link:
     # Connection lifecycle (I/O thread)
     # ----------------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self._confirm_timeout > 0:
+            # Timers outlive connections: one watch for the link's whole life.
+            self._ioloop.call_later(self._confirm_timeout / 3, self._watch_confirms)
         try:
             while not self._stopping:
                 retrying = Retrying(
@@ -679,9 +681,6 @@ class Link:
             return
         self._became_ready = True
         self._ready.set()
-        if not self._confirms_watched and self._confirm_timeout > 0:
-            self._confirms_watched = True
-            self._ioloop.call_later(self._confirm_timeout / 3, self._watch_confirms)
         log.info("%s: connected to %s and ready", self.name, _redact(self._current_url))
         for outgoing in self._publishes.take_waiting():
             self._send(outgoing)
