@@ -105,13 +105,17 @@ class Doubts:
             for request_id, (request, at, interval) in list(self._unread.items()):
                 if at <= now:
                     copies.append(request)
-                    longer = min(2 * interval, self.max_interval)
-                    self._unread[request_id] = (request, now + longer, longer)
+                    self._unread[request_id] = (request, *self._again(now, interval))
             asks = [request_id for request_id, (due, _) in self._active.items() if due <= now]
             for request_id in asks:
-                longer = min(2 * self._active[request_id][1], self.max_interval)
-                self._active[request_id] = (now + longer, longer)
+                self._active[request_id] = self._again(now, self._active[request_id][1])
             return Due(copies, asks)
+
+    def _again(self, now: float, interval: float) -> tuple[float, float]:
+        """When to look again after ``interval`` ran out at ``now``: twice as long, at most
+        ``max_interval``; that time and the new interval."""
+        longer = min(2 * interval, self.max_interval)
+        return now + longer, longer
 
     def __len__(self) -> int:
         with self._lock:
