@@ -123,13 +123,9 @@ class _Substation:
         return -1 if counted else 0
 
     def _correct(self, load: Load, effect: int) -> None:
-        if effect > 0:
-            self.correction = self.correction + load
-        elif effect < 0:
-            self.correction = self.correction - load
-        else:
-            return
-        self.load = None
+        if effect:
+            self.correction = _corrected(self.correction, load, effect)
+            self.load = None
 
     def track(self, request_id: str, request: _Request) -> None:
         self.requests[request_id] = self.unsettled[request_id] = request
@@ -159,11 +155,7 @@ class _Substation:
         """The correction counted over every request (what :attr:`correction` keeps)."""
         correction = Load()
         for request in self.requests.values():
-            effect = self.effect(request)
-            if effect > 0:
-                correction = correction + request.load
-            elif effect < 0:
-                correction = correction - request.load
+            correction = _corrected(correction, request.load, self.effect(request))
         return correction
 
     def rebase(self, report: contract.PowerDemand, now: float, forget_after: float) -> None:
@@ -209,6 +201,15 @@ class _Substation:
         if self.load is None:
             self.load = (self.reported + self.correction).clamped()
         return self.load
+
+
+def _corrected(correction: Load, load: Load, effect: int) -> Load:
+    """``correction`` with ``load`` added (effect +1), taken off (-1), or as it is (0)."""
+    if effect > 0:
+        return correction + load
+    if effect < 0:
+        return correction - load
+    return correction
 
 
 def _new_request(need: Need, routed_at: float) -> _Request:
