@@ -61,6 +61,7 @@ from bench.common import (
     save,
     scrape,
 )
+from bench.fairness import FairnessSeries, SessionAt
 from loadgen import evmix
 from loadgen.power import PowerTimeline, power_report, render_power
 from loadgen.report import jain_index, percentile
@@ -723,6 +724,35 @@ def jain_of_the_division(
     return {p: {"samples": len(v), "mean": statistics.fmean(v)} for p, v in sorted(found.items())}
 
 
+def jain_per_bottleneck(timeline: PowerTimeline, topology: Topology, interval: float = 0.1) -> dict:
+    """Every 100 ms, the fleet-wide index (as loadgen reads it) and beside it the index per
+    bottleneck (``bench.fairness``): among the sessions of one class held back by the same
+    limit, the nearest node of their path drawing its whole limit in force, which is what
+    max-min fairness promises; and which nodes held the sessions below their maximum back."""
+    span = timeline.span
+    if span is None:
+        return {}
+    series = FairnessSeries.empty()
+    runs = timeline.runs()
+    paths = {r.substation: topology.path(r.substation) for r in runs}
+    t = span[0]
+    while t < span[1]:
+        sessions = [
+            SessionAt(
+                r.substation,
+                r.priority,
+                r.power_at(t),
+                r.max_kw,
+                min(r.max_kw, _MIN_KW.get(r.max_kw, MIN_CAR_KW)),
+            )
+            for r in runs
+            if r.started_at <= t < r.ended_at
+        ]
+        series.add(sessions, paths, timeline.node_limits(t))
+        t += interval
+    return series.summary()
+
+
 def fates(result: LoadResult) -> dict:
     report = result.report
     return {
@@ -927,6 +957,7 @@ def analyse_day(raw: dict, args, topology: Topology) -> tuple[dict, list]:
             | substation_efficiency(samples, excluded, day_start, day_end),
             "jain_per_substation": jain_per_substation(day.power_timeline),
             "jain_of_the_division": jain_of_the_division(day.power_timeline, topology),
+            "jain_per_bottleneck": jain_per_bottleneck(day.power_timeline, topology),
             "lapses": lapses(samples, raw["frozen"]) if raw["frozen"] else None,
         },
         graces,
@@ -949,6 +980,7 @@ def analyse_overload(raw: dict, args, topology: Topology) -> dict:
         "power_share_by_class": power_by_class(overload, overload_start + 5, sending_end),
         "jain_per_substation": jain_per_substation(overload.power_timeline),
         "jain_of_the_division": jain_of_the_division(overload.power_timeline, topology),
+        "jain_per_bottleneck": jain_per_bottleneck(overload.power_timeline, topology),
         "efficiency": efficiency(overload.power_timeline, topology, [], overload_start, sending_end)
         | substation_efficiency(samples, [], overload_start, sending_end),
         "loadavg_after": raw["loadavg_overload"],
@@ -1042,6 +1074,7 @@ def render(result: dict) -> str:
                 f"{p} {_f(v['mean'])}" for p, v in found.get("jain_of_the_division", {}).items()
             )
         )
+        lines += _render_bottlenecks(phase, found.get("jain_per_bottleneck") or {})
         lines.append(
             f"{phase} wait to start (s): "
             + "; ".join(
@@ -1082,6 +1115,32 @@ def render(result: dict) -> str:
         f" {overload['loadavg_after']}"
     )
     return "\n".join(lines)
+
+
+def _render_bottlenecks(phase: str, found: dict) -> list[str]:
+    if not found:
+        return []
+    lines = [
+        f"{phase} Jain's index by class per bottleneck (sessions held back by the same limit): "
+        + ", ".join(
+            f"{p} {_f(v['mean'])} ({v['samples']} samples)"
+            for p, v in found["per_bottleneck"].items()
+        )
+        + "; fleet-wide on the same samples: "
+        + ", ".join(
+            f"{p} {_f(v['mean'])} ({v['samples']} samples)" for p, v in found["fleet_wide"].items()
+        )
+    ]
+    for p, nodes in found["by_node"].items():
+        lines.append(
+            f"{phase} {p} sessions below their maximum, by the node holding them back: "
+            + "; ".join(
+                f"{node} {v['share_of_held']:.1%}"
+                + ("" if v["mean"] is None else f" (index {v['mean']:.3f}, {v['samples']} samples)")
+                for node, v in nodes.items()
+            )
+        )
+    return lines
 
 
 def _pct(value) -> str:
