@@ -215,12 +215,39 @@ class Stack:
             return json.loads(r.read())
 
     def diagnose(self) -> str:
-        """What to print when something did not come up."""
-        states = "\n".join(
-            f"{c['Name']}: {c['State']} {c.get('Health') or ''} {c.get('Status', '')}"
-            for c in self.compose.containers(all=True)
-        )
-        return f"{states}\n--- logs ---\n{self.compose.logs(tail=30)}"
+        """What to print when something did not come up: every container's state, a short
+        tail of every log, and last (where a cut report keeps it) the whole story of each
+        container that restarted, failed its health check or exited with an error."""
+        containers = self.compose.containers(all=True)
+        states, troubled = [], []
+        for c in containers:
+            inspected = self._inspect(c["Name"])
+            state = inspected.get("State", {})
+            restarts = inspected.get("RestartCount", 0)
+            states.append(
+                f"{c['Name']}: {c['State']} {c.get('Health') or ''} {c.get('Status', '')}"
+                f" restarts={restarts} exit={state.get('ExitCode')} {state.get('Error') or ''}"
+            )
+            health = state.get("Health") or {}
+            if restarts or health.get("Status") == "unhealthy" or state.get("ExitCode"):
+                probes = "\n".join(
+                    f"  {probe.get('End', '')} exit {probe.get('ExitCode')}: "
+                    f"{(probe.get('Output') or '').strip()[-300:]}"
+                    for probe in health.get("Log") or []
+                )
+                troubled.append(
+                    f"--- {c['Name']}: restarts={restarts}, health checks:\n{probes}\n"
+                    f"{self.compose.logs(c['Service'], tail=400)}"
+                )
+        return "\n".join(["\n".join(states), "--- logs ---", self.compose.logs(tail=30), *troubled])
+
+    def _inspect(self, container: str) -> dict:
+        result = self.compose.engine.docker("inspect", container, check=False)
+        try:
+            (inspected,) = json.loads(result.stdout)
+        except ValueError:
+            return {}
+        return inspected
 
 
 @pytest.fixture(scope="session")
