@@ -7,6 +7,14 @@ setting of rabbitmq/cluster.conf: continuous membership reconciliation
 The test mounts cluster.conf without those two lines (everything else as committed); the
 compose file's own one-shot cluster-setup (rabbitmq/cluster-setup.sh) grows the queues and
 streams declared at boot, before the last node joined, onto all three, on 3.10 as on 4.x.
+
+The stand-in also boots its three blank nodes one after the other (rabbitmq-2 once rabbitmq-1
+is healthy, rabbitmq-3 once rabbitmq-2 is): before 3.13 reworked peer discovery (a seed node
+chosen the same way by every node, the others joining it with retries), blank nodes booting in
+parallel could race to create the cluster's schema, and the loser stops with "BOOT FAILED"
+(schema_integrity_check_failed; rabbitmq/cluster-operator#689) and comes back through its
+restart policy, which `up --wait` reports as a failure: CI saw rabbitmq-1 restart 18 s into a
+first boot once. 4.x nodes boot in parallel as the compose file starts them.
 """
 
 from __future__ import annotations
@@ -46,7 +54,12 @@ def cluster(docker_engine, compose_stack, tmp_path_factory):
         "services:\n"
         + "".join(
             f"  {node}:\n    volumes:\n      - {conf}:/etc/rabbitmq/conf.d/30-cluster.conf:ro\n"
-            for node in NODES
+            + (
+                f"    depends_on:\n      {before}:\n        condition: service_healthy\n"
+                if before
+                else ""
+            )
+            for before, node in zip([None, *NODES], NODES, strict=False)
         )
     )
     stack = Stack(
