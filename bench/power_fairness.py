@@ -1,0 +1,373 @@
+"""Where the fleet-wide unfairness of issue 15's EV site comes from, simulated (no broker).
+
+Issue 15 asks for Jain's index >= 0.95 over the power of same-class sessions below their own
+maximum, fleet-wide. On bench/ev-site.toml the real stack measures 0.85-0.90, and the
+allocator's own division of the same sessions at the same instants 0.87-0.95 (docs/benchmarks.md
+section 5). This plays loadgen's days through ``bench.power_sim`` (the real routing, priorities,
+division and sharing, no report, grant or lease in between) and reads, every 100 ms:
+
+- **fleet-wide**: the issue's index, as loadgen and ``bench.power_stack`` read it;
+- **per bottleneck**: the index among the sessions held back by the same limit
+  (``bench.fairness``), which is what max-min fairness promises;
+- **the division with failsafes**: the same placement divided as the real allocator does, each
+  substation's failsafe (10 kW) reserved first (the simulation's own division reserves none);
+- **the best placement**: the highest fleet-wide index any placement of the same sessions on
+  the site's charging points gets from the same division, found by local search (moves to a
+  free point and swaps, from the real placement and from random ones): what routing could
+  reach if it could also move cars that are already charging;
+- **routing's choice**: how many free substations each routing decision had.
+
+And the same days routed by ``best-fit`` (an experiment, not in the balancer): a car goes to
+the substation with the least kW per charging point that still covers its maximum (the fastest
+cars, which nothing covers, to the most kW per point), power-min's order among those. Its idea:
+leave the points with much power for the cars that can use it. ``best-fit-covered`` does so
+only for the cars some point covers, and routes the others by power-min alone.
+
+    .venv/bin/python -m bench.power_fairness --days 20 > docs/bench/power-fairness.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import random
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+
+from balancer.power_routing import fits, power_min
+from balancer.strategies import Candidate
+from bench.fairness import FairnessSeries, SessionAt, fleet_wide
+from bench.power_balance import ev_site
+from bench.power_sim import DaySimulation, Outcome, Site, _need, loadgen_trace
+from smartgrid.leases import Demand, target_shares
+from smartgrid.power import Priority, SessionDemand, allocate, kilowatts, watts
+
+ROUTINGS = ("power-min", "best-fit", "best-fit-covered")
+FAILSAFE_KW = 10.0  # bench.power_stack's SUBSTATION_FAILSAFE_KW
+SAMPLE_SECONDS = 0.1
+STANDARD = Priority.STANDARD.value
+
+#: One instant: (substation, session, power W) of every running session.
+Snapshot = list[tuple[str, SessionDemand, int]]
+
+
+def best_fit(
+    candidates: Sequence[Candidate], limits_w: Mapping[str, int], need, *, strict: bool = True
+) -> list:
+    """The candidates with the least kW per point that still covers ``need.max_w``; without
+    one, those with the most kW per point (``strict``) or all of them."""
+    per_point = {c.substation: limits_w[c.substation] / c.capacity for c in candidates}
+    covering = [c for c in candidates if per_point[c.substation] >= need.max_w]
+    if covering:
+        least = min(per_point[c.substation] for c in covering)
+        return [c for c in covering if per_point[c.substation] <= least]
+    if not strict:
+        return list(candidates)
+    most = max(per_point.values())
+    return [c for c in candidates if per_point[c.substation] >= most]
+
+
+class RecordedDay(DaySimulation):
+    """A simulated day that keeps every session's power at every change, and how many
+    substations each routing decision could choose from."""
+
+    def __init__(
+        self, site: Site, trace: Sequence, *, routing: str = "power-min", **kwargs
+    ) -> None:
+        super().__init__(site, trace, "power-min", **kwargs)
+        self.routing = routing
+        self.snapshots: list[tuple[float, Snapshot]] = []
+        self.choices: Counter[int] = Counter()
+        #: Cars routed to a substation whose kW per point is below their maximum: "chosen" when
+        #: a substation with more kW per point was open too, "forced" when none was.
+        self.squeezed: Counter[str] = Counter()
+
+    def _choice(self, outcome: Outcome, now: float) -> Candidate | None:
+        candidates = self._candidates(now)
+        grid = self._grid()
+        need = _need(outcome.request)
+        open_ = [c for c in candidates if fits(c, grid, need)]
+        self.choices[len(open_)] += 1
+        choosing = open_
+        if self.routing.startswith("best-fit") and open_:
+            choosing = best_fit(open_, self.limits_w, need, strict=self.routing == "best-fit")
+        choice = power_min(choosing, grid, need, self.rng)
+        if choice is not None:
+            per_point = {c.substation: self.limits_w[c.substation] / c.capacity for c in open_}
+            if per_point[choice.substation] < need.max_w:
+                roomier = any(p > per_point[choice.substation] for p in per_point.values())
+                self.squeezed["chosen" if roomier else "forced"] += 1
+        return choice
+
+    def _reshare(self, now: float) -> None:
+        super()._reshare(now)
+        snapshot = [
+            (sid, s.demand, s.energy.power_w)
+            for sid, st in self.stations.items()
+            for s in st.running.values()
+        ]
+        if self.snapshots and self.snapshots[-1][0] == now:
+            self.snapshots[-1] = (now, snapshot)
+        else:
+            self.snapshots.append((now, snapshot))
+
+
+def sampled(snapshots: list[tuple[float, Snapshot]], interval: float = SAMPLE_SECONDS):
+    """The snapshot in force every ``interval`` seconds."""
+    times = [t for t, _ in snapshots]
+    t = 0.0
+    while snapshots and t < times[-1]:
+        index = bisect.bisect_right(times, t) - 1
+        if index >= 0:
+            yield t, snapshots[index][1]
+        t += interval
+
+
+def sessions_at(snapshot: Snapshot) -> list[SessionAt]:
+    return [
+        SessionAt(sid, d.priority.value, kilowatts(w), kilowatts(d.max_w), kilowatts(d.min_w))
+        for sid, d, w in snapshot
+    ]
+
+
+class Division:
+    """The allocator's division and the substations' sharing of one placement, as
+    ``bench.power_stack.jain_of_the_division`` computes it."""
+
+    def __init__(self, site: Site, failsafe_kw: float) -> None:
+        self.site = site
+        self.limits_w = site.limits_w()
+        self.failsafe_w = watts(failsafe_kw)
+
+    def power(self, placement: Mapping[str, list[SessionDemand]]) -> dict[str, int]:
+        demands = {
+            s: Demand.of_sessions(((d.priority, d.min_w, d.max_w) for d in ds), self.failsafe_w)
+            for s, ds in placement.items()
+        }
+        shares = target_shares(self.site.topology, self.limits_w, demands).shares_w
+        power: dict[str, int] = {}
+        for s, ds in placement.items():
+            limit = min(self.limits_w[s], shares.get(s, self.limits_w[s]))
+            power.update(allocate(limit, ds).power_w)
+        return power
+
+    def standard_index(
+        self, sessions: Sequence[SessionDemand], where: Sequence[str]
+    ) -> tuple[float, int]:
+        """The fleet-wide standard index of ``sessions`` placed at ``where`` (1 with fewer than
+        two below their maximum: nobody is held back unequally), and the watts they draw."""
+        placement: dict[str, list[SessionDemand]] = defaultdict(list)
+        for d, s in zip(sessions, where, strict=True):
+            placement[s].append(d)
+        power = self.power(placement)
+        found = fleet_wide(
+            [
+                SessionAt(s, d.priority.value, kilowatts(power[d.session]), kilowatts(d.max_w))
+                for d, s in zip(sessions, where, strict=True)
+            ]
+        )
+        return found.get(STANDARD, 1.0), sum(power.values())
+
+
+def best_placement(
+    division: Division,
+    sessions: Sequence[SessionDemand],
+    where: Sequence[str],
+    points: Mapping[str, int],
+    rng: random.Random,
+    restarts: int = 3,
+    budget: int = 4000,
+) -> tuple[float, list[str]]:
+    """The highest standard index found for ``sessions`` on ``points`` (local search) among
+    the placements that deliver the most power: the index alone would rather hold every car at
+    the same low power (a fast car on a slow substation, the others at their minimum) than let
+    one charge faster. Returns the index and the placement."""
+
+    def score(place: Sequence[str]) -> tuple[int, float]:
+        index, total_w = division.standard_index(sessions, place)
+        return total_w, index
+
+    def climb(start: list[str]) -> tuple[tuple[int, float], list[str]]:
+        best = score(start)
+        place = start
+        evaluations = 1
+        improved = True
+        while improved and evaluations < budget:
+            improved = False
+            used = Counter(place)
+            moves = [
+                (i, s, None)
+                for i in range(len(sessions))
+                for s in points
+                if s != place[i] and used[s] < points[s]
+            ] + [
+                (i, None, k)
+                for i in range(len(sessions))
+                for k in range(i + 1, len(sessions))
+                if place[i] != place[k] and _kind(sessions[i]) != _kind(sessions[k])
+            ]
+            rng.shuffle(moves)
+            for i, s, k in moves:
+                new = list(place)
+                if k is None:
+                    new[i] = s  # type: ignore[assignment]
+                else:
+                    new[i], new[k] = new[k], new[i]
+                found = score(new)
+                evaluations += 1
+                if found[0] > best[0] or (found[0] == best[0] and found[1] > best[1] + 1e-9):
+                    best, place, improved = found, new, True
+                    break
+        return best, place
+
+    found = [climb(list(where))]
+    free = [s for s, n in points.items() for _ in range(n)]
+    for _ in range(restarts):
+        rng.shuffle(free)
+        found.append(climb(free[: len(sessions)]))
+    (_, index), place = max(found, key=lambda f: f[0])
+    return index, place
+
+
+def _kind(d: SessionDemand) -> tuple:
+    return (d.priority, d.min_w, d.max_w)
+
+
+def study_day(site: Site, day: int, peak: float, routing: str, *, search: bool) -> dict:
+    hour = 3.6
+    trace = loadgen_trace(peak_rate=peak / hour, hour_seconds=hour, seed=day)
+    sim = RecordedDay(site, trace, routing=routing, hour_seconds=hour, poll_interval=5.0, seed=day)
+    result = sim.run()
+    paths = {s.id: site.topology.path(s.id) for s in site.substations}
+    limits = {n: kilowatts(w) for n, w in site.limits_w().items()}
+    points = {s.id: s.points for s in site.substations}
+    series = FairnessSeries.empty()
+    with_failsafes = Division(site, FAILSAFE_KW)
+    divided: list[float] = []
+    best: list[float] = []
+    searched: dict[tuple, float] = {}
+    rng = random.Random(day)
+    for _t, snapshot in sampled(sim.snapshots):
+        sessions = sessions_at(snapshot)
+        series.add(sessions, paths, limits)
+        if STANDARD not in fleet_wide(sessions):
+            continue
+        demands = [d for _, d, _ in snapshot]
+        where = [s for s, _, _ in snapshot]
+        divided.append(with_failsafes.standard_index(demands, where)[0])
+        if search:
+            key = tuple(sorted(zip((d.session for d in demands), where, strict=True)))
+            if key not in searched:
+                searched[key] = best_placement(Division(site, 0.0), demands, where, points, rng)[0]
+            best.append(searched[key])
+    stretch = [
+        (o.ended_at - o.started_at) / hour / o.request.hours_at_full_power()
+        for o in result.outcomes
+        if o.ended_at is not None and o.started_at is not None
+    ]
+    waits = sorted(o.wait_to_charge * 60 / hour for o in result.outcomes if o.wait_to_charge)
+    return {
+        "series": series,
+        "divided_with_failsafes": divided,
+        "best_placement": best,
+        "choices": sim.choices,
+        "squeezed": sim.squeezed,
+        "stretch": statistics.fmean(stretch),
+        "wait_p99_min": waits[int(0.99 * (len(waits) - 1))] if waits else 0.0,
+        "violations": result.violations,
+    }
+
+
+def _mean(values: Sequence[float]) -> str:
+    return f"{statistics.fmean(values):.3f}" if values else "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.power_fairness", description=__doc__)
+    parser.add_argument("--days", type=int, default=20, help="days (trace seeds 1..N)")
+    parser.add_argument("--peaks", default="13,16", help="peak EV a simulated hour")
+    parser.add_argument("--routings", default=",".join(ROUTINGS))
+    parser.add_argument(
+        "--no-search", action="store_true", help="skip the best placement's local search"
+    )
+    args = parser.parse_args(argv)
+    site = ev_site()
+    for peak in (float(p) for p in args.peaks.split(",")):
+        for routing in args.routings.split(","):
+            search = routing == "power-min" and not args.no_search
+            days = [
+                study_day(site, day, peak, routing, search=search)
+                for day in range(1, args.days + 1)
+            ]
+            pooled = FairnessSeries.empty()
+            for found in days:
+                for name in ("literal", "bottleneck"):
+                    for p, v in getattr(found["series"], name).items():
+                        getattr(pooled, name)[p].extend(v)
+                for key, (count, indices) in found["series"].nodes.items():
+                    held, known = pooled.nodes.get(key, (0, []))
+                    pooled.nodes[key] = (held + count, known + indices)
+            summary = pooled.summary()
+            literal = summary["fleet_wide"].get(STANDARD, {})
+            per_day = [
+                statistics.fmean(d["series"].literal[STANDARD])
+                for d in days
+                if d["series"].literal.get(STANDARD)
+            ]
+            choices: Counter[int] = sum((d["choices"] for d in days), Counter())
+            decisions = sum(choices.values())
+            print(f"== peak {peak:g} EV/h, {args.days} days, routing {routing} ==")
+            fleet_wide_of = {p: v["mean"] for p, v in summary["fleet_wide"].items()}
+            print(
+                f"standard, fleet-wide (the issue's index): {literal.get('mean', float('nan')):.3f}"
+                f" over {literal.get('samples', 0)} samples; days at >= 0.95:"
+                f" {sum(1 for v in per_day if v >= 0.95)} of {len(per_day)}"
+                f" (day means {min(per_day):.3f}-{max(per_day):.3f})"
+            )
+            for p, found in summary["per_bottleneck"].items():
+                print(
+                    f"{p}, per bottleneck: {found['mean']:.3f} over {found['samples']} samples"
+                    f" (fleet-wide {fleet_wide_of.get(p, float('nan')):.3f})"
+                )
+            print(
+                "standard, the same placement divided with 10 kW failsafes reserved (as the real"
+                f" allocator): {_mean([v for d in days for v in d['divided_with_failsafes']])}"
+            )
+            if search:
+                best = [v for d in days for v in d["best_placement"]]
+                print(
+                    "standard, the best placement found of the same sessions at the same"
+                    f" instants: {_mean(best)}; instants below 0.95:"
+                    f" {sum(1 for v in best if v < 0.95)} of {len(best)}"
+                )
+            print("standard sessions below their maximum, by the node holding them back:")
+            for node, found in summary["by_node"].get(STANDARD, {}).items():
+                mean = "n/a" if found["mean"] is None else f"{found['mean']:.3f}"
+                print(
+                    f"  {node}: {found['share_of_held']:.1%} of them; index among them {mean}"
+                    f" ({found['samples']} samples with two or more)"
+                )
+            print(
+                "routing decisions by substations open: "
+                + ", ".join(f"{n}: {choices[n] / decisions:.1%}" for n in sorted(choices))
+                + f" ({decisions} decisions)"
+            )
+            squeezed: Counter[str] = sum((d["squeezed"] for d in days), Counter())
+            print(
+                "cars routed to a substation with less kW per point than their maximum:"
+                f" {squeezed['chosen']} with a substation of more kW per point open,"
+                f" {squeezed['forced']} forced (none open)"
+            )
+            print(
+                f"sessions' length / at full power: {_mean([d['stretch'] for d in days])};"
+                f" p99 wait to power (simulated minutes, day mean):"
+                f" {statistics.fmean(d['wait_p99_min'] for d in days):.0f};"
+                f" violations {sum(d['violations'] for d in days)}"
+            )
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
