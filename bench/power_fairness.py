@@ -24,6 +24,7 @@ leave the points with much power for the cars that can use it. ``best-fit-covere
 only for the cars some point covers, and routes the others by power-min alone.
 
     .venv/bin/python -m bench.power_fairness --days 20 > docs/bench/power-fairness.txt
+    .venv/bin/python -m bench.power_fairness --stack-raw out/power-stack.pickle   # a real run's
 """
 
 from __future__ import annotations
@@ -234,7 +235,69 @@ def _kind(d: SessionDemand) -> tuple:
     return (d.priority, d.min_w, d.max_w)
 
 
-def study_day(site: Site, day: int, peak: float, routing: str, *, search: bool) -> dict:
+def study_stack_run(
+    site: Site, raw_path: str, *, restarts: int = 3, budget: int = 4000
+) -> dict[str, dict]:
+    """For a run of the real stack (``bench.power_stack --raw``): per phase, at the instants
+    with two or more standard sessions below their maximum, the fleet-wide index of the
+    division of the real placement (failsafes reserved, as the allocator does) and of the best
+    placement found for the same sessions."""
+    import pickle
+    from pathlib import Path
+
+    from bench.power_stack import _MIN_KW
+
+    raw = pickle.loads(Path(raw_path).read_bytes())
+    points = {s.id: s.points for s in site.substations}
+    division = Division(site, FAILSAFE_KW)
+    found: dict[str, dict] = {}
+    for phase in ("day", "overload"):
+        timeline = raw[phase].power_timeline if phase in raw else None
+        if timeline is None or timeline.span is None:
+            continue
+        runs = timeline.runs()
+        rng = random.Random(1)
+        searched: dict[tuple, float] = {}
+        real: list[float] = []
+        best: list[float] = []
+        t, end = timeline.span
+        while t < end:
+            live = [r for r in runs if r.started_at <= t < r.ended_at]
+            sessions = [SessionAt(r.substation, r.priority, r.power_at(t), r.max_kw) for r in live]
+            if STANDARD in fleet_wide(sessions):
+                demands = [
+                    SessionDemand(
+                        r.request_id,
+                        min(watts(r.max_kw), watts(_MIN_KW.get(r.max_kw, 1.4))),
+                        watts(r.max_kw),
+                        Priority(r.priority),
+                        order,
+                    )
+                    for order, r in enumerate(live)
+                ]
+                where = [r.substation for r in live]
+                real.append(division.standard_index(demands, where)[0])
+                key = tuple(sorted(zip((r.request_id for r in live), where, strict=True)))
+                if key not in searched:
+                    searched[key] = best_placement(
+                        division, demands, where, points, rng, restarts, budget
+                    )[0]
+                best.append(searched[key])
+            t += SAMPLE_SECONDS
+        found[phase] = {"instants": len(real), "division": real, "best_placement": best}
+    return found
+
+
+def study_day(
+    site: Site,
+    day: int,
+    peak: float,
+    routing: str,
+    *,
+    search: bool,
+    restarts: int = 3,
+    budget: int = 4000,
+) -> dict:
     hour = 3.6
     trace = loadgen_trace(peak_rate=peak / hour, hour_seconds=hour, seed=day)
     sim = RecordedDay(site, trace, routing=routing, hour_seconds=hour, poll_interval=5.0, seed=day)
@@ -291,13 +354,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-search", action="store_true", help="skip the best placement's local search"
     )
+    parser.add_argument(
+        "--restarts", type=int, default=3, help="the search's random starting placements"
+    )
+    parser.add_argument(
+        "--budget", type=int, default=4000, help="placements the search tries from each start"
+    )
+    parser.add_argument(
+        "--stack-raw",
+        help="instead: the best placement at the instants of a bench.power_stack run (--raw)",
+    )
     args = parser.parse_args(argv)
     site = ev_site()
+    if args.stack_raw:
+        stack_run = study_stack_run(
+            site, args.stack_raw, restarts=args.restarts, budget=args.budget
+        )
+        for phase, found in stack_run.items():
+            best = found["best_placement"]
+            print(
+                f"{phase}: {found['instants']} instants with two or more standard sessions below"
+                f" their maximum; standard, fleet-wide: the division of the real placement"
+                f" {_mean(found['division'])}, the best placement found {_mean(best)}"
+                f" (below 0.95 at {sum(1 for v in best if v < 0.95)})"
+            )
+        return 0
     for peak in (float(p) for p in args.peaks.split(",")):
         for routing in args.routings.split(","):
             search = routing == "power-min" and not args.no_search
             days = [
-                study_day(site, day, peak, routing, search=search)
+                study_day(
+                    site,
+                    day,
+                    peak,
+                    routing,
+                    search=search,
+                    restarts=args.restarts,
+                    budget=args.budget,
+                )
                 for day in range(1, args.days + 1)
             ]
             pooled = FairnessSeries.empty()

@@ -3,11 +3,13 @@ instants and, as a property, on the allocator's own division of random sessions.
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from balancer.strategies import Candidate
 from bench.fairness import (
     AT_MINIMUM,
     UNBOUND,
@@ -18,8 +20,10 @@ from bench.fairness import (
     fleet_wide,
     per_bottleneck,
 )
+from bench.power_balance import ev_site
+from bench.power_fairness import Division, best_fit, best_placement
 from loadgen import evmix
-from smartgrid.grid import parse_topology
+from smartgrid.grid import Need, parse_topology
 from smartgrid.leases import Demand, target_shares
 from smartgrid.power import CLASS_ORDER, SessionDemand, allocate, kilowatts, watts
 
@@ -164,3 +168,37 @@ def test_the_division_is_fair_per_bottleneck(case):
         assert node != UNBOUND
         if index is not None:
             assert index > 0.9999, node
+
+
+def test_the_best_placement_moves_fast_cars_off_a_slow_substation():
+    site = ev_site()
+    points = {s.id: s.points for s in site.substations}
+    cars = [(11.0, 1.4)] * 6 + [(50.0, 5.0)] * 2 + [(150.0, 15.0)]
+    sessions = [
+        SessionDemand(f"ev-{i}", watts(low), watts(high), seniority=i)
+        for i, (high, low) in enumerate(cars)
+    ]
+    # Both 50 kW cars at substation-4 (12 kW each beside six 11 kW cars), the 150 kW car alone
+    # at substation-1 (its 120 kW): held back by two limits, at 12 and 120 kW.
+    where = ["substation-4"] * 8 + ["substation-1"]
+    division = Division(site, 0.0)
+    index, drawn_w = division.standard_index(sessions, where)
+    assert index < 0.5
+    best, place = best_placement(division, sessions, where, points, random.Random(1))
+    assert best > 0.99
+    assert division.standard_index(sessions, place)[1] > drawn_w
+    assert place[-1] == "substation-3"  # the only substation that lets it draw 150 kW
+
+
+def test_best_fit_sends_a_car_to_the_fewest_kw_per_point_that_cover_it():
+    candidates = [Candidate(s, POINTS[s], 0, 0) for s in ("s1", "s3", "s4")]
+    limits = {"s1": watts(120), "s3": watts(150), "s4": watts(90)}  # 20, 37.5, 11.25 a point
+
+    def picked(max_kw: float, strict: bool = True) -> list[str]:
+        need = Need(watts(max_kw), watts(1.4))
+        return [c.substation for c in best_fit(candidates, limits, need, strict=strict)]
+
+    assert picked(11) == ["s4"]
+    assert picked(22) == ["s3"]
+    assert picked(50) == ["s3"]
+    assert picked(50, strict=False) == ["s1", "s3", "s4"]
