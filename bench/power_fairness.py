@@ -35,6 +35,7 @@ import random
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from balancer.power_routing import fits, power_min
 from balancer.strategies import Candidate
@@ -243,11 +244,19 @@ def study_stack_run(
     division of the real placement (failsafes reserved, as the allocator does) and of the best
     placement found for the same sessions."""
     import pickle
-    from pathlib import Path
 
+    from bench import power_stack
     from bench.power_stack import _MIN_KW
 
-    raw = pickle.loads(Path(raw_path).read_bytes())
+    class _Unpickler(pickle.Unpickler):
+        # bench.power_stack ran as __main__: its classes were pickled under that name.
+        def find_class(self, module: str, name: str) -> Any:
+            if module == "__main__":
+                return getattr(power_stack, name)
+            return super().find_class(module, name)
+
+    with open(raw_path, "rb") as file:
+        raw = _Unpickler(file).load()
     points = {s.id: s.points for s in site.substations}
     division = Division(site, FAILSAFE_KW)
     found: dict[str, dict] = {}
