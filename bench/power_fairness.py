@@ -25,6 +25,7 @@ only for the cars some point covers, and routes the others by power-min alone.
 
     .venv/bin/python -m bench.power_fairness --days 20 > docs/bench/power-fairness.txt
     .venv/bin/python -m bench.power_fairness --stack-raw out/power-stack.pickle   # a real run's
+    .venv/bin/python -m bench.power_fairness --steady   # steady loads of one or two car classes
 """
 
 from __future__ import annotations
@@ -297,6 +298,55 @@ def study_stack_run(
     return found
 
 
+#: Steady loads of one or two car classes (max kW, min kW), Poisson arrivals a real second,
+#: 30 kWh each: the site binds, a few points stay free.
+STEADY_MIXES: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = (
+    ("all 22 kW", ((22.0, 1.4),)),
+    ("all 50 kW", ((50.0, 5.0),)),
+    ("11 and 50 kW", ((11.0, 1.4), (50.0, 5.0))),
+)
+
+
+def study_steady(site: Site, mix: Sequence[tuple[float, float]], routing: str) -> dict:
+    """Whether a routing equalises each session's power between substations of different kW
+    per point under a steady load (2.6 arrivals a second for 1,500 arrivals; the first 30 s
+    left out): the fleet-wide index, and each substation's mean power a session and sessions."""
+    from loadgen.evmix import EvRequest
+
+    rng = random.Random(1)
+    trace = []
+    at = 0.0
+    for _ in range(1500):
+        at += rng.expovariate(2.6)
+        max_kw, min_kw = rng.choice(mix)
+        trace.append(EvRequest(at, "steady", max_kw, min_kw, 30.0, STANDARD))
+    sim = RecordedDay(site, trace, routing=routing, hour_seconds=3.6, poll_interval=5.0, seed=1)
+    sim.run()
+    paths = {s.id: site.topology.path(s.id) for s in site.substations}
+    limits = {n: kilowatts(w) for n, w in site.limits_w().items()}
+    series = FairnessSeries.empty()
+    power: dict[str, list[float]] = defaultdict(list)
+    count: dict[str, list[int]] = defaultdict(list)
+    for t, snapshot in sampled(sim.snapshots):
+        if t < 30:
+            continue
+        sessions = sessions_at(snapshot)
+        series.add(sessions, paths, limits)
+        here: dict[str, list[float]] = defaultdict(list)
+        for one in sessions:
+            here[one.substation].append(one.power_kw)
+        for substation, values in here.items():
+            power[substation].append(statistics.fmean(values))
+            count[substation].append(len(values))
+    return {
+        "summary": series.summary(),
+        "per_substation": {
+            sub: (statistics.fmean(power[sub]), statistics.fmean(count[sub]))
+            for sub in sorted(power)
+        },
+    }
+
+
 def study_day(
     site: Site,
     day: int,
@@ -370,11 +420,33 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=int, default=4000, help="placements the search tries from each start"
     )
     parser.add_argument(
+        "--steady",
+        action="store_true",
+        help="instead: steady loads of one or two car classes (does the routing equalise each "
+        "session's power between substations of different kW per point?)",
+    )
+    parser.add_argument(
         "--stack-raw",
         help="instead: the best placement at the instants of a bench.power_stack run (--raw)",
     )
     args = parser.parse_args(argv)
     site = ev_site()
+    if args.steady:
+        for name, mix in STEADY_MIXES:
+            for routing in args.routings.split(","):
+                steady = study_steady(site, mix, routing)
+                literal = steady["summary"]["fleet_wide"].get(STANDARD, {}).get("mean")
+                bottleneck = steady["summary"]["per_bottleneck"].get(STANDARD, {}).get("mean")
+                print(
+                    f"{name}, {routing}: fleet-wide {_mean([literal] if literal else [])},"
+                    f" per bottleneck {_mean([bottleneck] if bottleneck else [])};"
+                    " kW a session / sessions: "
+                    + ", ".join(
+                        f"{sub} {kw:.1f} / {n:.1f}"
+                        for sub, (kw, n) in steady["per_substation"].items()
+                    )
+                )
+        return 0
     if args.stack_raw:
         stack_run = study_stack_run(
             site, args.stack_raw, restarts=args.restarts, budget=args.budget
