@@ -98,6 +98,7 @@ class Allocator:
         *,
         name: str,
         on_overrides: Callable[[LimitOverrides], None],
+        decode: Callable[[str, bytes], list[contract.Event]] = contract.decode_events,
         registry=REGISTRY,
     ) -> None:
         self.config = config
@@ -105,6 +106,8 @@ class Allocator:
         self.hands_out_shares = config.allocator
         self.topology = topology
         self.on_overrides = on_overrides
+        #: How a report's body is decoded (the router may have decoded it already).
+        self._decode = decode
         self.metrics = AllocatorMetrics(registry)
         for node in topology.nodes:
             self.metrics.overcommitted.labels(node).set(0)
@@ -239,7 +242,9 @@ class Allocator:
     # ------------------------------------------------------------------ reports (I/O thread)
     def _on_report(self, delivery: Delivery) -> None:
         reports = [
-            e for e in events_in(delivery, self.senders) if isinstance(e, contract.PowerDemand)
+            e
+            for e in events_in(delivery, self.senders, self._decode)
+            if isinstance(e, contract.PowerDemand)
         ]
         if not reports:
             return

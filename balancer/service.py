@@ -37,6 +37,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_se
 
 from balancer.allocator import Allocator
 from balancer.config import BalancerConfig, parse_static_substations
+from balancer.decoded_once import DecodedOnce
 from balancer.dispatch import (
     RETRY_REFUSED_AFTER,
     AfterFailedForward,
@@ -227,6 +228,8 @@ class BalancerService:
         self.senders = Senders(config.event_senders, own_user=self.link.user)
         self.events = EventPublisher(self.link)
         self.dead_letters = DeadLetterer(self.link, self.events)
+        #: The power reports reach the router and the allocator each: decoded once for both.
+        self.reports_decoded = DecodedOnce(contract.PowerDemand.kind)
         self.poller = Poller(
             targets=lambda: self.fleet.poll_targets,
             deliver=lambda results: self.link.call_soon(lambda: self._on_readings(results)),
@@ -242,6 +245,7 @@ class BalancerService:
             on_overrides=lambda overrides: self.link.call_soon(
                 lambda: self._limits_changed(overrides)
             ),
+            decode=self.reports_decoded.decode_events,
             registry=registry,
         )
         self.legacy_pending = LegacyPendingMover(config.amqp_url, name=self.balancer_id)
@@ -591,7 +595,7 @@ class BalancerService:
 
     # ------------------------------------------------------------------ events (I/O thread)
     def _on_event(self, delivery: Delivery) -> None:
-        events = events_in(delivery, self.senders)
+        events = events_in(delivery, self.senders, self.reports_decoded.decode_events)
         freed = False
         for event in events:
             freed |= self.power.apply(event)

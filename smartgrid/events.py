@@ -97,12 +97,17 @@ class EventPublisher:
         confirmation.add_done_callback(_settle([future for _, future in batch]))
 
 
-def events_in(delivery: Delivery, senders: Senders) -> list[contract.Event]:
+def events_in(
+    delivery: Delivery,
+    senders: Senders,
+    decode: Callable[[str, bytes], list[contract.Event]] = contract.decode_events,
+) -> list[contract.Event]:
     """The lifecycle events a delivery carries (one, or a batch) that come from their owners
     (``senders``, by the delivery's ``user_id``); none if it breaks the contract. What is left
-    out is logged: an event is information, so a bad one is dropped, not retried."""
+    out is logged: an event is information, so a bad one is dropped, not retried. ``decode``:
+    :func:`smartgrid.contract.decode_events` or one that gives what it would."""
     try:
-        events = contract.decode_events(delivery.routing_key, delivery.body)
+        events = decode(delivery.routing_key, delivery.body)
     except contract.InvalidMessage as exc:
         log.warning("ignoring an invalid %s event: %s", delivery.routing_key, exc)
         return []
