@@ -27,6 +27,7 @@ Thread-safety: the I/O thread changes the state and the HTTP thread serving /met
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from collections.abc import Iterable, Mapping
@@ -145,6 +146,14 @@ class PowerSharing:
         self.incremental = True
         #: What the sessions would draw at their maximum, together.
         self._wanted_w = 0
+        #: Per class (CLASS_ORDER), every session's (min_w, max_w), sorted, and the sum of
+        #: their minimums; with the power drawn, kept as sessions come, go and change power,
+        #: so that a report costs a copy of them rather than a pass over every session
+        #: (docs/benchmarks.md §4).
+        self._bounds: list[list[tuple[int, int]]] = [[] for _ in CLASS_ORDER]
+        self._floors_w = [0 for _ in CLASS_ORDER]
+        self._wants_w = [0 for _ in CLASS_ORDER]
+        self._power_w = 0
         self._admitted = 0
         #: Energy of the sessions that ended (the counter adds the running ones' so far).
         self._energy_done_kwh = 0.0
@@ -171,6 +180,10 @@ class PowerSharing:
             self._sessions[request_id] = session
             self._below_max[request_id] = session
             self._wanted_w += demand.max_w
+            rank = demand.priority.rank
+            bisect.insort(self._bounds[rank], (demand.min_w, demand.max_w))
+            self._floors_w[rank] += demand.min_w
+            self._wants_w[rank] += demand.max_w
 
     def remove(self, request_id: str, now: float) -> Ended | None:
         """A session ends at ``now`` (its energy delivered, cancelled, or dropped); None if it
@@ -180,7 +193,14 @@ class PowerSharing:
             if session is None:
                 return None
             self._below_max.pop(request_id, None)
-            self._wanted_w -= session.demand.max_w
+            demand = session.demand
+            self._wanted_w -= demand.max_w
+            rank = demand.priority.rank
+            bounds = self._bounds[rank]
+            del bounds[bisect.bisect_left(bounds, (demand.min_w, demand.max_w))]
+            self._floors_w[rank] -= demand.min_w
+            self._wants_w[rank] -= demand.max_w
+            self._power_w -= session.energy.power_w
             delivered = session.energy.delivered_kwh(now)
             self._energy_done_kwh += delivered
             return Ended(delivered, session.paused_for(now))
@@ -225,6 +245,7 @@ class PowerSharing:
                     continue
                 first = not session.started
                 session.started = True
+                self._power_w += power_w - session.energy.power_w
                 session.set_power(power_w, now)
                 changes.append(Change(request_id, power_w, session.expected_end(now), first))
             return changes
@@ -269,21 +290,25 @@ class PowerSharing:
         """What to tell the allocator: the demand report, the limit in force and the power
         drawn (the rest of ``power.demand``)."""
         with self._lock:
-            running = [s.demand for s in self._sessions.values()]
-            power_w = sum(s.energy.power_w for s in self._sessions.values())
             self._reported_unused_w = self._unused_w()
+            bounds = tuple(tuple(b) for b in self._bounds)
             report = DemandReport(
                 substation=self.substation,
                 at=now,
                 limit_w=self.lease.own_limit_w,
-                demand=Demand.of_sessions(
-                    ((d.priority, d.min_w, d.max_w) for d in running), self.lease.failsafe_w
+                # What Demand.of_sessions counts over the sessions (tests hold it to that).
+                demand=Demand(
+                    tuple(len(b) for b in bounds),
+                    tuple(self._floors_w),
+                    tuple(self._wants_w),
+                    self.lease.failsafe_w,
+                    bounds,
                 ),
                 parent=self.parent,
                 holding=self.lease.holding(now),
                 last_key=self.lease.last_key,
             )
-            return report, self._limit_in_force_w, power_w
+            return report, self._limit_in_force_w, self._power_w
 
     def reading(self, now: float) -> PowerReading:
         with self._lock:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartgrid.config import ConfigError, from_env
-from smartgrid.leases import Grant, report_from_event, report_to_event
+from smartgrid.leases import Demand, Grant, report_from_event, report_to_event
 from smartgrid.power import Priority, watts
 from smartgrid.power_request import PowerFields
 from substation.config import SubstationConfig
@@ -332,6 +332,47 @@ def test_the_shortcut_reshares_exactly_as_the_full_allocation_does(
         assert set(fast._below_max) == {
             r for r, s in fast._sessions.items() if powers[r] != s.demand.max_w
         }
+
+
+def _counted_over_every_session(sharing: PowerSharing) -> tuple[Demand, int]:
+    """What a report says, counted afresh over every session (what report keeps as it goes)."""
+    sessions = sharing._sessions.values()
+    demand = Demand.of_sessions(
+        ((s.demand.priority, s.demand.min_w, s.demand.max_w) for s in sessions),
+        sharing.lease.failsafe_w,
+    )
+    return demand, sum(s.energy.power_w for s in sessions)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=_steps, limit_kw=st.sampled_from([50, 400, 5_000]), parent=st.booleans())
+def test_the_report_kept_as_sessions_change_is_the_one_counted_over_every_session(
+    steps, limit_kw, parent
+):
+    # Also between a start and its re-share (the new session draws nothing yet), and with
+    # sessions of equal bounds ending in any order.
+    sharing = _sharing(limit_kw=limit_kw, failsafe_kw=4, parent="feeder" if parent else None)
+    now = T0 + 1
+    running: list[str] = []
+    seq = 0
+    for added, step in enumerate(steps):
+        if step[0] == "add":
+            _, max_tenths, min_tenths, priority = step
+            max_kw = max_tenths / 10
+            request_id = f"r{added}"
+            sharing.add(request_id, _car(max_kw, min(min_tenths / 10, max_kw), 20, priority), now)
+            running.append(request_id)
+        elif step[0] == "end" and running:
+            sharing.remove(running.pop(step[1] % len(running)), now)
+        elif step[0] == "grant":
+            seq += 1
+            sharing.offer(Grant("s1", step[1] * 1000, now, step[2], 1, seq), now)
+        elif step[0] == "wait":
+            now += step[1]
+        for _ in range(2):
+            report, _, power_w = sharing.report(now)
+            assert (report.demand, power_w) == _counted_over_every_session(sharing)
+            sharing.reshare(now)
 
 
 # ------------------------------------------------------------------------------ configuration
