@@ -35,6 +35,7 @@ allocator's thread as a new snapshot (:meth:`PowerView.set_overrides`), never mu
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -212,6 +213,16 @@ def _corrected(correction: Load, load: Load, effect: int) -> Load:
     return correction
 
 
+@dataclass(frozen=True)
+class _LimitsInForce:
+    """The limits of every node for the capacities they were worked out with, good until
+    an override in force runs out."""
+
+    capacities: dict[str, int]
+    limits_w: dict[str, int]
+    until: float
+
+
 def _new_request(need: Need, routed_at: float) -> _Request:
     return _Request(need, Load.of(need.max_w, need.min_w, need.priority), routed_at)
 
@@ -240,6 +251,10 @@ class PowerView:
         self._substations: dict[str, _Substation] = {}
         self.overrides = LimitOverrides()
         self._conflicts_logged: set[tuple[str, str]] = set()
+        #: The limits in force, worked out again only when what they depend on changes (a
+        #: report, an announcement, the tree, the overrides, the candidates' capacities, an
+        #: override running out) rather than for every routing decision.
+        self._limits: _LimitsInForce | None = None
 
     def _track(self, substation: str) -> _Substation:
         tracked = self._substations.get(substation)
@@ -272,6 +287,7 @@ class PowerView:
         if current is not None and current.instance == report.instance and current.at > report.at:
             return False  # overtaken by a newer one
         tracked.rebase(report, self._clock(), self.forget_after)
+        self._limits = None  # its own limit may have changed
         self._place(report.substation, report.parent)
         return True
 
@@ -280,6 +296,7 @@ class PowerView:
         if event.limit_kw is not None:
             tracked.announced_limit_w = watts(event.limit_kw)
         tracked.announced_parent = event.parent
+        self._limits = None
         self._place(event.substation, event.parent)
 
     def _place(self, substation: str, parent: str | None) -> None:
@@ -289,6 +306,7 @@ class PowerView:
             return
         try:
             self.topology = self.topology.with_announced(substation, parent, own_limit_w)
+            self._limits = None
         except TopologyError as exc:
             if (substation, parent) not in self._conflicts_logged:
                 self._conflicts_logged.add((substation, parent))
@@ -327,6 +345,7 @@ class PowerView:
 
     def set_overrides(self, overrides: LimitOverrides) -> None:
         self.overrides = overrides
+        self._limits = None
 
     # -------------------------------------------------------------------------- questions
     def load(self, substation: str) -> Load:
@@ -349,10 +368,19 @@ class PowerView:
         return limits
 
     def limits_w(self, capacities: Mapping[str, int] | None = None) -> dict[str, int]:
-        """The limit in force at every node and substation now."""
-        return limits_in_force(
-            self.topology, self.own_limits_w(capacities), self.overrides.in_force(self._clock())
+        """The limit in force at every node and substation now (not to be changed: the next
+        call may return it again)."""
+        now = self._clock()
+        capacities = dict(capacities or {})
+        known = self._limits
+        if known is not None and known.capacities == capacities and now < known.until:
+            return known.limits_w
+        limits = limits_in_force(
+            self.topology, self.own_limits_w(capacities), self.overrides.in_force(now)
         )
+        until = self.overrides.next_change(now)
+        self._limits = _LimitsInForce(capacities, limits, math.inf if until is None else until)
+        return limits
 
     def grid(self, candidates: Iterable[Candidate]) -> GridState:
         """A snapshot for one routing decision: every substation's load (not only the
@@ -373,3 +401,4 @@ class PowerView:
 
     def forget(self, substation: str) -> None:
         self._substations.pop(substation, None)
+        self._limits = None

@@ -71,6 +71,9 @@ class Topology:
     """A forest of nodes; a substation it does not name is a root of its own."""
 
     nodes: Mapping[str, Node] = field(default_factory=dict)
+    #: Each path once walked (a topology is never changed: a new node makes a new one), for
+    #: the routing decision asks for every substation's path several times per request.
+    _paths: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def parent(self, node: str) -> str | None:
         known = self.nodes.get(node)
@@ -78,12 +81,16 @@ class Topology:
 
     def path(self, node: str) -> tuple[str, ...]:
         """``node`` and every node above it, nearest first."""
+        known = self._paths.get(node)
+        if known is not None:
+            return known
         path = [node]
         parent = self.parent(node)
         while parent is not None:
             path.append(parent)
             parent = self.parent(parent)
-        return tuple(path)
+        self._paths[node] = walked = tuple(path)
+        return walked
 
     def children(self, node: str) -> list[str]:
         return sorted(n.id for n in self.nodes.values() if n.parent == node)

@@ -288,6 +288,89 @@ def test_limits_come_from_reports_the_file_and_overrides_the_lowest_winning():
     assert view.limits_w()["feeder"] == 100_000
 
 
+_limit_steps = st.lists(
+    st.one_of(
+        # A report (its own limit in kW, a parent or none), an announcement, an override of a
+        # node (kW or a clear, lasting some seconds or for good), time passing, a substation
+        # forgotten; and a question with some capacities.
+        st.tuples(
+            st.just("report"),
+            st.sampled_from(["s1", "s2", "s3"]),
+            st.integers(10, 200),
+            st.sampled_from([None, "feeder", "site"]),
+        ),
+        st.tuples(
+            st.just("announce"),
+            st.sampled_from(["s1", "s2", "s4"]),
+            st.one_of(st.none(), st.integers(10, 200)),
+            st.sampled_from([None, "feeder"]),
+        ),
+        st.tuples(
+            st.just("override"),
+            st.sampled_from(["feeder", "site", "s1", "s2"]),
+            st.one_of(st.none(), st.integers(5, 300)),
+            st.one_of(st.none(), st.floats(0.5, 20)),
+        ),
+        st.tuples(st.just("wait"), st.floats(0, 15)),
+        st.tuples(st.just("forget"), st.sampled_from(["s1", "s2", "s4"])),
+        st.tuples(
+            st.just("ask"),
+            st.dictionaries(st.sampled_from(["s1", "s2", "s3", "s5"]), st.integers(1, 50)),
+        ),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=_limit_steps)
+def test_the_limits_kept_between_changes_are_the_ones_worked_out_afresh(steps):
+    # limits_w works the limits out again only when something they depend on changed; after
+    # any sequence of reports, announcements, overrides, their expiry, forgetting and changing
+    # capacities they must be what limits_in_force says from scratch.
+    from smartgrid.grid import limits_in_force
+
+    clock = Clock()
+    tree = Topology({"site": Node("site", 500_000), "feeder": Node("feeder", 100_000, "site")})
+    view = PowerView(tree, wall_clock=clock)
+    overrides = LimitOverrides()
+    at = 10.0
+    capacities: dict[str, int] = {}
+    for step in steps:
+        if step[0] == "report":
+            at += 1
+            view.apply(report(at, substation=step[1], limit_kw=float(step[2]), parent=step[3]))
+        elif step[0] == "announce":
+            view.apply(
+                contract.SubstationAnnounced(
+                    at=at,
+                    substation=step[1],
+                    instance="i1",
+                    capacity=4,
+                    metrics_url="http://127.0.0.1:1/metrics",
+                    session_seconds=30.0,
+                    limit_kw=None if step[2] is None else float(step[2]),
+                    parent=step[3],
+                )
+            )
+        elif step[0] == "override":
+            limit_w = None if step[2] is None else step[2] * 1000
+            until = None if step[3] is None else clock.now + step[3]
+            overrides.apply(LimitOverride(step[1], limit_w, clock.now, until))
+            view.set_overrides(overrides.copy())
+            clock.now += 0.001  # the next override is issued later
+        elif step[0] == "wait":
+            clock.now += step[1]
+        elif step[0] == "forget":
+            view.forget(step[1])
+        else:
+            capacities = step[1]
+        expected = limits_in_force(
+            view.topology, view.own_limits_w(capacities), overrides.in_force(clock.now)
+        )
+        assert view.limits_w(capacities) == expected
+
+
 def test_an_announced_parent_joins_the_tree_and_one_the_file_contradicts_is_ignored(caplog):
     tree = Topology({"feeder": Node("feeder", 100_000), "other": Node("other", 50_000)})
     view = PowerView(tree)
