@@ -3,7 +3,9 @@
 No broker, no other process: substation/sharing.py's PowerSharing driven as the substation
 service drives it, for each new session ``add`` and ``reshare``, then the oldest session's
 ``remove`` and ``reshare``, with ``--running`` sessions running meanwhile, under the default
-limit (every point at a car's maximum: it never binds, as in a count-only deployment). What
+limit (every point at a car's maximum: it never binds, as in a count-only deployment); with
+``--report-every N``, also the ``power.demand`` report (``report`` and the event made of it, as
+the service publishes it) after every N of them. What
 bench.cpu cannot separate from the rest of the stack on a shared machine, this measures alone:
 the same work, one process, best of ``--repeat``.
 
@@ -22,8 +24,10 @@ import os
 import time
 
 
-def _measure(running: int, sessions: int) -> dict[str, float]:
-    """In the child: microseconds per session started and ended, ``running`` running."""
+def _measure(running: int, sessions: int, report_every: int) -> dict[str, float]:
+    """In the child: microseconds per session started and ended, ``running`` running (its
+    share of the reports included), and per report."""
+    from smartgrid.leases import report_to_event
     from smartgrid.power import Priority, watts
     from smartgrid.power_request import PowerFields
     from substation.sharing import PowerSharing, default_limit_kw
@@ -45,6 +49,8 @@ def _measure(running: int, sessions: int) -> dict[str, float]:
         sharing.add(f"warm-{n}", car, now)
         sharing.reshare(now)
     oldest = [f"warm-{n}" for n in range(running)]
+    reporting = 0.0
+    reports = 0
     began = time.perf_counter()
     for n in range(sessions):
         now += 1e-3
@@ -53,7 +59,18 @@ def _measure(running: int, sessions: int) -> dict[str, float]:
         oldest.append(f"r{n}")
         sharing.remove(oldest.pop(0), now)
         sharing.reshare(now)
-    return {"us_per_session": (time.perf_counter() - began) / sessions * 1e6}
+        if report_every and n % report_every == 0:
+            report_began = time.perf_counter()
+            report, limit_in_force_w, power_w = sharing.report(now)
+            report_to_event(
+                report, instance="i1", limit_in_force_w=limit_in_force_w, power_w=power_w
+            )
+            reporting += time.perf_counter() - report_began
+            reports += 1
+    return {
+        "us_per_session": (time.perf_counter() - began) / sessions * 1e6,
+        "us_per_report": reporting / reports * 1e6 if reports else 0.0,
+    }
 
 
 def main() -> None:
@@ -63,12 +80,15 @@ def main() -> None:
     parser.add_argument("--revs", default="", help="git revisions, in turn (default: this one)")
     parser.add_argument("--running", default="10,100,1000", help="sessions running")
     parser.add_argument("--sessions", type=int, default=5000, help="sessions started and ended")
+    parser.add_argument(
+        "--report-every", type=int, default=0, help="a report after every this many (0: none)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     parser.add_argument("--name", default="", help="results file: docs/bench/<name>.json")
     parser.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:  # the child: one measurement, as JSON
-        print(json.dumps(_measure(args.measure, args.sessions)))
+        print(json.dumps(_measure(args.measure, args.sessions, args.report_every)))
         return
 
     from bench.common import markdown_table, measure_in_child, save, source_tree
@@ -80,12 +100,33 @@ def main() -> None:
             runs = []
             for _ in range(args.repeat):
                 runs.append(
-                    measure_in_child(__file__, env, str(running), "--sessions", str(args.sessions))
+                    measure_in_child(
+                        __file__,
+                        env,
+                        str(running),
+                        "--sessions",
+                        str(args.sessions),
+                        "--report-every",
+                        str(args.report_every),
+                    )
                 )
             best = min(r["us_per_session"] for r in runs)
-            results.append({"revision": label, "running": running, "us_per_session": best})
+            best_report = min(r.get("us_per_report", 0.0) for r in runs)
+            results.append(
+                {
+                    "revision": label,
+                    "running": running,
+                    "us_per_session": best,
+                    "us_per_report": best_report,
+                }
+            )
+    header = ["revision", "sessions running", "µs per start and end"]
     rows = [[r["revision"], r["running"], f"{r['us_per_session']:,.1f}"] for r in results]
-    print(markdown_table(["revision", "sessions running", "µs per start and end"], rows))
+    if args.report_every:
+        header.append(f"µs per report (one per {args.report_every})")
+        for row, r in zip(rows, results, strict=True):
+            row.append(f"{r['us_per_report']:,.1f}")
+    print(markdown_table(header, rows))
     print(f"load average {os.getloadavg()[0]:.1f}")
     if args.name:
         save(args.name, {"runs": results})
