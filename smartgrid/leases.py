@@ -631,8 +631,10 @@ def report_to_event(
         fields[f"want_kw_{name}"] = kilowatts(want)
     if demand.sessions_w is not None:
         for name, bounds in zip(contract.POWER_CLASSES, demand.sessions_w, strict=True):
-            fields[f"session_min_kw_{name}"] = tuple(kilowatts(low) for low, _ in bounds)
-            fields[f"session_max_kw_{name}"] = tuple(kilowatts(high) for _, high in bounds)
+            # kilowatts() written out: a substation's report converts every running session's
+            # bounds, and a call apiece was most of the report's cost (docs/benchmarks.md §4).
+            fields[f"session_min_kw_{name}"] = tuple([low / 1000 for low, _ in bounds])
+            fields[f"session_max_kw_{name}"] = tuple([high / 1000 for _, high in bounds])
     if report.holding is not None:
         grant = report.holding
         fields |= {
