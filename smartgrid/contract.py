@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import json
 import math
+import operator
 import re
 import typing
 from collections.abc import Callable, Sequence
@@ -387,12 +388,21 @@ _ID_CHECKS = {
 NUMBERS = tuple[float, ...]
 
 
+_FLOAT_ONLY = frozenset({float})
+
+
 def _check_value(name: str, base: type, optional: bool, value: Any) -> Any:
     if value is None and optional:
         return None
     if base is NUMBERS:
         if not isinstance(value, list | tuple):
             raise InvalidMessage(f"field {name!r} must be an array of numbers")
+        # At C speed, the common case: every item a float (as a float is written) and their
+        # sum finite, so every item is. A report's arrays hold every running session's bounds,
+        # thousands of them; anything else (an integer, an infinite sum) is checked item by
+        # item below, which decides.
+        if set(map(type, value)) <= _FLOAT_ONLY and math.isfinite(sum(value)):
+            return tuple(value)
         try:
             return tuple(float(finite_number(v)) for v in value)
         except NotANumber as exc:
@@ -1038,7 +1048,9 @@ class PowerDemand(Event):
                     f"the session_min_kw_{name} and session_max_kw_{name} fields come together, "
                     f"one item for each of the sessions_{name} ({sessions})"
                 )
-            if not all(0 <= low <= high for low, high in zip(lows, highs, strict=True)):
+            # 0 <= low <= high for each session, by map rather than a generator: one pair for
+            # each session running at the substation.
+            if lows and (min(lows) < 0 or not all(map(operator.le, lows, highs))):
                 raise InvalidMessage(
                     f"field 'session_min_kw_{name}': each session's minimum must be at least 0 "
                     f"and at most its maximum in 'session_max_kw_{name}'"

@@ -8,7 +8,7 @@ import math
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from smartgrid import contract, definitions, leases, limits, power, power_request
@@ -993,3 +993,78 @@ def test_a_substations_share_queue_is_its_own_and_keeps_only_the_newest_share():
     # A substation id has no dot, so no share queue is named like the reports queue.
     assert not contract.is_valid_substation_id("reports.x")
     assert contract.power_share_queue_name("reports") != contract.POWER_REPORTS_QUEUE
+
+
+# ------------------------------------------------------------ arrays of numbers, at C speed
+_array_items = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=1e308),
+    st.integers(-(10**400), 10**400),
+    st.booleans(),
+    st.text(max_size=2),
+    st.none(),
+)
+
+
+def _item_by_item(value: list) -> tuple[float, ...] | str:
+    """What an array of numbers decodes to when each item is checked on its own."""
+    from smartgrid.numbers import NotANumber, finite_number
+
+    try:
+        return tuple(float(finite_number(v)) for v in value)
+    except NotANumber:
+        return "refused"
+
+
+@given(st.lists(_array_items, max_size=6) | st.lists(st.floats(0, 400), max_size=50))
+@example([1.0, math.inf])
+@example([math.nan, 2.0])
+@example([-math.inf, math.inf])
+@example([1e308, 1e308])  # finite items whose sum is not
+@example([11, 1.4])
+def test_an_array_of_numbers_decodes_as_its_items_checked_one_by_one_would(value):
+    # _check_value takes every-float arrays with a finite sum at once; the result (or the
+    # refusal) must be the item-by-item check's, whatever the array holds.
+    try:
+        got: tuple[float, ...] | str = contract._check_value(
+            "session_min_kw_standard", contract.NUMBERS, True, value
+        )
+    except contract.InvalidMessage:
+        got = "refused"
+    expected = _item_by_item(value)
+    assert got == expected
+    if isinstance(got, tuple):
+        assert [type(v) for v in got] == [float] * len(got)
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(-5, 50, allow_nan=False), st.floats(-5, 50, allow_nan=False)),
+        max_size=8,
+    )
+)
+def test_a_report_takes_session_bounds_exactly_when_each_minimum_is_within_0_and_its_maximum(
+    bounds,
+):
+    fields = {
+        "at": 1.0,
+        "substation": "s1",
+        "instance": "i1",
+        "limit_kw": 100.0,
+        "failsafe_kw": 0.0,
+        "limit_in_force_kw": 100.0,
+        "power_kw": 0.0,
+        "sessions_standard": len(bounds),
+        "session_min_kw_standard": tuple(low for low, _ in bounds),
+        "session_max_kw_standard": tuple(high for _, high in bounds),
+        "session_min_kw_emergency": (),
+        "session_max_kw_emergency": (),
+        "session_min_kw_fleet": (),
+        "session_max_kw_fleet": (),
+    }
+    valid = all(0 <= low <= high for low, high in bounds)
+    if valid:
+        contract.PowerDemand(**fields)
+    else:
+        with pytest.raises(contract.InvalidMessage, match="session_min_kw_standard"):
+            contract.PowerDemand(**fields)
