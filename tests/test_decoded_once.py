@@ -103,5 +103,5 @@ def test_two_threads_get_what_decoding_gives():
     expected = [contract.decode_events(KIND, body) for body in bodies]
     assert results["router"] == expected
     assert results["allocator"] == expected
+    # How many the second thread took rather than decoded depends on the threads' timing.
     assert shared.decoded + shared.shared == 2 * len(bodies)
-    assert shared.decoded < 2 * len(bodies)
