@@ -1033,6 +1033,10 @@ class PowerDemand(Event):
     #: The newest grant it accepted (in force or not): it refuses any not newer.
     last_term: int | None = None
     last_seq: int | None = None
+    #: The most it draws under that grant and any older one, until it takes a newer one: the
+    #: part of its share its sessions left unused, given back without waiting for a lower
+    #: share (``leases.LeaseHolder.release``). Absent: each grant's whole share.
+    released_kw: float | None = None
 
     def __post_init__(self) -> None:
         numbers = (n for n, base, _, _ in _schema(type(self)) if base in (int, float) and n != "at")
@@ -1060,6 +1064,8 @@ class PowerDemand(Event):
             raise InvalidMessage("the holding_* fields come all together or not at all")
         if (self.last_term is None) != (self.last_seq is None):
             raise InvalidMessage("last_term and last_seq come together or not at all")
+        if self.released_kw is not None and self.last_term is None:
+            raise InvalidMessage("released_kw applies to the grant in last_term and last_seq")
 
 
 _HOLDING = ("share_kw", "issued_at", "lease_seconds", "term", "seq")

@@ -160,6 +160,8 @@ class PowerSharing:
         self._limit_in_force_w = self.lease.limit_w(started_at)
         #: How much of the limit in force the sessions could not take, at the last report.
         self._reported_unused_w = 0
+        #: Part of the share given back (``LeaseHolder.release``) since the last report.
+        self._release_unreported = False
 
     # ------------------------------------------------------------------ changes (I/O thread)
     def add(self, request_id: str, fields: PowerFields, now: float) -> None:
@@ -218,6 +220,18 @@ class PowerSharing:
         changed (and every new one), in the order they are served."""
         with self._lock:
             self._limit_in_force_w = self.lease.limit_w(now)
+            if (
+                self.parent is not None
+                and self._wanted_w < self._limit_in_force_w
+                and self.lease.release(self._wanted_w, now)
+            ):
+                # The sessions leave part of the share unused: give it back now, so that the
+                # allocator can hand it to others on the next report instead of lowering this
+                # share first and waiting for the acknowledgement. The allocator would lower
+                # it to no more than this (what the sessions want, at least the failsafe)
+                # anyway. Not for a root (its share is its whole limit, whatever it wants).
+                self._limit_in_force_w = self.lease.limit_w(now)
+                self._release_unreported = True
             sessions: Iterable[_Session]
             if self.incremental and self._wanted_w <= self._limit_in_force_w:
                 # The limit covers every session's maximum, which is then what allocate gives
@@ -269,14 +283,16 @@ class PowerSharing:
         while the share binds (its sessions want more than it: a new one shares it with the
         others until the allocator moves power here), and when the sessions leave more of it
         unused than the last report said (a session ended and the others are at their
-        maximum: power another substation could use). Either way power is lost or unfairly
-        shared until the allocator knows. Never for a substation that is not managed (no
-        share: a count-only deployment keeps the interval)."""
+        maximum: power another substation could use), or when it gave part of the share back
+        (:meth:`reshare`). Either way power is lost or unfairly shared until the allocator
+        knows. Never for a substation that is not managed (no share: a count-only deployment
+        keeps the interval)."""
         with self._lock:
             if not self.lease.managed:
                 return False
             binds = self._wanted_w > self._limit_in_force_w
-            return binds or self._unused_w() > self._reported_unused_w
+            unused = self._unused_w() > self._reported_unused_w
+            return binds or unused or self._release_unreported
 
     def _unused_w(self) -> int:
         return max(0, self._limit_in_force_w - self._wanted_w)
@@ -292,6 +308,7 @@ class PowerSharing:
         with self._lock:
             self._reported_unused_w = self._unused_w()
             bounds = tuple(tuple(b) for b in self._bounds)
+            self._release_unreported = False
             report = DemandReport(
                 substation=self.substation,
                 at=now,
@@ -307,6 +324,7 @@ class PowerSharing:
                 parent=self.parent,
                 holding=self.lease.holding(now),
                 last_key=self.lease.last_key,
+                released_w=self.lease.released_w,
             )
             return report, self._limit_in_force_w, self._power_w
 

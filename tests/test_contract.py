@@ -836,6 +836,8 @@ def test_a_request_message_breaking_the_power_rules_is_rejected_naming_the_field
         ("power.demand", {"sessions_fleet": 1.5}, "'sessions_fleet'"),
         ("power.demand", {"holding_term": None}, "holding_"),
         ("power.demand", {"last_seq": None}, "last_term"),
+        ("power.demand", {"last_seq": None, "last_term": None, "released_kw": 5.0}, "released_kw"),
+        ("power.demand", {"released_kw": -1.0}, "'released_kw'"),
         ("power.demand", {"session_max_kw_fleet": [11.0]}, "sessions_fleet"),
         ("power.demand", {"session_max_kw_fleet": None}, "session_max_kw_fleet"),
         ("power.demand", {"session_min_kw_fleet": [1.4, 12.0]}, "'session_min_kw_fleet'"),
@@ -877,13 +879,21 @@ def test_a_share_round_trips_and_is_validated():
     parent=st.none() | st.sampled_from(["feeder-a", "site"]),
     holding=st.booleans(),
     last=st.none() | st.tuples(st.integers(0, 2**53), st.integers(0, 2**31)),
+    released=st.none() | st.integers(0, 10**8),
 )
 def test_a_demand_report_survives_the_trip_through_its_event_to_the_watt(
-    sessions, floors, wants, failsafe, limit, parent, holding, last
+    sessions, floors, wants, failsafe, limit, parent, holding, last, released
 ):
     grant = leases.Grant("s1", limit // 2, 100.25, 3.0, 17, 4) if holding else None
     report = leases.DemandReport(
-        "s1", 101.5, limit, leases.Demand(sessions, floors, wants, failsafe), parent, grant, last
+        "s1",
+        101.5,
+        limit,
+        leases.Demand(sessions, floors, wants, failsafe),
+        parent,
+        grant,
+        last,
+        released if last is not None else None,
     )
     event = leases.report_to_event(report, instance="i", limit_in_force_w=limit, power_w=limit)
     decoded = contract.decode_event(event.kind, event.to_body())

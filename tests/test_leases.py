@@ -341,6 +341,21 @@ def test_a_lower_share_or_a_new_terms_first_is_acknowledged_at_once_a_raise_or_r
 def test_a_substation_outside_the_tree_ignores_leases():
     h = holder(managed=False)
     assert h.limit_w(0.0) == 50_000
+    assert not h.release(0, 0.0) and h.limit_w(0.0) == 50_000
+
+
+def test_a_released_share_caps_the_substation_until_it_takes_a_newer_grant():
+    h = holder()
+    assert not h.release(1_000, 100.0)  # nothing held: the failsafe is all it draws anyway
+    h.offer(grant(share_w=20_000, seq=1), 100.0)
+    assert h.release(12_000, 100.1) and h.limit_w(100.1) == 12_000
+    assert h.released_w == 12_000
+    assert not h.release(15_000, 100.2) and h.limit_w(100.2) == 12_000  # never raised by itself
+    assert h.release(1_000, 100.3) and h.limit_w(100.3) == 5_000  # never below its failsafe
+    assert not h.offer(grant(share_w=40_000, seq=1), 100.4)  # refused: the cap stands
+    assert h.limit_w(103.0) == 5_000  # the lease ran out: the failsafe, as always
+    assert h.offer(grant(share_w=30_000, seq=2, issued_at=103.0), 103.1)
+    assert h.limit_w(103.1) == 30_000 and h.released_w is None  # a newer grant ends it
 
 
 # ------------------------------------------------------------------------------ the allocator
@@ -348,7 +363,9 @@ LIMITS = limits_in_force(TREE, {})
 
 
 def report(h: LeaseHolder, s: str, at: float, d: Demand) -> DemandReport:
-    return DemandReport(s, at, 50_000, d, holding=h.holding(at), last_key=h.last_key)
+    return DemandReport(
+        s, at, 50_000, d, holding=h.holding(at), last_key=h.last_key, released_w=h.released_w
+    )
 
 
 def exchange(allocator: ShareAllocator, holders, demands, now, limits=LIMITS):
@@ -416,6 +433,66 @@ def test_a_cut_is_obeyed_as_soon_as_any_grant_lands_and_shares_regrow_as_they_ar
     for now in (0.8, 0.9):
         exchange(allocator, holders, demands, now, cut)
     assert draws(holders, 0.9) == {"a1": 15_000, "a2": 15_000, "b1": 11_000}
+
+
+def slow(cars: int) -> Demand:
+    return demand(standard=cars, max_w=7_500)
+
+
+def _both_busy() -> tuple[ShareAllocator, dict[str, LeaseHolder], dict[str, Demand]]:
+    """Under fa's 60 kW, a1's four 22 kW cars and a2's four 7.5 kW cars: 30 kW each, a2's
+    cars at their maximum."""
+    allocator, holders = fresh()
+    demands = {"a1": demand(standard=4, max_w=22_000), "a2": slow(4), "b1": demand()}
+    for now in (0.1, 0.2, 0.3, 0.4):
+        exchange(allocator, holders, demands, now)
+    assert draws(holders, 0.4)["a1"] == draws(holders, 0.4)["a2"] == 30_000
+    return allocator, holders, demands
+
+
+def test_power_released_by_a_substation_goes_to_another_in_the_same_run():
+    allocator, holders, demands = _both_busy()
+    demands["a2"] = slow(2)  # two of a2's cars leave: 15 kW wanted of its 30
+    assert holders["a2"].release(15_000, 0.5)
+    allocator.report(report(holders["a2"], "a2", 0.5, demands["a2"]))
+    grants = allocator.allocate(LIMITS, 0.5)
+    # a1 at once 45 kW, and a2 needs no lower share (its own cap is what it would get).
+    assert [(g.substation, g.share_w) for g in grants] == [("a1", 45_000)]
+    holders["a1"].offer(grants[0], 0.5)
+    assert sum_by_node(TREE, draws(holders, 0.5))["fa"] <= 60_000
+
+
+def test_without_a_release_the_raise_waits_for_the_lower_share_to_be_acknowledged():
+    allocator, holders, demands = _both_busy()
+    demands["a2"] = slow(2)
+    allocator.report(report(holders["a2"], "a2", 0.5, demands["a2"]))
+    shares = {g.substation: g.share_w for g in allocator.allocate(LIMITS, 0.5)}
+    assert shares == {"a2": 15_000}  # a1 cannot have a2's 15 kW yet: a2 may still draw 30
+    holders["a2"].offer(allocator._latest("a2"), 0.51)
+    allocator.report(report(holders["a2"], "a2", 0.52, demands["a2"]))
+    assert _settled(allocator, LIMITS, 0.52) == {"a1": 45_000}  # one round trip later
+
+
+def test_a_grant_issued_before_the_release_report_still_counts_in_full():
+    allocator, holders, demands = _both_busy()
+    in_flight = allocator.allocate(LIMITS, 1.5)  # renewals, not yet at the substations
+    assert {g.substation for g in in_flight} >= {"a2"}
+    demands["a2"] = slow(2)
+    holders["a2"].release(15_000, 1.5)
+    allocator.report(report(holders["a2"], "a2", 1.5, demands["a2"]))
+    # a2 will take the 30 kW renewal in flight (it ends the cap): no raise for a1 until then.
+    assert allocator.committed_w("a2", LIMITS, 1.5) == 30_000
+    assert all(g.share_w <= 30_000 for g in allocator.allocate(LIMITS, 1.5) if g.substation == "a1")
+
+
+def test_a_share_released_then_wanted_again_is_granted_again():
+    allocator, holders, demands = _both_busy()
+    holders["a2"].release(15_000, 0.5)
+    allocator.report(report(holders["a2"], "a2", 0.5, slow(2)))
+    # Its cars come back before anything else moved: the target is its old 30 kW again,
+    # which it cannot draw under the released grant, so a new grant must go out.
+    allocator.report(report(holders["a2"], "a2", 0.6, demands["a2"]))
+    assert _settled(allocator, LIMITS, 0.6) == {"a2": 30_000}
 
 
 def test_a_new_allocator_fences_off_its_predecessors_grants():
@@ -586,9 +663,14 @@ class LeaseProtocol(RuleBasedStateMachine):
                     "fa" if s != "b1" else "fb",
                     h.holding(now),
                     h.last_key,
+                    h.released_w,
                 ),
             )
         )
+
+    @rule(s=st.sampled_from(SUBSTATIONS), keep_w=st.integers(0, OWN_LIMIT))
+    def a_substation_releases_part_of_its_share(self, s, keep_w):
+        self.holders[s].release(keep_w, self.clock(s))
 
     @rule()
     def allocator_runs(self):

@@ -411,12 +411,11 @@ def test_the_topology_file_places_the_substation_and_lowers_its_limit(tmp_path):
 
 def test_a_binding_share_or_one_left_unused_is_reported_at_once():
     sharing = _sharing(parent="feeder-a", failsafe_kw=5)
+    sharing.reshare(T0)
+    sharing.report(T0)
+    assert not sharing.report_at_once()  # nothing running, nothing held: no hurry
     assert sharing.offer(_grant(30, at=T0 + 1), T0 + 1)
-    sharing.add("r0", _car(max_kw=11), T0 + 1)
-    sharing.reshare(T0 + 1)
-    sharing.report(T0 + 1)
-    assert not sharing.report_at_once()  # 11 kW of cars on 30 kW: no hurry
-    for i in (1, 2):
+    for i in range(3):
         sharing.add(f"r{i}", _car(max_kw=11), T0 + 1)
     sharing.reshare(T0 + 1)
     assert sharing.report_at_once()  # 33 kW of cars on 30 kW: the share binds
@@ -424,12 +423,52 @@ def test_a_binding_share_or_one_left_unused_is_reported_at_once():
     assert sharing.report_at_once()  # and goes on binding, every change
     sharing.remove("r0", T0 + 2)
     sharing.reshare(T0 + 2)
-    assert sharing.report_at_once()  # 8 kW of the share now unused
+    assert sharing.report_at_once()  # 8 kW of the share given back
     sharing.report(T0 + 2)
     assert not sharing.report_at_once()  # told
-    sharing.add("r3", _car(max_kw=3.7), T0 + 3)
+
+
+def test_a_managed_substation_whose_cars_leave_part_of_its_share_unused_gives_it_back():
+    sharing = _sharing(parent="feeder-a", failsafe_kw=5)
+    assert sharing.offer(_grant(30, at=T0 + 1), T0 + 1)
+    for i in range(3):
+        sharing.add(f"r{i}", _car(max_kw=11), T0 + 1)
+    sharing.reshare(T0 + 1)
+    assert sharing.reading(T0 + 1).limit_w == 30_000
+    sharing.remove("r0", T0 + 2)
+    assert {c.power_w for c in sharing.reshare(T0 + 2)} == {11_000}  # the two left: at most
+    assert sharing.reading(T0 + 2).limit_w == 22_000
+    report, limit_in_force_w, power_w = sharing.report(T0 + 2)
+    assert (report.released_w, report.last_key) == (22_000, (7, 1))
+    assert (limit_in_force_w, power_w) == (22_000, 22_000)
+    # Back through the message, as the allocator reads it.
+    event = report_to_event(report, instance="i", limit_in_force_w=22_000, power_w=22_000)
+    assert report_from_event(event).released_w == 22_000
+    # A car that comes now shares what is left until the allocator grants more.
+    sharing.add("r3", _car(max_kw=11), T0 + 3)
+    changes = sharing.reshare(T0 + 3)
+    assert sum(c.power_w for c in changes) <= 22_000 and sharing.report_at_once()
+    assert sharing.offer(_grant(33, at=T0 + 3, seq=2), T0 + 3)
     sharing.reshare(T0 + 3)
-    assert not sharing.report_at_once()  # less unused than reported: the next report will do
+    assert sharing.reading(T0 + 3).limit_w == 33_000  # a newer grant ends the cap
+    for i in (1, 2, 3):
+        sharing.remove(f"r{i}", T0 + 4)
+    sharing.reshare(T0 + 4)
+    assert sharing.reading(T0 + 4).limit_w == 5_000  # never below its failsafe
+
+
+def test_a_root_or_a_substation_without_a_share_gives_nothing_back():
+    root = _sharing(failsafe_kw=5)  # no parent: a share from an override is its whole limit
+    assert root.offer(_grant(30, at=T0 + 1), T0 + 1)
+    root.add("r0", _car(max_kw=11), T0 + 1)
+    root.reshare(T0 + 1)
+    assert root.reading(T0 + 1).limit_w == 30_000
+    assert root.report(T0 + 1)[0].released_w is None
+    waiting = _sharing(parent="feeder-a", failsafe_kw=5)
+    waiting.add("r0", _car(max_kw=3.7), T0)
+    waiting.reshare(T0)
+    assert waiting.reading(T0).limit_w == 5_000  # its failsafe until the first share
+    assert waiting.report(T0)[0].released_w is None
 
 
 def test_a_substation_without_a_parent_keeps_the_report_interval():
