@@ -117,7 +117,9 @@ def test_a_cut_share_is_obeyed_at_once_and_an_expired_lease_falls_to_the_failsaf
 
         time.sleep(leases.CLOCK_SKEW_SECONDS)  # it refuses shares issued before its start
         _grant(broker, 100, lease=30)
-        eventually(lambda: _power(url) == (88.0, 100.0), what="every car at its maximum")
+        # Every car at its maximum, and the 12 kW of the share they leave unused given back
+        # at once (leases.LeaseHolder.release): the limit in force is what they want.
+        eventually(lambda: _power(url) == (88.0, 88.0), what="every car at its maximum")
 
         # The cut: 30 kW. Two cars keep their 11 kW minimum and share the rest; two pause.
         cut = _grant(broker, 30, lease=30)
@@ -141,7 +143,7 @@ def test_a_cut_share_is_obeyed_at_once_and_an_expired_lease_falls_to_the_failsaf
 
         # Back up, with a short lease that nobody renews: the failsafe when it runs out.
         short = _grant(broker, 100, lease=2)
-        eventually(lambda: _power(url) == (88.0, 100.0), what="the raise obeyed")
+        eventually(lambda: _power(url) == (88.0, 88.0), what="the raise obeyed")
         eventually(lambda: _power(url) == (12.0, 12.0), what="the failsafe")
         lease_left = metric(url, contract.LEASE_METRIC, substation=SUBSTATION)
         assert lease_left is not None and lease_left <= 0
@@ -267,7 +269,9 @@ def test_a_lower_share_is_acknowledged_at_once_not_at_the_next_report(stack_sett
         eventually(lambda: acknowledged(first), what="the first share acknowledged")
         lower = _grant(broker, 30, lease=60)
         eventually(lambda: acknowledged(lower), what="the lower share acknowledged")
-        assert reports[-1].holding_share_kw == 30 and reports[-1].limit_in_force_kw == 30
-        assert _power(url) == (22.0, 30.0)
+        assert reports[-1].holding_share_kw == 30
+        # The 8 kW its car leaves unused are given back in the same report.
+        assert reports[-1].limit_in_force_kw == reports[-1].released_kw == 22
+        assert _power(url) == (22.0, 22.0)
     finally:
         assert service.stop() == 0
