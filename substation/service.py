@@ -20,8 +20,8 @@ end timer: a session ends when its energy has been delivered. ``power.demand`` g
 every change (at most once per DEMAND_MIN_INTERVAL), every DEMAND_INTERVAL, and at once when it
 takes a lower share (the allocator holds the power given up until it is acknowledged), and on
 every change while its share binds or its sessions leave more of it unused than it last
-reported (``PowerSharing.report_at_once``: power lost or unfairly shared until the allocator
-knows), from the process that consumes the queue.
+reported, or when it gives part of its share back (``PowerSharing.report_at_once``: power lost
+or unfairly shared until the allocator knows), from the process that consumes the queue.
 
 Cancellation (docs/driver-contract.md): ``request.cancel_requested`` reaches every substation
 (its event subscription). The one that charges the request stops the session (its point is
