@@ -33,6 +33,8 @@ THRESHOLD = 0.95
 #: A step is "at" a dip's start or end when its substation stamped it this close.
 SAME_INSTANT = 1e-4
 _AFTER = 1e-6
+#: A lower limit reported this long after the dip is another change, not its acknowledgement.
+LATE = 0.5
 
 
 @dataclass
@@ -179,11 +181,18 @@ def _chain_after_end(site: _Site, substation: str, ended: float, dip_end: float)
     chain: dict[str, float] = {}
     if first < len(reports):
         chain["report"] = reports[first][0] - ended
+        before = reports[first - 1][1] if first > 0 else math.inf
         limit = reports[first][1]
-        for when, later in reports[first + 1 :]:
-            if later < limit - 1e-6:
-                chain["lowering acknowledged"] = when - ended
-                break
+        if limit < before - 1e-6:
+            # It gave the unused part of its share back in that report (leases.release).
+            chain["released in the report"] = chain["report"]
+        else:
+            for when, later in reports[first + 1 :]:
+                if when > dip_end + LATE:
+                    break
+                if later < limit - 1e-6:
+                    chain["lowering acknowledged"] = when - ended
+                    break
     chain["raised elsewhere"] = dip_end - ended
     return chain
 

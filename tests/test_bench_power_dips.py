@@ -66,3 +66,15 @@ def test_a_car_that_arrives_where_the_share_binds_dips_until_power_moves_to_it()
 def test_no_dip_while_the_cars_ask_less_than_1_2_times_the_limit():
     timeline = _timeline(_car("a", "s1", [(1.0, 10.0)]), _car("b", "s2", [(1.0, 10.0)]))
     assert find_dips(timeline, SITE, 0.0, 20.0) == ([], 0.0)
+
+
+def test_a_share_given_back_in_the_report_of_the_end_is_told_apart():
+    timeline = _timeline(
+        _car("a", "s1", [(1.0, 25.0), (10.005, 30.0)]),
+        _car("b", "s1", [(1.0, 25.0), (10.005, 30.0)]),
+        _car("c", "s2", [(1.0, 25.0), (10.0, 40.0)]),
+        _car("d", "s2", [(1.0, 25.0)], ended_at=10.0),
+    )
+    timeline._limits["s2"] = [(9.0, 50.0), (10.0001, 40.0), (12.0, 30.0)]
+    (dip,) = find_dips(timeline, SITE, 0.0, 20.0)[0]
+    assert set(dip.chain) == {"report", "released in the report", "raised elsewhere"}
