@@ -133,6 +133,21 @@ def measure_in_child(script: str, env: dict[str, str] | None, *args: str) -> dic
     return json.loads(out)
 
 
+def best_in_children(script: str, revs: str, counts: str, repeat: int, *args: str) -> list[dict]:
+    """A micro-benchmark's driver: for each count of ``counts`` (comma-separated, passed as
+    the child's ``--measure``) and each revision of ``revs`` (comma-separated; none: this
+    checkout), ``repeat`` runs of :func:`measure_in_child` with ``args``, and the best (least)
+    of each figure, with the side's ``revision`` label and ``running``, the count."""
+    sides = [source_tree(rev) for rev in revs.split(",") if rev] or [("this checkout", {})]
+    results = []
+    for running in [int(n) for n in counts.split(",")]:
+        for label, env in sides:
+            runs = [measure_in_child(script, env, str(running), *args) for _ in range(repeat)]
+            best = {key: min(r[key] for r in runs) for key in runs[0]}
+            results.append({"revision": label, "running": running, **best})
+    return results
+
+
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()

@@ -82,25 +82,11 @@ def main() -> None:
         print(json.dumps(_measure(args.measure, args.reports)))
         return
 
-    from bench.common import markdown_table, measure_in_child, save, source_tree
+    from bench.common import best_in_children, markdown_table, save
 
-    sides = [source_tree(rev) for rev in args.revs.split(",") if rev] or [("this checkout", {})]
-    results = []
-    for running in [int(n) for n in args.running.split(",")]:
-        for label, env in sides:
-            runs = [
-                measure_in_child(__file__, env, str(running), "--reports", str(args.reports))
-                for _ in range(args.repeat)
-            ]
-            results.append(
-                {
-                    "revision": label,
-                    "running": running,
-                    "bytes": runs[0]["bytes"],
-                    "us_to_make": min(r["us_to_make"] for r in runs),
-                    "us_to_decode": min(r["us_to_decode"] for r in runs),
-                }
-            )
+    results = best_in_children(
+        __file__, args.revs, args.running, args.repeat, "--reports", str(args.reports)
+    )
     rows = [
         [
             r["revision"],

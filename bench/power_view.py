@@ -139,28 +139,18 @@ def main() -> None:
         print(json.dumps(_measure(args.measure, args.requests, args.report_every)))
         return
 
-    from bench.common import markdown_table, measure_in_child, save, source_tree
+    from bench.common import best_in_children, markdown_table, save
 
-    sides = [source_tree(rev) for rev in args.revs.split(",") if rev] or [("this checkout", {})]
-    counts = [int(n) for n in args.running.split(",")]
-    results = []
-    for running in counts:
-        for label, env in sides:
-            runs = []
-            for _ in range(args.repeat):
-                runs.append(
-                    measure_in_child(
-                        __file__,
-                        env,
-                        str(running),
-                        "--requests",
-                        str(args.requests),
-                        "--report-every",
-                        str(args.report_every),
-                    )
-                )
-            best = {key: min(r[key] for r in runs) for key in runs[0]}
-            results.append({"revision": label, "running": running, **best})
+    results = best_in_children(
+        __file__,
+        args.revs,
+        args.running,
+        args.repeat,
+        "--requests",
+        str(args.requests),
+        "--report-every",
+        str(args.report_every),
+    )
     rows = [
         [r["revision"], r["running"], f"{r['us_per_request']:,.1f}", f"{r['us_per_report']:,.0f}"]
         for r in results

@@ -91,35 +91,18 @@ def main() -> None:
         print(json.dumps(_measure(args.measure, args.sessions, args.report_every)))
         return
 
-    from bench.common import markdown_table, measure_in_child, save, source_tree
+    from bench.common import best_in_children, markdown_table, save
 
-    sides = [source_tree(rev) for rev in args.revs.split(",") if rev] or [("this checkout", {})]
-    results = []
-    for running in [int(n) for n in args.running.split(",")]:
-        for label, env in sides:
-            runs = []
-            for _ in range(args.repeat):
-                runs.append(
-                    measure_in_child(
-                        __file__,
-                        env,
-                        str(running),
-                        "--sessions",
-                        str(args.sessions),
-                        "--report-every",
-                        str(args.report_every),
-                    )
-                )
-            best = min(r["us_per_session"] for r in runs)
-            best_report = min(r.get("us_per_report", 0.0) for r in runs)
-            results.append(
-                {
-                    "revision": label,
-                    "running": running,
-                    "us_per_session": best,
-                    "us_per_report": best_report,
-                }
-            )
+    results = best_in_children(
+        __file__,
+        args.revs,
+        args.running,
+        args.repeat,
+        "--sessions",
+        str(args.sessions),
+        "--report-every",
+        str(args.report_every),
+    )
     header = ["revision", "sessions running", "µs per start and end"]
     rows = [[r["revision"], r["running"], f"{r['us_per_session']:,.1f}"] for r in results]
     if args.report_every:
