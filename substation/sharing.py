@@ -144,12 +144,10 @@ class PowerSharing:
         #: False: every re-share runs the full allocation over every session (the reference
         #: the tests hold the shortcut to).
         self.incremental = True
-        #: What the sessions would draw at their maximum, together.
-        self._wanted_w = 0
-        #: Per class (CLASS_ORDER), every session's (min_w, max_w), sorted, and the sum of
-        #: their minimums; with the power drawn, kept as sessions come, go and change power,
-        #: so that a report costs a copy of them rather than a pass over every session
-        #: (docs/benchmarks.md §4).
+        #: Per class (CLASS_ORDER), every session's (min_w, max_w), sorted, and the sums of
+        #: their minimums and of their maximums; with the power drawn, kept as sessions come,
+        #: go and change power, so that a report costs a copy of them rather than a pass over
+        #: every session (docs/benchmarks.md §4).
         self._bounds: list[list[tuple[int, int]]] = [[] for _ in CLASS_ORDER]
         self._floors_w = [0 for _ in CLASS_ORDER]
         self._wants_w = [0 for _ in CLASS_ORDER]
@@ -181,7 +179,6 @@ class PowerSharing:
             )
             self._sessions[request_id] = session
             self._below_max[request_id] = session
-            self._wanted_w += demand.max_w
             rank = demand.priority.rank
             bisect.insort(self._bounds[rank], (demand.min_w, demand.max_w))
             self._floors_w[rank] += demand.min_w
@@ -196,7 +193,6 @@ class PowerSharing:
                 return None
             self._below_max.pop(request_id, None)
             demand = session.demand
-            self._wanted_w -= demand.max_w
             rank = demand.priority.rank
             bounds = self._bounds[rank]
             del bounds[bisect.bisect_left(bounds, (demand.min_w, demand.max_w))]
@@ -220,10 +216,11 @@ class PowerSharing:
         changed (and every new one), in the order they are served."""
         with self._lock:
             self._limit_in_force_w = self.lease.limit_w(now)
+            wanted_w = self._wanted_w
             if (
                 self.parent is not None
-                and self._wanted_w < self._limit_in_force_w
-                and self.lease.release(self._wanted_w, now)
+                and wanted_w < self._limit_in_force_w
+                and self.lease.release(wanted_w, now)
             ):
                 # The sessions leave part of the share unused: give it back now, so that the
                 # allocator can hand it to others on the next report instead of lowering this
@@ -233,7 +230,7 @@ class PowerSharing:
                 self._limit_in_force_w = self.lease.limit_w(now)
                 self._release_unreported = True
             sessions: Iterable[_Session]
-            if self.incremental and self._wanted_w <= self._limit_in_force_w:
+            if self.incremental and wanted_w <= self._limit_in_force_w:
                 # The limit covers every session's maximum, which is then what allocate gives
                 # each (guaranteed shares or not): only a new or a curtailed session changes.
                 # The commonest case by far (the default limit never binds), and allocate's
@@ -293,6 +290,11 @@ class PowerSharing:
             binds = self._wanted_w > self._limit_in_force_w
             unused = self._unused_w() > self._reported_unused_w
             return binds or unused or self._release_unreported
+
+    @property
+    def _wanted_w(self) -> int:
+        """What the sessions would draw at their maximum, together."""
+        return sum(self._wants_w)
 
     def _unused_w(self) -> int:
         return max(0, self._limit_in_force_w - self._wanted_w)
