@@ -207,30 +207,50 @@ _steps = st.lists(
 )
 
 
+class _Player:
+    """Plays :data:`_steps` on one or more substations alike: the same starts, ends, shares
+    (unless ``grants`` is False) and waits, one step at a time."""
+
+    def __init__(self, *sharings: PowerSharing, grants: bool = True):
+        self.sharings = sharings
+        self.grants = grants
+        self.now = T0 + 1
+        self.running: list[str] = []
+        self._played = 0
+        self._seq = 0
+
+    def play(self, step: tuple) -> None:
+        request_id = f"r{self._played}"
+        self._played += 1
+        if step[0] == "add":
+            _, max_tenths, min_tenths, priority = step
+            max_kw = max_tenths / 10
+            car = _car(max_kw, min(min_tenths / 10, max_kw), 20, priority)
+            for sharing in self.sharings:
+                sharing.add(request_id, car, self.now)
+            self.running.append(request_id)
+        elif step[0] == "end" and self.running:
+            ended = self.running.pop(step[1] % len(self.running))
+            for sharing in self.sharings:
+                sharing.remove(ended, self.now)
+        elif step[0] == "grant" and self.grants:
+            self._seq += 1
+            grant = Grant("s1", step[1] * 1000, self.now, step[2], 1, self._seq)
+            for sharing in self.sharings:
+                sharing.offer(grant, self.now)
+        elif step[0] == "wait":
+            self.now += step[1]
+
+
 @settings(max_examples=150, deadline=None)
 @given(steps=_steps, parent=st.booleans())
 def test_the_sessions_never_draw_more_than_the_limit_in_force_and_energy_only_grows(steps, parent):
     sharing = _sharing(limit_kw=50, failsafe_kw=4, parent="feeder" if parent else None)
-    now = T0 + 1
-    running: list[str] = []
-    seq = 0
+    player = _Player(sharing)
     energy = 0.0
-    added = 0
     for step in steps:
-        if step[0] == "add":
-            _, max_tenths, min_tenths, priority = step
-            max_kw = max_tenths / 10
-            added += 1
-            request_id = f"r{added}"
-            sharing.add(request_id, _car(max_kw, min(min_tenths / 10, max_kw), 20, priority), now)
-            running.append(request_id)
-        elif step[0] == "end" and running:
-            sharing.remove(running.pop(step[1] % len(running)), now)
-        elif step[0] == "grant":
-            seq += 1
-            sharing.offer(Grant("s1", step[1] * 1000, now, step[2], 1, seq), now)
-        elif step[0] == "wait":
-            now += step[1]
+        player.play(step)
+        now = player.now
         sharing.reshare(now)
         reading = sharing.reading(now)
         assert reading.power_w <= reading.limit_w <= 50_000
@@ -249,19 +269,10 @@ def test_each_session_draws_what_allocate_gives_it_whatever_the_limit(steps, lim
     from smartgrid.power import allocate
 
     sharing = _sharing(limit_kw=limit_kw)
-    now = T0 + 1
-    running: list[str] = []
-    for added, step in enumerate(steps):
-        if step[0] == "add":
-            _, max_tenths, min_tenths, priority = step
-            max_kw = max_tenths / 10
-            request_id = f"r{added}"
-            sharing.add(request_id, _car(max_kw, min(min_tenths / 10, max_kw), 20, priority), now)
-            running.append(request_id)
-        elif step[0] == "end" and running:
-            sharing.remove(running.pop(step[1] % len(running)), now)
-        elif step[0] == "wait":
-            now += step[1]
+    player = _Player(sharing, grants=False)  # the limit stays limit_kw
+    for step in steps:
+        player.play(step)
+        now = player.now
         before = {r: s.energy.power_w for r, s in sharing._sessions.items() if s.started}
         changes = sharing.reshare(now)
         sessions = sharing._sessions.values()
@@ -304,28 +315,10 @@ def test_the_shortcut_reshares_exactly_as_the_full_allocation_does(
         return sharing
 
     fast, full = substation(True), substation(False)
-    now = T0 + 1
-    running: list[str] = []
-    seq = 0
-    for added, step in enumerate(steps):
-        for sharing in (fast, full):
-            if step[0] == "add":
-                _, max_tenths, min_tenths, priority = step
-                max_kw = max_tenths / 10
-                car = _car(max_kw, min(min_tenths / 10, max_kw), 20, priority)
-                sharing.add(f"r{added}", car, now)
-            elif step[0] == "end" and running:
-                sharing.remove(running[step[1] % len(running)], now)
-            elif step[0] == "grant":
-                sharing.offer(Grant("s1", step[1] * 1000, now, step[2], 1, seq + 1), now)
-        if step[0] == "add":
-            running.append(f"r{added}")
-        elif step[0] == "end" and running:
-            running.pop(step[1] % len(running))
-        elif step[0] == "grant":
-            seq += 1
-        elif step[0] == "wait":
-            now += step[1]
+    player = _Player(fast, full)
+    for step in steps:
+        player.play(step)
+        now = player.now
         assert fast.reshare(now) == full.reshare(now)
         powers = {r: s.energy.power_w for r, s in fast._sessions.items()}
         assert powers == {r: s.energy.power_w for r, s in full._sessions.items()}
@@ -352,23 +345,10 @@ def test_the_report_kept_as_sessions_change_is_the_one_counted_over_every_sessio
     # Also between a start and its re-share (the new session draws nothing yet), and with
     # sessions of equal bounds ending in any order.
     sharing = _sharing(limit_kw=limit_kw, failsafe_kw=4, parent="feeder" if parent else None)
-    now = T0 + 1
-    running: list[str] = []
-    seq = 0
-    for added, step in enumerate(steps):
-        if step[0] == "add":
-            _, max_tenths, min_tenths, priority = step
-            max_kw = max_tenths / 10
-            request_id = f"r{added}"
-            sharing.add(request_id, _car(max_kw, min(min_tenths / 10, max_kw), 20, priority), now)
-            running.append(request_id)
-        elif step[0] == "end" and running:
-            sharing.remove(running.pop(step[1] % len(running)), now)
-        elif step[0] == "grant":
-            seq += 1
-            sharing.offer(Grant("s1", step[1] * 1000, now, step[2], 1, seq), now)
-        elif step[0] == "wait":
-            now += step[1]
+    player = _Player(sharing)
+    for step in steps:
+        player.play(step)
+        now = player.now
         for _ in range(2):
             report, _, power_w = sharing.report(now)
             assert (report.demand, power_w) == _counted_over_every_session(sharing)
