@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import bisect
 import math
-import pickle
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 from bench import power_stack
-from bench.power_stack import TOPOLOGY_FILE, deliverable
+from bench.power_stack import TOPOLOGY_FILE, deliverable, load_raw
 from loadgen.power import PowerTimeline, SessionPower
 from smartgrid.grid import Topology, load_topology
 from smartgrid.power import kilowatts
@@ -54,18 +52,6 @@ class Dip:
     @property
     def seconds(self) -> float:
         return self.end - self.start
-
-
-def load_raw(path: str) -> dict:
-    class _Unpickler(pickle.Unpickler):
-        # bench.power_stack ran as __main__: its classes were pickled under that name.
-        def find_class(self, module: str, name: str) -> Any:
-            if module == "__main__":
-                return getattr(power_stack, name)
-            return super().find_class(module, name)
-
-    with open(path, "rb") as file:
-        return _Unpickler(file).load()
 
 
 class _Site:

@@ -36,7 +36,6 @@ import random
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from balancer.power_routing import fits, power_min
 from balancer.strategies import Candidate
@@ -244,20 +243,9 @@ def study_stack_run(
     with two or more standard sessions below their maximum, the fleet-wide index of the
     division of the real placement (failsafes reserved, as the allocator does) and of the best
     placement found for the same sessions."""
-    import pickle
+    from bench.power_stack import _MIN_KW, load_raw
 
-    from bench import power_stack
-    from bench.power_stack import _MIN_KW
-
-    class _Unpickler(pickle.Unpickler):
-        # bench.power_stack ran as __main__: its classes were pickled under that name.
-        def find_class(self, module: str, name: str) -> Any:
-            if module == "__main__":
-                return getattr(power_stack, name)
-            return super().find_class(module, name)
-
-    with open(raw_path, "rb") as file:
-        raw = _Unpickler(file).load()
+    raw = load_raw(raw_path)
     points = {s.id: s.points for s in site.substations}
     division = Division(site, FAILSAFE_KW)
     found: dict[str, dict] = {}

@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from balancer.config import BalancerConfig
 from bench.acn import energy_until
@@ -1161,6 +1162,22 @@ def _shares(raw: str) -> dict[str, float]:
     return shares
 
 
+def load_raw(path: Path | str) -> dict:
+    """A run's raw measurements as ``--raw`` kept them. The run was ``python -m
+    bench.power_stack``, so this module's classes were pickled under ``__main__``: they are
+    looked up here, whichever module loads them (bench.power_dips, bench.power_fairness)."""
+    this = sys.modules[__name__]
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module == "__main__":
+                return getattr(this, name)
+            return super().find_class(module, name)
+
+    with open(path, "rb") as file:
+        return _Unpickler(file).load()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.power_stack",
@@ -1217,7 +1234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raw_path = Path(args.raw or f"out/{args.name}.pickle")
     if args.analyse_only:
-        raw = pickle.loads(raw_path.read_bytes())
+        raw = load_raw(raw_path)
         for phase in ("day", "overload"):
             if phase in raw and raw[phase].power_timeline is not None:
                 # With this checkout's loadgen.power, as the figures below.
