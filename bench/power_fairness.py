@@ -243,7 +243,7 @@ def study_stack_run(
     with two or more standard sessions below their maximum, the fleet-wide index of the
     division of the real placement (failsafes reserved, as the allocator does) and of the best
     placement found for the same sessions."""
-    from bench.power_stack import _MIN_KW, load_raw
+    from bench.power_stack import car_min_kw, every_sample, load_raw
 
     raw = load_raw(raw_path)
     points = {s.id: s.points for s in site.substations}
@@ -253,20 +253,17 @@ def study_stack_run(
         timeline = raw[phase].power_timeline if phase in raw else None
         if timeline is None or timeline.span is None:
             continue
-        runs = timeline.runs()
         rng = random.Random(1)
         searched: dict[tuple, float] = {}
         real: list[float] = []
         best: list[float] = []
-        t, end = timeline.span
-        while t < end:
-            live = [r for r in runs if r.started_at <= t < r.ended_at]
+        for t, live in every_sample(timeline, SAMPLE_SECONDS):
             sessions = [SessionAt(r.substation, r.priority, r.power_at(t), r.max_kw) for r in live]
             if STANDARD in fleet_wide(sessions):
                 demands = [
                     SessionDemand(
                         r.request_id,
-                        min(watts(r.max_kw), watts(_MIN_KW.get(r.max_kw, 1.4))),
+                        watts(car_min_kw(r)),
                         watts(r.max_kw),
                         Priority(r.priority),
                         order,
@@ -281,7 +278,6 @@ def study_stack_run(
                         division, demands, where, points, rng, restarts, budget
                     )[0]
                 best.append(searched[key])
-            t += SAMPLE_SECONDS
         found[phase] = {"instants": len(real), "division": real, "best_placement": best}
     return found
 

@@ -64,7 +64,7 @@ from bench.common import (
 )
 from bench.fairness import FairnessSeries, SessionAt
 from loadgen import evmix
-from loadgen.power import PowerTimeline, power_report, render_power
+from loadgen.power import PowerTimeline, SessionPower, power_report, render_power
 from loadgen.report import jain_index, percentile
 from loadgen.report import render as render_report
 from loadgen.run import LoadResult, LoadSettings, run_load
@@ -649,28 +649,41 @@ def waits(result: LoadResult) -> dict:
     }
 
 
+def every_sample(
+    timeline: PowerTimeline, interval: float = 0.1
+) -> Iterator[tuple[float, list[SessionPower]]]:
+    """Each sampling instant of the timeline's span, ``interval`` apart, with the sessions
+    running then (each session's power rebuilt from its events)."""
+    span = timeline.span
+    if span is None:
+        return
+    runs = timeline.runs()
+    t = span[0]
+    while t < span[1]:
+        yield t, [r for r in runs if r.started_at <= t < r.ended_at]
+        t += interval
+
+
+def car_min_kw(run: SessionPower) -> float:
+    """The car's minimum, by its maximum (the trace's car classes)."""
+    return min(run.max_kw, _MIN_KW.get(run.max_kw, MIN_CAR_KW))
+
+
 def jain_per_substation(timeline: PowerTimeline, interval: float = 0.1) -> dict:
     """Jain's index over the sessions of one class at one substation that run below their
     own maximum (two or more), every 100 ms, averaged per class: the sharing at a
     substation, where the fleet-wide index also counts the substations' different limits."""
-    span = timeline.span
     found: dict[str, list[float]] = defaultdict(list)
-    if span is None:
-        return {}
-    runs = timeline.runs()
-    t = span[0]
-    while t < span[1]:
+    for t, live in every_sample(timeline, interval):
         groups: dict[tuple[str, str], list[float]] = defaultdict(list)
-        for run in runs:
-            if run.started_at <= t < run.ended_at:
-                kw = run.power_at(t)
-                if kw < run.max_kw - _WATT:
-                    groups[(run.substation, run.priority)].append(kw)
+        for run in live:
+            kw = run.power_at(t)
+            if kw < run.max_kw - _WATT:
+                groups[(run.substation, run.priority)].append(kw)
         for (_substation, priority), values in groups.items():
             index = jain_index(values) if len(values) >= 2 else None
             if index is not None:
                 found[priority].append(index)
-        t += interval
     return {p: {"samples": len(v), "mean": statistics.fmean(v)} for p, v in sorted(found.items())}
 
 
@@ -686,21 +699,19 @@ def jain_of_the_division(
     maxima, then ``power.allocate`` at each substation, with no report, grant or lease in
     between), averaged as the measured index: what the site's limits allow, so what the
     measured index is read against."""
-    span = timeline.span
-    if span is None:
-        return {}
     found: dict[str, list[float]] = defaultdict(list)
     own = {n: node.limit_w for n, node in topology.nodes.items()}
-    runs = timeline.runs()
-    t = span[0]
-    while t < span[1]:
-        live = [r for r in runs if r.started_at <= t < r.ended_at]
+    for t, live in every_sample(timeline, interval):
         by_substation: dict[str, list[SessionDemand]] = defaultdict(list)
         for order, run in enumerate(live):
-            max_w = watts(run.max_kw)
-            min_w = min(max_w, watts(_MIN_KW.get(run.max_kw, MIN_CAR_KW)))
             by_substation[run.substation].append(
-                SessionDemand(run.request_id, min_w, max_w, Priority(run.priority), order)
+                SessionDemand(
+                    run.request_id,
+                    watts(car_min_kw(run)),
+                    watts(run.max_kw),
+                    Priority(run.priority),
+                    order,
+                )
             )
         limits = own | {n: watts(kw) for n, kw in timeline.node_limits(t).items()}
         demands = {
@@ -721,7 +732,6 @@ def jain_of_the_division(
             index = jain_index(values) if len(values) >= 2 else None
             if index is not None:
                 found[priority].append(index)
-        t += interval
     return {p: {"samples": len(v), "mean": statistics.fmean(v)} for p, v in sorted(found.items())}
 
 
@@ -730,27 +740,16 @@ def jain_per_bottleneck(timeline: PowerTimeline, topology: Topology, interval: f
     bottleneck (``bench.fairness``): among the sessions of one class held back by the same
     limit, the nearest node of their path drawing its whole limit in force, which is what
     max-min fairness promises; and which nodes held the sessions below their maximum back."""
-    span = timeline.span
-    if span is None:
+    if timeline.span is None:
         return {}
     series = FairnessSeries.empty()
-    runs = timeline.runs()
-    paths = {r.substation: topology.path(r.substation) for r in runs}
-    t = span[0]
-    while t < span[1]:
+    paths = {r.substation: topology.path(r.substation) for r in timeline.runs()}
+    for t, live in every_sample(timeline, interval):
         sessions = [
-            SessionAt(
-                r.substation,
-                r.priority,
-                r.power_at(t),
-                r.max_kw,
-                min(r.max_kw, _MIN_KW.get(r.max_kw, MIN_CAR_KW)),
-            )
-            for r in runs
-            if r.started_at <= t < r.ended_at
+            SessionAt(r.substation, r.priority, r.power_at(t), r.max_kw, car_min_kw(r))
+            for r in live
         ]
         series.add(sessions, paths, timeline.node_limits(t))
-        t += interval
     return series.summary()
 
 
