@@ -253,6 +253,8 @@ class Allocator:
             self._activate(now)
         assert self.allocator is not None
         for event in reports:
+            # bench.power_dips --logs reads these to time each hop of a share on the move.
+            log.debug("report from %s at %.6f received at %.6f", event.substation, event.at, now)
             self._own_limits[event.substation] = watts(event.limit_kw)
             self.allocator.report(leases.report_from_event(event))
         self._last_report = time.monotonic()
@@ -307,6 +309,12 @@ class Allocator:
         limits = limits_in_force(allocator.topology, self._own_limits, in_force)
         for grant in allocator.allocate(limits, now, overridden=in_force.keys()):
             message = leases.grant_to_message(grant)
+            log.debug(
+                "grant to %s of %.3f kW issued at %.6f",
+                grant.substation,
+                message.share_kw,
+                grant.issued_at,
+            )
             # Not persistent, not mandatory: a substation that is down has no share queue, and
             # would refuse a grant from before its restart anyway.
             self.link.publish(

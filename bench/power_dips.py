@@ -9,7 +9,14 @@ lasted, how deep it went, what started it and what ended it, and, for a dip star
 that ended, the chain that followed: the freeing substation's report, its acknowledgement of the
 lower share (its next report with a lower limit in force), and the raise elsewhere.
 
+With the services' DEBUG logs of the same run (``bench.power_stack --trace --logs DIR``,
+``--logs DIR`` here), each car arrival's dip is also taken apart into its hops
+(``bench.share_trace``): the wait for the substation's report, the report's way to the
+allocator, the allocator's turn, the lowering grant's way, the lowered substation's
+acknowledgement and its way, the allocator's turn again, and the raise's way.
+
     .venv/bin/python -m bench.power_dips out/power-stack.pickle
+    .venv/bin/python -m bench.power_dips out/power-stack-trace.pickle --logs out/trace-logs
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from bench import power_stack
+from bench import power_stack, share_trace
 from bench.power_stack import TOPOLOGY_FILE, deliverable, load_raw
 from loadgen.power import PowerTimeline, SessionPower
 from smartgrid.grid import Topology, load_topology
@@ -48,6 +56,8 @@ class Dip:
     #: For a session that ended: seconds from the end to its substation's first report, to its
     #: acknowledgement of a lower share, and to the raise that ended the dip.
     chain: dict[str, float] = field(default_factory=dict)
+    #: For a car's arrival, with the services' logs: seconds in each hop (share_trace.hops).
+    hops: dict[str, float] | None = None
 
     @property
     def seconds(self) -> float:
@@ -197,12 +207,36 @@ def summary(dips: list[Dip], asked: float) -> dict:
             cause: {
                 "dips": len(found),
                 "seconds": sum(d.seconds for d in found),
-                "median_ms": 1000 * statistics.median(d.seconds for d in found),
-                "max_ms": 1000 * max(d.seconds for d in found),
+                **_spread([d.seconds for d in found]),
                 **_chain_medians(found),
             }
             for cause, found in sorted(by_cause.items())
         },
+        "arrival_hops": _hop_spreads([d for d in dips if d.hops]),
+    }
+
+
+def _spread(seconds: list[float]) -> dict:
+    ordered = sorted(seconds)
+    return {
+        "median_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)],
+        "max_ms": 1000 * ordered[-1],
+    }
+
+
+def _hop_spreads(dips: list[Dip]) -> dict:
+    """Per hop, over the dips taken apart: its spread, and how often it was the longest."""
+    per_hop: dict[str, list[float]] = defaultdict(list)
+    longest: dict[str, int] = defaultdict(int)
+    for dip in dips:
+        assert dip.hops is not None
+        for hop, seconds in dip.hops.items():
+            per_hop[hop].append(seconds)
+        longest[max(dip.hops, key=lambda h: dip.hops[h])] += 1  # type: ignore[index]
+    return {
+        hop: {**_spread(seconds), "n": len(seconds), "longest_in": longest[hop]}
+        for hop, seconds in per_hop.items()
     }
 
 
@@ -214,7 +248,7 @@ def _chain_medians(dips: list[Dip]) -> dict:
     return {f"{step} median_ms": 1000 * statistics.median(v) for step, v in steps.items()}
 
 
-def analyse(raw: dict, node: str = "site") -> dict:
+def analyse(raw: dict, node: str = "site", trace: share_trace.Trace | None = None) -> dict:
     topology = load_topology(TOPOLOGY_FILE)
     found = {}
     for phase in ("day", "overload"):
@@ -227,6 +261,10 @@ def analyse(raw: dict, node: str = "site") -> dict:
         if phase == "day" and raw.get("killed"):
             excluded.append((raw["killed"][1], raw["killed"][2] + power_stack.LEASE + 2))
         dips, asked = find_dips(raw[phase].power_timeline, topology, since, until, node, excluded)
+        if trace is not None:
+            for dip in dips:
+                if dip.cause == "car arrived" and dip.ended_by == dip.where:
+                    dip.hops = share_trace.hops(trace, dip.where, dip.start, dip.end)
         found[phase] = {"summary": summary(dips, asked), "dips": dips, "since": since}
     return found
 
@@ -251,11 +289,21 @@ def render(found: dict, node: str) -> str:
             )
             after = f"; after the end (median ms): {chain}" if chain else ""
             lines.append(
-                f"  {cause}: {c['dips']} dips, {c['seconds']:.3f} s; "
-                f"median {c['median_ms']:.1f} ms, max {c['max_ms']:.1f} ms{after}"
+                f"  {cause}: {c['dips']} dips, {c['seconds']:.3f} s; median "
+                f"{c['median_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, max {c['max_ms']:.1f} ms"
+                f"{after}"
             )
+        if s["arrival_hops"]:
+            lines.append("  a car's arrival, hop by hop (ms: median, p99, max; longest in n dips):")
+            for hop, h in s["arrival_hops"].items():
+                lines.append(
+                    f"    {hop:45} {h['median_ms']:6.1f} {h['p99_ms']:6.1f} {h['max_ms']:6.1f}"
+                    f"  (of {h['n']}, longest in {h['longest_in']})"
+                )
         for dip in result["dips"]:
-            chain = ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in dip.chain.items())
+            chain = ", ".join(
+                f"{k} {1000 * v:.1f} ms" for k, v in {**dip.chain, **(dip.hops or {})}.items()
+            )
             lines.append(
                 f"  {dip.start - result['since']:8.3f} s  {1000 * dip.seconds:7.1f} ms  worst "
                 f"{dip.worst:.3f}  {dip.cause} at {dip.where or '-'}, ended by "
@@ -268,8 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.power_dips", description=__doc__)
     parser.add_argument("raw", help="a bench.power_stack run's raw measurements (--raw)")
     parser.add_argument("--node", default="site")
+    parser.add_argument(
+        "--logs", help="the same run's services' logs (bench.power_stack --trace --logs DIR)"
+    )
     args = parser.parse_args(argv)
-    print(render(analyse(load_raw(args.raw), args.node), args.node))
+    trace = share_trace.read(Path(args.logs)) if args.logs else None
+    print(render(analyse(load_raw(args.raw), args.node, trace), args.node))
     return 0
 
 

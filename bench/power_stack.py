@@ -32,6 +32,7 @@ imposes (its "smartgrid, real stack" row).
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import math
 import os
@@ -73,6 +74,7 @@ from smartgrid import contract
 from smartgrid.config import default_of
 from smartgrid.grid import Topology, load_topology
 from smartgrid.leases import Demand, target_shares
+from smartgrid.limits import override_from_event
 from smartgrid.power import MIN_CAR_KW, Priority, SessionDemand, allocate, kilowatts, watts
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from stack.processes import ServiceProcess
@@ -261,6 +263,10 @@ def deliverable(
     return found
 
 
+#: How long a power meter integrates the energy of one reading (each sample's).
+METER_SECONDS = 0.1
+
+
 def efficiency(
     timeline: PowerTimeline,
     topology: Topology,
@@ -273,35 +279,108 @@ def efficiency(
     the same), a substation's being min(its own limit, its cars' maxima). The issue's
     min(limit, the cars' maxima) counts cars behind a child's full limit as deliverable at
     the parent; they are not. Excluded: while leases lapse (everyone is on the failsafe, on
-    purpose) and while a killed substation is away."""
-    ratios: dict[str, list[float]] = defaultdict(list)
+    purpose) and while a killed substation is away.
+
+    Two readings of each sample: the instantaneous one (the power at that instant), and a
+    meter's (``meter``: the energy delivered in the 100 ms up to it divided by 0.1 s, against
+    what could be delivered averaged over the same 100 ms), which is how a power meter samples:
+    a share moving within a few milliseconds costs its few milliseconds, not a whole sample.
+    The same samples either way (where the cars ask enough at the instant), but for a reading
+    whose 100 ms had nothing to deliver (the node's first cars arrived at the instant)."""
+    instant: dict[str, list[float]] = defaultdict(list)
+    meter: dict[str, list[float]] = defaultdict(list)
+    runs = timeline.runs()
     own = {n: kilowatts(node.limit_w) for n, node in topology.nodes.items()}
+    changes = sorted(_changes(timeline, runs))
     t = since
     while t < until:
         if not any(a <= t < b for a, b in excluded):
-            runs = [r for r in timeline.runs() if r.started_at <= t < r.ended_at]
-            power: dict[str, float] = defaultdict(float)
-            wants: dict[str, float] = defaultdict(float)
-            for run in runs:
-                for node in topology.path(run.substation):
-                    power[node] += run.power_at(t)
-                    wants[node] += run.max_kw
-            limits = timeline.node_limits(t)
-            can = deliverable(topology, {**own, **limits}, wants)
-            left = _left_by_parents(topology, {**own, **limits}, power, wants)
-            for node, asked in wants.items():
-                if not topology.children(node):
-                    continue  # a substation: substation_efficiency
-                limit = limits.get(node, own.get(node, math.inf))
-                if asked >= 1.2 * limit and can[node] > 0:
-                    ratios[node].append(power[node] / can[node])
-                parent = topology.parent(node)
-                if parent is not None and asked >= 1.2 * left[node] and left[node] > 0:
-                    # Against what its parent's limit left it beside its siblings' draw.
-                    within = min(left[node], can[node])
-                    ratios[f"{node} within {parent}"].append(power[node] / within)
+            rows = _delivered(timeline, topology, own, runs, t)
+            window = _meter_reading(timeline, topology, own, runs, changes, t)
+            for row, (delivered, deliverable_kw, asks_enough) in rows.items():
+                if asks_enough and deliverable_kw > 0:
+                    instant[row].append(delivered / deliverable_kw)
+                    energy, could = window[row]
+                    if could > 0:
+                        meter[row].append(energy / could)
         t += 0.1
-    return _ratios(ratios)
+    found = _ratios(instant)
+    for row, figures in _ratios(meter).items():
+        found[row]["meter"] = figures
+    return found
+
+
+def _changes(timeline: PowerTimeline, runs: list[SessionPower]) -> set[float]:
+    """Every instant at which a node's power or limit may change."""
+    found: set[float] = set()
+    for run in runs:
+        found.add(run.started_at)
+        if run.ended_at < math.inf:
+            found.add(run.ended_at)
+        found.update(when for when, _ in run.steps)
+    for event in timeline._overrides:
+        override = override_from_event(event)
+        found.add(event.at)
+        if override.valid_until is not None:
+            found.add(override.valid_until)
+    return found
+
+
+def _delivered(
+    timeline: PowerTimeline,
+    topology: Topology,
+    own: dict[str, float],
+    runs: list[SessionPower],
+    t: float,
+) -> dict[str, tuple[float, float, bool]]:
+    """At ``t``, each grid node's row (and its "within" row): (delivered kW, what it could
+    deliver, whether its cars ask at least 1.2 times its limit)."""
+    power: dict[str, float] = defaultdict(float)
+    wants: dict[str, float] = defaultdict(float)
+    for run in runs:
+        if run.started_at <= t < run.ended_at:
+            for node in topology.path(run.substation):
+                power[node] += run.power_at(t)
+                wants[node] += run.max_kw
+    limits = timeline.node_limits(t)
+    can = deliverable(topology, {**own, **limits}, wants)
+    left = _left_by_parents(topology, {**own, **limits}, power, wants)
+    rows: dict[str, tuple[float, float, bool]] = {}
+    for node, asked in wants.items():
+        if not topology.children(node):
+            continue  # a substation: substation_efficiency
+        limit = limits.get(node, own.get(node, math.inf))
+        rows[node] = (power[node], can[node], asked >= 1.2 * limit)
+        parent = topology.parent(node)
+        if parent is not None:
+            # Against what its parent's limit left it beside its siblings' draw.
+            within = min(left[node], can[node])
+            rows[f"{node} within {parent}"] = (
+                power[node],
+                max(0.0, within),
+                asked >= 1.2 * left[node] and left[node] > 0,
+            )
+    return rows
+
+
+def _meter_reading(
+    timeline: PowerTimeline,
+    topology: Topology,
+    own: dict[str, float],
+    runs: list[SessionPower],
+    changes: list[float],
+    t: float,
+) -> dict[str, tuple[float, float]]:
+    """Per row, the energy delivered and what could have been over the METER_SECONDS up to
+    ``t`` (kW x s), exactly: both are step functions that change only at ``changes``."""
+    begin = t - METER_SECONDS
+    cuts = [begin, *changes[bisect.bisect_right(changes, begin) : bisect.bisect_left(changes, t)]]
+    found: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+    for a, b in zip(cuts, [*cuts[1:], t], strict=True):
+        for row, (delivered, could, _) in _delivered(timeline, topology, own, runs, a).items():
+            energy, possible = found[row]
+            found[row] = (energy + delivered * (b - a), possible + could * (b - a))
+    return found
 
 
 def _left_by_parents(
@@ -796,6 +875,7 @@ def run(args) -> dict:
             simulated_hour_seconds=HOUR,
             gateway_workers=1,
             strategy=args.strategy,
+            **({"log_level": "DEBUG"} if args.trace else {}),
             extra_env={
                 "GRID_TOPOLOGY_FILE": str(TOPOLOGY_FILE),
                 "SUBSTATION_FAILSAFE_KW": str(FAILSAFE_KW),
@@ -1052,13 +1132,41 @@ def render(result: dict) -> str:
         lines += _render_day_events(day)
     for phase in phases:
         rows = [
-            [n, v["samples"], f"{v['mean']:.3f}", f"{v['share_at_least_95']:.1%}", _f(v["p01"])]
+            [
+                n,
+                v["samples"],
+                f"{v['mean']:.3f}",
+                f"{v['share_at_least_95']:.1%}",
+                _f(v["p01"]),
+                *(
+                    [f"{m['mean']:.3f}", f"{m['share_at_least_95']:.1%}", _f(m["p01"])]
+                    if (m := v.get("meter"))
+                    else ["-", "-", "-"]
+                ),
+            ]
             for n, v in result[phase]["efficiency"].items()
         ]
         lines.append(
-            f"{phase}: delivered / deliverable while the cars ask >= 1.2 x the limit in force"
+            f"{phase}: delivered / deliverable while the cars ask >= 1.2 x the limit in force;"
+            " instantaneous: the power at each 100 ms instant; meter: the energy of the 100 ms"
+            " up to it / 0.1 s, against the deliverable averaged over the same 100 ms"
+            " (substations: /metrics, instantaneous only)"
         )
-        lines.append(markdown_table(["node", "samples", "mean", ">= 95%", "p1"], rows))
+        lines.append(
+            markdown_table(
+                [
+                    "node",
+                    "samples",
+                    "instantaneous mean",
+                    ">= 95%",
+                    "p1",
+                    "meter mean",
+                    ">= 95%",
+                    "p1",
+                ],
+                rows,
+            )
+        )
     for phase in phases:
         found = result[phase]
         jain = (found["events_power"] or {}).get("jain_by_class") or {}
@@ -1230,6 +1338,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--analyse-only", action="store_true", help="analyse --raw, run nothing")
     parser.add_argument("--logs", help="keep the services' logs in this directory")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="the services log at DEBUG: with --logs, each report's and grant's timestamps, "
+        "which bench.power_dips --logs reads to time a share's hops",
+    )
     args = parser.parse_args(argv)
     raw_path = Path(args.raw or f"out/{args.name}.pickle")
     if args.analyse_only:

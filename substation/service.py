@@ -403,6 +403,12 @@ class SubstationService:
             log.warning("ignoring an invalid power share: %s", exc)
             return
         now = time.time()
+        log.debug(
+            "share of %.3f kW issued at %.6f received at %.6f",
+            grant.share_w / 1000,
+            grant.issued_at,
+            now,
+        )
         managed = self.sharing.lease.managed
         previous = self.sharing.lease.last_grant
         if not self.sharing.offer(grant, now):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench import share_trace
 from bench.power_dips import find_dips, summary
 from loadgen.power import PowerTimeline, SessionPower
 from smartgrid.grid import Node, Topology
@@ -78,3 +79,60 @@ def test_a_share_given_back_in_the_report_of_the_end_is_told_apart():
     timeline._limits["s2"] = [(9.0, 50.0), (10.0001, 40.0), (12.0, 30.0)]
     (dip,) = find_dips(timeline, SITE, 0.0, 20.0)[0]
     assert set(dip.chain) == {"report", "released in the report", "raised elsewhere"}
+
+
+def _logs(tmp_path, balancer: list[str], **substations: list[str]):
+    prefix = "2026-11-30 11:00:00,000 DEBUG   "
+    (tmp_path / "balancer.log").write_text("".join(f"{prefix}{line}\n" for line in balancer))
+    for name, lines in substations.items():
+        (tmp_path / f"{name}.log").write_text("".join(f"{prefix}{line}\n" for line in lines))
+    return share_trace.read(tmp_path)
+
+
+def test_a_car_arrivals_dip_is_taken_apart_into_its_hops(tmp_path):
+    trace = _logs(
+        tmp_path,
+        [
+            "report from s1 at 9.000000 received at 9.003000",
+            "report from s2 at 10.000500 received at 10.004000",  # the new car's
+            "grant to s1 of 40.000 kW issued at 10.005000",  # the lowering
+            "report from s1 at 10.009000 received at 10.012000",  # its acknowledgement
+            "grant to s2 of 60.000 kW issued at 10.013000",  # the raise
+        ],
+        s1=["share of 40.000 kW issued at 10.005000 received at 10.008000"],
+        s2=["share of 60.000 kW issued at 10.013000 received at 10.016000"],
+    )
+    steps = share_trace.hops(trace, "s2", 10.0, 10.016)
+    assert steps is not None
+    assert {k: round(1000 * v, 3) for k, v in steps.items()} == {
+        "report wait": 0.5,
+        "report hop": 3.5,
+        "allocator (lower)": 1.0,
+        "lowering grant hop": 3.0,
+        "lowered substation applies and acknowledges": 1.0,
+        "acknowledgement hop": 3.0,
+        "allocator (raise)": 1.0,
+        "raise grant hop": 3.0,
+    }
+    assert round(sum(steps.values()), 6) == 0.016  # the whole dip
+    # Not ended by a grant to s2, or led back to a report from before the car: no hops.
+    assert share_trace.hops(trace, "s2", 10.0, 10.02) is None
+    assert share_trace.hops(trace, "s2", 10.001, 10.016) is None
+
+
+def test_a_raise_without_a_lowering_is_one_round_through_the_allocator(tmp_path):
+    trace = _logs(
+        tmp_path,
+        [
+            "report from s2 at 10.001000 received at 10.003000",
+            "grant to s2 of 60.000 kW issued at 10.004000",
+        ],
+        s2=["share of 60.000 kW issued at 10.004000 received at 10.006000"],
+    )
+    steps = share_trace.hops(trace, "s2", 10.0, 10.006)
+    assert steps is not None and list(steps) == [
+        "report wait",
+        "report hop",
+        "allocator (raise)",
+        "raise grant hop",
+    ]

@@ -1,12 +1,12 @@
 """bench.power_stack's measures on synthetic events (no broker): what a node could deliver,
-when a cut was obeyed, and which samples count as over a limit."""
+when a cut was obeyed, which samples count as over a limit, and a meter's reading."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.power_stack import Cut, deliverable, node_checks, obeyed_after
-from loadgen.power import PowerTimeline
+from bench.power_stack import Cut, deliverable, efficiency, node_checks, obeyed_after
+from loadgen.power import PowerTimeline, SessionPower
 from smartgrid import contract
 from smartgrid.grid import parse_topology
 
@@ -77,3 +77,23 @@ def test_a_cut_is_obeyed_when_the_node_stays_within_it_and_only_then():
     assert checks["over_in_cut_grace"]["feeder-a"] >= 10
     strict = node_checks(timeline, TOPOLOGY, [("feeder-a", issued, 2.0)])
     assert strict["over"]["feeder-a"] >= 4
+
+
+def test_a_meter_reading_counts_a_dip_between_two_instants_by_its_energy():
+    timeline = PowerTimeline(TOPOLOGY)
+
+    def car(rid: str, substation: str, steps) -> SessionPower:
+        return SessionPower(rid, substation, "standard", 60.0, 0.0, 0.0, 10.0, steps=list(steps))
+
+    # feeder-a's 180 kW (s1 and s2) and s4's 90 kW: the site can deliver 270 kW.
+    cars = [car(f"a{i}", "s1", [(0.0, 30.0)]) for i in range(3)]
+    cars += [car(f"b{i}", "s4", [(0.0, 30.0)]) for i in range(3)]
+    # s2 delivers its 90 kW but for 60 ms between two 100 ms instants: the site at 2/3.
+    cars += [car(f"c{i}", "s2", [(0.0, 30.0), (1.02, 0.0), (1.08, 30.0)]) for i in range(3)]
+    timeline.sessions = {c.request_id: c for c in cars}
+    found = efficiency(timeline, TOPOLOGY, [], 0.0, 2.0)["site"]
+    assert found["samples"] == 20 and found["share_at_least_95"] == 1.0  # no instant in it
+    meter = found["meter"]  # the first reading's 100 ms had no car yet
+    assert meter["samples"] == 19 and meter["share_at_least_95"] == 18 / 19
+    # The reading after it: 40 ms at 270 kW and 60 ms at 180 kW, of 270 kW deliverable.
+    assert round(meter["p01"], 3) == 0.8 and round(meter["mean"] * 19 - 18, 3) == 0.8
