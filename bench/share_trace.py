@@ -7,7 +7,8 @@ processes run on one machine, so their ``time.time()`` stamps are on one clock.
 
 :func:`hops` walks back from the grant that ended a dip: the report that made the allocator
 issue it, and, when that report was another substation's acknowledgement of a lowered share,
-the lowering and the report that made the allocator issue that one.
+the lowering and the report that made the allocator issue that one; what came before that
+report, since the car's substation first reported, was earlier rounds.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class Trace:
         i = bisect.bisect_right(self.reports, t + SAME, key=lambda r: r.received)
         return self.reports[i - 1] if i else None
 
+    def first_report_after(self, substation: str, t: float) -> Report | None:
+        """The first report ``substation`` sent at or after ``t``."""
+        sent = [r for r in self.reports if r.substation == substation and r.sent >= t - SAME]
+        return min(sent, key=lambda r: r.sent) if sent else None
+
     def grant_received_at(self, substation: str, t: float) -> Grant | None:
         for grant in self.grants.get(substation, []):
             if grant.received is not None and abs(grant.received - t) <= SAME:
@@ -94,33 +100,38 @@ def read(logs: Path) -> Trace:
 def hops(trace: Trace, substation: str, started: float, ended: float) -> dict[str, float] | None:
     """Seconds spent in each hop between a car's arrival at ``substation`` (``started``) and
     the raise there that ended its dip (received at ``ended``); None if the dip did not end
-    with a grant to it, or the chain does not lead back to a report sent after the arrival."""
+    with a grant to it, or the chain does not lead back to its report after the arrival.
+
+    "earlier rounds": from its first report after the arrival to the report the last round
+    answered (a raise that was not yet all the car needed, then another report), 0 when one
+    round did it."""
+    first = trace.first_report_after(substation, started)
     raise_ = trace.grant_received_at(substation, ended)
-    if raise_ is None or raise_.received is None:
+    if first is None or raise_ is None or raise_.received is None:
         return None
     trigger = trace.report_before(raise_.issued)
     if trigger is None:
         return None
-    steps: dict[str, float] = {}
+    steps = {"report wait": first.sent - started}
     if trigger.substation != substation:
         # An acknowledgement: the substation that took a lowered share says it has.
         lowered = trace.grant_before(trigger.substation, trigger.sent)
         if lowered is None or lowered.received is None:
             return None
-        first = trace.report_before(lowered.issued)
-        if first is None or first.substation != substation or first.sent < started - SAME:
+        origin = trace.report_before(lowered.issued)
+        if origin is None or origin.substation != substation or origin.sent < first.sent - SAME:
             return None
-        steps["report wait"] = first.sent - started
-        steps["report hop"] = first.received - first.sent
-        steps["allocator (lower)"] = lowered.issued - first.received
+        steps["earlier rounds"] = origin.sent - first.sent
+        steps["report hop"] = origin.received - origin.sent
+        steps["allocator (lower)"] = lowered.issued - origin.received
         steps["lowering grant hop"] = lowered.received - lowered.issued
         steps["lowered substation applies and acknowledges"] = trigger.sent - lowered.received
         steps["acknowledgement hop"] = trigger.received - trigger.sent
         steps["allocator (raise)"] = raise_.issued - trigger.received
     else:
-        if trigger.sent < started - SAME:
+        if trigger.sent < first.sent - SAME:
             return None
-        steps["report wait"] = trigger.sent - started
+        steps["earlier rounds"] = trigger.sent - first.sent
         steps["report hop"] = trigger.received - trigger.sent
         steps["allocator (raise)"] = raise_.issued - trigger.received
     steps["raise grant hop"] = raise_.received - raise_.issued

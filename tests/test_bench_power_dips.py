@@ -106,6 +106,7 @@ def test_a_car_arrivals_dip_is_taken_apart_into_its_hops(tmp_path):
     assert steps is not None
     assert {k: round(1000 * v, 3) for k, v in steps.items()} == {
         "report wait": 0.5,
+        "earlier rounds": 0.0,
         "report hop": 3.5,
         "allocator (lower)": 1.0,
         "lowering grant hop": 3.0,
@@ -132,7 +133,29 @@ def test_a_raise_without_a_lowering_is_one_round_through_the_allocator(tmp_path)
     steps = share_trace.hops(trace, "s2", 10.0, 10.006)
     assert steps is not None and list(steps) == [
         "report wait",
+        "earlier rounds",
         "report hop",
         "allocator (raise)",
         "raise grant hop",
     ]
+
+
+def test_a_raise_in_two_rounds_is_not_taken_for_a_wait_before_the_report(tmp_path):
+    trace = _logs(
+        tmp_path,
+        [
+            "report from s2 at 10.001000 received at 10.003000",
+            "grant to s2 of 50.000 kW issued at 10.004000",  # not yet all the car needs
+            "report from s2 at 10.007000 received at 10.009000",
+            "grant to s2 of 60.000 kW issued at 10.010000",
+        ],
+        s2=[
+            "share of 50.000 kW issued at 10.004000 received at 10.006000",
+            "share of 60.000 kW issued at 10.010000 received at 10.012000",
+        ],
+    )
+    steps = share_trace.hops(trace, "s2", 10.0, 10.012)
+    assert steps is not None
+    assert round(1000 * steps["report wait"], 3) == 1.0
+    assert round(1000 * steps["earlier rounds"], 3) == 6.0
+    assert round(sum(steps.values()), 6) == 0.012
