@@ -23,9 +23,17 @@ cars, which nothing covers, to the most kW per point), power-min's order among t
 leave the points with much power for the cars that can use it. ``best-fit-covered`` does so
 only for the cars some point covers, and routes the others by power-min alone.
 
+And (``--release``) the same days with held requests matched to what freed instead of released
+oldest first within a class (``bench.release_matching``, an experiment): a slow car to a slow
+point while a fast car waits for a roomier one, no request overtaken more than a bound, and
+optionally a fast car held back from a much slower point for a while; fleet-wide and per
+bottleneck index, waits per class, sessions' length and energy delivered within the day for
+each variant (:data:`RELEASE_VARIANTS`).
+
     .venv/bin/python -m bench.power_fairness --days 20 > docs/bench/power-fairness.txt
     .venv/bin/python -m bench.power_fairness --stack-raw out/power-stack.pickle   # a real run's
     .venv/bin/python -m bench.power_fairness --steady   # steady loads of one or two car classes
+    .venv/bin/python -m bench.power_fairness --release --days 20   # matching held requests
 """
 
 from __future__ import annotations
@@ -41,7 +49,16 @@ from balancer.power_routing import fits, power_min
 from balancer.strategies import Candidate
 from bench.fairness import FairnessSeries, SessionAt, fleet_wide
 from bench.power_balance import ev_site
-from bench.power_sim import DaySimulation, Outcome, Site, _need, loadgen_trace
+from bench.power_sim import (
+    DayResult,
+    DaySimulation,
+    Matching,
+    Outcome,
+    Site,
+    _need,
+    loadgen_trace,
+    summarise,
+)
 from smartgrid.leases import Demand, target_shares
 from smartgrid.power import Priority, SessionDemand, allocate, kilowatts, watts
 
@@ -84,6 +101,8 @@ class RecordedDay(DaySimulation):
         #: Cars routed to a substation whose kW per point is below their maximum: "chosen" when
         #: a substation with more kW per point was open too, "forced" when none was.
         self.squeezed: Counter[str] = Counter()
+        #: Cars released before an older one of their class that was still held.
+        self.overtakes = 0
 
     def _choice(self, outcome: Outcome, now: float) -> Candidate | None:
         candidates = self._candidates(now)
@@ -94,13 +113,24 @@ class RecordedDay(DaySimulation):
         choosing = open_
         if self.routing.startswith("best-fit") and open_:
             choosing = best_fit(open_, self.limits_w, need, strict=self.routing == "best-fit")
-        choice = power_min(choosing, grid, need, self.rng)
-        if choice is not None:
-            per_point = {c.substation: self.limits_w[c.substation] / c.capacity for c in open_}
-            if per_point[choice.substation] < need.max_w:
-                roomier = any(p > per_point[choice.substation] for p in per_point.values())
-                self.squeezed["chosen" if roomier else "forced"] += 1
-        return choice
+        return power_min(choosing, grid, need, self.rng)
+
+    def _route(self, outcome: Outcome, choice: Candidate, now: float) -> None:
+        # Counted here, once a car: the release asks where each class's candidates would go
+        # before it admits one of them.
+        grid = self._grid()
+        need = _need(outcome.request)
+        per_point = {
+            c.substation: self.limits_w[c.substation] / c.capacity
+            for c in self._candidates(now)
+            if fits(c, grid, need)
+        }
+        if per_point[choice.substation] < need.max_w:
+            roomier = any(p > per_point[choice.substation] for p in per_point.values())
+            self.squeezed["chosen" if roomier else "forced"] += 1
+        held = self._held_by_class[Priority(outcome.request.priority)]
+        self.overtakes += any(o.index < outcome.index for o in held)
+        super()._route(outcome, choice, now)
 
     def _reshare(self, now: float) -> None:
         super()._reshare(now)
@@ -385,6 +415,106 @@ def study_day(
     }
 
 
+#: The release variants ``--release`` compares on the same days: first come, first served
+#: (the balancer's), matching within a window under a bound on passes, and matching with fast
+#: cars held back from much slower points for a while.
+RELEASE_VARIANTS: tuple[Matching, ...] = (
+    Matching(),
+    Matching(window=4, max_passes=4),
+    Matching(window=8, max_passes=8),
+    Matching(window=16, max_passes=16),
+    Matching(window=8, max_passes=8, hold_below=0.5, hold_minutes=5),
+    Matching(window=8, max_passes=8, hold_below=0.5, hold_minutes=10),
+    Matching(window=8, max_passes=8, hold_below=0.5, hold_minutes=15),
+    Matching(window=8, max_passes=8, hold_below=0.5, hold_minutes=30),
+    Matching(window=8, max_passes=8, hold_below=0.3, hold_minutes=15),
+    Matching(window=8, max_passes=8, hold_below=0.7, hold_minutes=15),
+    Matching(window=1, max_passes=0, hold_below=0.5, hold_minutes=15),
+    # Bounds, not candidates: any request in the queue, never due; every car that a point
+    # would not give its maximum held for up to an hour.
+    Matching(window=1000, max_passes=1000),
+    Matching(window=1000, max_passes=1000, hold_below=1.0, hold_minutes=60),
+)
+
+
+def delivered_kwh(result: DayResult, until: float) -> float:
+    """The energy the site delivered before ``until`` seconds (simulated kWh)."""
+    total = 0.0
+    for series in result.power.values():
+        for (t, w, _), (t_next, _, _) in zip(series, [*series[1:], (until, 0, 0)], strict=True):
+            if t >= until:
+                break
+            total += w * (min(t_next, until) - t)
+    return total / 1000 / result.hour_seconds
+
+
+def study_release(site: Site, day: int, peak: float, matching: Matching) -> dict:
+    """One day at ``peak`` EV a simulated hour with held requests released by ``matching``."""
+    hour = 3.6
+    trace = loadgen_trace(peak_rate=peak / hour, hour_seconds=hour, seed=day)
+    sim = RecordedDay(
+        site, trace, hour_seconds=hour, poll_interval=5.0, seed=day, matching=matching
+    )
+    result = sim.run()
+    paths = {s.id: site.topology.path(s.id) for s in site.substations}
+    limits = {n: kilowatts(w) for n, w in site.limits_w().items()}
+    series = FairnessSeries.empty()
+    for _t, snapshot in sampled(sim.snapshots):
+        series.add(sessions_at(snapshot), paths, limits)
+    return {
+        "series": series,
+        "result": result,
+        "squeezed": sim.squeezed,
+        "overtakes": sim.overtakes,
+        "delivered_kwh": delivered_kwh(result, 24 * hour),
+        "asked_kwh": sum(o.request.energy_kwh for o in result.outcomes),
+    }
+
+
+def print_release(site: Site, days: int, peak: float, variants: Sequence[Matching]) -> None:
+    print(f"== peak {peak:g} EV/h, {days} days (trace seeds 1..{days}), routing power-min ==")
+    for matching in variants:
+        found = [study_release(site, day, peak, matching) for day in range(1, days + 1)]
+        pooled = FairnessSeries.empty()
+        for one in found:
+            for name in ("literal", "bottleneck"):
+                for p, v in getattr(one["series"], name).items():
+                    getattr(pooled, name)[p].extend(v)
+        literal = pooled.literal.get(STANDARD, [])
+        bottleneck = pooled.bottleneck.get(STANDARD, [])
+        per_day = [
+            statistics.fmean(d["series"].literal[STANDARD])
+            for d in found
+            if d["series"].literal.get(STANDARD)
+        ]
+        summary = summarise([d["result"] for d in found])
+        squeezed: Counter[str] = sum((d["squeezed"] for d in found), Counter())
+        delivered = sum(d["delivered_kwh"] for d in found)
+        asked = sum(d["asked_kwh"] for d in found)
+        print(f"-- {matching} --")
+        print(
+            f"  standard, fleet-wide: {_mean(literal)} over {len(literal)} samples"
+            f" ({sum(1 for v in per_day if v >= 0.95)} of {len(per_day)} days >= 0.95);"
+            f" per bottleneck: {_mean(bottleneck)} over {len(bottleneck)} samples"
+        )
+        for priority, waits in summary["by_class"].items():
+            w = waits["to_charge"]
+            if w["count"]:
+                print(
+                    f"  {priority}: wait to power p50 {w['p50']:.1f}, p99 {w['p99']:.1f},"
+                    f" max {w['max']:.1f} simulated min ({w['count']} requests)"
+                )
+        print(
+            f"  sessions' length / at full power: {summary['stretch_mean']:.3f};"
+            f" delivered within the day {delivered:.0f} kWh of {asked:.0f} asked"
+            f" ({delivered / asked:.1%}); cars on fewer kW per point than their maximum:"
+            f" {squeezed['chosen']} with a roomier one open, {squeezed['forced']} forced;"
+            f" released before an older one of their class {sum(d['overtakes'] for d in found)};"
+            f" violations {summary['violations']}"
+        )
+    print()
+
+
 def _mean(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.3f}" if values else "n/a"
 
@@ -410,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         "session's power between substations of different kW per point?)",
     )
     parser.add_argument(
+        "--release",
+        action="store_true",
+        help="instead: held requests released first come, first served against matched to "
+        "what freed (RELEASE_VARIANTS), on the same days",
+    )
+    parser.add_argument(
         "--stack-raw",
         help="instead: the best placement at the instants of a bench.power_stack run (--raw)",
     )
@@ -430,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
                         for sub, (kw, n) in steady["per_substation"].items()
                     )
                 )
+        return 0
+    if args.release:
+        for peak in (float(p) for p in args.peaks.split(",")):
+            print_release(site, args.days, peak, RELEASE_VARIANTS)
         return 0
     if args.stack_raw:
         stack_run = study_stack_run(

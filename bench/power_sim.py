@@ -20,7 +20,8 @@ The model, piece by piece, and what it takes from the real code:
   which only ``stale-min`` reads; the next end is the soonest expected end of a session there.
   Held requests leave in arrival order (count strategies hold only while every point is
   taken), or, with ``power-min``, by class through ``balancer/priorities.release``, as the
-  wiring plan in docs/power.md has it.
+  wiring plan in docs/power.md has it; or, as an experiment (:class:`Matching`), matched
+  to what freed within a class (``bench.release_matching``).
 - **Substation**: as many sessions as it has charging points; requests routed to a full one
   wait in its queue, first come first served (the broker's queue beyond the prefetch). On every
   start and end it shares the lower of its own limit and its share of the feeders above it
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from balancer.power_routing import power_min
 from balancer.priorities import ReleaseScheduler, release
 from balancer.strategies import Candidate, make_strategy
+from bench.release_matching import Matcher, matched_release
 from loadgen import evmix
 from loadgen.evmix import EvRequest
 from smartgrid.grid import GridState, Load, Need, Topology, limits_in_force
@@ -56,6 +58,39 @@ STRATEGIES = ("power-min", "corrected-min", "p2c", "round-robin", "stale-min", "
 POWER_MIN_FIFO = "power-min-fifo"
 #: A session whose energy is delivered within this many seconds of now has ended (float sums).
 _END_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Matching:
+    """How held requests are matched to what freed (``power-min`` only; an experiment of
+    ``bench.power_fairness --release``). Within a class, among the oldest ``window`` waiting,
+    the one whose placement suits it best goes first (:func:`suits`), none overtaken more than
+    ``max_passes`` times (``bench.release_matching``). With ``hold_below`` > 0, a request
+    whose placement suits it less than that waits for a better one, up to ``hold_minutes``
+    simulated minutes from its arrival."""
+
+    window: int = 1
+    max_passes: int = 0
+    hold_below: float = 0.0
+    hold_minutes: float = 0.0
+
+    @property
+    def first_come_first_served(self) -> bool:
+        return self.window == 1 and not self.hold_below
+
+    def __str__(self) -> str:
+        if self.first_come_first_served:
+            return "first come, first served (the balancer's)"
+        name = f"window {self.window}, passes {self.max_passes}"
+        if self.hold_below:
+            name += f", hold below {self.hold_below:g} up to {self.hold_minutes:g} min"
+        return name
+
+
+def suits(limit_w: int, points: int, max_w: int) -> float:
+    """How well a substation suits a car: its kW per charging point over the car's maximum,
+    at most 1 (a point gives the car all it can draw)."""
+    return min(1.0, limit_w / points / max_w)
 
 
 # ------------------------------------------------------------------------------ the site
@@ -235,6 +270,7 @@ class DaySimulation:
         hour_seconds: float,
         poll_interval: float,
         seed: int = 1,
+        matching: Matching | None = None,
     ) -> None:
         if strategy not in (*STRATEGIES, POWER_MIN_FIFO):
             raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -256,6 +292,10 @@ class DaySimulation:
         self._held: deque[Outcome] = deque()
         self._held_by_class: dict[Priority, deque[Outcome]] = {c: deque() for c in CLASS_ORDER}
         self._scheduler = ReleaseScheduler()
+        self._matching = matching or Matching()
+        self._matcher: Matcher[Outcome] = Matcher(
+            lambda o: o.index, self._matching.window, self._matching.max_passes
+        )
         self._seniority = 0
 
     # -------------------------------------------------------------------------- balancer
@@ -304,17 +344,31 @@ class DaySimulation:
                 self._route(self._held.popleft(), choice, now)
             return
         chosen: dict[int, Candidate] = {}
+        matching = self._matching
+
+        def how_well(outcome: Outcome) -> float:
+            station = self.stations[chosen[outcome.index].substation].spec
+            return suits(self.limits_w[station.id], station.points, watts(outcome.request.max_kw))
 
         def fits(outcome: Outcome) -> bool:
             choice = self._choice(outcome, now)
-            if choice is not None:
-                chosen[outcome.index] = choice
-            return choice is not None
+            if choice is None:
+                return False
+            chosen[outcome.index] = choice
+            waited_minutes = (now - outcome.request.at) * 60 / self.hour_seconds
+            return not (
+                how_well(outcome) < matching.hold_below and waited_minutes < matching.hold_minutes
+            )
 
         def admit(outcome: Outcome) -> None:
             self._route(outcome, chosen.pop(outcome.index), now)
 
-        release(self._scheduler, self._held_by_class, fits, admit)
+        if matching.first_come_first_served:
+            release(self._scheduler, self._held_by_class, fits, admit)
+        else:
+            matched_release(
+                self._scheduler, self._held_by_class, fits, admit, self._matcher, how_well
+            )
 
     def _hold(self, outcome: Outcome) -> None:
         if not self._by_class:
