@@ -100,7 +100,13 @@ def source_tree(revision: str) -> tuple[str, dict[str, str]]:
     checkout (PYTHONSAFEPATH: the working directory would come first otherwise). What the venv
     has installed (the libraries) is shared: a comparison of revisions measures the project's
     own code, on the same stack, in the same run.
+
+    ``revision:NAME=VALUE[:NAME=VALUE...]`` also sets those variables for that revision's
+    services alone: a revision older than a setting the stack now gives every service (e.g.
+    ``aeffa06:BALANCER_STRATEGY=corrected-min``, from before power-min) refuses it otherwise.
     """
+    revision, *settings = revision.split(":")
+    variables = dict(setting.split("=", 1) for setting in settings)
     short = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", revision],
         check=True,
@@ -115,8 +121,8 @@ def source_tree(revision: str) -> tuple[str, dict[str, str]]:
     ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(directory, filter="data")
-    label = revision if revision == short else f"{revision} ({short})"
-    return label, {"PYTHONPATH": str(directory), "PYTHONSAFEPATH": "1"}
+    label = " ".join([revision if revision == short else f"{revision} ({short})", *settings])
+    return label, {"PYTHONPATH": str(directory), "PYTHONSAFEPATH": "1", **variables}
 
 
 def measure_in_child(script: str, env: dict[str, str] | None, *args: str) -> dict:

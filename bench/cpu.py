@@ -12,11 +12,13 @@ answered 2xx (202: accepted) count.
     .venv/bin/python -m bench.cpu [--rate 400] [--duration 20] [--client loadgen|wrk]
     .venv/bin/python -m bench.cpu --client wrk --servers gunicorn,granian --rounds 2
     .venv/bin/python -m bench.cpu --client wrk --revs main,HEAD --rounds 3
+    .venv/bin/python -m bench.cpu --client wrk --revs aeffa06:BALANCER_STRATEGY=corrected-min,main
 
 ``--servers`` puts the gateway under each HTTP server in turn (the same app, settings and
 broker; ``gunicorn`` is the previous server, bench/gunicorn_gateway.py); ``--revs`` runs the
-stack's services from each git revision in turn (``bench.common.source_tree``), so a change is
-measured against its baseline in the same run. Every side is measured ``--rounds`` times,
+stack's services from each git revision in turn (``bench.common.source_tree``; ``rev:NAME=VALUE``
+sets a variable for that revision's services alone), so a change is measured against its
+baseline in the same run. Every side is measured ``--rounds`` times,
 interleaved, since this machine's speed drifts within minutes and other work shares it; the
 summary gives each side's median and range, and its ratio to the first side's median.
 """

@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 from bench import accept_cpu, history_read
-from bench.common import PORT_BLOCK, bench_settings, free_port_block
+from bench.common import PORT_BLOCK, bench_settings, free_port_block, source_tree
 
 
 def test_each_benchmark_stack_gets_a_block_of_ports_free_when_chosen():
@@ -44,3 +44,12 @@ def test_the_accept_benchmark_has_every_request_confirmed(amqp_url):
     result = accept_cpu.accept_many(amqp_url, requests=40, threads=4)
     assert result["outcomes"] == ["confirmed"]
     assert result["cpu_us_per_request"] > 0
+
+
+def test_a_revision_can_carry_settings_for_its_own_services():
+    label, env = source_tree("HEAD:BALANCER_STRATEGY=corrected-min:X=a=b")
+    assert env["BALANCER_STRATEGY"] == "corrected-min"
+    assert env["X"] == "a=b"
+    assert (Path(env["PYTHONPATH"]) / "bench" / "common.py").is_file()
+    assert label.endswith(" BALANCER_STRATEGY=corrected-min X=a=b")
+    assert "BALANCER_STRATEGY" not in source_tree("HEAD")[1]
