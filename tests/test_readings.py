@@ -187,3 +187,13 @@ def test_a_substation_of_an_earlier_build_is_read_by_its_instance_label():
     text = page(points(instance="inst-1")).replace('instance_id="inst-1"', 'instance="inst-1"')
     assert 'instance="inst-1"' in text
     assert parse_reading(text, "s1").instance == "inst-1"
+
+
+def test_the_other_families_of_a_page_are_not_read():
+    # Only the reading's own families are parsed (issue 16): a page's other families, even one
+    # the parser would refuse, leave the reading as it is.
+    text = page(points("s1", 6, "inst-42", received=17, completed=12))
+    other = '# TYPE substation_wait_seconds histogram\nsubstation_wait_seconds_bucket{le="1" 3\n'
+    assert parse_reading(other + text, "s1") == parse_reading(text, "s1")
+    with pytest.raises(InvalidReading):
+        parse_reading(text.replace("} 17.0", " 17.0"), "s1")
