@@ -139,7 +139,7 @@ class SubstationConfig:
     demand_interval: float = setting(
         "DEMAND_INTERVAL",
         1.0,
-        "Seconds between its power.demand reports (also sent on every change)",
+        "Most seconds between two power.demand reports (one also goes out on every change)",
         check=positive,
         expect="seconds > 0",
     )

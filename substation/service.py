@@ -17,11 +17,12 @@ from the allocator (``power.share``, on the substation's own share queue) and th
 of a share's lease re-shares the limit in force among the sessions, publishes
 ``session.power`` for each session whose power changed, and re-arms each changed session's
 end timer: a session ends when its energy has been delivered. ``power.demand`` goes out on
-every change (at most once per DEMAND_MIN_INTERVAL), every DEMAND_INTERVAL, and at once when it
-takes a lower share (the allocator holds the power given up until it is acknowledged), and on
-every change while its share binds or its sessions leave more of it unused than it last
-reported, or when it gives part of its share back (``PowerSharing.report_at_once``: power lost
-or unfairly shared until the allocator knows), from the process that consumes the queue.
+every change (at most once per DEMAND_MIN_INTERVAL), after DEMAND_INTERVAL without one, and at
+once when it takes a lower share (the allocator holds the power given up until it is
+acknowledged), and on every change while its share binds or its sessions leave more of it
+unused than it last reported, or when it gives part of its share back
+(``PowerSharing.report_at_once``: power lost or unfairly shared until the allocator knows),
+from the process that consumes the queue.
 
 Cancellation (docs/driver-contract.md): ``request.cancel_requested`` reaches every substation
 (its event subscription). The one that charges the request stops the session (its point is
@@ -206,6 +207,8 @@ class SubstationService:
         #: When the pending report goes out (time.monotonic), if one is pending.
         self._report_due = 0.0
         self._last_report = float("-inf")
+        #: The report that goes out when DEMAND_INTERVAL has passed without one.
+        self._quiet_timer: object | None = None
         self._http: WSGIServer | None = None
         self._draining = False
         self._announce_timer: object | None = None
@@ -217,7 +220,7 @@ class SubstationService:
         )
         self.link.start()
         self.link.call_soon(self._schedule_announcements)
-        self.link.call_soon(self._schedule_reports)
+        self.link.call_soon(self._report_soon)
         log.info(
             "substation %s (instance %s): %d charging points, %.1fs sessions, metrics on :%d",
             self.config.substation_id,
@@ -444,6 +447,7 @@ class SubstationService:
     def _publish_report(self) -> None:
         self._report_timer = None
         self._last_report = time.monotonic()
+        self._report_when_quiet()
         if not self._consuming or not self.link.ready:
             # Only the process that holds the queue (and its share queue) speaks for the
             # substation: a standby's empty report would mislead the allocator.
@@ -454,9 +458,19 @@ class SubstationService:
         )
         self.events.publish(event, reliable=False)  # only worth something now
 
-    def _schedule_reports(self) -> None:
+    def _report_when_quiet(self) -> None:
+        """The next report DEMAND_INTERVAL after this one, unless a change sends one sooner.
+        The allocator needs to hear from each substation well within a lease (a longer
+        silence stands it down), not on a fixed cadence: while sessions start and end, the
+        changes report already, and a periodic report beside them was a quorum-queue message
+        and two deliveries to each balancer that said nothing new (issue 16)."""
+        if self._quiet_timer is not None:
+            self.link.cancel_timer(self._quiet_timer)
+        self._quiet_timer = self.link.call_later(self.config.demand_interval, self._quiet)
+
+    def _quiet(self) -> None:
+        self._quiet_timer = None
         self._report_soon()
-        self.link.call_later(self.config.demand_interval, self._schedule_reports)
 
     def _on_event(self, delivery: Delivery) -> None:
         for event in events_in(delivery, self.senders):
