@@ -275,3 +275,28 @@ def test_a_lower_share_is_acknowledged_at_once_not_at_the_next_report(stack_sett
         assert _power(url) == (22.0, 22.0)
     finally:
         assert service.stop() == 0
+
+
+def test_a_substation_with_nothing_changing_still_reports_every_demand_interval(
+    stack_settings, broker
+):
+    # The allocator stands a substation down after a lease without a report, and the
+    # periodic report is the only one a substation with no changes sends (issue 16 made it
+    # wait for DEMAND_INTERVAL without a report instead of a fixed cadence).
+    service, _ = _start(stack_settings, SUBSTATION_PARENT="feeder-a", DEMAND_INTERVAL="0.2")
+    try:
+        events = broker.subscribe_events(contract.PowerDemand.kind)
+        reports: list[contract.PowerDemand] = []
+
+        def reported(count: int) -> bool:
+            reports.extend(
+                e
+                for e in broker.events(events)
+                if isinstance(e, contract.PowerDemand) and e.substation == SUBSTATION
+            )
+            return len(reports) >= count
+
+        eventually(lambda: reported(5), what="five reports from an idle substation")
+        assert all(report.power_kw == 0 for report in reports)
+    finally:
+        assert service.stop() == 0
