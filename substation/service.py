@@ -408,7 +408,7 @@ class SubstationService:
         now = time.time()
         log.debug(
             "share of %.3f kW issued at %.6f received at %.6f",
-            grant.share_w / 1000,
+            kilowatts(grant.share_w),
             grant.issued_at,
             now,
         )
