@@ -36,6 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from tests.ports import free_ports
@@ -276,7 +277,7 @@ class RabbitCluster:
             deadline = time.monotonic() + 15
             while node.process_alive() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if node.process_alive():
+            if node.os_pid is not None and node.process_alive():
                 os.kill(node.os_pid, signal.SIGKILL)
 
         with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
@@ -301,7 +302,8 @@ class RabbitCluster:
             )
         return result
 
-    def ctl_json(self, node: Node, *args: str) -> object:
+    def ctl_json(self, node: Node, *args: str) -> Any:
+        """rabbitmqctl's JSON output, as parsed: its shape depends on the command."""
         return json.loads(self.ctl(node, *args, "--formatter", "json").stdout or "null")
 
     def any_running(self) -> Node:
@@ -312,7 +314,7 @@ class RabbitCluster:
 
     def running_nodes(self, via: Node | None = None) -> list[str]:
         status = self.ctl_json(via or self.any_running(), "cluster_status")
-        return sorted(status["running_nodes"])  # type: ignore[index]
+        return sorted(status["running_nodes"])
 
     def wait_running(self, count: int, timeout: float = 60.0, via: Node | None = None) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -344,7 +346,7 @@ class RabbitCluster:
             "leader",
             "members",
         )
-        return {row["name"]: row for row in rows}  # type: ignore[union-attr]
+        return {row["name"]: row for row in rows}
 
     def node_named(self, name: str) -> Node:
         return next(node for node in self.nodes if node.name == name)

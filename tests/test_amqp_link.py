@@ -20,13 +20,6 @@ from smartgrid.events import EventPublisher
 from tests.helpers import BrokerClient, eventually
 
 
-@pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
-
-
 def _link(url: str, **kwargs) -> Link:
     link = Link(
         url, name=f"test-{uuid.uuid4().hex[:6]}", topology=contract.core_topology(), **kwargs
@@ -86,7 +79,7 @@ def test_a_loop_turns_frames_go_out_in_one_send_and_arrive_whole(amqp_url, broke
     # into a few sends of up to COALESCE_BYTES; the broker must still read every message.
     link = _link(amqp_url)
     try:
-        transport = link._connection._transport  # type: ignore[union-attr]
+        transport = link._connection._transport
         sends: list[int] = []
         send = transport._sigint_safe_send
         transport._sigint_safe_send = lambda sock, data: sends.append(len(data)) or send(sock, data)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import TypeVar
 
 import pytest
 
 from smartgrid import contract
 from stack.local import StackSettings, balancer_process, substation_process
 from stack.processes import ProcessGroup, ServiceProcess
-from tests.helpers import BrokerClient, eventually, metric
+from tests.helpers import BrokerClient, eventually, health_url, metric
+
+E = TypeVar("E", bound=contract.Event)
 
 SESSION_KINDS = (
     contract.SessionStarted.kind,
@@ -19,13 +22,6 @@ SESSION_KINDS = (
     contract.RequestRejected.kind,
     contract.RequestCancelled.kind,
 )
-
-
-@pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
 
 
 class Events:
@@ -36,7 +32,7 @@ class Events:
         self.queue = broker.subscribe_events(*SESSION_KINDS)
         self.seen: list[contract.Event] = []
 
-    def of(self, cls: type, **fields: object) -> list:
+    def of(self, cls: type[E], **fields: object) -> list[E]:
         self.seen.extend(self.broker.events(self.queue))
         return [
             e
@@ -44,11 +40,12 @@ class Events:
             if isinstance(e, cls) and all(getattr(e, k) == v for k, v in fields.items())
         ]
 
-    def wait(self, cls: type, count: int = 1, **fields: object) -> list:
-        return eventually(
-            lambda: (found := self.of(cls, **fields)) and len(found) >= count and found,
-            what=f"{count} {cls.kind} {fields}",
-        )
+    def wait(self, cls: type[E], count: int = 1, **fields: object) -> list[E]:
+        def enough() -> list[E]:
+            found = self.of(cls, **fields)
+            return found if len(found) >= count else []
+
+        return eventually(enough, what=f"{count} {cls.kind} {fields}")
 
 
 def _request(ev_id: str) -> contract.ChargeRequest:
@@ -61,7 +58,7 @@ def _publish(broker: BrokerClient, request: contract.ChargeRequest) -> None:
 
 
 def _held(balancer: ServiceProcess) -> float | None:
-    return metric(balancer.health_url, contract.HELD_METRIC, priority="standard")
+    return metric(health_url(balancer), contract.HELD_METRIC, priority="standard")
 
 
 @pytest.fixture

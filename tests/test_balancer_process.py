@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import signal
-
 import pika
 import pika.exceptions
-import pytest
 
 from smartgrid import contract
 from stack.local import StackSettings, balancer_process, substation_process
-from tests.helpers import BrokerClient, eventually, metric, scrape
-
-
-@pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
+from tests.helpers import eventually, kill, metric, scrape
 
 
 def _balancer(settings: StackSettings, **env: str):
@@ -91,8 +81,7 @@ def test_a_dead_substation_stops_receiving_requests_once_its_metrics_are_stale(
                 and _up(stack_settings, "substation-2") == 1
             )
         )
-        substations[0].signal(signal.SIGKILL)
-        substations[0].process.wait(10)
+        kill(substations[0])
         eventually(
             lambda: _up(stack_settings, "substation-1") == 0,
             what="substation-1 marked down",
@@ -257,8 +246,7 @@ def test_a_forgotten_dead_substations_queue_is_drained_then_deleted(
     try:
         eventually(lambda: _up(stack_settings, "substation-1") == 1)
         eventually(lambda: _up(stack_settings, "substation-2") == 1)
-        substations[0].signal(signal.SIGKILL)
-        substations[0].process.wait(10)
+        kill(substations[0])
         # Routed there before its death was noticed: waiting in its queue.
         stranded = {broker.send_to_substation("substation-1", ev_id=f"EV{i}") for i in range(5)}
         eventually(

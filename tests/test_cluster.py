@@ -19,9 +19,9 @@ share the CPU with the balance measurements.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -41,7 +41,8 @@ from stack.local import StackSettings, balancer_process, start_stack
 from stack.processes import ProcessGroup, ServiceProcess
 from tests.cluster import RabbitCluster
 from tests.conftest import free_ports
-from tests.helpers import env_example, eventually, metric, scrape
+from tests.docker_engine import COMPOSE_BINARY
+from tests.helpers import env_example, eventually, health_url, kill, metric, scrape
 from tests.test_faults import FaultRun, _active_sessions, _assert_ledger, _redelivered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +60,6 @@ AMQP_SERVICES = [
     "substation",
     "loadgen",
 ]
-
-COMPOSE_BINARY = Path(__import__("compose").__file__).parent / "docker-compose"
 
 
 # ------------------------------------------------------------------------------------------
@@ -202,7 +201,7 @@ SCALE = 0.1
 
 
 def _substations_up(service: ServiceProcess, substations: list[str]) -> bool:
-    samples = scrape(service.health_url)
+    samples = scrape(health_url(service))
     return all(
         samples.get(("balancer_substation_up", (("substation", s),))) == 1 for s in substations
     )
@@ -233,7 +232,7 @@ def test_two_balancers_at_once_complete_every_request_once_and_keep_the_load_eve
                 )
                 service.wait_healthy()
                 eventually(
-                    lambda s=service: _substations_up(s, substations),
+                    functools.partial(_substations_up, service, substations),
                     timeout=20,
                     what=f"{service.name} sees every substation",
                 )
@@ -254,6 +253,7 @@ def test_two_balancers_at_once_complete_every_request_once_and_keep_the_load_eve
     print()
     for balancers, result in results.items():
         report, balance = result.report, result.report.balance
+        assert balance.spread_within_1 is not None, f"{balancers} balancer(s): no load samples"
         print(
             f"{balancers} balancer(s): spread <= 1 in {balance.spread_within_1 * 100:.1f}% of "
             f"{balance.samples} samples, "
@@ -280,7 +280,8 @@ def test_two_balancers_at_once_complete_every_request_once_and_keep_the_load_eve
         # Two balancers can route one request each only if both got it, which never happens:
         # a pending request is delivered to one consumer at a time.
         assert all(len(f.routed_to) == 1 for f in result.fates.values()), balancers
-    assert results[2].report.balance.spread_within_1 >= 0.95, results[2].report.balance
+    two = results[2].report.balance
+    assert two.spread_within_1 is not None and two.spread_within_1 >= 0.95, two
     assert exits == {name: 0 for name in exits}, exits
 
 
@@ -329,11 +330,10 @@ def test_thirty_substations_join_by_announcement_and_a_killed_one_is_dropped(
         assert announced == set(substations)
 
         dead = next(s for s in group.services if s.name == victim)
-        dead.signal(signal.SIGKILL)
-        dead.process.wait(10)
+        kill(dead)
         killed_at = time.monotonic()
         eventually(
-            lambda: metric(balancer.health_url, "balancer_substation_up", substation=victim) == 0,
+            lambda: metric(health_url(balancer), "balancer_substation_up", substation=victim) == 0,
             timeout=30,
             interval=0.05,
             what=f"{victim} marked down",
@@ -413,12 +413,13 @@ def _connected_ports(service: ServiceProcess, since: int = 0) -> list[int]:
 def _broker_connected(service: ServiceProcess, settings: StackSettings) -> bool:
     """Its broker-connected gauge reads 1 (and, for the gateway, /health answers 200)."""
     if service.module == "gateway":
-        with urllib.request.urlopen(service.health_url, timeout=2) as response:
+        with urllib.request.urlopen(health_url(service), timeout=2) as response:
             if response.status != 200:
                 return False
         url, gauge = f"{settings.gateway_url}/metrics", "gateway_broker_connected"
     else:
-        url, gauge = service.health_url, service.ready_metric
+        assert service.ready_metric is not None, service.name
+        url, gauge = health_url(service), service.ready_metric
     with urllib.request.urlopen(url, timeout=2) as response:
         return gauge_reads_one(response.read().decode(errors="replace"), gauge)
 

@@ -24,6 +24,7 @@ import json
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -83,7 +84,8 @@ def cluster(docker_engine, compose_stack, tmp_path_factory):
         stack.compose.down()
 
 
-def _ctl(stack: Stack, node: str, *args: str) -> object:
+def _ctl(stack: Stack, node: str, *args: str) -> Any:
+    """rabbitmqctl's JSON output on ``node``, as parsed: its shape depends on the command."""
     result = stack.compose("exec", "-T", node, *args, "--formatter", "json")
     return json.loads(result.stdout)
 

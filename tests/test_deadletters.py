@@ -9,17 +9,9 @@ import time
 import uuid
 
 import pika
-import pytest
 
 from smartgrid import contract
 from tests.helpers import BrokerClient, eventually
-
-
-@pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
 
 
 def _cli(amqp_url: str, *args: str) -> subprocess.CompletedProcess:

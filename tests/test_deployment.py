@@ -21,6 +21,7 @@ import sys
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
@@ -34,6 +35,7 @@ from smartgrid import config, contract, definitions
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from stack.tokens import TOKENS_FILE
 from substation.config import SubstationConfig
+from tests.docker_engine import COMPOSE_BINARY
 from tests.helpers import env_example, event_senders, eventually, imported_definitions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +64,6 @@ READS = {
         *definitions.PASSWORD_ENV.values(),
     },
 }
-COMPOSE_BINARY = Path(__import__("compose").__file__).parent / "docker-compose"
 
 
 def _compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -408,7 +409,8 @@ def imported_vhost(broker_reachable):
         yield vhost, urls
 
 
-def _management_api(path: str) -> object:
+def _management_api(path: str) -> Any:
+    """The management API's JSON answer to ``path``; its shape depends on the path."""
     request = urllib.request.Request(f"http://127.0.0.1:15672/api/{path}")
     request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
     with urllib.request.urlopen(request, timeout=5) as response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,14 +16,7 @@ from tests.helpers import BrokerClient, eventually
 
 
 @pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def link(amqp_url: str):
+def link(amqp_url: str) -> Iterator[Link]:
     link = Link(
         amqp_url, name=f"test-events-{uuid.uuid4().hex[:6]}", topology=contract.core_topology()
     ).start()

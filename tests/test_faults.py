@@ -25,7 +25,7 @@ from loadgen.run import LoadResult, LoadSettings, run_load
 from smartgrid import contract
 from stack.local import StackSettings, start_stack
 from stack.processes import ProcessGroup, ServiceProcess
-from tests.helpers import eventually, metric
+from tests.helpers import eventually, health_url, kill, metric
 
 pytestmark = pytest.mark.slow
 
@@ -166,28 +166,25 @@ def _assert_ledger(run: FaultRun, *, allow_503: bool = False) -> None:
 
 
 def test_a_substation_killed_and_restarted_loses_nothing(stack_settings: StackSettings):
-    def fault(group: ProcessGroup):
+    def fault(group: ProcessGroup) -> Callable[[], bool]:
         victim = _service(group, "substation-1")
-        victim.signal(signal.SIGKILL)
-        victim.process.wait(10)
+        kill(victim)
         time.sleep(1.0)
         victim.start()
-        return lambda: (
-            metric(victim.health_url, "substation_broker_connected", substation="substation-1") == 1
-        )
+        url = health_url(victim)
+        return lambda: metric(url, "substation_broker_connected", substation="substation-1") == 1
 
     run = _run_with_fault(stack_settings, fault)
     _assert_ledger(run)
 
 
 def test_a_balancer_killed_and_restarted_loses_nothing(stack_settings: StackSettings):
-    def fault(group: ProcessGroup):
+    def fault(group: ProcessGroup) -> Callable[[], bool]:
         balancer = _service(group, "balancer")
-        balancer.signal(signal.SIGKILL)
-        balancer.process.wait(10)
+        kill(balancer)
         time.sleep(1.0)
         balancer.start()
-        return lambda: metric(balancer.health_url, "balancer_broker_connected") == 1
+        return lambda: metric(health_url(balancer), "balancer_broker_connected") == 1
 
     run = _run_with_fault(stack_settings, fault)
     _assert_ledger(run)
@@ -196,7 +193,7 @@ def test_a_balancer_killed_and_restarted_loses_nothing(stack_settings: StackSett
 def test_forcibly_closed_broker_connections_lose_nothing(stack_settings: StackSettings):
     vhost = stack_settings.amqp_url.rsplit("/", 1)[1]
 
-    def fault(group: ProcessGroup):
+    def fault(group: ProcessGroup) -> Callable[[], bool]:
         result = subprocess.run(
             ["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost, "fault test"],
             capture_output=True,
@@ -210,9 +207,9 @@ def test_forcibly_closed_broker_connections_lose_nothing(stack_settings: StackSe
         def reconnected() -> bool:
             import urllib.request
 
-            with urllib.request.urlopen(gateway.health_url, timeout=2) as response:
+            with urllib.request.urlopen(health_url(gateway), timeout=2) as response:
                 healthy = response.status == 200
-            return healthy and metric(balancer.health_url, "balancer_broker_connected") == 1
+            return healthy and metric(health_url(balancer), "balancer_broker_connected") == 1
 
         return reconnected
 
@@ -233,14 +230,13 @@ def test_a_frozen_substation_drops_what_was_handed_on_and_nothing_completes_twic
     stack_settings.extra_env = {"DRAIN_AFTER": "2", "STALE_AFTER": "1"}
     frozen_for = 10.0
 
-    def fault(group: ProcessGroup):
+    def fault(group: ProcessGroup) -> Callable[[], bool]:
         victim = _service(group, "substation-1")
         victim.signal(signal.SIGSTOP)
         time.sleep(frozen_for)
         victim.signal(signal.SIGCONT)
-        return lambda: (
-            metric(victim.health_url, "substation_broker_connected", substation="substation-1") == 1
-        )
+        url = health_url(victim)
+        return lambda: metric(url, "substation_broker_connected", substation="substation-1") == 1
 
     run = _run_with_fault(stack_settings, fault)
     _assert_ledger(run)
@@ -258,13 +254,12 @@ def test_a_substation_that_dies_for_good_has_its_requests_moved_to_live_ones(
 ):
     stack_settings.extra_env = {"DRAIN_AFTER": "2", "STALE_AFTER": "1"}
 
-    def fault(group: ProcessGroup):
+    def fault(group: ProcessGroup) -> Callable[[], bool]:
         victim = _service(group, "substation-1")
-        victim.signal(signal.SIGKILL)
-        victim.process.wait(10)
+        kill(victim)
         balancer = _service(group, "balancer")
         return lambda: (
-            metric(balancer.health_url, "balancer_substation_up", substation="substation-1") == 0
+            metric(health_url(balancer), "balancer_substation_up", substation="substation-1") == 0
         )
 
     run = _run_with_fault(stack_settings, fault)

@@ -15,14 +15,7 @@ from balancer.legacy_pending import move_legacy_pending
 from smartgrid import contract
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from stack.processes import ProcessGroup
-from tests.helpers import BrokerClient, eventually, http_json, rabbitmqctl
-
-
-@pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
+from tests.helpers import eventually, http_json, rabbitmqctl
 
 
 def _vhost(amqp_url: str) -> str:

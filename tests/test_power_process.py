@@ -48,13 +48,6 @@ limit_kw = {SUBSTATION_KW}
 
 
 @pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def grid(stack_settings: StackSettings, tmp_path: Path) -> StackSettings:
     topology = tmp_path / "grid.toml"
     topology.write_text(TOPOLOGY)

@@ -7,6 +7,7 @@ owners.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import urllib.request
@@ -19,7 +20,13 @@ import pytest
 from smartgrid import contract, definitions
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from stack.processes import ProcessGroup
-from tests.helpers import eventually, import_document, imported_definitions, metric
+from tests.helpers import (
+    eventually,
+    health_url,
+    import_document,
+    imported_definitions,
+    metric,
+)
 from tests.ports import free_ports
 from tests.test_history_stream import read_stream
 
@@ -84,7 +91,7 @@ def _stack(strict: StrictBroker, tmp_path: Path) -> tuple[StackSettings, Process
         service = substation_process(
             dataclasses.replace(settings, amqp_url=strict.urls[substation]), index
         )
-        service.env["DECLARE_QUEUE"] = "0"
+        service.env = {**service.env, "DECLARE_QUEUE": "0"}
         group.add(service)
     group.add(balancer_process(dataclasses.replace(settings, amqp_url=strict.urls["balancer"])))
     group.add(gateway_process(dataclasses.replace(settings, amqp_url=strict.urls["gateway"])))
@@ -102,9 +109,9 @@ def _post_charge(settings: StackSettings, ev_id: str) -> str:
         return json.loads(response.read())["request_id"]
 
 
-def _status(settings: StackSettings, request_id: str) -> str:
+def _completed(settings: StackSettings, request_id: str) -> bool:
     with urllib.request.urlopen(f"{settings.gateway_url}/charge/{request_id}", timeout=5) as r:
-        return json.loads(r.read())["status"]
+        return json.loads(r.read())["status"] == "completed"
 
 
 def test_services_check_the_admins_topology_passively_and_wait_until_it_exists(
@@ -118,10 +125,10 @@ def test_services_check_the_admins_topology_passively_and_wait_until_it_exists(
         for service in group.services:
             assert service.alive(), service.log_tail(50)
         balancer = group.services[len(SUBSTATIONS)]
-        assert metric(balancer.health_url, "balancer_broker_connected") == 0
+        assert metric(health_url(balancer), "balancer_broker_connected") == 0
         for service, substation in zip(group.services, SUBSTATIONS, strict=False):
             connected = metric(
-                service.health_url, "substation_broker_connected", substation=substation
+                health_url(service), "substation_broker_connected", substation=substation
             )
             assert connected == 0
         strict.import_topology()
@@ -130,7 +137,7 @@ def test_services_check_the_admins_topology_passively_and_wait_until_it_exists(
         request_ids = [_post_charge(settings, f"EV{i}") for i in range(6)]
         for request_id in request_ids:
             eventually(
-                lambda r=request_id: _status(settings, r) == "completed",
+                functools.partial(_completed, settings, request_id),
                 timeout=60,
                 what=f"{request_id} completed",
             )

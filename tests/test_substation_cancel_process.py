@@ -10,25 +10,19 @@ import pytest
 
 from smartgrid import contract
 from stack.local import StackSettings, balancer_process, substation_process
-from tests.helpers import BrokerClient, eventually, metric
+from stack.processes import ServiceProcess
+from tests.helpers import BrokerClient, eventually, health_url, metric
 
 SUBSTATION = "substation-1"
 
 
-@pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
-
-
-def _start(settings: StackSettings, *, capacity: int):
+def _start(settings: StackSettings, *, capacity: int) -> tuple[ServiceProcess, str]:
     settings.capacity = capacity
     settings.session_seconds = 120.0  # sessions end only by a cancel here
     service = substation_process(settings, 0)
     service.env = {**service.env, "SHUTDOWN_GRACE": "0"}
     service.start().wait_healthy()
-    metrics_url = service.health_url
+    metrics_url = health_url(service)
     eventually(lambda: metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) is not None)
     return service, metrics_url
 
@@ -171,7 +165,7 @@ def test_a_possible_duplicate_cancelled_while_it_is_checked_never_starts(stack_s
     # The other substations are asked for longer than this test lasts: only a cancel ends it.
     service.env = {**service.env, "SHUTDOWN_GRACE": "0", "DUPLICATE_CHECK_SECONDS": "300"}
     service.start().wait_healthy()
-    metrics_url = service.health_url
+    metrics_url = health_url(service)
     try:
         events = broker.subscribe_events(
             contract.SessionLookup.kind, contract.RequestCancelled.kind

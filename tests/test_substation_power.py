@@ -16,25 +16,19 @@ import pytest
 
 from smartgrid import contract, leases
 from stack.local import StackSettings, substation_process
-from tests.helpers import BrokerClient, eventually, metric, scrape
+from stack.processes import ServiceProcess
+from tests.helpers import BrokerClient, eventually, health_url, metric, scrape
 
 SUBSTATION = "substation-1"
 HOUR = 3.6  # seconds per simulated hour: 1 kWh at 1 kW takes 3.6 s
 
 
-@pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
-
-
-def _start(settings: StackSettings, **env: str):
+def _start(settings: StackSettings, **env: str) -> tuple[ServiceProcess, str]:
     settings.capacity = 4
     service = substation_process(settings, 0)
     service.env = {**service.env, "SHUTDOWN_GRACE": "0", **env}
     service.start().wait_healthy()
-    url = service.health_url
+    url = health_url(service)
     eventually(lambda: metric(url, contract.POWER_METRIC, substation=SUBSTATION) is not None)
     return service, url
 

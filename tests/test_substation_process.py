@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 
-import pytest
-
 from smartgrid import contract
 from stack.local import StackSettings, substation_process
-from tests.helpers import BrokerClient, eventually, metric
+from stack.processes import ServiceProcess
+from tests.helpers import eventually, health_url, kill, metric
 
 SUBSTATION = "substation-1"
 
 
-@pytest.fixture
-def broker(amqp_url: str):
-    client = BrokerClient(amqp_url)
-    yield client
-    client.close()
-
-
-def _start(settings: StackSettings, *, capacity: int, session_seconds: float):
+def _start(
+    settings: StackSettings, *, capacity: int, session_seconds: float
+) -> tuple[ServiceProcess, str]:
     settings.capacity = capacity
     settings.session_seconds = session_seconds
     service = substation_process(settings, 0)
     service.env = {**service.env, "SHUTDOWN_GRACE": "0.5"}
     service.start().wait_healthy()
-    metrics_url = service.health_url
+    metrics_url = health_url(service)
     eventually(lambda: metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) is not None)
     return service, metrics_url
 
@@ -161,8 +154,7 @@ def test_a_substation_killed_mid_session_charges_the_request_again_after_restart
     service, metrics_url = _start(stack_settings, capacity=2, session_seconds=30)
     broker.send_to_substation(SUBSTATION, ev_id="EV-KILLED")
     eventually(lambda: metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) == 1)
-    service.signal(signal.SIGKILL)
-    service.process.wait(10)
+    kill(service)
 
     restarted, metrics_url = _start(stack_settings, capacity=2, session_seconds=0.3)
     try:
@@ -257,8 +249,7 @@ def test_a_second_process_with_the_same_id_waits_as_a_standby_and_never_charges_
         assert metric(second_url, completed, substation=SUBSTATION) == 0
         assert "waiting as a standby" in second.log_tail(50)
 
-        first.signal(signal.SIGKILL)
-        first.process.wait(10)
+        kill(first)
         more = [broker.send_to_substation(SUBSTATION, ev_id=f"EV{i}") for i in range(4, 6)]
         eventually(
             lambda: metric(second_url, completed, substation=SUBSTATION) == 2,
