@@ -486,12 +486,13 @@ def test_a_message_is_written_as_pythons_json_reads_it(accepted_at: float, max_k
         assert "must be finite" in reason_for(body)
 
 
-def test_power_fields_are_checked_by_type_as_well_as_value():
+def test_power_fields_are_checked_by_type_as_well_as_value() -> None:
     # 1 == True and 11 == 11.0: the checked power fields of one must not pass for the other.
     contract.ChargeRequest(REQUEST_ID, "EV1", 1.0, max_kw=11, min_kw=1.4)
     with pytest.raises(contract.InvalidMessage, match="'max_kw' must be a number"):
         contract.ChargeRequest(REQUEST_ID, "EV1", 1.0, max_kw=True, min_kw=1.4)
     with pytest.raises(contract.InvalidMessage, match="'max_kw'"):
+        # A wrong type on purpose: the check the contract makes at run time.
         contract.ChargeRequest(REQUEST_ID, "EV1", 1.0, max_kw=[11], min_kw=1.4)  # type: ignore[arg-type]
 
 

@@ -12,6 +12,9 @@ import urllib.request
 import uuid
 from email.message import Message
 
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
 from smartgrid import contract
 from stack.local import StackSettings, gateway_process
 from tests.helpers import BrokerClient, eventually
@@ -99,7 +102,12 @@ def first_accepted(observer: BrokerClient, key: str) -> float:
     channel.basic_qos(prefetch_count=100)
     found: list[float] = []
 
-    def on_message(ch, method, _properties, body) -> None:  # type: ignore[no-untyped-def]
+    def on_message(
+        ch: BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        _properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
         ch.basic_ack(method.delivery_tag)
         if method.routing_key == contract.REQUEST_ROUTING_KEY and not found:
             found.append(contract.ChargeRequest.from_body(body).accepted_at)

@@ -134,7 +134,9 @@ def test_a_limit_change_is_a_durable_well_formed_message_confirmed_by_the_broker
     assert before <= override.issued_at <= time.time()
     assert override.valid_until == pytest.approx(override.issued_at + 900)
     assert event.issued_by and "@" in event.issued_by
-    cleared_override = override_from_event(contract.decode_event(key, clear_body))
+    clear_event = contract.decode_event(key, clear_body)
+    assert isinstance(clear_event, contract.GridLimit)
+    cleared_override = override_from_event(clear_event)
     assert cleared_override == LimitOverride("feeder-a", None, cleared_override.issued_at, None)
     assert cleared_override.issued_at >= override.issued_at
 

@@ -210,7 +210,7 @@ def test_every_order_of_a_scenarios_events_ends_in_the_same_record(name: str):
         h = history()
         feed(h, order)
         record = h.get(RID)
-        assert record["status"] == final, order
+        assert record is not None and record["status"] == final, order
         records.add(tuple(sorted(record.items())))
     assert len(records) == 1, records
 
@@ -225,7 +225,9 @@ def test_a_status_never_moves_back(name: str, rnd):
     previous = None
     for item in order:
         feed(h, [item])
-        status = h.get(RID)["status"]
+        record = h.get(RID)
+        assert record is not None
+        status = record["status"]
         if previous in ACTIVE_STATUSES and status in ACTIVE_STATUSES:
             assert ACTIVE_STATUSES.index(status) >= ACTIVE_STATUSES.index(previous)
         if previous in FINAL_STATUSES and status != previous:

@@ -117,7 +117,9 @@ def test_a_history_rebuilt_from_the_stream_answers_as_the_live_one(amqp_url: str
         live.apply(event)
     rebuilt = RequestHistory()
     assert rebuilt.replay(messages) == []
-    assert rebuilt.get(rid, "fleet-1") == live.get(rid, "fleet-1")
-    assert rebuilt.get(rid, "fleet-1")["status"] == "cancelled"
+    record = rebuilt.get(rid, "fleet-1")
+    assert record is not None and record == live.get(rid, "fleet-1")
+    assert record["status"] == "cancelled"
     assert rebuilt.get(rid, "fleet-2") is None
-    assert rebuilt.lookup(rid).body_fingerprint == "0" * 32
+    found = rebuilt.lookup(rid)
+    assert found is not None and found.body_fingerprint == "0" * 32

@@ -5,6 +5,8 @@ be exceeded. Pure: every clock is a number the test moves."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -286,8 +288,8 @@ def grant(share_w=20_000, issued_at=100.0, term=1, seq=1, lease=3.0, substation=
     return Grant(substation, share_w, issued_at, lease, term, seq)
 
 
-def holder(**kw) -> LeaseHolder:
-    args = dict(
+def holder(**kw: Any) -> LeaseHolder:
+    args: dict[str, Any] = dict(
         own_limit_w=50_000, failsafe_w=5_000, managed=True, started_at=0.0, skew_seconds=0.5
     )
     args.update(kw)
@@ -600,7 +602,8 @@ class LeaseProtocol(RuleBasedStateMachine):
         self.demands = {s: Demand(failsafe_w=FAILSAFE) for s in SUBSTATIONS}
         self.holders = {s: self._new_holder(s) for s in SUBSTATIONS}
         self.allocator = self._new_allocator()
-        self.network: list[tuple[str, object]] = []
+        #: Reports and grants sent and not yet delivered.
+        self.network: list[DemandReport | Grant] = []
 
     def clock(self, who: str) -> float:
         return self.true + OFFSETS[who]
@@ -653,18 +656,15 @@ class LeaseProtocol(RuleBasedStateMachine):
     def substation_reports(self, s):
         h, now = self.holders[s], self.clock(s)
         self.network.append(
-            (
-                "report",
-                DemandReport(
-                    s,
-                    now,
-                    OWN_LIMIT,
-                    self.demands[s],
-                    "fa" if s != "b1" else "fb",
-                    h.holding(now),
-                    h.last_key,
-                    h.released_w,
-                ),
+            DemandReport(
+                s,
+                now,
+                OWN_LIMIT,
+                self.demands[s],
+                "fa" if s != "b1" else "fb",
+                h.holding(now),
+                h.last_key,
+                h.released_w,
             )
         )
 
@@ -675,7 +675,7 @@ class LeaseProtocol(RuleBasedStateMachine):
     @rule()
     def allocator_runs(self):
         for g in self.allocator.allocate(LIMITS, self.clock("allocator")):
-            self.network.append(("grant", g))
+            self.network.append(g)
 
     @precondition(lambda self: self.network)
     @rule(data=st.data())
@@ -683,8 +683,8 @@ class LeaseProtocol(RuleBasedStateMachine):
         self._deliver(data.draw(st.integers(0, len(self.network) - 1)))
 
     def _deliver(self, index: int) -> None:
-        kind, message = self.network.pop(index)
-        if kind == "report":
+        message = self.network.pop(index)
+        if isinstance(message, DemandReport):
             self.allocator.report(message)
         else:
             s = message.substation

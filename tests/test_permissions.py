@@ -266,26 +266,30 @@ def test_only_the_consumers_of_a_queue_may_read_purge_or_delete_it(strict: Users
         contract.POWER_REPORTS_QUEUE: {"balancer"},
     }
     for queue, allowed in readers.items():
-        consume = strict.attempt(user, lambda ch, q=queue: ch.basic_consume(q, lambda *a: None))
-        get = strict.attempt(user, lambda ch, q=queue: ch.basic_get(q, auto_ack=False))
-        # A substation queue, the pending queue and the power reports have a single active
-        # consumer, which basic.get would bypass:
-        # the broker refuses it (405 RESOURCE_LOCKED) once the permission check has passed.
-        single_active = queue.startswith(contract.SUBSTATION_QUEUE_PREFIX) or (
-            queue in (contract.PENDING_QUEUE, contract.POWER_REPORTS_QUEUE)
-        )
-        got = 405 if single_active else None
-        # Purging needs only read, so what may consume may also purge (see the README).
-        assert (consume, get) == ((None, got) if user in allowed else (403, 403)), queue
-        if user not in allowed:
-            assert strict.attempt(user, lambda ch, q=queue: ch.queue_purge(q)) == ACCESS_REFUSED
-        if queue == contract.substation_queue_name("s2") and user in allowed:
-            # The balancer and the shared substation user declare substation queues, so they
-            # may delete them (test_one_shared_substation_user_cannot_tell_substations_apart;
-            # the balancer deletes a forgotten substation's: test_each_role_can_still_do_its_job).
-            continue
-        deleting = strict.attempt(user, lambda ch, q=queue: ch.queue_delete(q, if_empty=True))
-        assert deleting == ACCESS_REFUSED, queue
+        _check_queue_rights(strict, user, queue, may_read=user in allowed)
+
+
+def _check_queue_rights(strict: Users, user: str, queue: str, *, may_read: bool) -> None:
+    consume = strict.attempt(user, lambda ch: ch.basic_consume(queue, lambda *a: None))
+    get = strict.attempt(user, lambda ch: ch.basic_get(queue, auto_ack=False))
+    # A substation queue, the pending queue and the power reports have a single active
+    # consumer, which basic.get would bypass:
+    # the broker refuses it (405 RESOURCE_LOCKED) once the permission check has passed.
+    single_active = queue.startswith(contract.SUBSTATION_QUEUE_PREFIX) or (
+        queue in (contract.PENDING_QUEUE, contract.POWER_REPORTS_QUEUE)
+    )
+    got = 405 if single_active else None
+    # Purging needs only read, so what may consume may also purge (see the README).
+    assert (consume, get) == ((None, got) if may_read else (403, 403)), queue
+    if not may_read:
+        assert strict.attempt(user, lambda ch: ch.queue_purge(queue)) == ACCESS_REFUSED
+    if queue == contract.substation_queue_name("s2") and may_read:
+        # The balancer and the shared substation user declare substation queues, so they
+        # may delete them (test_one_shared_substation_user_cannot_tell_substations_apart;
+        # the balancer deletes a forgotten substation's: test_each_role_can_still_do_its_job).
+        return
+    deleting = strict.attempt(user, lambda ch: ch.queue_delete(queue, if_empty=True))
+    assert deleting == ACCESS_REFUSED, queue
 
 
 @pytest.mark.parametrize("user", EVERY_USER)
@@ -415,7 +419,7 @@ def _read_history(ch) -> None:
     )
 
 
-def _declare_history(ch) -> None:
+def _declare_history(ch: pika.adapters.blocking_connection.BlockingChannel) -> None:
     """As a service that declares its topology does (with the default retention)."""
     for declaration in definitions.default_history_topology():
         if isinstance(declaration, contract.Queue):
@@ -423,6 +427,8 @@ def _declare_history(ch) -> None:
                 declaration.name, durable=declaration.durable, arguments=declaration.arguments
             )
         else:
+            # The exchanges are core_topology()'s: the history declares a stream and bindings.
+            assert isinstance(declaration, contract.Binding), declaration
             ch.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
 
 

@@ -181,7 +181,7 @@ def demands(draw, max_size: int = 12) -> list[SessionDemand]:
 
 
 limits = st.integers(0, 400_000)
-guarantees = st.one_of(
+guarantees: st.SearchStrategy[dict[Priority, Fraction]] = st.one_of(
     st.just({}),
     st.fixed_dictionaries({F: st.fractions(0, Fraction(1, 2)), S: st.fractions(0, Fraction(1, 2))}),
 )

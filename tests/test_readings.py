@@ -19,10 +19,15 @@ def points(
     capacity: float = 4,
     instance: str = "inst-1",
     *,
-    received=0,
-    completed=0,
-):
-    charging = ChargingPoints(substation, capacity, instance)  # type: ignore[arg-type]
+    received: int = 0,
+    completed: int = 0,
+) -> ChargingPoints[Delivery]:
+    # capacity: a float on purpose, for the test of a capacity that is not an integer.
+    charging: ChargingPoints[Delivery] = ChargingPoints(
+        substation,
+        capacity,  # type: ignore[arg-type]
+        instance,
+    )
     charging.received = received
     charging.completed = completed
     return charging

@@ -124,9 +124,13 @@ def test_a_full_tie_is_broken_at_random_not_by_list_order(order: str):
     options = [candidate(name, estimate=1, next_end=10.0) for name in ("a", "b", "c")]
     if order == "reversed":
         options.reverse()
-    chosen = collections.Counter(
-        corrected_min(options, random.Random(seed)).substation for seed in range(300)
-    )
+
+    def pick(seed: int) -> str:
+        chosen = corrected_min(options, random.Random(seed))
+        assert chosen is not None
+        return chosen.substation
+
+    chosen = collections.Counter(pick(seed) for seed in range(300))
     assert set(chosen) == {"a", "b", "c"}
     assert min(chosen.values()) >= 50  # roughly uniform: 100 each expected
 

@@ -4,6 +4,7 @@ reconnect that resumes where it stopped)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import subprocess
 import threading
@@ -294,7 +295,9 @@ def test_after_a_reconnect_the_reader_resumes_where_it_stopped_and_catches_up_ag
         reading.stop()
 
 
-def test_a_follower_that_stops_hearing_from_its_stream_resubscribes_and_reads_on(amqp_url):
+def test_a_follower_that_stops_hearing_from_its_stream_resubscribes_and_reads_on(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     declare_stream(amqp_url)
     publish(amqp_url, [b"before"])
     reading = Reading(amqp_url, quiet=0.3, probe_every=0.5)
@@ -304,7 +307,7 @@ def test_a_follower_that_stops_hearing_from_its_stream_resubscribes_and_reads_on
         # Its consumer on the Link's channel stalls: unacknowledged, its prefetch runs out,
         # and the broker sends it nothing more on a channel that stays open (as a consumer
         # of a replica whose leader died did on RabbitMQ 3.10).
-        reading.link.ack = lambda _delivery: True  # type: ignore[method-assign]
+        monkeypatch.setattr(reading.link, "ack", lambda _delivery: True)
         bodies = [b"%d" % i for i in range(400)]
         for start in range(0, len(bodies), 50):
             publish(amqp_url, bodies[start : start + 50])
@@ -422,11 +425,15 @@ def test_a_link_following_a_busy_stream_stops_with_its_last_publishes_confirmed(
 
     failed: list[BaseException] = []
 
+    def keep_failure(future: concurrent.futures.Future) -> None:
+        if (error := future.exception()) is not None:
+            failed.append(error)
+
     def last_words() -> None:
         # Enough that confirms are still due when the consumers are cancelled.
         futures = [link.publish("", "last-words", b"bye") for _ in range(3000)]
         for future in futures:
-            future.add_done_callback(lambda f: f.exception() and failed.append(f.exception()))
+            future.add_done_callback(keep_failure)
         futures[-1].add_done_callback(lambda f: confirmed.set() if not f.exception() else None)
 
     link.on_stop(last_words)
