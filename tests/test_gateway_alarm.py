@@ -32,9 +32,12 @@ def node() -> Iterator[tuple[RabbitCluster, Node, str]]:
         yield cluster, cluster.nodes[0], url
 
 
-def _gateway(url: str, **broker_options: float) -> tuple[GatewayBroker, Flask]:
+def _gateway(url: str, *, canary_interval: float) -> tuple[GatewayBroker, Flask]:
     broker = GatewayBroker(
-        url, name="gateway-alarm-test", history=RequestHistory(capacity=100), **broker_options
+        url,
+        name="gateway-alarm-test",
+        history=RequestHistory(capacity=100),
+        canary_interval=canary_interval,
     )
     broker.start()
     app = create_app(

@@ -234,6 +234,7 @@ def test_cancelling_a_queued_request_publishes_the_command_and_a_repeat_is_harml
         record = answer.get_json()
         assert record["status"] == "queued" and record["cancel_requested_at"] > 0
         (command,) = eventually(lambda: observer.events(commands), what="the cancel command")
+        assert isinstance(command, contract.CancelRequested)
         assert (command.request_id, command.ev_id, command.client) == (request_id, ev_id, "alice")
         assert client.delete(f"/charge/{request_id}", headers=_auth()).status_code == 202
 

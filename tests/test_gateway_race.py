@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 
+from smartgrid import contract
 from stack.local import StackSettings, gateway_process, start_stack
 from tests.helpers import BrokerClient, eventually, http_json
 from tests.ports import free_port
@@ -58,7 +59,7 @@ def test_two_gateways_racing_on_one_ev_end_in_one_session_and_one_rejection(
             return True
 
         eventually(settled, timeout=60, what="every accepted request started or rejected")
-        started = [e for e in observer.events(events) if e.kind == "session.started"]
+        started = [e for e in observer.events(events) if isinstance(e, contract.SessionStarted)]
         sessions_per_ev: dict[str, int] = {}
         for event in started:
             sessions_per_ev[event.ev_id] = sessions_per_ev.get(event.ev_id, 0) + 1

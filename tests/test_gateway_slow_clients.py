@@ -18,7 +18,7 @@ import re
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,7 +50,11 @@ def running_gateway(settings: StackSettings, **env: str) -> Iterator[ServiceProc
 
 
 def request(
-    port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | Iterable[bytes] | None = None,  # an iterable: sent chunked
+    headers: dict | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=PROBE_TIMEOUT)
     try:

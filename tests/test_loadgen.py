@@ -343,9 +343,10 @@ def test_report_counts_rejections_and_errors_apart_and_the_rates():
         in text
     )
     assert "send rate 2.00/s over 9.0 s; accepted 1.11/s" in text
-    console = Console(file=io.StringIO(), width=140, color_system=None)
+    screen = io.StringIO()
+    console = Console(file=screen, width=140, color_system=None)
     console.print(summary(report))
-    table = console.file.getvalue()
+    table = screen.getvalue()
     for row in (
         "rejected 4xx",
         "rejected 5xx",
@@ -375,10 +376,11 @@ def test_a_substation_that_received_nothing_counts_in_the_spread():
 
 def test_report_with_fates_and_capacities_renders_everywhere(tmp_path: Path):
     outcomes = [_outcome(202) for _ in range(6)]
-    fates = {}
+    fates: dict[str, RequestFate] = {}
     for i, o in enumerate(outcomes):
         substation = "a" if i < 2 else "b"
         o.routed_to = substation
+        assert o.request_id is not None  # accepted
         fates[o.request_id] = _fate(substation, float(i), float(i) + 5, o.request_id)
     report = build_report(
         outcomes, fates, sample_interval=0.5, capacities={"a": 2, "b": 4}, send_seconds=6.0
@@ -388,9 +390,10 @@ def test_report_with_fates_and_capacities_renders_everywhere(tmp_path: Path):
     assert report.completed_once == 6 and report.every_accepted_completed_once
     assert report.balance.capacities_differ and report.capacities == {"a": 2, "b": 4}
     assert "capacities differ (a 2, b 4): utilisation spread mean" in render(report)
-    console = Console(file=io.StringIO(), width=140, color_system=None)
+    screen = io.StringIO()
+    console = Console(file=screen, width=140, color_system=None)
     console.print(summary(report))
-    assert "utilisation spread mean / worst (capacities differ)" in console.file.getvalue()
+    assert "utilisation spread mean / worst (capacities differ)" in screen.getvalue()
     png = write_plot(report, timeline_of(outcomes, fates), tmp_path / "hand.png")
     assert_png(png)
     json.dumps(report.to_json())  # everything serialisable
@@ -415,12 +418,13 @@ class FakeObserver:
 
 def test_live_view_renders_counters_without_the_sender():
     stats = SendStats()
-    console = Console(file=io.StringIO(), width=120, force_terminal=True, color_system=None)
+    screen = io.StringIO()
+    console = Console(file=screen, width=120, force_terminal=True, color_system=None)
     view = LiveView(
         stats, duration=30.0, scenario="seed x0.1", observer=FakeObserver(), console=console
     )
     console.print(view.render())  # before the start
-    assert "checking the gateway" in console.file.getvalue()
+    assert "checking the gateway" in screen.getvalue()
     stats.started_mono, stats.started_at = time.monotonic(), time.time()
     for outcome in [
         _outcome(202, latency=0.005),
@@ -434,7 +438,7 @@ def test_live_view_renders_counters_without_the_sender():
     stats.sending_done = True
     view.settling(1, 1)
     console.print(view.render())
-    out = console.file.getvalue()
+    out = screen.getvalue()
     for text in (
         "sending",
         "5xx 1",
@@ -746,7 +750,8 @@ def test_a_run_with_the_live_view_on_a_non_terminal_still_reports(gateway: FakeG
         )
     )
     assert result.report.accepted == result.report.sent > 10
-    assert result.report.send_seconds >= 0.3  # the schedule's end, or later if sending ran late
+    # The schedule's end, or later if sending ran late.
+    assert result.report.send_seconds is not None and result.report.send_seconds >= 0.3
     assert result.timeline is None and result.fates == {}
 
 
@@ -874,9 +879,10 @@ def test_busy_evs_and_the_rate_limit_are_reported_as_such(
         "is charging" in printed
     )
     assert "429 (over the client's rate limit (GATEWAY_RATE_LIMIT)), e.g.: rate_limited" in printed
-    console = Console(file=io.StringIO(), width=160, color_system=None)
+    screen = io.StringIO()
+    console = Console(file=screen, width=160, color_system=None)
     console.print(summary(build_report([_outcome(401)], None)))
-    assert "401 (no client token, or a wrong one)" not in console.file.getvalue()  # no example
+    assert "401 (no client token, or a wrong one)" not in screen.getvalue()  # no example
     rejected = Outcome("EV1", 0.0, 0.01, status=401, detail="unauthorized: the token is not valid")
     console.print(summary(build_report([rejected], None)))
-    assert "401 (no client token, or a wrong one), e.g.: unauthorized" in console.file.getvalue()
+    assert "401 (no client token, or a wrong one), e.g.: unauthorized" in screen.getvalue()

@@ -297,5 +297,6 @@ def test_the_ev_mix_runs_through_the_real_stack_and_reports_power(
         (start,), (end,) = fate.started, fate.completed
         # At full power, in 0.36 s hours: it ends once its energy is delivered, not before.
         assert end.energy_kwh is not None and end.energy_kwh >= evmix.ENERGY_RANGE_KWH[0] - 0.01
+        assert start.max_kw is not None
         assert end.at - start.at >= end.energy_kwh / start.max_kw * 0.36 - 0.01
     assert power.energy_kwh > 0

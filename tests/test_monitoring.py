@@ -137,7 +137,7 @@ def test_the_awaited_metrics_are_documented_and_on_the_dashboard():
 def _readme_metrics() -> set[str]:
     """Every metric name in README's "Metrics" table, with histograms' series suffixes."""
     section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
-    names = set()
+    names: set[str] = set()
     for row in section.splitlines():
         cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
         if len(cells) < 3 or not cells[0].startswith("`"):
@@ -394,7 +394,7 @@ def _exposed_metrics(url: str) -> set[str]:
     """Every series name a /metrics page declares (from its # TYPE lines, even without samples)."""
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    names = set()
+    names: set[str] = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
         if kind == "histogram":
             names.update(f"{name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
@@ -521,7 +521,9 @@ def test_a_real_prometheus_scrapes_the_stack_and_every_panel_has_data(
             f"  {title}: {expr}" for title, expr in empty if (title, expr) not in awaited
         )
         for variable_query in _variable_queries(dashboard):
-            metric, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable_query).groups()
+            found = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable_query)
+            assert found is not None, variable_query
+            metric, label = found.groups()
             assert query(f"group by ({label}) ({metric})"), variable_query
 
         # The queue panels see this test's own vhost, whatever else is on the shared broker.

@@ -21,7 +21,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.errors import InvalidSchema
+from schemathesis.core.result import Err, Result
 from schemathesis.generation import GenerationMode
+from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_headers_conformance,
@@ -44,7 +47,16 @@ CHECKS = [
     response_schema_conformance,
 ]
 SCHEMA = schemathesis.openapi.from_path(SPEC)
-OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
+
+
+def _read_operation(result: Result[APIOperation, InvalidSchema]) -> APIOperation:
+    """An operation of the spec; a spec schemathesis cannot read fails the module loudly."""
+    if isinstance(result, Err):
+        raise result.err()
+    return result.ok()
+
+
+OPERATIONS = [_read_operation(result) for result in SCHEMA.get_all_operations()]
 EXAMPLES = 60
 
 
