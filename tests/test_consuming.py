@@ -24,7 +24,7 @@ def failing(_delivery: Delivery) -> None:
     raise RuntimeError("cannot handle this")
 
 
-def test_a_delivery_carries_the_generation_of_its_channel():
+def test_a_delivery_carries_the_generation_of_its_channel() -> None:
     received: list[Delivery] = []
     spec = ConsumerSpec("q", received.append)
     deliver(message_handler(spec, generation=3, requeue=lambda d: None, link_name="t"), tag=9)
@@ -33,7 +33,7 @@ def test_a_delivery_carries_the_generation_of_its_channel():
 
 
 @pytest.mark.parametrize("delivery_count", [None, 0, 3])
-def test_a_failure_before_the_poison_limit_requeues_the_message(delivery_count):
+def test_a_failure_before_the_poison_limit_requeues_the_message(delivery_count: int | None) -> None:
     requeued: list[Delivery] = []
     poisoned: list[tuple[Delivery, Exception]] = []
     spec = ConsumerSpec(
@@ -44,7 +44,7 @@ def test_a_failure_before_the_poison_limit_requeues_the_message(delivery_count):
     assert len(requeued) == 1 and poisoned == []
 
 
-def test_the_failure_at_the_poison_limit_goes_to_on_poison_with_the_error():
+def test_the_failure_at_the_poison_limit_goes_to_on_poison_with_the_error() -> None:
     requeued: list[Delivery] = []
     poisoned: list[tuple[Delivery, Exception]] = []
     spec = ConsumerSpec(
@@ -57,7 +57,7 @@ def test_the_failure_at_the_poison_limit_goes_to_on_poison_with_the_error():
     assert str(error) == "cannot handle this"
 
 
-def test_without_on_poison_a_failing_message_is_always_requeued_for_the_delivery_limit():
+def test_without_on_poison_a_failing_message_is_always_requeued_for_the_delivery_limit() -> None:
     requeued: list[Delivery] = []
     spec = ConsumerSpec("q", failing)
     handler = message_handler(spec, generation=1, requeue=requeued.append, link_name="t")
@@ -65,7 +65,7 @@ def test_without_on_poison_a_failing_message_is_always_requeued_for_the_delivery
     assert len(requeued) == 1
 
 
-def test_an_auto_acked_message_is_neither_requeued_nor_poisoned():
+def test_an_auto_acked_message_is_neither_requeued_nor_poisoned() -> None:
     requeued: list[Delivery] = []
     spec = ConsumerSpec(
         contract.GATEWAY_EVENTS, failing, auto_ack=True, on_poison=lambda d, e: None

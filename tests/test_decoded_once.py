@@ -87,7 +87,7 @@ def test_an_invalid_body_fails_for_each_consumer():
             shared.decode_events(KIND, b'{"at": "yesterday"}')
 
 
-def test_two_threads_get_what_decoding_gives():
+def test_two_threads_get_what_decoding_gives() -> None:
     shared = DecodedOnce(KIND)
     bodies = [report_body(1000.0 + i, substation=f"s{i % 3}") for i in range(500)]
     results: dict[str, list] = {}

@@ -49,7 +49,7 @@ def place(held: HeldRequests[str], placing: Placing) -> list[str]:
     return placing.placed
 
 
-def test_requests_are_placed_in_arrival_order_until_one_is_held():
+def test_requests_are_placed_in_arrival_order_until_one_is_held() -> None:
     held: HeldRequests[str] = HeldRequests()
     for n in range(5):
         held.arrived(f"d{n}", request(n))
@@ -57,7 +57,7 @@ def test_requests_are_placed_in_arrival_order_until_one_is_held():
     assert len(held) == 2
 
 
-def test_a_held_request_is_offered_again_first_and_later_arrivals_wait_behind_it():
+def test_a_held_request_is_offered_again_first_and_later_arrivals_wait_behind_it() -> None:
     held: HeldRequests[str] = HeldRequests()
     held.arrived("d0", request(0))
     assert place(held, Placing(0)) == []  # all full: d0 is held
@@ -65,21 +65,21 @@ def test_a_held_request_is_offered_again_first_and_later_arrivals_wait_behind_it
     assert place(held, Placing(10)) == ["d0", "d1"] and len(held) == 0
 
 
-def test_a_request_whose_forward_failed_goes_before_those_still_waiting():
+def test_a_request_whose_forward_failed_goes_before_those_still_waiting() -> None:
     held: HeldRequests[str] = HeldRequests()
     held.arrived("later", request(1))
     held.forward_failed("failed", request(0))
     assert place(held, Placing(10)) == ["failed", "later"]
 
 
-def test_the_held_requests_are_forgotten_with_their_connection():
+def test_the_held_requests_are_forgotten_with_their_connection() -> None:
     held: HeldRequests[str] = HeldRequests()
     held.arrived("d0", request(0))
     held.clear()
     assert place(held, Placing(10)) == [] and len(held) == 0
 
 
-def test_held_requests_are_released_emergency_first_then_fleet_before_standard():
+def test_held_requests_are_released_emergency_first_then_fleet_before_standard() -> None:
     held: HeldRequests[str] = HeldRequests()
     for n, priority in enumerate(["standard", "fleet", "standard", "emergency", "fleet"]):
         held.arrived(f"{priority}-{n}", request(n, priority))
@@ -90,7 +90,7 @@ def test_held_requests_are_released_emergency_first_then_fleet_before_standard()
     assert len(held) == 2
 
 
-def test_a_request_that_fits_nowhere_holds_back_only_its_own_class():
+def test_a_request_that_fits_nowhere_holds_back_only_its_own_class() -> None:
     held: HeldRequests[str] = HeldRequests()
     held.arrived("big-standard", request(0, "standard"))
     held.arrived("small-standard", request(1, "standard"))
@@ -100,7 +100,7 @@ def test_a_request_that_fits_nowhere_holds_back_only_its_own_class():
     assert held.count(Priority.STANDARD) == 2
 
 
-def test_a_held_request_can_be_taken_out_of_turn():
+def test_a_held_request_can_be_taken_out_of_turn() -> None:
     held: HeldRequests[str] = HeldRequests()
     held.arrived("a", request(0, "fleet"))
     held.arrived("b", request(1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from balancer.draining import DrainChanges, Draining, Retirement
 
 
-def test_a_substation_presumed_dead_is_drained_once():
+def test_a_substation_presumed_dead_is_drained_once() -> None:
     draining: Draining[str] = Draining()
     changes = draining.update(presumed_dead={"s2", "s1"}, alive=set())
     assert changes.newly_dead == ["s1", "s2"] and changes.to_drain == ["s1", "s2"]
@@ -15,13 +15,13 @@ def test_a_substation_presumed_dead_is_drained_once():
     assert again.newly_dead == [] and again.to_drain == [] and again.revived == {}
 
 
-def test_a_drain_that_could_not_start_is_started_at_the_next_update():
+def test_a_drain_that_could_not_start_is_started_at_the_next_update() -> None:
     draining: Draining[str] = Draining()
     draining.update(presumed_dead={"s1"}, alive=set())  # not connected: nothing started
     assert draining.update(presumed_dead={"s1"}, alive=set()).to_drain == ["s1"]
 
 
-def test_a_dead_substation_stays_dead_until_it_is_alive_again_even_once_forgotten():
+def test_a_dead_substation_stays_dead_until_it_is_alive_again_even_once_forgotten() -> None:
     draining: Draining[str] = Draining()
     draining.update(presumed_dead={"s1"}, alive=set())
     draining.draining("s1", "tag-1")
@@ -33,7 +33,7 @@ def test_a_dead_substation_stays_dead_until_it_is_alive_again_even_once_forgotte
     assert draining.dead == set()
 
 
-def test_after_a_reconnect_every_dead_substation_is_drained_again():
+def test_after_a_reconnect_every_dead_substation_is_drained_again() -> None:
     draining: Draining[str] = Draining()
     draining.update(presumed_dead={"s1"}, alive=set())
     draining.draining("s1", "tag-1")
@@ -62,14 +62,14 @@ def test_a_forgotten_dead_substations_empty_queue_is_deleted_and_no_longer_track
     assert draining.update(presumed_dead=set(), alive=set()) == DrainChanges()
 
 
-def test_a_substation_forgotten_before_it_was_presumed_dead_is_left_alone():
+def test_a_substation_forgotten_before_it_was_presumed_dead_is_left_alone() -> None:
     draining: Draining[str] = Draining()
     draining.forgotten("s1")  # never drained here: nothing of this balancer's is in its queue
     changes = draining.update(presumed_dead=set(), alive=set())
     assert changes.to_retire == {} and changes.to_drain == []
 
 
-def test_a_live_substation_is_never_retired():
+def test_a_live_substation_is_never_retired() -> None:
     draining: Draining[str] = Draining()
     draining.update(presumed_dead=set(), alive={"s1"})
     draining.forgotten("s1")

@@ -122,7 +122,9 @@ def test_a_full_batch_is_sent_without_waiting_for_the_end_of_the_turn(link, brok
     assert [event for batch in batches for event in batch] == events
 
 
-def test_events_waiting_for_the_end_of_the_turn_are_sent_when_the_link_stops(amqp_url, broker):
+def test_events_waiting_for_the_end_of_the_turn_are_sent_when_the_link_stops(
+    amqp_url: str, broker: BrokerClient
+) -> None:
     # A substation's last session.completed is published moments before its shutdown stops
     # the link; its request is acknowledged only once that event is confirmed.
     queue = broker.subscribe_events(contract.SessionCompleted.kind)

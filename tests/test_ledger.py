@@ -220,7 +220,9 @@ def ev_of(rid: str) -> str:
           ("arrive", RIDS[0]), ("arrive", RIDS[2]), ("reroute", RIDS[0]), ("confirm", RIDS[0]),
           ("cancel", RIDS[0]), ("arrive", RIDS[0])])  # fmt: skip
 @given(OPS)
-def test_whatever_arrives_in_whatever_order_no_ev_ever_charges_twice_at_once(ops):
+def test_whatever_arrives_in_whatever_order_no_ev_ever_charges_twice_at_once(
+    ops: list[tuple[str, str]],
+) -> None:
     """A model of the balancer around the ledger: copies arrive from the pending queue (two
     gateways, repeats, redeliveries), forwards are confirmed, sessions start and end, cancels
     come, the channel goes, another balancer takes over by replaying the stream. At no point

@@ -281,7 +281,7 @@ def test_grafana_provisioning_parses_and_matches_the_compose_mounts():
     )
 
 
-def test_the_dashboard_is_well_formed():
+def test_the_dashboard_is_well_formed() -> None:
     dashboard = _dashboard()
     assert dashboard["uid"] == "smartgrid"
     assert dashboard["title"]

@@ -164,11 +164,17 @@ def test_every_answer_to_post_conforms():
         assert_conforms("/charge", "post", answer)
 
 
-def test_every_answer_to_get_and_delete_conforms():
+def _answer(plan: Answer | PublishCancel) -> Answer:
+    """A cancel plan that is an answer already (nothing to publish)."""
+    assert isinstance(plan, Answer), plan
+    return plan
+
+
+def test_every_answer_to_get_and_delete_conforms() -> None:
     history = RequestHistory(clock=lambda: NOW)
     rid = "a" * 32
     history.accepted(contract.ChargeRequest(request_id=rid, ev_id="EV1", accepted_at=NOW))
-    found: list[Answer] = [answers.plan_cancel(history, "b" * 32, client=None, now=NOW)]
+    found: list[Answer] = [_answer(answers.plan_cancel(history, "b" * 32, client=None, now=NOW))]
     plan = answers.plan_cancel(history, rid, client=None, now=NOW)
     assert isinstance(plan, PublishCancel)
     for outcome in Outcome:
@@ -177,7 +183,7 @@ def test_every_answer_to_get_and_delete_conforms():
     record = history.lookup(rid)
     found.append(answers.after_cancel(plan, Outcome.CONFIRMED, record=record, retry_after=5))
     history.apply(contract.RequestCancelled(at=NOW, request_id=rid, ev_id="EV1", source="b"))
-    found.append(answers.plan_cancel(history, rid, client=None, now=NOW))  # 202 cancelled
+    found.append(_answer(answers.plan_cancel(history, rid, client=None, now=NOW)))  # cancelled
     other = "c" * 32
     history.accepted(contract.ChargeRequest(request_id=other, ev_id="EV2", accepted_at=NOW))
     history.apply(
@@ -185,13 +191,15 @@ def test_every_answer_to_get_and_delete_conforms():
             at=NOW, request_id=other, ev_id="EV2", substation="s1", instance="i", started_at=NOW
         )
     )
-    found.append(answers.plan_cancel(history, other, client=None, now=NOW))  # 409
+    found.append(_answer(answers.plan_cancel(history, other, client=None, now=NOW)))  # 409
     found.append(AuthFailure("no token").answer())
     found.append(RateLimiter(rate=1).answer(2))
     assert {a.status for a in found} == {202, 401, 404, 409, 429, 503}
     for answer in found:
         assert_conforms("/charge/{request_id}", "delete", answer)
-    assert_conforms("/charge/{request_id}", "get", Answer(200, history.get(rid)))
+    shown = history.get(rid)
+    assert shown is not None
+    assert_conforms("/charge/{request_id}", "get", Answer(200, shown))
 
 
 # ------------------------------------------------------------------------------ power fields

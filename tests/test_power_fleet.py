@@ -179,7 +179,9 @@ def test_a_request_that_never_starts_is_forgotten_and_a_failed_forward_at_once()
     position=st.integers(0, 3),
     report_at=st.sampled_from([10.1, 10.5, 10.7, 11.0]),
 )
-def test_the_load_does_not_depend_on_when_the_report_arrives_among_the_events(position, report_at):
+def test_the_load_does_not_depend_on_when_the_report_arrives_among_the_events(
+    position: int, report_at: float
+) -> None:
     """r1 runs 10.2-10.8, r2 from 10.6. Whenever the report (taken at ``report_at``) arrives
     among the events, once all are in the load is the truth: r2's car."""
     view = PowerView(Topology(), wall_clock=Clock())

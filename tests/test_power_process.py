@@ -199,7 +199,9 @@ def _active(service) -> bool:
     return metric(service.health_url, contract.ALLOCATOR_ACTIVE_METRIC) == 1
 
 
-def test_a_limit_cut_is_obeyed_and_no_node_is_ever_over_its_limit(grid, broker):
+def test_a_limit_cut_is_obeyed_and_no_node_is_ever_over_its_limit(
+    grid: StackSettings, broker: BrokerClient
+) -> None:
     """How soon a cut is obeyed is bench.power_stack's figure (timing is not asserted here)."""
     substations = _substations(grid)
     balancer = _balancer(grid)
@@ -252,7 +254,9 @@ def test_a_limit_cut_is_obeyed_and_no_node_is_ever_over_its_limit(grid, broker):
     assert cut_changes, "the cut changed some session's power"
 
 
-def test_sigkill_of_the_active_allocator_another_balancer_takes_over_within_a_lease(grid, broker):
+def test_sigkill_of_the_active_allocator_another_balancer_takes_over_within_a_lease(
+    grid: StackSettings, broker: BrokerClient
+) -> None:
     substations = _substations(grid)
     port_a, port_b = free_ports(2)
     balancers = {

@@ -10,6 +10,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from tests.conftest import free_ports
 from tests.helpers import eventually
@@ -44,7 +45,7 @@ def _charge(port: int, token: str | None) -> int:
         return exc.code
 
 
-def test_ctrl_c_stops_every_process_of_the_local_stack(amqp_url, tmp_path):
+def test_ctrl_c_stops_every_process_of_the_local_stack(amqp_url: str, tmp_path: Path) -> None:
     gateway, balancer, substation_base = free_ports(3)  # substations use the base and the next port
     runner = subprocess.Popen(
         [
@@ -71,7 +72,9 @@ def test_ctrl_c_stops_every_process_of_the_local_stack(amqp_url, tmp_path):
         text=True,
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(runner.stdout), daemon=True)
+    output = runner.stdout
+    assert output is not None  # a pipe
+    reader = threading.Thread(target=lambda: lines.extend(output), daemon=True)
     reader.start()
     try:
         eventually(

@@ -199,8 +199,8 @@ class Reading:
 
 
 def test_a_replay_catches_up_before_a_consumer_it_starts_hears_anything_then_follows_the_tail(
-    amqp_url,
-):
+    amqp_url: str,
+) -> None:
     declare_stream(amqp_url)
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     connection.channel().queue_declare("after-replay", durable=True)
@@ -365,7 +365,7 @@ def test_a_replay_only_reader_stops_after_catching_up_and_after_a_reconnect_read
         reading.stop()
 
 
-def test_the_history_stream_of_the_contract_is_read_with_its_routing_keys(amqp_url):
+def test_the_history_stream_of_the_contract_is_read_with_its_routing_keys(amqp_url: str) -> None:
     topology = contract.core_topology() + contract.history_topology(
         max_age_seconds=3600, max_bytes=10_000_000
     )
@@ -395,7 +395,9 @@ def test_the_history_stream_of_the_contract_is_read_with_its_routing_keys(amqp_u
         link.stop()
 
 
-def test_a_link_following_a_busy_stream_stops_with_its_last_publishes_confirmed(amqp_url):
+def test_a_link_following_a_busy_stream_stops_with_its_last_publishes_confirmed(
+    amqp_url: str,
+) -> None:
     # Cancelling the stream consumer on stop would have pika reject the chunks on their way,
     # and the broker close the channel with the confirms still due.
     declare_stream(amqp_url)

@@ -236,7 +236,9 @@ def test_with_the_defaults_a_bare_request_runs_session_seconds_at_full_power_unn
         assert service.stop() == 0
 
 
-def test_a_lower_share_is_acknowledged_at_once_not_at_the_next_report(stack_settings, broker):
+def test_a_lower_share_is_acknowledged_at_once_not_at_the_next_report(
+    stack_settings: StackSettings, broker: BrokerClient
+) -> None:
     # Reports at most every 30 s: any acknowledgement seen sooner was sent for the grant.
     service, url = _start(
         stack_settings,
@@ -272,8 +274,8 @@ def test_a_lower_share_is_acknowledged_at_once_not_at_the_next_report(stack_sett
 
 
 def test_a_substation_with_nothing_changing_still_reports_every_demand_interval(
-    stack_settings, broker
-):
+    stack_settings: StackSettings, broker
+) -> None:
     # The allocator stands a substation down after a lease without a report, and the
     # periodic report is the only one a substation with no changes sends (issue 16 made it
     # wait for DEMAND_INTERVAL without a report instead of a fixed cadence).
