@@ -46,7 +46,7 @@ import threading
 import time
 import urllib.error
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +265,9 @@ def deliverable(
 
 #: How long a power meter integrates the energy of one reading (each sample's).
 METER_SECONDS = 0.1
+#: Per row of :func:`efficiency` at one instant: (delivered kW, what it could deliver, whether
+#: its cars ask at least 1.2 times its limit).
+Rows = dict[str, tuple[float, float, bool]]
 
 
 def efficiency(
@@ -292,11 +295,15 @@ def efficiency(
     runs = timeline.runs()
     own = {n: kilowatts(node.limit_w) for n, node in topology.nodes.items()}
     changes = sorted(_changes(timeline, runs))
+    # The previous sample instant's rows: the start of this sample's meter window (t - 0.1 is
+    # the previous t, to the bit but for a few instants in an hour).
+    previous: dict[float, Rows] = {}
     t = since
     while t < until:
         if not any(a <= t < b for a, b in excluded):
             rows = _delivered(timeline, topology, own, runs, t)
-            window = _meter_reading(timeline, topology, own, runs, changes, t)
+            window = _meter_reading(timeline, topology, own, runs, changes, t, previous)
+            previous = {t: rows}
             for row, (delivered, deliverable_kw, asks_enough) in rows.items():
                 if asks_enough and deliverable_kw > 0:
                     instant[row].append(delivered / deliverable_kw)
@@ -332,7 +339,7 @@ def _delivered(
     own: dict[str, float],
     runs: list[SessionPower],
     t: float,
-) -> dict[str, tuple[float, float, bool]]:
+) -> Rows:
     """At ``t``, each grid node's row (and its "within" row): (delivered kW, what it could
     deliver, whether its cars ask at least 1.2 times its limit)."""
     power: dict[str, float] = defaultdict(float)
@@ -345,7 +352,7 @@ def _delivered(
     limits = timeline.node_limits(t)
     can = deliverable(topology, {**own, **limits}, wants)
     left = _left_by_parents(topology, {**own, **limits}, power, wants)
-    rows: dict[str, tuple[float, float, bool]] = {}
+    rows: Rows = {}
     for node, asked in wants.items():
         if not topology.children(node):
             continue  # a substation: substation_efficiency
@@ -370,14 +377,19 @@ def _meter_reading(
     runs: list[SessionPower],
     changes: list[float],
     t: float,
+    known: Mapping[float, Rows],
 ) -> dict[str, tuple[float, float]]:
     """Per row, the energy delivered and what could have been over the METER_SECONDS up to
-    ``t`` (kW x s), exactly: both are step functions that change only at ``changes``."""
+    ``t`` (kW x s), exactly: both are step functions that change only at ``changes``.
+    ``known``: :func:`_delivered`'s rows at instants already worked out."""
     begin = t - METER_SECONDS
     cuts = [begin, *changes[bisect.bisect_right(changes, begin) : bisect.bisect_left(changes, t)]]
     found: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
     for a, b in zip(cuts, [*cuts[1:], t], strict=True):
-        for row, (delivered, could, _) in _delivered(timeline, topology, own, runs, a).items():
+        rows = known.get(a)
+        if rows is None:
+            rows = _delivered(timeline, topology, own, runs, a)
+        for row, (delivered, could, _) in rows.items():
             energy, possible = found[row]
             found[row] = (energy + delivered * (b - a), possible + could * (b - a))
     return found
