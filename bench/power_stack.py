@@ -325,7 +325,7 @@ def _changes(timeline: PowerTimeline, runs: list[SessionPower]) -> set[float]:
         if run.ended_at < math.inf:
             found.add(run.ended_at)
         found.update(when for when, _ in run.steps)
-    for event in timeline._overrides:
+    for event in timeline.overrides:
         override = override_from_event(event)
         found.add(event.at)
         if override.valid_until is not None:
