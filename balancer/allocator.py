@@ -34,7 +34,7 @@ from collections.abc import Callable
 from prometheus_client import REGISTRY, Counter, Gauge
 
 from balancer.config import BalancerConfig
-from smartgrid import contract, leases
+from smartgrid import contract, leases, share_stamps
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.events import events_in
 from smartgrid.grid import Topology, limits_in_force
@@ -254,7 +254,7 @@ class Allocator:
         assert self.allocator is not None
         for event in reports:
             # bench.power_dips --logs reads these to time each hop of a share on the move.
-            log.debug("report from %s at %.6f received at %.6f", event.substation, event.at, now)
+            log.debug(share_stamps.REPORT_RECEIVED, event.substation, event.at, now)
             self._own_limits[event.substation] = watts(event.limit_kw)
             self.allocator.report(leases.report_from_event(event))
         self._last_report = time.monotonic()
@@ -310,7 +310,7 @@ class Allocator:
         for grant in allocator.allocate(limits, now, overridden=in_force.keys()):
             message = leases.grant_to_message(grant)
             log.debug(
-                "grant to %s of %.3f kW issued at %.6f",
+                share_stamps.GRANT_ISSUED,
                 grant.substation,
                 message.share_kw,
                 grant.issued_at,

@@ -14,14 +14,15 @@ report, since the car's substation first reported, was earlier rounds.
 from __future__ import annotations
 
 import bisect
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_REPORT = re.compile(r"report from (\S+) at ([\d.]+) received at ([\d.]+)")
-_GRANT = re.compile(r"grant to (\S+) of ([\d.]+) kW issued at ([\d.]+)")
-_SHARE = re.compile(r"share of ([\d.]+) kW issued at ([\d.]+) received at ([\d.]+)")
+from smartgrid import share_stamps
+
+_REPORT = share_stamps.pattern(share_stamps.REPORT_RECEIVED)
+_GRANT = share_stamps.pattern(share_stamps.GRANT_ISSUED)
+_SHARE = share_stamps.pattern(share_stamps.SHARE_RECEIVED)
 #: Stamps are printed to the microsecond; a session's power step is stamped with its grant's
 #: receipt time.
 SAME = 2e-6

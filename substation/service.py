@@ -46,7 +46,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Histogram, start_http_server
 
-from smartgrid import contract, leases
+from smartgrid import contract, leases, share_stamps
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
 from smartgrid.amqp.streams import StreamReader, since
 from smartgrid.dead_lettering import DeadLetterer
@@ -407,7 +407,7 @@ class SubstationService:
             return
         now = time.time()
         log.debug(
-            "share of %.3f kW issued at %.6f received at %.6f",
+            share_stamps.SHARE_RECEIVED,
             kilowatts(grant.share_w),
             grant.issued_at,
             now,

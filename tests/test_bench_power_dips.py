@@ -6,6 +6,7 @@ from bench import share_trace
 from bench.power_dips import find_dips, summary
 from loadgen.power import PowerTimeline, SessionPower
 from smartgrid.grid import Node, Topology
+from smartgrid.share_stamps import GRANT_ISSUED, REPORT_RECEIVED, SHARE_RECEIVED
 
 SITE = Topology(
     {
@@ -93,14 +94,14 @@ def test_a_car_arrivals_dip_is_taken_apart_into_its_hops(tmp_path):
     trace = _logs(
         tmp_path,
         [
-            "report from s1 at 9.000000 received at 9.003000",
-            "report from s2 at 10.000500 received at 10.004000",  # the new car's
-            "grant to s1 of 40.000 kW issued at 10.005000",  # the lowering
-            "report from s1 at 10.009000 received at 10.012000",  # its acknowledgement
-            "grant to s2 of 60.000 kW issued at 10.013000",  # the raise
+            REPORT_RECEIVED % ("s1", 9.0, 9.003),
+            REPORT_RECEIVED % ("s2", 10.0005, 10.004),  # the new car's
+            GRANT_ISSUED % ("s1", 40.0, 10.005),  # the lowering
+            REPORT_RECEIVED % ("s1", 10.009, 10.012),  # its acknowledgement
+            GRANT_ISSUED % ("s2", 60.0, 10.013),  # the raise
         ],
-        s1=["share of 40.000 kW issued at 10.005000 received at 10.008000"],
-        s2=["share of 60.000 kW issued at 10.013000 received at 10.016000"],
+        s1=[SHARE_RECEIVED % (40.0, 10.005, 10.008)],
+        s2=[SHARE_RECEIVED % (60.0, 10.013, 10.016)],
     )
     steps = share_trace.hops(trace, "s2", 10.0, 10.016)
     assert steps is not None
@@ -125,10 +126,10 @@ def test_a_raise_without_a_lowering_is_one_round_through_the_allocator(tmp_path)
     trace = _logs(
         tmp_path,
         [
-            "report from s2 at 10.001000 received at 10.003000",
-            "grant to s2 of 60.000 kW issued at 10.004000",
+            REPORT_RECEIVED % ("s2", 10.001, 10.003),
+            GRANT_ISSUED % ("s2", 60.0, 10.004),
         ],
-        s2=["share of 60.000 kW issued at 10.004000 received at 10.006000"],
+        s2=[SHARE_RECEIVED % (60.0, 10.004, 10.006)],
     )
     steps = share_trace.hops(trace, "s2", 10.0, 10.006)
     assert steps is not None and list(steps) == [
@@ -144,14 +145,14 @@ def test_a_raise_in_two_rounds_is_not_taken_for_a_wait_before_the_report(tmp_pat
     trace = _logs(
         tmp_path,
         [
-            "report from s2 at 10.001000 received at 10.003000",
-            "grant to s2 of 50.000 kW issued at 10.004000",  # not yet all the car needs
-            "report from s2 at 10.007000 received at 10.009000",
-            "grant to s2 of 60.000 kW issued at 10.010000",
+            REPORT_RECEIVED % ("s2", 10.001, 10.003),
+            GRANT_ISSUED % ("s2", 50.0, 10.004),  # not yet all the car needs
+            REPORT_RECEIVED % ("s2", 10.007, 10.009),
+            GRANT_ISSUED % ("s2", 60.0, 10.01),
         ],
         s2=[
-            "share of 50.000 kW issued at 10.004000 received at 10.006000",
-            "share of 60.000 kW issued at 10.010000 received at 10.012000",
+            SHARE_RECEIVED % (50.0, 10.004, 10.006),
+            SHARE_RECEIVED % (60.0, 10.01, 10.012),
         ],
     )
     steps = share_trace.hops(trace, "s2", 10.0, 10.012)
