@@ -116,7 +116,9 @@ CARS = [(watts(c.min_kw), watts(c.max_kw)) for c in evmix.CAR_CLASSES]
 
 
 @st.composite
-def placements(draw):
+def placements(
+    draw: st.DrawFn,
+) -> tuple[dict[str, list[SessionDemand]], dict[str, int]]:
     placed: dict[str, list[SessionDemand]] = defaultdict(list)
     seniority = 0
     for substation, points in POINTS.items():

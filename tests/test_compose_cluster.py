@@ -24,13 +24,14 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from smartgrid import contract
 from tests.compose_stack import Stack, wait_for
-from tests.docker_engine import ROOT
+from tests.docker_engine import ROOT, DockerEngine
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -39,7 +40,9 @@ NOT_IN_3_10 = "quorum_queue.continuous_membership_reconciliation."
 
 
 @pytest.fixture(scope="module")
-def cluster(docker_engine, compose_stack, tmp_path_factory):
+def cluster(
+    docker_engine: DockerEngine, compose_stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     compose_stack.compose.down()  # the single-broker stack is done with; make room
     directory = tmp_path_factory.mktemp("cluster")
     conf = directory / "cluster-3.10.conf"

@@ -1033,7 +1033,7 @@ def _item_by_item(value: list) -> tuple[float, ...] | str:
 @example([-math.inf, math.inf])
 @example([1e308, 1e308])  # finite items whose sum is not
 @example([11, 1.4])
-def test_an_array_of_numbers_decodes_as_its_items_checked_one_by_one_would(value):
+def test_an_array_of_numbers_decodes_as_its_items_checked_one_by_one_would(value: list) -> None:
     # _check_value takes every-float arrays with a finite sum at once; the result (or the
     # refusal) must be the item-by-item check's, whatever the array holds.
     try:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -397,7 +398,7 @@ def test_password_hashes_use_rabbitmqs_salted_sha256():
 
 
 @pytest.fixture
-def imported_vhost(broker_reachable):
+def imported_vhost(broker_reachable: None) -> Iterator[tuple[str, dict[str, str]]]:
     """The compose definitions (users included) imported into the local broker, renamed so
     that they cannot collide with anything else on it; removed afterwards."""
     vhost = f"smartgrid-defs-{uuid.uuid4().hex[:8]}"

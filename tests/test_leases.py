@@ -596,7 +596,7 @@ OFFSETS = {"a1": 0.25, "a2": -0.25, "b1": 0.1, "allocator": -0.1}
 
 class LeaseProtocol(RuleBasedStateMachine):
     @initialize()
-    def start(self):
+    def start(self) -> None:
         self.true = 1000.0
         self.term = 1
         self.demands = {s: Demand(failsafe_w=FAILSAFE) for s in SUBSTATIONS}

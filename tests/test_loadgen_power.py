@@ -9,7 +9,7 @@ import random
 import pytest
 
 from loadgen import evmix
-from loadgen.power import PowerTimeline, power_report, render_power
+from loadgen.power import PowerReport, PowerTimeline, power_report, render_power
 from loadgen.run import LoadSettings, run_load
 from smartgrid import contract
 from smartgrid.grid import parse_topology
@@ -92,7 +92,7 @@ EVENTS = [
 
 
 @pytest.fixture
-def report():
+def report() -> PowerReport:
     # Out of order on purpose: the timeline sorts by time.
     timeline = PowerTimeline.from_events(reversed(EVENTS), TOPOLOGY)
     return power_report(timeline, interval=0.5)

@@ -23,6 +23,7 @@ from balancer.poller import (
     FetchFailed,
     Poller,
     PollerCollector,
+    PollResult,
     TargetRefused,
     check_target,
     fetch_page,
@@ -209,20 +210,33 @@ def test_host_patterns_match_as_configured():
 
 
 # ------------------------------------------------------------------------------ the poller
-def _run_poller(targets_list, *, interval, timeout, seconds, max_parallel=16, until=None):
+Readings = dict[str, list[float]]
+Failures = dict[str, list[tuple[float, str]]]
+
+
+def _run_poller(
+    targets_list: list[tuple[str, str]],
+    *,
+    interval: float,
+    timeout: float,
+    seconds: float,
+    max_parallel: int = 16,
+    until: Callable[[Readings, Failures], bool] | None = None,
+) -> tuple[Readings, dict[str, list[str]], list[bool], Failures]:
     """Poll for ``seconds``, or until ``until(readings, errors)`` holds (checked as results
     come in). Readings are their arrival times; errors are (arrival time, message)."""
-    readings: dict[str, list[float]] = defaultdict(list)
-    failures: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    readings: Readings = defaultdict(list)
+    failures: Failures = defaultdict(list)
     lock = threading.Lock()
     done = threading.Event()
 
-    def deliver(results):
+    def deliver(results: list[PollResult]) -> None:
         with lock:
             for substation, reading, error in results:
                 if reading is not None:
                     readings[substation].append(time.monotonic())
                 else:
+                    assert error is not None, substation  # no reading: it says why
                     failures[substation].append((time.monotonic(), error))
             if until is not None and until(readings, failures):
                 done.set()
@@ -236,7 +250,7 @@ def _run_poller(targets_list, *, interval, timeout, seconds, max_parallel=16, un
         max_parallel=max_parallel,
     )
     poller.start()
-    lags = []
+    lags: list[bool] = []
     try:
         end = time.monotonic() + seconds
         while time.monotonic() < end and not done.is_set():

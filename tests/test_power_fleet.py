@@ -326,7 +326,9 @@ _limit_steps = st.lists(
 
 @settings(max_examples=200, deadline=None)
 @given(steps=_limit_steps)
-def test_the_limits_kept_between_changes_are_the_ones_worked_out_afresh(steps):
+def test_the_limits_kept_between_changes_are_the_ones_worked_out_afresh(
+    steps: list[tuple],
+) -> None:
     # limits_w works the limits out again only when something they depend on changed; after
     # any sequence of reports, announcements, overrides, their expiry, forgetting and changing
     # capacities they must be what limits_in_force says from scratch.

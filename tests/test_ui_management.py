@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from smartgrid import contract
 from tests.compose_stack import Stack
 from tests.docker_engine import ROOT
+
+if TYPE_CHECKING:  # selenium is imported by the fixture, once the browser is known to be there
+    from selenium.webdriver.chrome.webdriver import WebDriver
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -40,7 +45,7 @@ FLAGS = (
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
         reason = f"{', '.join(missing)} missing: run sudo scripts/ensure-test-deps"
