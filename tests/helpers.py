@@ -25,6 +25,7 @@ from smartgrid import contract
 from stack.processes import ServiceProcess
 
 T = TypeVar("T")
+E = TypeVar("E", bound=contract.Event)
 
 ENV_EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"
 
@@ -271,6 +272,13 @@ class BrokerClient:
         for kind in kinds or ("#",):
             self.channel.queue_bind(queue, contract.EVENTS_EXCHANGE, kind)
         return queue
+
+    def events_of(self, queue: str, cls: type[E]) -> list[E]:
+        """:meth:`events`, which must all be of ``cls`` (``queue`` is bound to its kind)."""
+        events = self.events(queue)
+        found = [event for event in events if isinstance(event, cls)]
+        assert len(found) == len(events), f"not all {cls.kind}: {events}"
+        return found
 
     def events(self, queue: str) -> list[contract.Event]:
         self.connection.process_data_events(0)

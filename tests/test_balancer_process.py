@@ -7,7 +7,7 @@ import pika.exceptions
 
 from smartgrid import contract
 from stack.local import StackSettings, balancer_process, substation_process
-from tests.helpers import eventually, kill, metric, scrape
+from tests.helpers import BrokerClient, eventually, health_url, kill, metric, scrape
 
 
 def _balancer(settings: StackSettings, **env: str):
@@ -133,7 +133,9 @@ def _instance(metrics_url: str, substation: str) -> str:
     raise AssertionError(f"no instance for {substation}")
 
 
-def test_forged_counts_and_a_forged_leaving_do_not_pin_the_balancers_view(stack_settings, broker):
+def test_forged_counts_and_a_forged_leaving_do_not_pin_the_balancers_view(
+    stack_settings: StackSettings, broker: BrokerClient
+) -> None:
     """Issue 12, finding 5, with events a user who may publish them forges (the local stack's
     one user here): 100 request.routed for one substation, 100 session.completed for the
     other, a substation.leaving for a live one, announcements and completions from a phantom.
@@ -150,11 +152,15 @@ def test_forged_counts_and_a_forged_leaving_do_not_pin_the_balancers_view(stack_
     for service in substations:
         service.wait_healthy()
     balancer = _balancer(stack_settings)
-    estimate = lambda s: metric(balancer.health_url, "balancer_estimated_load", substation=s)  # noqa: E731
+    balancer_url = health_url(balancer)
+
+    def estimate(substation: str) -> float | None:
+        return metric(balancer_url, "balancer_estimated_load", substation=substation)
+
     try:
         eventually(lambda: _up(stack_settings, "substation-1") == 1)
         eventually(lambda: _up(stack_settings, "substation-2") == 1)
-        two = _instance(substations[1].health_url, "substation-2")
+        two = _instance(health_url(substations[1]), "substation-2")
         # Two sessions run at substation-2 (sent straight to its queue): its true load is 2.
         for i in range(2):
             # Cars of their own: a car that is charging holds back any other request for it.
@@ -182,7 +188,7 @@ def test_forged_counts_and_a_forged_leaving_do_not_pin_the_balancers_view(stack_
         broker.publish_event(
             contract.SessionCompleted(now, uuid.uuid4().hex, "E", "phantom", "p1", now)
         )
-        eventually(lambda: estimate("substation-1") >= 90, what="the forged routed counted")
+        eventually(lambda: (estimate("substation-1") or 0) >= 90, what="the forged routed counted")
 
         # A few polls later both estimates are the truth again, and the substation the forged
         # leaving named is eligible again.
@@ -195,8 +201,13 @@ def test_forged_counts_and_a_forged_leaving_do_not_pin_the_balancers_view(stack_
         assert _up(stack_settings, "phantom") == 0  # announced, never read: never eligible
         events = broker.subscribe_events(contract.SessionStarted.kind)
         ids = [broker.send_request(ev_id=f"EV{i}") for i in range(4)]
-        started: list[contract.Event] = []
-        eventually(lambda: len(started) >= 4 or started.extend(broker.events(events)))
+        started: list[contract.SessionStarted] = []
+
+        def four_started() -> bool:
+            started.extend(broker.events_of(events, contract.SessionStarted))
+            return len(started) >= 4
+
+        eventually(four_started)
         assert sorted(e.request_id for e in started) == sorted(ids)
         # Balanced on the true loads (0 of 3 and 2 of 3): three there, one here.
         by_substation = [e.substation for e in started]
@@ -222,8 +233,8 @@ def _queue_exists(url: str, queue: str) -> bool:
 
 
 def test_a_forgotten_dead_substations_queue_is_drained_then_deleted(
-    stack_settings, broker, amqp_url
-):
+    stack_settings: StackSettings, broker: BrokerClient, amqp_url: str
+) -> None:
     """Issue 11, defect 4: a substation killed for good (as a scaled-out replica is when it is
     recreated under a new id) has its queue drained, and once it is forgotten, deleted; its
     series leave the balancer's page. The live one keeps its queue and its series."""
@@ -240,7 +251,9 @@ def test_a_forgotten_dead_substations_queue_is_drained_then_deleted(
     completed: set[str] = set()
 
     def all_completed(requests: set[str]) -> bool:
-        completed.update(e.request_id for e in broker.events(completions))
+        completed.update(
+            e.request_id for e in broker.events_of(completions, contract.SessionCompleted)
+        )
         return requests <= completed
 
     try:

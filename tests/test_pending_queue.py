@@ -15,7 +15,7 @@ from balancer.legacy_pending import move_legacy_pending
 from smartgrid import contract
 from stack.local import StackSettings, balancer_process, gateway_process, substation_process
 from stack.processes import ProcessGroup
-from tests.helpers import eventually, http_json, rabbitmqctl
+from tests.helpers import BrokerClient, eventually, http_json, rabbitmqctl
 
 
 def _vhost(amqp_url: str) -> str:
@@ -41,7 +41,9 @@ def test_the_pending_queue_has_one_active_consumer_and_a_length_limit(broker):
     assert declared.arguments["x-overflow"] == "reject-publish"
 
 
-def test_a_full_pending_queue_gets_503_and_nothing_accepted_is_lost(stack_settings, broker):
+def test_a_full_pending_queue_gets_503_and_nothing_accepted_is_lost(
+    stack_settings: StackSettings, broker: BrokerClient
+) -> None:
     """The operator's policy lowers the limit in place to 3 (the lower of it and the queue's
     argument applies); the gateway answers 503 with Retry-After once the queue is full, and
     once a balancer and a substation run, every 202 completes once and no 503 ever starts."""
@@ -63,7 +65,8 @@ def test_a_full_pending_queue_gets_503_and_nothing_accepted_is_lost(stack_settin
     group = ProcessGroup()
     try:
         group.add(gateway_process(stack_settings)).wait_healthy()
-        accepted, refused = [], []
+        accepted: list[str] = []
+        refused: list[str] = []
         for i in range(8):
             ev_id = f"EV-{i}"
             status, headers, body = _post(stack_settings, ev_id)
@@ -81,16 +84,18 @@ def test_a_full_pending_queue_gets_503_and_nothing_accepted_is_lost(stack_settin
 
         group.add(substation_process(stack_settings, 0)).wait_healthy()
         group.add(balancer_process(stack_settings)).wait_healthy()
-        completed: list[contract.Event] = []
-        eventually(
-            lambda: completed.extend(broker.events(events)) or len(completed) >= 2 * len(accepted),
-            what="every accepted request started and completed",
-        )
+        seen: list[contract.Event] = []
+
+        def every_accepted_seen() -> bool:
+            seen.extend(broker.events(events))
+            return len(seen) >= 2 * len(accepted)
+
+        eventually(every_accepted_seen, what="every accepted request started and completed")
         # Nothing more comes: the refused requests were never enqueued.
         assert broker.message_count(contract.PENDING_QUEUE) == 0
-        completed += broker.events(events)
-        completions = [e.ev_id for e in completed if isinstance(e, contract.SessionCompleted)]
-        starts = [e.ev_id for e in completed if isinstance(e, contract.SessionStarted)]
+        seen += broker.events(events)
+        completions = [e.ev_id for e in seen if isinstance(e, contract.SessionCompleted)]
+        starts = [e.ev_id for e in seen if isinstance(e, contract.SessionStarted)]
         assert sorted(completions) == sorted(accepted)
         assert not set(starts) & set(refused)
 
@@ -149,7 +154,9 @@ def test_an_earlier_versions_pending_queue_is_moved_into_todays_and_deleted(amqp
     assert gone.value.reply_code == 404
 
 
-def test_a_request_accepted_before_the_upgrade_runs_once(stack_settings, broker):
+def test_a_request_accepted_before_the_upgrade_runs_once(
+    stack_settings: StackSettings, broker: BrokerClient
+) -> None:
     stack_settings.session_seconds = 0.3
     stack_settings.poll_interval = 0.3
     requests = _requests(3)
@@ -159,11 +166,13 @@ def test_a_request_accepted_before_the_upgrade_runs_once(stack_settings, broker)
     try:
         group.add(substation_process(stack_settings, 0)).wait_healthy()
         group.add(balancer_process(stack_settings)).wait_healthy()
-        completed: list[contract.Event] = []
-        eventually(
-            lambda: completed.extend(broker.events(events)) or len(completed) >= 3,
-            what="the three old requests completed",
-        )
+        completed: list[contract.SessionCompleted] = []
+
+        def three_completed() -> bool:
+            completed.extend(broker.events_of(events, contract.SessionCompleted))
+            return len(completed) >= 3
+
+        eventually(three_completed, what="the three old requests completed")
         assert sorted(e.request_id for e in completed) == sorted(r.request_id for r in requests)
         # A request published now goes to today's queue alone.
         broker.send_request(ev_id="EV-new")
