@@ -105,8 +105,8 @@ def test_the_api_wants_a_token_and_a_request_belongs_to_its_client(compose_stack
     wait_for(lambda: _completed(stack, first["request_id"]), 60, "the keyed request completed")
 
 
-def test_prometheus_has_every_target_up(compose_stack):
-    def all_up():
+def test_prometheus_has_every_target_up(compose_stack: Stack) -> None:
+    def all_up() -> dict[str, list[str]] | None:
         targets = compose_stack.prometheus("/api/v1/targets")["data"]["activeTargets"]
         jobs: dict[str, list[str]] = {}
         for target in targets:

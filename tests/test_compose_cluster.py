@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,7 +154,7 @@ def test_every_stream_has_a_replica_on_every_node(cluster):
         assert _stream_nodes(cluster, stream) == [f"rabbit@{node}" for node in NODES], stream
 
 
-def test_killing_a_node_mid_load_loses_nothing(cluster, tmp_path):
+def test_killing_a_node_mid_load_loses_nothing(cluster: Stack, tmp_path: Path) -> None:
     leader = _queues(cluster, "rabbitmq-1")[contract.PENDING_QUEUE]["leader"].split("@")[1]
     survivor = next(node for node in NODES if node != leader)
     accepted: list[str] = []
