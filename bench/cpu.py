@@ -437,12 +437,13 @@ class Broker:
     arguments>``), booted once for the whole run: its CPU is the run's alone, where the
     machine's shared broker also serves whatever else runs (other vhosts' test suites)."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, plugins: tuple[str, ...] = ()) -> None:
         # The tests' throw-away nodes (tests/cluster.py; imported by name: the tests are not
-        # type-checked).
+        # type-checked). No plugin by default: the management plugin's statistics cost CPU
+        # (bench.message_audit enables it to read the broker's counters).
         cluster = importlib.import_module("tests.cluster")
         self.spec = spec
-        self.cluster = cluster.RabbitCluster(1, plugins=(), erl_args=spec.partition(":")[2])
+        self.cluster = cluster.RabbitCluster(1, plugins=plugins, erl_args=spec.partition(":")[2])
         self.cluster.start()
 
     @property
