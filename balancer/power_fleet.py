@@ -2,8 +2,9 @@
 
 Counts have their correction (``fleet.py``); this is the same correction for power, in watts.
 Each substation reports its demand (``power.demand``, per class: sessions, the sum of their
-minimums and of their maxima) on every change and every second. Between reports the balancer
-adds what it routed there since and takes off what completed since::
+minimums and of their maxima) every second, and on every change once it is managed (the
+allocator's input; the corrections below keep the view exact without them). Between reports
+the balancer adds what it routed there since and takes off what completed since::
 
     load = the last report's demand
          + requests routed there that the report did not count (in flight, waiting in the

@@ -988,10 +988,11 @@ POWER_CLASSES = tuple(priority.value for priority in CLASS_ORDER)
 
 @dataclass(frozen=True)
 class PowerDemand(Event):
-    """What one substation needs and draws, on every change and after DEMAND_INTERVAL without
-    one: the allocator's input (``leases.DemandReport``, converted by ``leases.report_from_event``),
-    the balancers' view of power per substation, and loadgen's record of the limit in force.
-    Per class (emergency, fleet, standard): the running sessions, the sum of their minimums
+    """What one substation needs and draws, after DEMAND_INTERVAL without one and, while it is
+    managed (a parent, or a share taken), on every change: the allocator's input
+    (``leases.DemandReport``, converted by ``leases.report_from_event``), the balancers' view
+    of power per substation, and loadgen's record of the limit in force. Per class
+    (emergency, fleet, standard): the running sessions, the sum of their minimums
     and of their maxima."""
 
     kind: ClassVar[str] = "power.demand"

@@ -139,7 +139,8 @@ class SubstationConfig:
     demand_interval: float = setting(
         "DEMAND_INTERVAL",
         1.0,
-        "Most seconds between two power.demand reports (one also goes out on every change)",
+        "Most seconds between two power.demand reports (one also goes out on every change of a "
+        "managed substation)",
         check=positive,
         expect="seconds > 0",
     )

@@ -16,11 +16,12 @@ Power (issue 15, ``substation/sharing.py``): every start and end of a session, e
 from the allocator (``power.share``, on the substation's own share queue) and the running out
 of a share's lease re-shares the limit in force among the sessions, publishes
 ``session.power`` for each session whose power changed, and re-arms each changed session's
-end timer: a session ends when its energy has been delivered. ``power.demand`` goes out on
-every change (at most once per DEMAND_MIN_INTERVAL), after DEMAND_INTERVAL without one, and at
-once when it takes a lower share (the allocator holds the power given up until it is
-acknowledged), and on every change while its share binds or its sessions leave more of it
-unused than it last reported, or when it gives part of its share back
+end timer: a session ends when its energy has been delivered. ``power.demand`` goes out after
+DEMAND_INTERVAL without one and, once the substation is managed (it knows a parent or took a
+share: the allocator divides power by these reports), on every change (at most once per
+DEMAND_MIN_INTERVAL), at once when it takes a lower share (the allocator holds the power given
+up until it is acknowledged), and on every change while its share binds or its sessions leave
+more of it unused than it last reported, or when it gives part of its share back
 (``PowerSharing.report_at_once``: power lost or unfairly shared until the allocator knows),
 from the process that consumes the queue.
 
@@ -339,6 +340,12 @@ class SubstationService:
                 )
             self._arm_end_timer(change.request_id, change.expected_end, now)
         self._arm_lease_timer(now)
+        if not self.sharing.lease.managed:
+            # Nobody hands it shares: a change's report would tell the allocator nothing, and
+            # the router's view follows each session from its events (balancer/power_fleet.py),
+            # so the periodic report is enough (issue 16: a count-only deployment pays nothing
+            # per request for power). A first share makes it managed for good.
+            return
         # While the share binds or is left unused, power is lost or unfairly shared until the
         # allocator knows: no waiting for DEMAND_MIN_INTERVAL then.
         self._report_soon(at_once=self.sharing.report_at_once())

@@ -296,3 +296,38 @@ def test_a_substation_with_nothing_changing_still_reports_every_demand_interval(
         assert all(report.power_kw == 0 for report in reports)
     finally:
         assert service.stop() == 0
+
+
+@pytest.mark.parametrize("parent", ["", "feeder-a"])
+def test_only_a_managed_substation_reports_its_changes(
+    stack_settings: StackSettings, broker, parent: str
+) -> None:
+    # The periodic report out of the way (DEMAND_INTERVAL=60): what remains is what the
+    # sessions' starts and ends send. A substation nobody hands shares to reports none of
+    # them (issue 16: the router follows each session from its events; a count-only
+    # deployment pays nothing per request for power); one under a grid node reports them.
+    service, url = _start(
+        stack_settings,
+        SUBSTATION_PARENT=parent,
+        SUBSTATION_FAILSAFE_KW="50",
+        DEMAND_INTERVAL="60",
+        DEMAND_MIN_INTERVAL="0",
+        SESSION_SECONDS="0.3",
+    )
+    try:
+        events = broker.subscribe_events(contract.PowerDemand.kind)
+        time.sleep(0.5)
+        broker.events(events)  # the report it sends when it starts
+        for i in range(3):
+            broker.send_to_substation(SUBSTATION, ev_id=f"EV{i}")
+        eventually(
+            lambda: metric(url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 3
+        )
+        time.sleep(0.3)
+        reports = [e for e in broker.events(events) if isinstance(e, contract.PowerDemand)]
+        if parent:
+            assert reports and reports[-1].power_kw == 0
+        else:
+            assert reports == []
+    finally:
+        assert service.stop() == 0
