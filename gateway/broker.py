@@ -14,7 +14,9 @@ tiny message that no queue takes, whose only job is to be blocked first.
 What the gateway knows of requests comes from the history stream (``contract.HISTORY_STREAM``):
 each worker reads it from the first offset at start into its :class:`RequestHistory`, then
 follows its tail, so every replica, after any restart, knows every request in the retention
-window. Until it has caught up, it is not ready (``unavailable_reason``).
+window. Until it has caught up, it is not ready (``unavailable_reason``). With
+``history_relay_dir``, the workers of a host that have caught up follow the tail through one
+of them, which reads it for the others (gateway/relay.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from gateway.answers import Outcome
 from gateway.doubts import Doubts
 from gateway.history import RequestHistory
+from gateway.relay import HistoryRelay
 from smartgrid import contract
 from smartgrid.amqp import (
     Delivery,
@@ -79,6 +82,7 @@ class GatewayBroker:
         canary_interval: float = CANARY_INTERVAL,
         history_max_age: int = contract.HISTORY_MAX_AGE_SECONDS,
         history_max_bytes: int = contract.HISTORY_MAX_BYTES,
+        history_relay_dir: str | None = None,
     ):
         self.history = history
         self.on_connection_change = on_connection_change
@@ -94,7 +98,19 @@ class GatewayBroker:
         )
         self.senders = Senders(event_senders, own_user=self.link.user)
         self.reader = StreamReader(
-            self.link, contract.HISTORY_STREAM, self._on_history, start="first"
+            self.link,
+            contract.HISTORY_STREAM,
+            self._on_history,
+            start="first",
+            pausable=history_relay_dir is not None,
+            on_resubscribed=self._on_history_resubscribed,
+        )
+        #: The host's one reader of the history stream relays it to the other workers
+        #: (gateway/relay.py); None: this worker reads it itself, always.
+        self.relay = (
+            None
+            if history_relay_dir is None
+            else HistoryRelay(self.link, self.reader, history_relay_dir)
         )
         self._canary_interval = canary_interval
         self._last_publish = 0.0
@@ -107,6 +123,8 @@ class GatewayBroker:
 
     def _on_ready(self) -> None:
         self.reader.on_ready()
+        if self.relay is not None:
+            self.relay.on_ready()
         self._connection_changed(True)
         with self._canary_lock:
             start, self._canary_started = not self._canary_started, True
@@ -117,6 +135,8 @@ class GatewayBroker:
 
     def _on_lost(self) -> None:
         self.reader.on_lost()
+        if self.relay is not None:
+            self.relay.on_lost()
         self._connection_changed(False)
 
     def _connection_changed(self, connected: bool) -> None:
@@ -161,6 +181,8 @@ class GatewayBroker:
 
     def stop(self) -> None:
         self.link.stop(timeout=5)
+        if self.relay is not None:
+            self.relay.close()  # another worker takes the lock at once
 
     # ------------------------------------------------------------------ publishing
     def publish_request(self, request: contract.ChargeRequest) -> Future:
@@ -293,8 +315,19 @@ class GatewayBroker:
         self.link.call_later(self.doubts_interval, self._act_on_doubts)
 
     # ------------------------------------------------------------------ following
+    def _on_history_resubscribed(self) -> None:
+        if self.relay is not None:
+            self.relay.on_resubscribed()
+
     def _on_history(self, delivery: Delivery) -> None:
-        """One message of the history stream (I/O thread): a request or a batch of events."""
+        """One message of the history stream (I/O thread): a request or a batch of events,
+        read from the stream or relayed; relayed on to the host's other workers by their
+        reader."""
+        self._apply_history(delivery)
+        if self.relay is not None:
+            self.relay.relay(delivery)
+
+    def _apply_history(self, delivery: Delivery) -> None:
         if delivery.routing_key in contract.HISTORY_REQUEST_KEYS:
             # Only the gateways and the balancer (reroutes) may publish to the requests
             # exchange: the broker's permissions vouch for its sender.

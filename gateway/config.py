@@ -144,6 +144,13 @@ class GatewayConfig:
         check=positive,
         expect="seconds > 0",
     )
+    history_relay_dir: str = setting(
+        "HISTORY_RELAY_DIR",
+        "",
+        "Directory private to this gateway where its workers elect the one that reads the"
+        " history stream for the others (a lock file) and relay it (a Unix socket); empty: a"
+        " temporary directory made at start and removed at exit. Unused with one worker",
+    )
     tokens_file: str = setting(
         "GATEWAY_TOKENS_FILE",
         "",

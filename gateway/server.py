@@ -8,10 +8,12 @@ between requests), and hands each request to Python on the worker's event loop. 
 slow client holds a socket, never a thread, and is cut off by a deadline.
 
 Each of ``GATEWAY_WORKERS`` processes is a full gateway (its own broker connection, and its
-own reading of the history stream). On SIGTERM granian stops accepting, the workers answer
-the requests they have, and each worker then stops its broker link; a worker that has not
-finished after :data:`GRACEFUL_TIMEOUT` is killed. A worker that dies is started again, and its
-live gauges (``gateway_broker_connected``) leave the aggregated metrics.
+own history); once caught up, one of them reads the history stream for the others and relays
+it to them over a Unix socket in ``HISTORY_RELAY_DIR`` (gateway/relay.py). On SIGTERM granian
+stops accepting, the workers answer the requests they have, and each worker then stops its
+broker link; a worker that has not finished after :data:`GRACEFUL_TIMEOUT` is killed. A worker
+that dies is started again, and its live gauges (``gateway_broker_connected``) leave the
+aggregated metrics.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from typing import Any
 
 import pika
 import pika.exceptions
-from pika.adapters.select_connection import IOLoop, SelectConnection
+from pika.adapters.select_connection import IOLoop, PollEvents, SelectConnection
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -58,6 +58,10 @@ from smartgrid.amqp.publishing import Outgoing, Publishes
 from smartgrid.contract import Binding, Declaration, EventSubscription, Exchange, Queue
 
 log = logging.getLogger(__name__)
+
+
+#: What :meth:`Link.watch_fd` watches a file descriptor for.
+FD_READ, FD_WRITE, FD_ERROR = PollEvents.READ, PollEvents.WRITE, PollEvents.ERROR
 
 
 class _NeverReady(Exception):
@@ -357,6 +361,19 @@ class Link:
 
     def cancel_timer(self, handle: object) -> None:
         self._ioloop.remove_timeout(handle)
+
+    def watch_fd(self, fd: int, on_event: Callable[[int, int], None], events: int) -> None:
+        """I/O thread: call ``on_event(fd, events)`` when ``fd`` is ready for ``events``
+        (:data:`FD_READ`, :data:`FD_WRITE`), across reconnects, until :meth:`unwatch_fd`."""
+        self._ioloop.add_handler(fd, on_event, events)
+
+    def rewatch_fd(self, fd: int, events: int) -> None:
+        """I/O thread: what a watched ``fd`` is watched for from now on."""
+        self._ioloop.update_handler(fd, events)
+
+    def unwatch_fd(self, fd: int) -> None:
+        """I/O thread."""
+        self._ioloop.remove_handler(fd)
 
     @property
     def generation(self) -> int:

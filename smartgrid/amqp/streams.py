@@ -264,6 +264,8 @@ class StreamReader:
         resume_margin: float = 10.0,
         probe_every: float = FOLLOW_PROBE_EVERY,
         declare_if_missing: Sequence[Declaration] = (),
+        pausable: bool = False,
+        on_resubscribed: Callable[[], None] | None = None,
     ) -> None:
         offset_argument(start, None)  # a bad start fails here, not on the I/O thread
         self.link = link
@@ -277,6 +279,10 @@ class StreamReader:
         self.resume_margin = resume_margin
         self.probe_every = probe_every
         self.declare_if_missing = list(declare_if_missing)
+        self.pausable = pausable
+        self.on_resubscribed = on_resubscribed
+        #: A pausable reader that has stopped reading the stream and is fed instead.
+        self.paused = False
         #: The offset just after the last message read: where a new subscription resumes.
         self.next_offset: int | None = None
         self.messages_read = 0
@@ -393,7 +399,8 @@ class StreamReader:
         self._last_read = time.monotonic()
         if not self.link.open_side_channel(lambda channel: self._probe(subscription, channel)):
             return
-        if self.follow:
+        self.paused = False
+        if self.follow and not self.pausable:
             self.link.add_consumer(
                 ConsumerSpec(
                     self.stream,
@@ -415,6 +422,38 @@ class StreamReader:
         self._subscription += 1  # late timers and deliveries of the old channel do nothing
         self._caught_up.clear()
         self._probe_channel = self._reader_channel = None
+        self.paused = False
+
+    @property
+    def _on_own_channel(self) -> bool:
+        return not self.follow or self.pausable
+
+    # ------------------------------------------------- a pausable reader, fed from elsewhere
+    def pause(self) -> None:
+        """Stop reading the stream (a ``pausable`` following reader that has caught up), to be
+        fed its messages by :meth:`feed` instead. It stays caught up, and goes on probing the
+        stream's end: if what it is fed falls behind, it reads the stream again by itself
+        (``on_resubscribed``)."""
+        if not (self.pausable and self.follow and self.caught_up) or self.paused:
+            return
+        self.paused = True
+        channel, self._reader_channel = self._reader_channel, None
+        if channel is not None and channel.is_open:
+            channel.close()  # what is still on its way is dropped (its channel is closing)
+
+    def feed(self, delivery: Delivery) -> None:
+        """A message of the stream read by someone else, in the stream's order: handled as if
+        read here (one before :attr:`next_offset` is skipped)."""
+        self._read(self._subscription, delivery)
+
+    def resume(self) -> None:
+        """Read the stream again, just after the last offset read or fed (a paused reader)."""
+        if not self.paused:
+            return
+        self.paused = False
+        subscription = self._subscription
+        if self.link.ready:
+            self.link.open_side_channel(lambda channel: self._read_on(subscription, channel))
 
     def _arguments(self) -> dict[str, Any]:
         return offset_argument(self.start, self.next_offset)
@@ -452,7 +491,9 @@ class StreamReader:
             return
         self._reader_channel = channel
         self._last_read = time.monotonic()
-        channel.add_on_close_callback(lambda _ch, reason: self._reader_closed(subscription, reason))
+        channel.add_on_close_callback(
+            lambda _ch, reason: self._reader_closed(subscription, channel, reason)
+        )
 
         def on_message(_channel: Any, method: Any, properties: Any, body: bytes) -> None:
             if not channel.is_open:
@@ -467,9 +508,11 @@ class StreamReader:
         channel.basic_qos(prefetch_count=self.prefetch)
         channel.basic_consume(self.stream, on_message, arguments=self._arguments())
 
-    def _reader_closed(self, subscription: int, reason: BaseException) -> None:
-        if subscription != self._subscription or self._reader_channel is None:
-            return  # closed by the reader, or with the connection
+    def _reader_closed(
+        self, subscription: int, channel: pika.channel.Channel, reason: BaseException
+    ) -> None:
+        if subscription != self._subscription or self._reader_channel is not channel:
+            return  # closed by the reader (a later one may read already), or with the connection
         self._reader_channel = None
         log.warning("%s: the reader's channel was closed (%s); reading again", self.stream, reason)
         self.link.call_later(self.quiet, lambda: self._read_again(subscription))
@@ -555,7 +598,7 @@ class StreamReader:
     def _reader_quiet(self, subscription: int) -> None:
         if subscription != self._subscription or self.caught_up:
             return
-        if not self.follow and self._reader_channel is None:
+        if self._on_own_channel and self._reader_channel is None:
             # Its channel was refused (a replica restarting after its leader died): silence
             # while nobody listens is not the end of the stream. It counts again from when the
             # reader consumes again (_read_on).
@@ -704,9 +747,12 @@ class StreamReader:
         self._subscription += 1
         subscription = self._subscription
         self.resubscriptions += 1
+        self.paused = False
         self._end_seen = None
         channel, self._reader_channel = self._reader_channel, None
         if channel is not None and channel.is_open:
             channel.close()
         self.link.open_side_channel(lambda channel: self._read_on(subscription, channel))
+        if self.on_resubscribed is not None:
+            self.on_resubscribed()
         return subscription

@@ -1,0 +1,164 @@
+"""What the history relay says over its local socket, and how each side checks it (pure).
+
+One gateway worker of a host reads the history stream and relays it to the others
+(gateway/relay.py). Every relayed message carries its stream offset and the offset just
+after the message relayed before it (``prev``), so that a worker can tell, whatever happened
+to the relay, whether a message follows on from what it has read (:func:`place`): the stream's
+offsets are the ordering truth; a message read twice is harmless (a record only moves
+forward), a gap is not.
+
+Frames: a kind (one byte) and the payload's length (4 bytes), then the payload.
+
+* ``HELLO`` (worker to reader): the offset just after the last message the worker has read.
+* ``WELCOME`` (reader to worker): the first offset the reader can still relay (its window's
+  start); then the window's messages from the worker's offset on, then each new one.
+* ``MESSAGE``: ``prev``, offset, routing key, sender (``user_id``) and body.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from dataclasses import dataclass
+
+HELLO, WELCOME, MESSAGE = 1, 2, 3
+
+_HEADER = struct.Struct("!BI")
+_OFFSET = struct.Struct("!q")
+_MESSAGE_HEAD = struct.Struct("!qqHH")
+
+#: What a relayed message is to a worker: the next one, one it has already, or past a gap.
+APPLY, DUPLICATE, GAP = "apply", "duplicate", "gap"
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a relay frame."""
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """A message of the history stream as the relay passes it on."""
+
+    prev: int
+    offset: int
+    routing_key: str
+    user_id: str | None
+    body: bytes
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+def hello(next_offset: int) -> bytes:
+    return _frame(HELLO, _OFFSET.pack(next_offset))
+
+
+def welcome(window_start: int) -> bytes:
+    return _frame(WELCOME, _OFFSET.pack(window_start))
+
+
+def message(prev: int, offset: int, routing_key: str, user_id: str | None, body: bytes) -> bytes:
+    key = routing_key.encode()
+    user = (user_id or "").encode()
+    head = _MESSAGE_HEAD.pack(prev, offset, len(key), len(user))
+    return _frame(MESSAGE, head + key + user + body)
+
+
+def decode_offset(payload: bytes) -> int:
+    if len(payload) != _OFFSET.size:
+        raise ProtocolError(f"an offset frame of {len(payload)} bytes")
+    (offset,) = _OFFSET.unpack(payload)
+    return int(offset)
+
+
+def decode_message(payload: bytes) -> Relayed:
+    if len(payload) < _MESSAGE_HEAD.size:
+        raise ProtocolError(f"a message frame of {len(payload)} bytes")
+    prev, offset, key_length, user_length = _MESSAGE_HEAD.unpack_from(payload)
+    start = _MESSAGE_HEAD.size
+    if len(payload) < start + key_length + user_length:
+        raise ProtocolError("a message frame shorter than its routing key and sender")
+    key = payload[start : start + key_length].decode()
+    user = payload[start + key_length : start + key_length + user_length].decode()
+    body = payload[start + key_length + user_length :]
+    return Relayed(prev, offset, key, user or None, bytes(body))
+
+
+class FrameReader:
+    """Frames out of a byte stream that arrives in pieces."""
+
+    #: A frame longer than this is not the relay's (a history message is a few KB at most).
+    MAX_FRAME = 64 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """The frames completed by ``data``, as (kind, payload)."""
+        self._buffer += data
+        frames = []
+        buffer = self._buffer
+        at = 0
+        while len(buffer) - at >= _HEADER.size:
+            kind, length = _HEADER.unpack_from(buffer, at)
+            if kind not in (HELLO, WELCOME, MESSAGE) or length > self.MAX_FRAME:
+                raise ProtocolError(f"a frame of kind {kind} and {length} bytes")
+            end = at + _HEADER.size + length
+            if len(buffer) < end:
+                break
+            frames.append((kind, bytes(buffer[at + _HEADER.size : end])))
+            at = end
+        del buffer[:at]
+        return frames
+
+
+def place(prev: int, offset: int, next_offset: int) -> str:
+    """What a worker that has read everything before ``next_offset`` does with a relayed
+    message: :data:`APPLY` it, skip a :data:`DUPLICATE`, or stop at a :data:`GAP` (the
+    relay read on from ``prev``, past what the worker has)."""
+    if offset < next_offset:
+        return DUPLICATE
+    if prev > next_offset:
+        return GAP
+    return APPLY
+
+
+class Window:
+    """The reader's recent messages as frames, so that a worker that read up to a little
+    earlier can follow on from where it is; and the chain of ``prev`` offsets.
+
+    ``start``: the offset just after the last message read before the window's first (the
+    reader's next offset when it began relaying). A worker at ``next_offset`` can follow from
+    the window when ``covers(next_offset)``.
+    """
+
+    def __init__(self, start: int, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError("a window holds at least one message")
+        self.limit = limit
+        #: The offset just after the last message relayed.
+        self.end = start
+        self._start = start
+        self._frames: collections.deque[tuple[int, bytes]] = collections.deque()
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    def add(self, offset: int, routing_key: str, user_id: str | None, body: bytes) -> bytes:
+        """The frame relaying the message at ``offset``, kept in the window."""
+        frame = message(self.end, offset, routing_key, user_id, body)
+        self.end = offset + 1
+        self._frames.append((offset, frame))
+        if len(self._frames) > self.limit:
+            dropped, _ = self._frames.popleft()
+            self._start = dropped + 1
+        return frame
+
+    def covers(self, next_offset: int) -> bool:
+        return next_offset >= self._start
+
+    def since(self, next_offset: int) -> bytes:
+        """The window's frames of the messages at ``next_offset`` and after."""
+        return b"".join(frame for offset, frame in self._frames if offset >= next_offset)

@@ -1,0 +1,163 @@
+"""The history relay on the real broker: two gateway workers' brokers in this process share a
+relay directory (a file lock excludes another open file description in the same process as
+in another process), one reads the stream and relays it, the other is fed; and a worker cut
+off from the relay (a gap, a broken socket, a relay that stops sending) reads the stream
+itself again without losing a message. The workers as processes: test_history_relay_process.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.broker import GatewayBroker
+from gateway.history import RequestHistory
+from smartgrid import contract
+from tests.helpers import BrokerClient, eventually
+
+
+def _broker(amqp_url: str, name: str, relay_dir: Path) -> GatewayBroker:
+    broker = GatewayBroker(
+        amqp_url,
+        name=name,
+        history=RequestHistory(),
+        canary_interval=0,
+        history_relay_dir=str(relay_dir),
+    )
+    assert broker.relay is not None
+    broker.relay.retry_every = 0.1
+    broker.reader.probe_every = 0.5
+    broker.reader.quiet = 0.3
+    return broker
+
+
+@pytest.fixture
+def pair(amqp_url: str, tmp_path: Path) -> Iterator[tuple[GatewayBroker, GatewayBroker]]:
+    """A worker that reads the stream for the other, and the other, relayed to."""
+    reader = _broker(amqp_url, "relay-reader", tmp_path)
+    reader.start()
+    assert reader.wait_ready(10) and reader.wait_caught_up(10)
+    relay = reader.relay
+    assert relay is not None
+    eventually(lambda: relay.reading_for_others, timeout=5, what="the first worker reading")
+    fed = _broker(amqp_url, "relay-fed", tmp_path)
+    fed.start()
+    try:
+        assert fed.wait_ready(10) and fed.wait_caught_up(10)
+        assert fed.relay is not None
+        eventually(lambda: fed.relay.relayed, timeout=5, what="the second worker relayed to")
+        assert fed.reader.paused and not fed.relay.reading_for_others
+        yield reader, fed
+    finally:
+        fed.stop()
+        reader.stop()
+
+
+def _routed(observer: BrokerClient, request_id: str, substation: str = "S1") -> None:
+    observer.publish_event(contract.RequestRouted(time.time(), request_id, "EV", substation, "b1"))
+
+
+def _status(broker: GatewayBroker, request_id: str) -> str | None:
+    record = broker.history.get(request_id)
+    return None if record is None else record["status"]
+
+
+def test_a_worker_fed_by_the_relay_learns_what_the_reader_reads(
+    amqp_url: str, pair: tuple[GatewayBroker, GatewayBroker]
+):
+    reader, fed = pair
+    observer = BrokerClient(amqp_url)
+    try:
+        request_id = observer.send_request(ev_id="EV-RELAYED")
+        _routed(observer, request_id)
+        eventually(lambda: _status(fed, request_id) == "routed", what="the relayed routing")
+        assert _status(reader, request_id) == "routed"
+        assert fed.reader.paused  # it did not read the stream for it
+        assert fed.reader.next_offset == reader.reader.next_offset
+        assert fed.relay is not None and fed.relay.fallbacks == 0
+    finally:
+        observer.close()
+
+
+def test_a_gap_in_the_relayed_history_sends_the_worker_back_to_the_stream(
+    amqp_url: str, pair: tuple[GatewayBroker, GatewayBroker]
+):
+    reader, fed = pair
+    assert reader.relay is not None and fed.relay is not None
+    window = reader.relay._window
+    assert window is not None
+    # As if the reader had read messages the fed worker never received.
+    reader.link.call_soon(lambda: setattr(window, "end", window.end + 3))
+    observer = BrokerClient(amqp_url)
+    try:
+        request_id = observer.send_request(ev_id="EV-AFTER-GAP")
+        eventually(lambda: fed.relay.fallbacks == 1, what="the gap noticed")
+        eventually(lambda: _status(fed, request_id) == "queued", what="the request read anyway")
+    finally:
+        observer.close()
+
+
+def test_a_broken_relay_socket_sends_the_worker_back_to_the_stream(
+    amqp_url: str, pair: tuple[GatewayBroker, GatewayBroker]
+):
+    reader, fed = pair
+    assert reader.relay is not None and fed.relay is not None
+    relay = reader.relay
+    fed.relay.retry_every = 60.0  # it does not ask to be relayed again during the test
+    time.sleep(0.3)  # for the tick already due
+
+    def drop_workers() -> None:
+        for peer in list(relay._workers.values()):
+            relay._drop_worker(peer)
+
+    reader.link.call_soon(drop_workers)
+    eventually(lambda: fed.relay.fallbacks == 1, what="the broken socket noticed")
+    observer = BrokerClient(amqp_url)
+    try:
+        request_id = observer.send_request(ev_id="EV-ALONE")
+        _routed(observer, request_id)
+        eventually(lambda: _status(fed, request_id) == "routed", what="the stream read again")
+        assert not fed.reader.paused and not fed.relay.relayed
+    finally:
+        observer.close()
+
+
+def test_a_relay_that_stops_sending_is_noticed_by_the_stream_s_end(
+    amqp_url: str, pair: tuple[GatewayBroker, GatewayBroker]
+):
+    """A reader that holds the socket open and sends nothing (stopped, or stuck): the fed
+    worker's probes of the stream's end find it behind, and it reads the stream itself."""
+    reader, fed = pair
+    assert reader.relay is not None and fed.relay is not None
+    reader.relay._send_pending = lambda: reader.relay._pending.clear()  # type: ignore[method-assign,union-attr]
+    observer = BrokerClient(amqp_url)
+    try:
+        request_id = observer.send_request(ev_id="EV-STUCK")
+        _routed(observer, request_id)
+        eventually(
+            lambda: _status(fed, request_id) == "routed", timeout=10, what="the stream read again"
+        )
+        assert fed.relay.fallbacks >= 1
+        assert fed.reader.resubscriptions >= 1
+    finally:
+        observer.close()
+
+
+def test_the_next_worker_reads_for_the_others_once_the_reader_stops(
+    amqp_url: str, pair: tuple[GatewayBroker, GatewayBroker]
+):
+    reader, fed = pair
+    assert fed.relay is not None
+    reader.stop()  # lets go of the lock
+    eventually(lambda: fed.relay.reading_for_others, what="the fed worker reading for others")
+    assert not fed.reader.paused
+    observer = BrokerClient(amqp_url)
+    try:
+        request_id = observer.send_request(ev_id="EV-NEXT")
+        _routed(observer, request_id)
+        eventually(lambda: _status(fed, request_id) == "routed", what="the stream read")
+    finally:
+        observer.close()

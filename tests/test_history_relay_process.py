@@ -1,0 +1,105 @@
+"""One reader of the history stream per gateway host, as processes: a gateway of two workers
+elects one to read the stream and relay it to the other; when that one is killed (SIGKILL:
+no clean-up), the other reads the stream at once, takes over the relay, and every worker
+goes on answering GET with what happened meanwhile."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from smartgrid import contract
+from stack.local import StackSettings, gateway_process
+from tests.helpers import BrokerClient, eventually
+from tests.test_gateway_history import _call
+
+_READS = re.compile(r"history relay: worker (\d+) reads the history stream for the host's")
+_RELAYED = re.compile(r"history relay: worker (\d+) is relayed the history")
+
+
+def _pids(log: Path, pattern: re.Pattern[str]) -> list[int]:
+    text = log.read_text() if log.exists() else ""
+    return [int(pid) for pid in pattern.findall(text)]
+
+
+def _post(base: str, ev_id: str) -> str:
+    """A request accepted by whichever worker answers (one that is still replaying the
+    history after a restart answers 503)."""
+    found: list[str] = []
+
+    def accepted() -> bool:
+        status, answer, _ = _call(f"{base}/charge", "POST", {"ev_id": ev_id})
+        if status == 202:
+            found.append(answer["request_id"])
+        return bool(found)
+
+    eventually(accepted, timeout=30, what=f"a 202 for {ev_id}")
+    return found[0]
+
+
+def _every_worker_says(base: str, request_id: str, status: str) -> None:
+    """Asked over new connections, so that both workers answer (granian's workers share the
+    listening socket); a worker still replaying answers 503 and is asked again."""
+
+    def answers() -> bool:
+        for _ in range(8):
+            code, record, _ = _call(f"{base}/charge/{request_id}")
+            if code == 503:
+                return False
+            assert (code, record.get("status")) == (200, status), record
+        return True
+
+    eventually(answers, timeout=30, what=f"{request_id} {status} at every worker")
+
+
+def test_the_reader_killed_another_worker_reads_on_and_get_keeps_answering(
+    stack_settings: StackSettings,
+):
+    settings = dataclasses.replace(stack_settings, gateway_workers=2)
+    base = settings.gateway_url
+    log = settings.log_dir / "gateway.log"
+    gateway = gateway_process(settings).start()
+    observer = BrokerClient(settings.amqp_url)
+    try:
+        gateway.wait_healthy(60)
+        eventually(
+            lambda: _pids(log, _READS) and _pids(log, _RELAYED),
+            timeout=20,
+            what="one worker reading the history, the other relayed to",
+        )
+        (reader,) = _pids(log, _READS)
+        (relayed,) = _pids(log, _RELAYED)
+        assert reader != relayed
+
+        before = _post(base, "EV-BEFORE")
+        observer.publish_event(contract.RequestRouted(time.time(), before, "EV-BEFORE", "S1", "b"))
+        _every_worker_says(base, before, "routed")
+
+        os.kill(reader, signal.SIGKILL)
+        # What happens meanwhile: a routing of a request accepted before, a new request.
+        meanwhile = _post(base, "EV-MEANWHILE")
+        routed_later = _post(base, "EV-ROUTED-LATER")
+        observer.publish_event(
+            contract.RequestRouted(time.time(), routed_later, "EV-ROUTED-LATER", "S2", "b")
+        )
+        eventually(
+            lambda: relayed in _pids(log, _READS),
+            timeout=20,
+            what="the relayed worker reading the history for the others",
+        )
+        _every_worker_says(base, meanwhile, "queued")
+        _every_worker_says(base, routed_later, "routed")
+        _every_worker_says(base, before, "routed")
+        # The worker started in the killed one's place replays, then is relayed to.
+        eventually(
+            lambda: len(_pids(log, _RELAYED)) == 2,
+            timeout=30,
+            what="the restarted worker relayed to",
+        )
+    finally:
+        observer.close()
+        gateway.stop()
