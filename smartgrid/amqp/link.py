@@ -256,6 +256,11 @@ class Link:
         return self._ready.is_set()
 
     @property
+    def stopping(self) -> bool:
+        """:meth:`stop` has begun: channels and the connection are being closed on purpose."""
+        return self._stopping
+
+    @property
     def user(self) -> str:
         """The broker user this link connects as (every publish carries it as ``user_id``)."""
         return connection_parameters(self._current_url, name=self.name).credentials.username

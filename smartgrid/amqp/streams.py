@@ -511,7 +511,11 @@ class StreamReader:
     def _reader_closed(
         self, subscription: int, channel: pika.channel.Channel, reason: BaseException
     ) -> None:
-        if subscription != self._subscription or self._reader_channel is not channel:
+        if (
+            subscription != self._subscription
+            or self._reader_channel is not channel
+            or self.link.stopping
+        ):
             return  # closed by the reader (a later one may read already), or with the connection
         self._reader_channel = None
         log.warning("%s: the reader's channel was closed (%s); reading again", self.stream, reason)
