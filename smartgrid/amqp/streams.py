@@ -244,6 +244,12 @@ class StreamReader:
     seconds and resubscribes, on a fresh channel, if it has fallen behind (see the module
     docstring); ``resubscriptions`` counts those.
 
+    ``pausable``: a following reader that consumes on a channel of its own, so that once
+    caught up it can stop reading the stream (:meth:`pause`) and be fed the same messages by
+    someone who reads them (:meth:`feed`: the gateway's workers, gateway/relay.py), go on
+    probing the stream's end meanwhile, and read it again itself (:meth:`resume`, or by itself
+    when it falls behind, which ``on_resubscribed`` tells its owner).
+
     ``declare_if_missing``: the stream and its bindings, declared only if the stream does not
     exist yet. A stream declared with other retention settings (by a service configured
     otherwise) is then read as it is; declaring it again with other arguments would be refused
@@ -485,7 +491,8 @@ class StreamReader:
         channel.basic_consume(self.stream, on_message, arguments={"x-stream-offset": "last"})
 
     def _read_on(self, subscription: int, channel: pika.channel.Channel) -> None:
-        """Consume on a channel of the reader's own (``follow=False``)."""
+        """Consume on a channel of the reader's own (``follow=False``, ``pausable``, or after
+        a resubscription)."""
         if subscription != self._subscription:
             channel.close()
             return
@@ -494,11 +501,21 @@ class StreamReader:
         channel.add_on_close_callback(
             lambda _ch, reason: self._reader_closed(subscription, channel, reason)
         )
+        # One ack per loop turn for what arrived in it (multiple), as the Link acks on its own
+        # channel: an ack only makes room for more deliveries.
+        unacked = [0]
+
+        def send_ack() -> None:
+            tag, unacked[0] = unacked[0], 0
+            if tag and channel.is_open:
+                channel.basic_ack(tag, multiple=True)
 
         def on_message(_channel: Any, method: Any, properties: Any, body: bytes) -> None:
             if not channel.is_open:
                 return
-            channel.basic_ack(method.delivery_tag)
+            if not unacked[0]:
+                self.link.call_later(0, send_ack)
+            unacked[0] = method.delivery_tag
             delivery = Delivery.received(self.link.generation, method, properties, body)
             self._read(subscription, delivery)
 
