@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from gateway import relay_protocol
 from gateway.answers import Outcome
 from gateway.doubts import Doubts
 from gateway.history import RequestHistory
@@ -110,7 +111,12 @@ class GatewayBroker:
         self.relay = (
             None
             if history_relay_dir is None
-            else HistoryRelay(self.link, self.reader, history_relay_dir)
+            else HistoryRelay(
+                self.link,
+                self.reader,
+                history_relay_dir,
+                reads=relay_protocol.source(amqp_url, contract.HISTORY_STREAM),
+            )
         )
         self._canary_interval = canary_interval
         self._last_publish = 0.0

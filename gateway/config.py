@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway import doubts
+from gateway import doubts, relay_protocol
 from smartgrid import contract
 from smartgrid.config import (
     DEFAULT_AMQP_URL,
@@ -150,6 +150,8 @@ class GatewayConfig:
         "Directory private to this gateway where its workers elect the one that reads the"
         " history stream for the others (a lock file) and relay it (a Unix socket); empty: a"
         " temporary directory made at start and removed at exit. Unused with one worker",
+        check=relay_protocol.socket_path_fits,
+        expect="a directory path short enough for a Unix socket in it (about 85 characters)",
     )
     tokens_file: str = setting(
         "GATEWAY_TOKENS_FILE",

@@ -52,8 +52,6 @@ RETRY_EVERY = 1.0
 #: Bytes a worker may have waiting to be sent to it before the reader drops it (it then reads
 #: the stream itself): a worker that stopped taking them must not hold the reader's memory.
 MAX_BACKLOG = 32 * 1024 * 1024
-#: The names of the lock and of the socket in the relay's directory.
-LOCK_NAME, SOCKET_NAME = "history-reader.lock", "history-relay.sock"
 _RECEIVE = 256 * 1024
 
 
@@ -107,7 +105,8 @@ class HistoryRelay:
     """A gateway worker's part in its host's relay of the history stream; I/O thread only.
 
     ``reader``: the worker's ``pausable`` StreamReader of the history, whose ``on_message``
-    calls :meth:`relay` and whose ``on_resubscribed`` is :meth:`on_resubscribed`.
+    calls :meth:`relay` and whose ``on_resubscribed`` is :meth:`on_resubscribed`. ``reads``:
+    what it reads (``relay_protocol.source``).
     """
 
     def __init__(
@@ -116,13 +115,17 @@ class HistoryRelay:
         reader: StreamReader,
         directory: str,
         *,
+        reads: bytes,
         window: int = WINDOW,
         retry_every: float = RETRY_EVERY,
     ) -> None:
         self.link = link
         self.reader = reader
-        self.lock = ReaderLock(os.path.join(directory, LOCK_NAME))
-        self.socket_path = os.path.join(directory, SOCKET_NAME)
+        self.lock = ReaderLock(os.path.join(directory, protocol.LOCK_NAME))
+        self.socket_path = os.path.join(directory, protocol.SOCKET_NAME)
+        #: What this worker reads (relay_protocol.source): a reader of another stream
+        #: relays nothing to it.
+        self.reads = reads
         self.window_limit = window
         self.retry_every = retry_every
         self._started = False
@@ -270,10 +273,18 @@ class HistoryRelay:
             if kind != protocol.HELLO or peer.live:
                 self._drop_worker(peer)
                 return
-            self._welcome(peer, protocol.decode_offset(payload))
+            self._welcome(peer, *protocol.decode_hello(payload))
 
-    def _welcome(self, peer: _Peer, next_offset: int) -> None:
+    def _welcome(self, peer: _Peer, next_offset: int, reads: bytes) -> None:
         window = self._window
+        if reads != self.reads:
+            log.error(
+                "history relay: a worker reading another stream or broker asks to be relayed "
+                "to in %s: HISTORY_RELAY_DIR must be one gateway's own",
+                os.path.dirname(self.socket_path),
+            )
+            self._drop_worker(peer)
+            return
         if window is None or not (self.link.ready and self.reader.caught_up):
             self._drop_worker(peer)  # it reads the stream itself, and asks again later
             return
@@ -295,7 +306,7 @@ class HistoryRelay:
         sock.setblocking(False)
         try:
             sock.connect(self.socket_path)
-            sock.send(protocol.hello(self.reader.next_offset or 0))
+            sock.send(protocol.hello(self.reader.next_offset or 0, self.reads))
         except OSError:
             sock.close()  # no reader listening (yet, or any more): read the stream itself
             return

@@ -9,7 +9,9 @@ forward), a gap is not.
 
 Frames: a kind (one byte) and the payload's length (4 bytes), then the payload.
 
-* ``HELLO`` (worker to reader): the offset just after the last message the worker has read.
+* ``HELLO`` (worker to reader): the offset just after the last message the worker has read,
+  and what it reads (:func:`source`: a digest of its broker URL and stream), so that a reader of
+  another stream (a directory shared by mistake) relays nothing to it.
 * ``WELCOME`` (reader to worker): the first offset the reader can still relay (its window's
   start); then the window's messages from the worker's offset on, then each new one.
 * ``MESSAGE``: ``prev``, offset, routing key, sender (``user_id``) and body.
@@ -18,10 +20,17 @@ Frames: a kind (one byte) and the payload's length (4 bytes), then the payload.
 from __future__ import annotations
 
 import collections
+import hashlib
+import os
 import struct
 from dataclasses import dataclass
 
 HELLO, WELCOME, MESSAGE = 1, 2, 3
+
+#: The names of the election's lock and of the relay's socket in the relay's directory.
+LOCK_NAME, SOCKET_NAME = "history-reader.lock", "history-relay.sock"
+#: The longest path a Unix socket can be bound to (sun_path, less its terminating NUL).
+_MAX_SOCKET_PATH = 107
 
 _HEADER = struct.Struct("!BI")
 _OFFSET = struct.Struct("!q")
@@ -46,12 +55,30 @@ class Relayed:
     body: bytes
 
 
+def socket_path_fits(directory: str) -> bool:
+    """Whether the relay's socket can be bound in ``directory`` (the empty default does)."""
+    return not directory or len(os.path.join(directory, SOCKET_NAME).encode()) <= _MAX_SOCKET_PATH
+
+
+def source(amqp_url: str, stream: str) -> bytes:
+    """What a worker reads, as it introduces itself (a digest: the URL may hold a password)."""
+    return hashlib.sha256(f"{amqp_url}\n{stream}".encode()).digest()[:16]
+
+
 def _frame(kind: int, payload: bytes) -> bytes:
     return _HEADER.pack(kind, len(payload)) + payload
 
 
-def hello(next_offset: int) -> bytes:
-    return _frame(HELLO, _OFFSET.pack(next_offset))
+def hello(next_offset: int, reads: bytes) -> bytes:
+    return _frame(HELLO, _OFFSET.pack(next_offset) + reads)
+
+
+def decode_hello(payload: bytes) -> tuple[int, bytes]:
+    """The worker's next offset, and what it reads."""
+    if len(payload) < _OFFSET.size:
+        raise ProtocolError(f"a hello frame of {len(payload)} bytes")
+    (offset,) = _OFFSET.unpack_from(payload)
+    return int(offset), payload[_OFFSET.size :]
 
 
 def welcome(window_start: int) -> bytes:

@@ -86,16 +86,25 @@ def test_a_gap_in_the_relayed_history_sends_the_worker_back_to_the_stream(
     amqp_url: str, pair: tuple[GatewayBroker, GatewayBroker]
 ):
     reader, fed = pair
-    assert reader.relay is not None and fed.relay is not None
-    window = reader.relay._window
-    assert window is not None
-    # As if the reader had read messages the fed worker never received.
-    reader.link.call_soon(lambda: setattr(window, "end", window.end + 3))
+    relay = reader.relay
+    assert relay is not None and fed.relay is not None
+    send_pending = relay._send_pending
+    lost: list[bytes] = []
+
+    def lose_one() -> None:  # the next message relayed never reaches the fed worker
+        if not lost:
+            lost.append(relay._pending.pop(0))
+        send_pending()
+
+    relay._send_pending = lose_one  # type: ignore[method-assign]
     observer = BrokerClient(amqp_url)
     try:
-        request_id = observer.send_request(ev_id="EV-AFTER-GAP")
+        first = observer.send_request(ev_id="EV-LOST")
+        eventually(lambda: bool(lost), what="a relayed message lost")
+        second = observer.send_request(ev_id="EV-AFTER-GAP")
         eventually(lambda: fed.relay.fallbacks == 1, what="the gap noticed")
-        eventually(lambda: _status(fed, request_id) == "queued", what="the request read anyway")
+        eventually(lambda: _status(fed, first) == "queued", what="the lost one read anyway")
+        eventually(lambda: _status(fed, second) == "queued", what="the next one")
     finally:
         observer.close()
 
@@ -161,3 +170,23 @@ def test_the_next_worker_reads_for_the_others_once_the_reader_stops(
         eventually(lambda: _status(fed, request_id) == "routed", what="the stream read")
     finally:
         observer.close()
+
+
+def test_a_worker_of_another_stream_is_not_relayed_to(amqp_url: str, tmp_path: Path):
+    """A relay directory shared by two gateways of different brokers or vhosts by mistake:
+    the offsets of one stream mean nothing in the other."""
+    reader = _broker(amqp_url, "relay-reader", tmp_path)
+    other = _broker(amqp_url, "relay-other", tmp_path)
+    assert other.relay is not None and reader.relay is not None
+    other.relay.reads = b"another stream"
+    reader.start()
+    try:
+        assert reader.wait_ready(10) and reader.wait_caught_up(10)
+        eventually(lambda: reader.relay.reading_for_others, timeout=5, what="the reader")
+        other.start()
+        assert other.wait_ready(10) and other.wait_caught_up(10)
+        time.sleep(1.0)  # ten tries to be relayed to
+        assert not other.relay.relayed and not other.reader.paused
+    finally:
+        other.stop()
+        reader.stop()

@@ -15,7 +15,7 @@ from gateway.election import ReaderLock
 
 def test_frames_arrive_whole_however_the_bytes_are_cut():
     data = (
-        protocol.hello(7)
+        protocol.hello(7, b"stream")
         + protocol.welcome(3)
         + protocol.message(5, 9, "charge.request", "gateway", b'{"a": 1}')
         + protocol.message(10, 10, "request.routed", None, b"")
@@ -26,7 +26,7 @@ def test_frames_arrive_whole_however_the_bytes_are_cut():
         frames += reader.feed(data[at : at + 3])
     kinds = [kind for kind, _ in frames]
     assert kinds == [protocol.HELLO, protocol.WELCOME, protocol.MESSAGE, protocol.MESSAGE]
-    assert protocol.decode_offset(frames[0][1]) == 7
+    assert protocol.decode_hello(frames[0][1]) == (7, b"stream")
     assert protocol.decode_offset(frames[1][1]) == 3
     assert protocol.decode_message(frames[2][1]) == protocol.Relayed(
         5, 9, "charge.request", "gateway", b'{"a": 1}'
@@ -41,6 +41,8 @@ def test_what_is_not_a_frame_is_refused():
         protocol.FrameReader().feed(b"\x09\x00\x00\x00\x01x")
     with pytest.raises(protocol.ProtocolError):
         protocol.decode_offset(b"\x00")
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_hello(b"\x00")
     with pytest.raises(protocol.ProtocolError):
         protocol.decode_message(b"\x00" * 5)
 
@@ -92,6 +94,20 @@ def test_a_worker_following_a_covered_window_applies_every_message_exactly_once(
             applied.append(message.offset)
             next_offset = message.offset + 1
     assert applied == [5, 6, 7]
+
+
+def test_what_a_worker_reads_tells_streams_and_brokers_apart_without_the_password():
+    here = protocol.source("amqp://gateway:secret@host:5672/smartgrid", "smartgrid.history")
+    assert here == protocol.source("amqp://gateway:secret@host:5672/smartgrid", "smartgrid.history")
+    assert here != protocol.source("amqp://gateway:secret@host:5672/other", "smartgrid.history")
+    assert here != protocol.source("amqp://gateway:secret@host:5672/smartgrid", "other")
+    assert b"secret" not in here
+
+
+def test_the_relay_s_directory_must_leave_room_for_its_socket():
+    assert protocol.socket_path_fits("")
+    assert protocol.socket_path_fits("/tmp/smartgrid-gateway-relay-abcdefgh")
+    assert not protocol.socket_path_fits("/" + "d" * 100)
 
 
 def test_one_holder_of_the_reader_lock_at_a_time(tmp_path: Path):
