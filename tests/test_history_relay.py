@@ -15,6 +15,7 @@ import pytest
 
 from gateway.broker import GatewayBroker
 from gateway.history import RequestHistory
+from gateway.relay import HistoryRelay
 from smartgrid import contract
 from tests.helpers import BrokerClient, eventually
 
@@ -32,6 +33,11 @@ def _broker(amqp_url: str, name: str, relay_dir: Path) -> GatewayBroker:
     return broker
 
 
+def _relay(broker: GatewayBroker) -> HistoryRelay:
+    assert broker.relay is not None
+    return broker.relay
+
+
 @pytest.fixture
 def pair(amqp_url: str, tmp_path: Path) -> Iterator[tuple[GatewayBroker, GatewayBroker]]:
     """A worker that reads the stream for the other, and the other, relayed to."""
@@ -46,7 +52,7 @@ def pair(amqp_url: str, tmp_path: Path) -> Iterator[tuple[GatewayBroker, Gateway
     try:
         assert fed.wait_ready(10) and fed.wait_caught_up(10)
         assert fed.relay is not None
-        eventually(lambda: fed.relay.relayed, timeout=5, what="the second worker relayed to")
+        eventually(lambda: _relay(fed).relayed, timeout=5, what="the second worker relayed to")
         assert fed.reader.paused and not fed.relay.reading_for_others
         yield reader, fed
     finally:
@@ -100,7 +106,7 @@ def test_a_gap_in_the_relayed_history_sends_the_worker_back_to_the_stream(
         first = observer.send_request(ev_id="EV-LOST")
         eventually(lambda: bool(lost), what="a relayed message lost")
         second = observer.send_request(ev_id="EV-AFTER-GAP")
-        eventually(lambda: fed.relay.fallbacks == 1, what="the gap noticed")
+        eventually(lambda: _relay(fed).fallbacks == 1, what="the gap noticed")
         eventually(lambda: _status(fed, first) == "queued", what="the lost one read anyway")
         eventually(lambda: _status(fed, second) == "queued", what="the next one")
     finally:
@@ -121,7 +127,7 @@ def test_a_broken_relay_socket_sends_the_worker_back_to_the_stream(
             relay._drop_worker(peer)
 
     reader.link.call_soon(drop_workers)
-    eventually(lambda: fed.relay.fallbacks == 1, what="the broken socket noticed")
+    eventually(lambda: _relay(fed).fallbacks == 1, what="the broken socket noticed")
     observer = BrokerClient(amqp_url)
     try:
         request_id = observer.send_request(ev_id="EV-ALONE")
@@ -142,7 +148,7 @@ def test_a_relay_that_stops_sending_is_noticed_by_the_stream_s_end(
     # Probes every half second once the probe due now has been made (at most 5 s from now);
     # not in the other tests, where a loaded machine could make a relay half a second late.
     fed.reader.probe_every = 0.5
-    reader.relay._send_pending = lambda: reader.relay._pending.clear()  # type: ignore[method-assign,union-attr]
+    reader.relay._send_pending = lambda: _relay(reader)._pending.clear()  # type: ignore[method-assign]
     observer = BrokerClient(amqp_url)
     try:
         request_id = observer.send_request(ev_id="EV-STUCK")
@@ -162,7 +168,7 @@ def test_the_next_worker_reads_for_the_others_once_the_reader_stops(
     reader, fed = pair
     assert fed.relay is not None
     reader.stop()  # lets go of the lock
-    eventually(lambda: fed.relay.reading_for_others, what="the fed worker reading for others")
+    eventually(lambda: _relay(fed).reading_for_others, what="the fed worker reading for others")
     assert not fed.reader.paused
     observer = BrokerClient(amqp_url)
     try:
@@ -183,7 +189,7 @@ def test_a_worker_of_another_stream_is_not_relayed_to(amqp_url: str, tmp_path: P
     reader.start()
     try:
         assert reader.wait_ready(10) and reader.wait_caught_up(10)
-        eventually(lambda: reader.relay.reading_for_others, timeout=5, what="the reader")
+        eventually(lambda: _relay(reader).reading_for_others, timeout=5, what="the reader")
         other.start()
         assert other.wait_ready(10) and other.wait_caught_up(10)
         time.sleep(1.0)  # ten tries to be relayed to
