@@ -40,6 +40,7 @@ from gateway.doubts import Doubts
 from gateway.history import RequestHistory
 from gateway.idempotency import HEADER, InvalidKey, parse_key
 from gateway.ratelimit import RateLimiter, per_worker
+from gateway.relay import FALLBACK_CAUSES, READING_MODES, reading_mode
 from smartgrid import contract
 from smartgrid.power_request import (
     POWER_FIELDS,
@@ -109,6 +110,31 @@ class GatewayMetrics:
             registry=registry,
             multiprocess_mode="livemin",
         )
+        # A host's workers: one reads the history stream and relays it (relay), the others
+        # are fed (relayed); a worker on "stream" beside a relay is not being relayed to (it
+        # is replaying, beyond the relay's window, or fell back and asks again shortly).
+        self.history_reading = Gauge(
+            "gateway_history_reading",
+            "Gateway workers by how they read the history: the stream for themselves (stream),"
+            " the stream for the host's other workers too (relay), or fed by the relay (relayed)",
+            ["mode"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.relay_fallbacks = Counter(
+            "gateway_history_relay_fallbacks",
+            "Times a gateway worker fed by the history relay read the stream itself again, by"
+            " cause (other_stream: a worker of another stream refused the relay)",
+            ["cause"],
+            registry=registry,
+        )
+        for cause in FALLBACK_CAUSES:
+            self.relay_fallbacks.labels(cause)
+
+    def reading(self, mode: str) -> None:
+        """This worker reads the history as ``mode`` (one of gateway.relay.READING_MODES)."""
+        for each in READING_MODES:
+            self.history_reading.labels(each).set(1 if each == mode else 0)
 
 
 #: Seconds between updates of the history gauges.
@@ -393,6 +419,8 @@ class _Endpoints:
         body: dict = {
             "status": "ok" if reason is None else "unavailable",
             "broker_connected": self.broker.ready,
+            # Which worker answers is the kernel's choice: this one's part in the relay.
+            "history_reading": reading_mode(self.broker.relay),
         }
         if reason is not None:
             body["reason"] = reason
@@ -463,6 +491,8 @@ def create_app(
             history_relay_dir=(config.history_relay_dir or None) if config.workers > 1 else None,
         )
     broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)
+    if broker.relay is not None:
+        broker.relay.on_fallback = lambda cause: metrics.relay_fallbacks.labels(cause).inc()
     if own_broker:
         broker.start()
     metrics.broker_connected.set(1 if broker.ready else 0)
@@ -471,6 +501,7 @@ def create_app(
         assert broker is not None
         metrics.history_oldest.set(broker.history.oldest_age())
         metrics.history_requests.set(len(broker.history))
+        metrics.reading(reading_mode(broker.relay))
         broker.link.call_later(HISTORY_GAUGE_INTERVAL, measure_history)
 
     broker.link.call_soon(measure_history)

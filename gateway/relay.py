@@ -33,6 +33,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 import pika
 
@@ -43,6 +44,27 @@ from smartgrid.amqp.link import FD_READ, FD_WRITE
 from smartgrid.amqp.streams import StreamReader, stream_offset
 
 log = logging.getLogger(__name__)
+
+#: How a worker reads the history (:attr:`HistoryRelay.mode`, ``gateway_history_reading`` and
+#: /health): from the stream for itself alone, from the stream for the host's other workers
+#: too, or fed by the relay.
+STREAM, RELAY, RELAYED = "stream", "relay", "relayed"
+READING_MODES = (STREAM, RELAY, RELAYED)
+
+#: Why a worker that was relayed to reads the stream itself again (``on_fallback``,
+#: ``gateway_history_relay_fallbacks_total{cause}``): a gap in the relayed history; the relay's
+#: socket closed or broken (the reader stopped or died, dropped the worker, or sent garbage);
+#: the relayed history fell behind the stream's end; the worker's own broker connection was
+#: lost. ``other_stream`` is counted by the reader: it refused a worker that reads another
+#: stream or broker (a relay directory shared by mistake), which therefore reads its own.
+GAP, RELAY_CONNECTION, BEHIND, BROKER_CONNECTION, OTHER_STREAM = (
+    "gap",
+    "relay_connection",
+    "behind",
+    "broker_connection",
+    "other_stream",
+)
+FALLBACK_CAUSES = (GAP, RELAY_CONNECTION, BEHIND, BROKER_CONNECTION, OTHER_STREAM)
 
 #: Messages the reader keeps for a worker that asks for what follows an offset a little
 #: behind (a few seconds of a busy stream).
@@ -106,7 +128,9 @@ class HistoryRelay:
 
     ``reader``: the worker's ``pausable`` StreamReader of the history, whose ``on_message``
     calls :meth:`relay` and whose ``on_resubscribed`` is :meth:`on_resubscribed`. ``reads``:
-    what it reads (``relay_protocol.source``).
+    what it reads (``relay_protocol.source``). ``on_fallback(cause)``, if set: a worker went
+    back to reading the stream itself, or was refused the relay, for one of
+    :data:`FALLBACK_CAUSES` (the gateway's metrics count them).
     """
 
     def __init__(
@@ -128,6 +152,7 @@ class HistoryRelay:
         self.reads = reads
         self.window_limit = window
         self.retry_every = retry_every
+        self.on_fallback: Callable[[str], None] | None = None
         self._started = False
         # As the reader:
         self._server: socket.socket | None = None
@@ -147,8 +172,17 @@ class HistoryRelay:
 
     @property
     def relayed(self) -> bool:
-        """This worker is fed by the relay instead of reading the stream."""
-        return self._upstream is not None and self._upstream.live
+        """This worker is fed by the relay instead of reading the stream (any thread: /health
+        asks, while the I/O thread may let go of the relay)."""
+        upstream = self._upstream
+        return upstream is not None and upstream.live
+
+    @property
+    def mode(self) -> str:
+        """How this worker reads the history now (one of :data:`READING_MODES`)."""
+        if self.reading_for_others:
+            return RELAY
+        return RELAYED if self.relayed else STREAM
 
     # ------------------------------------------------------------------ the Link's hooks
     def on_ready(self) -> None:
@@ -158,13 +192,13 @@ class HistoryRelay:
 
     def on_lost(self) -> None:
         # The reader resumes from its last offset on the next connection (StreamReader).
-        self._drop_upstream("the broker connection was lost", resume=False)
+        self._drop_upstream("the broker connection was lost", BROKER_CONNECTION, resume=False)
         for peer in list(self._workers.values()):
             self._drop_worker(peer)
 
     def on_resubscribed(self) -> None:
         """The reader fell behind the stream while fed, and reads it itself again."""
-        self._drop_upstream("the relayed history fell behind the stream", resume=False)
+        self._drop_upstream("the relayed history fell behind the stream", BEHIND, resume=False)
 
     def close(self) -> None:
         """Let go of the lock and the sockets (the worker is stopping)."""
@@ -283,6 +317,7 @@ class HistoryRelay:
                 "to in %s: HISTORY_RELAY_DIR must be one gateway's own",
                 os.path.dirname(self.socket_path),
             )
+            self._fell_back(OTHER_STREAM)
             self._drop_worker(peer)
             return
         if window is None or not (self.link.ready and self.reader.caught_up):
@@ -320,10 +355,10 @@ class HistoryRelay:
         try:
             frames = peer.receive()
         except protocol.ProtocolError as exc:
-            self._drop_upstream(f"the relay sent {exc}")
+            self._drop_upstream(f"the relay sent {exc}", RELAY_CONNECTION)
             return
         if frames is None:
-            self._drop_upstream("the relay's connection closed")
+            self._drop_upstream("the relay's connection closed", RELAY_CONNECTION)
             return
         for kind, payload in frames:
             if kind == protocol.WELCOME and not peer.live:
@@ -333,7 +368,9 @@ class HistoryRelay:
                 if not self._apply(protocol.decode_message(payload)):
                     return
             else:
-                self._drop_upstream(f"the relay sent a frame of kind {kind} out of turn")
+                self._drop_upstream(
+                    f"the relay sent a frame of kind {kind} out of turn", RELAY_CONNECTION
+                )
                 return
 
     def _follow(self, peer: _Peer, window_start: int) -> bool:
@@ -341,7 +378,8 @@ class HistoryRelay:
         if window_start > next_offset or not self.reader.caught_up:
             self._drop_upstream(
                 f"the relay's window starts at offset {window_start}, after this worker's "
-                f"{next_offset}"
+                f"{next_offset}",
+                GAP,
             )
             return False
         peer.live = True
@@ -360,7 +398,8 @@ class HistoryRelay:
             return True
         if placed == protocol.GAP:
             self._drop_upstream(
-                f"a gap in the relayed history (offsets {next_offset} to {message.prev - 1})"
+                f"a gap in the relayed history (offsets {next_offset} to {message.prev - 1})",
+                GAP,
             )
             return False
         self.reader.feed(
@@ -378,13 +417,20 @@ class HistoryRelay:
         )
         return True
 
-    def _drop_upstream(self, reason: str, *, resume: bool = True) -> None:
+    def _fell_back(self, cause: str) -> None:
+        if self.on_fallback is not None:
+            self.on_fallback(cause)
+
+    def _drop_upstream(self, reason: str, cause: str, *, resume: bool = True) -> None:
+        """Stop being relayed to (``cause``: one of :data:`FALLBACK_CAUSES`, counted when the
+        worker was fed), and read the stream itself again."""
         peer, self._upstream = self._upstream, None
         if peer is None:
             return
         self.link.unwatch_fd(peer.fd)
         peer.sock.close()
         if peer.live:
+            self._fell_back(cause)
             self.fallbacks += 1
             log.warning(
                 "history relay: %s; worker %d reads the stream itself from offset %s",
@@ -398,3 +444,8 @@ class HistoryRelay:
             self.reader.resume()
             if self.link.ready and self.reader.caught_up:
                 self._take_lock()  # the reader may have died: read for the others at once
+
+
+def reading_mode(relay: HistoryRelay | None) -> str:
+    """How a worker reads the history: by itself, always, when it has no relay."""
+    return STREAM if relay is None else relay.mode

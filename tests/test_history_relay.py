@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
+from flask import Flask
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.app import create_app
 from gateway.broker import GatewayBroker
+from gateway.config import GatewayConfig
 from gateway.history import RequestHistory
-from gateway.relay import HistoryRelay
+from gateway.relay import FALLBACK_CAUSES, READING_MODES, HistoryRelay
 from smartgrid import contract
 from tests.helpers import BrokerClient, eventually
 
@@ -60,6 +66,34 @@ def pair(amqp_url: str, tmp_path: Path) -> Iterator[tuple[GatewayBroker, Gateway
         reader.stop()
 
 
+def _app(amqp_url: str, broker: GatewayBroker) -> Flask:
+    """A worker's HTTP API over ``broker``, with metrics of its own."""
+    return create_app(GatewayConfig(amqp_url=amqp_url), broker=broker, registry=CollectorRegistry())
+
+
+def _metric(app: Flask, name: str, **labels: str) -> float | None:
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+def _shows_reading(app: Flask, mode: str) -> bool:
+    """The worker's ``gateway_history_reading`` is 1 for ``mode`` and 0 for the others."""
+    shown = {each: _metric(app, "gateway_history_reading", mode=each) for each in READING_MODES}
+    return shown == {each: float(each == mode) for each in READING_MODES}
+
+
+def _fallbacks(app: Flask) -> dict[str, float | None]:
+    """The worker's ``gateway_history_relay_fallbacks_total`` by cause."""
+    return {
+        cause: _metric(app, "gateway_history_relay_fallbacks_total", cause=cause)
+        for cause in FALLBACK_CAUSES
+    }
+
+
 def _routed(observer: BrokerClient, request_id: str, substation: str = "S1") -> None:
     observer.publish_event(contract.RequestRouted(time.time(), request_id, "EV", substation, "b1"))
 
@@ -86,10 +120,24 @@ def test_a_worker_fed_by_the_relay_learns_what_the_reader_reads(
         observer.close()
 
 
+def test_metrics_and_health_say_which_worker_reads_the_stream_for_the_others(
+    amqp_url: str, pair: tuple[GatewayBroker, GatewayBroker]
+):
+    reader, fed = pair
+    for broker, mode in ((reader, "relay"), (fed, "relayed")):
+        app = _app(amqp_url, broker)
+        eventually(partial(_shows_reading, app, mode), what=f"the worker shown as {mode}")
+        assert _fallbacks(app) == dict.fromkeys(FALLBACK_CAUSES, 0.0)
+        health = app.test_client().get("/health")
+        assert health.status_code == 200
+        assert health.get_json()["history_reading"] == mode
+
+
 def test_a_gap_in_the_relayed_history_sends_the_worker_back_to_the_stream(
     amqp_url: str, pair: tuple[GatewayBroker, GatewayBroker]
 ):
     reader, fed = pair
+    app = _app(amqp_url, fed)
     relay = reader.relay
     assert relay is not None and fed.relay is not None
     send_pending = relay._send_pending
@@ -109,6 +157,8 @@ def test_a_gap_in_the_relayed_history_sends_the_worker_back_to_the_stream(
         eventually(lambda: _relay(fed).fallbacks == 1, what="the gap noticed")
         eventually(lambda: _status(fed, first) == "queued", what="the lost one read anyway")
         eventually(lambda: _status(fed, second) == "queued", what="the next one")
+        counted = {cause: float(cause == "gap") for cause in FALLBACK_CAUSES}
+        eventually(lambda: _fallbacks(app) == counted, what="the fallback counted as a gap")
     finally:
         observer.close()
 
@@ -119,6 +169,7 @@ def test_a_broken_relay_socket_sends_the_worker_back_to_the_stream(
     reader, fed = pair
     assert reader.relay is not None and fed.relay is not None
     relay = reader.relay
+    app = _app(amqp_url, fed)
     fed.relay.retry_every = 60.0  # it does not ask to be relayed again during the test
     time.sleep(0.3)  # for the tick already due
 
@@ -134,6 +185,14 @@ def test_a_broken_relay_socket_sends_the_worker_back_to_the_stream(
         _routed(observer, request_id)
         eventually(lambda: _status(fed, request_id) == "routed", what="the stream read again")
         assert not fed.reader.paused and not fed.relay.relayed
+        counted = {cause: float(cause == "relay_connection") for cause in FALLBACK_CAUSES}
+        assert _fallbacks(app) == counted
+        eventually(
+            lambda: _shows_reading(app, "stream"),
+            timeout=10,
+            what="the worker shown reading the stream itself",
+        )
+        assert app.test_client().get("/health").get_json()["history_reading"] == "stream"
     finally:
         observer.close()
 
@@ -148,6 +207,7 @@ def test_a_relay_that_stops_sending_is_noticed_by_the_stream_s_end(
     # Probes every half second once the probe due now has been made (at most 5 s from now);
     # not in the other tests, where a loaded machine could make a relay half a second late.
     fed.reader.probe_every = 0.5
+    app = _app(amqp_url, fed)
     reader.relay._send_pending = lambda: _relay(reader)._pending.clear()  # type: ignore[method-assign]
     observer = BrokerClient(amqp_url)
     try:
@@ -158,6 +218,8 @@ def test_a_relay_that_stops_sending_is_noticed_by_the_stream_s_end(
         )
         assert fed.relay.fallbacks >= 1
         assert fed.reader.resubscriptions >= 1
+        behind = _fallbacks(app)["behind"]
+        assert behind is not None and behind >= 1
     finally:
         observer.close()
 
@@ -192,8 +254,11 @@ def test_a_worker_of_another_stream_is_not_relayed_to(amqp_url: str, tmp_path: P
         eventually(lambda: _relay(reader).reading_for_others, timeout=5, what="the reader")
         other.start()
         assert other.wait_ready(10) and other.wait_caught_up(10)
+        app = _app(amqp_url, reader)
         time.sleep(1.0)  # ten tries to be relayed to
         assert not other.relay.relayed and not other.reader.paused
+        refused = _fallbacks(app)["other_stream"]
+        assert refused is not None and refused >= 1
     finally:
         other.stop()
         reader.stop()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from smartgrid import contract
 from stack.local import StackSettings, gateway_process
-from tests.helpers import BrokerClient, eventually
+from tests.helpers import BrokerClient, eventually, metric
 from tests.test_gateway_history import _call
 
 _READS = re.compile(r"history relay: worker (\d+) reads the history stream for the host's")
@@ -26,6 +26,14 @@ def _pids(log: Path, pattern: re.Pattern[str]) -> set[int]:
     machine and was relayed to again logs it twice)."""
     text = log.read_text() if log.exists() else ""
     return {int(pid) for pid in pattern.findall(text)}
+
+
+def _workers_reading(base: str) -> dict[str, float | None]:
+    """How many of the gateway's workers read the history each way (/metrics)."""
+    return {
+        mode: metric(f"{base}/metrics", "gateway_history_reading", mode=mode)
+        for mode in ("stream", "relay", "relayed")
+    }
 
 
 def _post(base: str, ev_id: str) -> str:
@@ -83,6 +91,11 @@ def test_the_reader_killed_another_worker_reads_on_and_get_keeps_answering(
         (reader,) = _pids(log, _READS)
         (relayed,) = _pids(log, _RELAYED)
         assert reader != relayed
+        one_reads_for_the_other = {"stream": 0.0, "relay": 1.0, "relayed": 1.0}
+        eventually(
+            lambda: _workers_reading(base) == one_reads_for_the_other,
+            what="/metrics showing one worker reading for the other",
+        )
 
         before = _post(base, "EV-BEFORE")
         observer.publish_event(contract.RequestRouted(time.time(), before, "EV-BEFORE", "S1", "b"))
@@ -109,6 +122,15 @@ def test_the_reader_killed_another_worker_reads_on_and_get_keeps_answering(
             timeout=30,
             what="the restarted worker relayed to",
         )
+        # The killed worker's gauge is gone; the survivor's fallback is counted.
+        eventually(
+            lambda: _workers_reading(base) == one_reads_for_the_other,
+            what="/metrics showing the new reader and the restarted worker",
+        )
+        fallbacks = metric(
+            f"{base}/metrics", "gateway_history_relay_fallbacks_total", cause="relay_connection"
+        )
+        assert fallbacks is not None and fallbacks >= 1
     finally:
         observer.close()
         gateway.stop()
