@@ -114,7 +114,11 @@ def dashboard() -> Dashboard:
         "Routing": [routing_rate(), estimate_against_reported_load()],
         "Broker queues": [messages_waiting(), messages_unacknowledged()],
         "Latency": [accept_latency(), wait_to_start()],
-        "Outcomes and failures": [gateway_outcomes(), dead_letters_and_failed_forwards()],
+        "Outcomes and failures": [
+            gateway_outcomes(),
+            dead_letters_and_failed_forwards(),
+            gateway_history_relay(),
+        ],
         "Health": [substations_up(), broker_connections(), held_requests(), restarts()],
         "Balancer internals": [age_of_readings(), decision_time()],
     }
@@ -503,6 +507,23 @@ def dead_letters_and_failed_forwards() -> timeseries.Panel:
             "sum(increase(balancer_dispatch_failures_total[$__rate_interval])) or vector(0)",
             "forwards not confirmed",
         ),
+        decimals=0,
+    )
+
+
+def gateway_history_relay() -> timeseries.Panel:
+    return graph(
+        "Gateway history relay",
+        "Gateway workers by how they read the request history: relay (reads the stream for the"
+        " host's other workers), relayed (fed by it), stream (reads it itself: a lone worker,"
+        " replaying, or fallen back); and fallbacks to the stream by cause. Repeated ones:"
+        " GatewayHistoryRelayFallingBack.",
+        query("sum by (mode) (gateway_history_reading)", "{{mode}}"),
+        query(
+            "sum by (cause) (increase(gateway_history_relay_fallbacks_total[$__rate_interval]))",
+            "fallbacks: {{cause}}",
+        ),
+        steps=True,
         decimals=0,
     )
 
