@@ -86,6 +86,13 @@ def http_json(
         return error.code, error.headers, json.loads(error.read())
 
 
+def present(value: T | None) -> T:
+    """``value``, failing the test if it is None (a test that expects an answer, narrowed)."""
+    if value is None:
+        raise AssertionError("expected a value, got None")
+    return value
+
+
 def eventually(
     check: Callable[[], T | None], *, timeout: float = 20.0, interval: float = 0.1, what: str = ""
 ) -> T:

@@ -21,6 +21,7 @@ from balancer.strategies import (
     power_of_two,
     stale_min,
 )
+from tests.helpers import present
 
 
 def candidate(
@@ -63,7 +64,7 @@ def test_corrected_min_picks_the_lowest_utilisation_after_taking_the_request():
         candidate("big", capacity=10, estimate=5),  # 6/10
     ]
     for seed in range(20):
-        assert corrected_min(options, random.Random(seed)).substation == "best"
+        assert present(corrected_min(options, random.Random(seed))).substation == "best"
 
 
 def test_corrected_min_counts_the_request_itself_so_a_big_substation_beats_an_idle_small_one():
@@ -72,7 +73,7 @@ def test_corrected_min_counts_the_request_itself_so_a_big_substation_beats_an_id
         candidate("tiny", capacity=1, estimate=0),
         candidate("large", capacity=8, estimate=3),
     ]
-    assert corrected_min(options, random.Random(0)).substation == "large"
+    assert present(corrected_min(options, random.Random(0))).substation == "large"
 
 
 def test_corrected_min_fills_substations_in_proportion_to_their_capacity():
@@ -102,12 +103,12 @@ def test_corrected_min_breaks_a_tie_by_the_soonest_session_end():
         candidate("unknown", estimate=2),
     ]
     for seed in range(50):
-        assert corrected_min(options, random.Random(seed)).substation == "sooner"
+        assert present(corrected_min(options, random.Random(seed))).substation == "sooner"
 
 
 def test_the_session_end_only_breaks_ties_and_never_beats_a_lower_utilisation():
     options = [candidate("ending-soon", estimate=3, next_end=1.0), candidate("emptier", estimate=1)]
-    assert corrected_min(options, random.Random(0)).substation == "emptier"
+    assert present(corrected_min(options, random.Random(0))).substation == "emptier"
 
 
 def test_utilisations_equal_up_to_rounding_count_as_a_tie():
@@ -116,7 +117,7 @@ def test_utilisations_equal_up_to_rounding_count_as_a_tie():
         candidate("thirds", capacity=3, estimate=0, next_end=50.0),
         candidate("sixths", capacity=6, estimate=1, next_end=10.0),
     ]
-    assert corrected_min(options, random.Random(0)).substation == "sixths"
+    assert present(corrected_min(options, random.Random(0))).substation == "sixths"
 
 
 @pytest.mark.parametrize("order", ["forward", "reversed"])
@@ -126,9 +127,7 @@ def test_a_full_tie_is_broken_at_random_not_by_list_order(order: str):
         options.reverse()
 
     def pick(seed: int) -> str:
-        chosen = corrected_min(options, random.Random(seed))
-        assert chosen is not None
-        return chosen.substation
+        return present(corrected_min(options, random.Random(seed))).substation
 
     chosen = collections.Counter(pick(seed) for seed in range(300))
     assert set(chosen) == {"a", "b", "c"}
@@ -149,7 +148,7 @@ def test_corrected_min_skips_a_full_candidate_even_when_it_would_end_a_session_s
         candidate("full", capacity=2, estimate=2, next_end=1.0),
         candidate("open", capacity=2, estimate=1),
     ]
-    assert corrected_min(options, random.Random(0)).substation == "open"
+    assert present(corrected_min(options, random.Random(0))).substation == "open"
 
 
 @pytest.mark.parametrize("name", ALL_STRATEGY_NAMES)
@@ -163,8 +162,8 @@ def test_stale_min_decides_on_the_polled_load_and_ignores_the_estimate():
         candidate("looks-idle", estimate=3, polled_load=0),
         candidate("really-idle", estimate=0, polled_load=2),
     ]
-    assert stale_min(options, random.Random(0)).substation == "looks-idle"
-    assert corrected_min(options, random.Random(0)).substation == "really-idle"
+    assert present(stale_min(options, random.Random(0))).substation == "looks-idle"
+    assert present(corrected_min(options, random.Random(0))).substation == "really-idle"
 
 
 def test_stale_min_herds_every_request_between_polls_onto_one_substation():
@@ -186,7 +185,7 @@ def test_p2c_never_picks_a_full_candidate_while_an_open_one_exists():
     options = [candidate(f"full{i}", capacity=8, estimate=8) for i in range(5)]
     options.append(candidate("open", capacity=1, estimate=0))
     for seed in range(200):
-        assert power_of_two(options, random.Random(seed)).substation == "open"
+        assert present(power_of_two(options, random.Random(seed))).substation == "open"
 
 
 def test_p2c_holds_when_every_candidate_is_full():
@@ -198,7 +197,7 @@ def test_p2c_picks_the_better_of_the_two_it_samples():
     # With two candidates both are always sampled, so the better one always wins.
     options = [candidate("worse", estimate=3), candidate("better", estimate=1)]
     for seed in range(50):
-        assert power_of_two(options, random.Random(seed)).substation == "better"
+        assert present(power_of_two(options, random.Random(seed))).substation == "better"
 
 
 def test_p2c_samples_candidates_in_proportion_to_capacity():
@@ -210,7 +209,9 @@ def test_p2c_samples_candidates_in_proportion_to_capacity():
     options.append(candidate("c8", capacity=8, estimate=7))
     rng = random.Random(20240601)
     trials = 20_000
-    chosen = collections.Counter(power_of_two(options, rng).substation for _ in range(trials))
+    chosen = collections.Counter(
+        present(power_of_two(options, rng)).substation for _ in range(trials)
+    )
     shares = {name: count / trials for name, count in chosen.items()}
     expected = {"c2": 41 / 210, "c4": 75 / 210, "c8": 94 / 210}
     for name, share in expected.items():
@@ -226,7 +227,9 @@ def test_round_robin_hands_out_requests_in_proportion_to_capacity():
         candidate("c4", capacity=4),
         candidate("c8", capacity=8),
     ]
-    picks = collections.Counter(rr(options, random.Random(0)).substation for _ in range(14 * 10))
+    picks = collections.Counter(
+        present(rr(options, random.Random(0))).substation for _ in range(14 * 10)
+    )
     assert picks == {"c2": 20, "c4": 40, "c8": 80}
 
 
@@ -237,7 +240,7 @@ def test_round_robin_is_smooth_every_full_cycle_is_exactly_proportional_and_inte
         candidate("c4", capacity=4),
         candidate("c8", capacity=8),
     ]
-    sequence = [rr(options, random.Random(0)).substation for _ in range(14 * 5)]
+    sequence = [present(rr(options, random.Random(0))).substation for _ in range(14 * 5)]
     for start in range(0, len(sequence) - 14 + 1):
         assert collections.Counter(sequence[start : start + 14]) == {"c2": 2, "c4": 4, "c8": 8}
     longest_run = max(len(list(run)) for _, run in itertools.groupby(sequence))
@@ -247,7 +250,9 @@ def test_round_robin_is_smooth_every_full_cycle_is_exactly_proportional_and_inte
 def test_round_robin_ignores_load():
     rr = RoundRobin()
     options = [candidate("a", estimate=4), candidate("b", estimate=0)]
-    picks = collections.Counter(rr(options, random.Random(0)).substation for _ in range(10))
+    picks = collections.Counter(
+        present(rr(options, random.Random(0))).substation for _ in range(10)
+    )
     assert picks == {"a": 5, "b": 5}
 
 
@@ -263,7 +268,7 @@ def test_weighted_random_picks_in_proportion_to_capacity():
     options = [candidate("c1", capacity=1), candidate("c3", capacity=3)]
     rng = random.Random(7)
     chosen = collections.Counter(
-        strategies.weighted_random(options, rng).substation for _ in range(8000)
+        present(strategies.weighted_random(options, rng)).substation for _ in range(8000)
     )
     assert chosen["c3"] / 8000 == pytest.approx(0.75, abs=0.03)
 
