@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+from typing import TypedDict
 
 import pytest
 from hypothesis import example, given
@@ -238,6 +239,7 @@ def test_an_integer_field_sent_as_a_whole_float_decodes_as_an_int():
         }
     )
     event = contract.decode_event(contract.SubstationAnnounced.kind, body)
+    assert isinstance(event, contract.SubstationAnnounced)
     assert event.capacity == 4 and type(event.capacity) is int
     assert type(event.session_seconds) is float
 
@@ -550,6 +552,7 @@ def test_the_dead_letter_queue_does_not_dead_letter_into_itself_and_keeps_messag
 
 def test_queue_arguments_are_not_shared_between_declarations():
     first, second = contract.substation_topology("a")[0], contract.substation_topology("b")[0]
+    assert isinstance(first, contract.Queue) and isinstance(second, contract.Queue)
     assert first.arguments == second.arguments
     assert first.arguments is not second.arguments
 
@@ -575,6 +578,7 @@ def test_every_binding_joins_a_declared_queue_to_a_declared_exchange():
 
 def test_a_substation_queue_is_bound_to_the_dispatch_exchange_by_the_substation_id():
     queue, binding = contract.substation_topology("north-7")
+    assert isinstance(queue, contract.Queue)
     assert queue.name == "smartgrid.substation.north-7"
     assert binding == contract.Binding(
         "smartgrid.substation.north-7", contract.DISPATCH_EXCHANGE, "north-7"
@@ -691,7 +695,12 @@ def test_a_rejection_naming_a_malformed_active_request_is_rejected():
 
 
 def test_the_history_stream_is_a_stream_with_retention_by_age_and_size():
-    queue, *bindings = contract.history_topology(max_age_seconds=90_000, max_bytes=2_000_000_000)
+    queue, *declarations = contract.history_topology(
+        max_age_seconds=90_000, max_bytes=2_000_000_000
+    )
+    assert isinstance(queue, contract.Queue)
+    bindings = [d for d in declarations if isinstance(d, contract.Binding)]
+    assert bindings == declarations
     assert queue.name == contract.HISTORY_STREAM and queue.durable
     assert queue.arguments["x-queue-type"] == "stream"
     assert queue.arguments["x-max-age"] == "90000s"
@@ -769,7 +778,14 @@ def test_the_identity_of_any_body_is_what_is_readable_and_valid_in_it(body, iden
 
 
 # ------------------------------------------------------------------------------ power (issue 15)
-POWER = {"max_kw": 50.0, "min_kw": 6.0, "energy_kwh": 30.0, "priority": "fleet"}
+class PowerFields(TypedDict):
+    max_kw: float
+    min_kw: float
+    energy_kwh: float
+    priority: str
+
+
+POWER: PowerFields = {"max_kw": 50.0, "min_kw": 6.0, "energy_kwh": 30.0, "priority": "fleet"}
 
 
 def test_a_charge_request_with_power_fields_round_trips_and_says_its_power():
@@ -1055,27 +1071,29 @@ def test_an_array_of_numbers_decodes_as_its_items_checked_one_by_one_would(value
     )
 )
 def test_a_report_takes_session_bounds_exactly_when_each_minimum_is_within_0_and_its_maximum(
-    bounds,
+    bounds: list[tuple[float, float]],
 ):
-    fields = {
-        "at": 1.0,
-        "substation": "s1",
-        "instance": "i1",
-        "limit_kw": 100.0,
-        "failsafe_kw": 0.0,
-        "limit_in_force_kw": 100.0,
-        "power_kw": 0.0,
-        "sessions_standard": len(bounds),
-        "session_min_kw_standard": tuple(low for low, _ in bounds),
-        "session_max_kw_standard": tuple(high for _, high in bounds),
-        "session_min_kw_emergency": (),
-        "session_max_kw_emergency": (),
-        "session_min_kw_fleet": (),
-        "session_max_kw_fleet": (),
-    }
+    def demand() -> contract.PowerDemand:
+        return contract.PowerDemand(
+            at=1.0,
+            substation="s1",
+            instance="i1",
+            limit_kw=100.0,
+            failsafe_kw=0.0,
+            limit_in_force_kw=100.0,
+            power_kw=0.0,
+            sessions_standard=len(bounds),
+            session_min_kw_standard=tuple(low for low, _ in bounds),
+            session_max_kw_standard=tuple(high for _, high in bounds),
+            session_min_kw_emergency=(),
+            session_max_kw_emergency=(),
+            session_min_kw_fleet=(),
+            session_max_kw_fleet=(),
+        )
+
     valid = all(0 <= low <= high for low, high in bounds)
     if valid:
-        contract.PowerDemand(**fields)
+        demand()
     else:
         with pytest.raises(contract.InvalidMessage, match="session_min_kw_standard"):
-            contract.PowerDemand(**fields)
+            demand()
