@@ -198,7 +198,7 @@ def test_the_balancer_counts_a_cancelled_session_as_a_free_point(stack_settings,
         balancer.start().wait_healthy()
         eventually(
             lambda: (
-                metric(balancer.health_url, "balancer_substation_up", substation=SUBSTATION) == 1
+                metric(health_url(balancer), "balancer_substation_up", substation=SUBSTATION) == 1
             ),
             what="the balancer's first poll",
         )
@@ -210,7 +210,7 @@ def test_the_balancer_counts_a_cancelled_session_as_a_free_point(stack_settings,
         # Without the cancel counted, the balancer sees the substation full until its next
         # poll (two minutes away) and holds the request.
         eventually(lambda: _load(metrics_url) == 1, what="the next request routed and started")
-        assert metric(balancer.health_url, contract.HELD_METRIC, priority="standard") == 0
+        assert metric(health_url(balancer), contract.HELD_METRIC, priority="standard") == 0
     finally:
         assert balancer.stop() == 0
         assert service.stop() == 0
