@@ -327,6 +327,7 @@ def test_cancelling_a_completed_request_is_a_409(history):
 @pytest.mark.parametrize("reason", ["ev_busy", "dead"])
 def test_cancelling_a_request_that_ended_without_charging_is_a_409(history, reason):
     accept(history, post(history))
+    event: contract.Event
     if reason == "dead":
         event = contract.RequestDeadLettered(at=NOW, reason="x", source="q", request_id=FRESH)
     else:

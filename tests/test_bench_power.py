@@ -133,16 +133,17 @@ def test_waits_are_reported_in_simulated_minutes_per_class():
 
 def test_the_trace_is_what_loadgen_sends_and_every_strategy_serves_all_of_it():
     trace = loadgen_trace(peak_rate=10 / 3.6, hour_seconds=3.6, hours=7, seed=3)
+    duration = 7 * 3.6
     settings = LoadSettings(
         gateway_url="",
         interval=3.6 / 10,
         arrivals="poisson",
-        duration=7 * 3.6,
+        duration=duration,
         seed=3,
         ev_mix=True,
         hour_seconds=3.6,
     )
-    expected = [at for at in arrivals_for(settings) if at < settings.duration]
+    expected = [at for at in arrivals_for(settings) if at < duration]
     assert [r.at for r in trace] == expected
     for r in trace:  # every body is one the gateway accepts
         parse_power_fields(

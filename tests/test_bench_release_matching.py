@@ -17,6 +17,9 @@ from smartgrid.power import CLASS_ORDER, Priority
 
 no_deadline = settings(deadline=None)
 
+#: A held request in these tests: (its number in arrival order, its kW).
+Held = tuple[int, int]
+
 #: Held requests: (class, kW) in arrival order; then the kW that frees at each release call.
 requests = st.lists(st.tuples(st.sampled_from(CLASS_ORDER), st.integers(1, 10)), max_size=30)
 freed = st.lists(st.integers(0, 15), min_size=1, max_size=10)
@@ -25,7 +28,7 @@ freed = st.lists(st.integers(0, 15), min_size=1, max_size=10)
 def play(held, budgets, run):
     """Hold ``held`` (numbered in arrival order), free each budget in turn and release with
     ``run``; the released numbers in order."""
-    waiting = {c: deque() for c in CLASS_ORDER}
+    waiting: dict[Priority, deque[Held]] = {c: deque() for c in CLASS_ORDER}
     for number, (priority, kw) in enumerate(held):
         waiting[priority].append((number, kw))
     order = []
@@ -45,7 +48,7 @@ def play(held, budgets, run):
 @given(requests, freed)
 def test_a_window_of_one_releases_as_the_balancer_does(held, budgets):
     ours, theirs = ReleaseScheduler(), ReleaseScheduler()
-    matcher = Matcher(lambda i: i[0], window=1, max_passes=3)
+    matcher: Matcher[Held] = Matcher(lambda i: i[0], window=1, max_passes=3)
     assert play(
         held,
         budgets,
@@ -56,7 +59,7 @@ def test_a_window_of_one_releases_as_the_balancer_does(held, budgets):
 @no_deadline
 @given(requests, freed, st.integers(1, 8), st.integers(0, 5))
 def test_no_request_is_overtaken_in_its_class_more_than_the_bound(held, budgets, window, passes):
-    matcher = Matcher(lambda i: i[0], window, passes)
+    matcher: Matcher[Held] = Matcher(lambda i: i[0], window, passes)
     # Prefer the smallest: the large ones at the head are the ones overtaken.
     order = play(
         held,
@@ -92,7 +95,7 @@ def test_the_matched_loop_with_a_window_of_one_and_no_hold_is_the_balancers_rele
 
 
 def test_within_the_window_the_best_suited_goes_first_and_the_oldest_on_a_tie():
-    matcher = Matcher(lambda i: i[0], window=3, max_passes=5)
+    matcher: Matcher[Held] = Matcher(lambda i: i[0], window=3, max_passes=5)
     # Suits best the smallest; 3 and 4 are equal; 5 is beyond the window until one leaves.
     order = play(
         [(Priority.STANDARD, kw) for kw in (5, 2, 4, 4, 1)],

@@ -42,7 +42,7 @@ from stack.processes import ProcessGroup, ServiceProcess
 from tests.cluster import RabbitCluster
 from tests.conftest import free_ports
 from tests.docker_engine import COMPOSE_BINARY
-from tests.helpers import env_example, eventually, health_url, kill, metric, scrape
+from tests.helpers import env_example, eventually, health_url, kill, metric, present, scrape
 from tests.test_faults import FaultRun, _active_sessions, _assert_ledger, _redelivered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +150,8 @@ def test_the_cluster_wiring(merged_compose):
     for name in AMQP_SERVICES:
         urls = services[name]["environment"]["AMQP_URL"].split(",")
         hosts = sorted(
-            re.fullmatch(r"amqp://\w+@([\w-]+):5672/smartgrid", url).group(1) for url in urls
+            present(re.fullmatch(r"amqp://\w+@([\w-]+):5672/smartgrid", url)).group(1)
+            for url in urls
         )
         assert hosts == NODES, (name, urls)
         for node in NODES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -43,7 +43,7 @@ def _completed(n: int) -> contract.SessionCompleted:
 
 
 def _publish_in_one_turn(
-    link: Link, publisher: EventPublisher, events: list[contract.Event]
+    link: Link, publisher: EventPublisher, events: Sequence[contract.Event]
 ) -> list[concurrent.futures.Future]:
     """Publish ``events`` from one callback on the I/O thread, as a consumer callback would."""
     futures: list[concurrent.futures.Future] = []
@@ -79,7 +79,8 @@ def test_events_published_in_one_turn_go_as_one_message_per_kind_and_each_is_con
     publisher = EventPublisher(link)
     routed = [_routed(n) for n in range(40)]
     completed = [_completed(n) for n in range(3)]
-    futures = _publish_in_one_turn(link, publisher, routed[:20] + completed + routed[20:])
+    mixed: list[contract.Event] = [*routed[:20], *completed, *routed[20:]]
+    futures = _publish_in_one_turn(link, publisher, mixed)
     for future in futures:
         assert future.result(10) is None
 

@@ -25,6 +25,7 @@ from smartgrid.leases import (
     target_shares,
 )
 from smartgrid.power import CLASS_ORDER, Priority, SessionDemand, allocate
+from tests.helpers import present
 
 no_deadline = settings(deadline=None)
 
@@ -470,7 +471,7 @@ def test_without_a_release_the_raise_waits_for_the_lower_share_to_be_acknowledge
     allocator.report(report(holders["a2"], "a2", 0.5, demands["a2"]))
     shares = {g.substation: g.share_w for g in allocator.allocate(LIMITS, 0.5)}
     assert shares == {"a2": 15_000}  # a1 cannot have a2's 15 kW yet: a2 may still draw 30
-    holders["a2"].offer(allocator._latest("a2"), 0.51)
+    holders["a2"].offer(present(allocator._latest("a2")), 0.51)
     allocator.report(report(holders["a2"], "a2", 0.52, demands["a2"]))
     assert _settled(allocator, LIMITS, 0.52) == {"a1": 45_000}  # one round trip later
 

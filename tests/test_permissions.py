@@ -365,6 +365,7 @@ def _declare_and_drain(substation: str) -> Operation:
             if isinstance(declaration, contract.Queue):
                 ch.queue_declare(declaration.name, durable=True, arguments=declaration.arguments)
             else:
+                assert isinstance(declaration, contract.Binding), declaration
                 ch.queue_bind(declaration.queue, declaration.exchange, declaration.routing_key)
         ch.basic_consume(contract.substation_queue_name(substation), lambda *a: None)
 

@@ -192,7 +192,8 @@ def test_a_huge_page_is_refused(targets):
 def test_only_allowed_urls_are_fetched(url, reason):
     with pytest.raises(TargetRefused, match=reason):
         check_target(url, ALLOWED)
-    assert reason in fetch_reading("s1", url, 1.0, ALLOWED)[2]
+    _substation, reading, error = fetch_reading("s1", url, 1.0, ALLOWED)
+    assert reading is None and error is not None and reason in error
 
 
 def test_host_patterns_match_as_configured():

@@ -289,7 +289,7 @@ def test_after_a_reconnect_the_reader_resumes_where_it_stopped_and_catches_up_ag
         )
         publish(amqp_url, [b"d"])
         eventually(lambda: len(reading.read_when_caught_up) == 2, timeout=30)
-        read = eventually(lambda: len(reading.read) >= 4 and reading.read)
+        read = eventually(lambda: reading.read if len(reading.read) >= 4 else None)
         assert [body for _key, body in read] == [b"a", b"b", b"c", b"d"]
     finally:
         reading.stop()
