@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -22,8 +22,14 @@ from rich.text import Text
 from loadgen.report import percentile, status_class
 from loadgen.traffic import ERROR_KINDS, SendStats
 
-if TYPE_CHECKING:
-    from loadgen.observer import EventObserver
+
+class SessionCounts(Protocol):
+    """What the live view reads of an observer (loadgen.observer.EventObserver)."""
+
+    def active_sessions(self) -> dict[str, int]: ...
+
+    def capacities(self) -> dict[str, int]: ...
+
 
 #: Seconds of history behind "current send rate".
 RATE_WINDOW = 5.0
@@ -43,7 +49,7 @@ class LiveView:
         duration: float | None = None,
         count: int | None = None,
         scenario: str = "",
-        observer: EventObserver | None = None,
+        observer: SessionCounts | None = None,
         console: Console | None = None,
         refresh_per_second: float = 1.0,
     ):

@@ -425,7 +425,7 @@ def test_live_view_renders_counters_without_the_sender():
         stats,
         duration=30.0,
         scenario="seed x0.1",
-        observer=FakeObserver(),  # type: ignore[arg-type]  # a stand-in with the two methods it reads
+        observer=FakeObserver(),
         console=console,
     )
     console.print(view.render())  # before the start
