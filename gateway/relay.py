@@ -246,8 +246,10 @@ class HistoryRelay:
     def relay(self, delivery: Delivery) -> None:
         """A message this worker read from the stream (the reader's ``on_message``)."""
         window = self._window
+        if window is None:
+            return  # not the reader: nothing to relay (every message of every worker comes here)
         offset = stream_offset(delivery)
-        if window is None or offset is None or offset < window.end:
+        if offset is None or offset < window.end:
             return
         frame = window.add(offset, delivery.routing_key, delivery.properties.user_id, delivery.body)
         if not self._workers:
