@@ -40,19 +40,31 @@ def env_example() -> dict[str, str]:
     return pairs
 
 
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics page, keyed by (name, sorted labels)."""
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples_of(text: str) -> Samples:
+    """Every sample of a metrics page's text, keyed by :func:`sample_key`."""
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            samples[sample_key(sample.name, **sample.labels)] = sample.value
     return samples
 
 
+def sample_key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """(name, sorted labels): how :func:`samples_of` keys a sample."""
+    return name, tuple(sorted(labels.items()))
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a /metrics page, keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return samples_of(response.read().decode())
+
+
 def metric(url: str, name: str, **labels: str) -> float | None:
-    return scrape(url).get((name, tuple(sorted(labels.items()))))
+    return scrape(url).get(sample_key(name, **labels))
 
 
 def health_url(service: ServiceProcess) -> str:

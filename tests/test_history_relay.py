@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.broker import GatewayBroker
@@ -23,7 +22,7 @@ from gateway.config import GatewayConfig
 from gateway.history import RequestHistory
 from gateway.relay import FALLBACK_CAUSES, READING_MODES, HistoryRelay
 from smartgrid import contract
-from tests.helpers import BrokerClient, eventually
+from tests.helpers import BrokerClient, Samples, eventually, sample_key, samples_of
 
 
 def _broker(amqp_url: str, name: str, relay_dir: Path) -> GatewayBroker:
@@ -71,25 +70,25 @@ def _app(amqp_url: str, broker: GatewayBroker) -> Flask:
     return create_app(GatewayConfig(amqp_url=amqp_url), broker=broker, registry=CollectorRegistry())
 
 
-def _metric(app: Flask, name: str, **labels: str) -> float | None:
-    text = app.test_client().get("/metrics").get_data(as_text=True)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return None
+def _samples(app: Flask) -> Samples:
+    return samples_of(app.test_client().get("/metrics").get_data(as_text=True))
 
 
 def _shows_reading(app: Flask, mode: str) -> bool:
     """The worker's ``gateway_history_reading`` is 1 for ``mode`` and 0 for the others."""
-    shown = {each: _metric(app, "gateway_history_reading", mode=each) for each in READING_MODES}
+    samples = _samples(app)
+    shown = {
+        each: samples.get(sample_key("gateway_history_reading", mode=each))
+        for each in READING_MODES
+    }
     return shown == {each: float(each == mode) for each in READING_MODES}
 
 
 def _fallbacks(app: Flask) -> dict[str, float | None]:
     """The worker's ``gateway_history_relay_fallbacks_total`` by cause."""
+    samples = _samples(app)
     return {
-        cause: _metric(app, "gateway_history_relay_fallbacks_total", cause=cause)
+        cause: samples.get(sample_key("gateway_history_relay_fallbacks_total", cause=cause))
         for cause in FALLBACK_CAUSES
     }
 

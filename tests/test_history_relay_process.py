@@ -12,9 +12,10 @@ import signal
 import time
 from pathlib import Path
 
+from gateway.relay import READING_MODES
 from smartgrid import contract
 from stack.local import StackSettings, gateway_process
-from tests.helpers import BrokerClient, eventually, metric
+from tests.helpers import BrokerClient, eventually, metric, sample_key, scrape
 from tests.test_gateway_history import _call
 
 _READS = re.compile(r"history relay: worker (\d+) reads the history stream for the host's")
@@ -30,9 +31,10 @@ def _pids(log: Path, pattern: re.Pattern[str]) -> set[int]:
 
 def _workers_reading(base: str) -> dict[str, float | None]:
     """How many of the gateway's workers read the history each way (/metrics)."""
+    samples = scrape(f"{base}/metrics")
     return {
-        mode: metric(f"{base}/metrics", "gateway_history_reading", mode=mode)
-        for mode in ("stream", "relay", "relayed")
+        mode: samples.get(sample_key("gateway_history_reading", mode=mode))
+        for mode in READING_MODES
     }
 
 
