@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smartgrid import share_stamps
+from smartgrid.log_lines import pattern
 
-_REPORT = share_stamps.pattern(share_stamps.REPORT_RECEIVED)
-_GRANT = share_stamps.pattern(share_stamps.GRANT_ISSUED)
-_SHARE = share_stamps.pattern(share_stamps.SHARE_RECEIVED)
+_REPORT = pattern(share_stamps.REPORT_RECEIVED)
+_GRANT = pattern(share_stamps.GRANT_ISSUED)
+_SHARE = pattern(share_stamps.SHARE_RECEIVED)
 #: Stamps are printed to the microsecond; a session's power step is stamped with its grant's
 #: receipt time.
 SAME = 2e-6

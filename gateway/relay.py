@@ -66,6 +66,16 @@ GAP, RELAY_CONNECTION, BEHIND, BROKER_CONNECTION, OTHER_STREAM = (
 )
 FALLBACK_CAUSES = (GAP, RELAY_CONNECTION, BEHIND, BROKER_CONNECTION, OTHER_STREAM)
 
+#: The lines a worker logs as it takes a part in the relay, defined once for the relay and
+#: what reads its log (tests/test_history_relay_process.py, through
+#: ``smartgrid.log_lines.pattern``): it reads the stream for the others (its pid, and the
+#: offset it relays from); it is relayed to (its pid, and the offset it follows on from).
+READS_FOR_OTHERS = (
+    "history relay: worker %d reads the history stream for the host's other workers "
+    "(from offset %d)"
+)
+RELAYED_FROM = "history relay: worker %d is relayed the history from offset %d"
+
 #: Messages the reader keeps for a worker that asks for what follows an offset a little
 #: behind (a few seconds of a busy stream).
 WINDOW = 20_000
@@ -235,12 +245,7 @@ class HistoryRelay:
         self._server = server
         self._window = protocol.Window(self.reader.next_offset or 0, self.window_limit)
         self.link.watch_fd(server.fileno(), self._on_connect, FD_READ)
-        log.info(
-            "history relay: worker %d reads the history stream for the host's other workers "
-            "(from offset %d)",
-            os.getpid(),
-            self._window.start,
-        )
+        log.info(READS_FOR_OTHERS, os.getpid(), self._window.start)
         return True
 
     def relay(self, delivery: Delivery) -> None:
@@ -386,11 +391,7 @@ class HistoryRelay:
             return False
         peer.live = True
         self.reader.pause()
-        log.info(
-            "history relay: worker %d is relayed the history from offset %d",
-            os.getpid(),
-            next_offset,
-        )
+        log.info(RELAYED_FROM, os.getpid(), next_offset)
         return True
 
     def _apply(self, message: protocol.Relayed) -> bool:

@@ -12,21 +12,23 @@ import signal
 import time
 from pathlib import Path
 
-from gateway.relay import READING_MODES
+from gateway.relay import READING_MODES, READS_FOR_OTHERS, RELAYED_FROM
 from smartgrid import contract
+from smartgrid.log_lines import pattern
 from stack.local import StackSettings, gateway_process
 from tests.helpers import BrokerClient, eventually, metric, sample_key, scrape
 from tests.test_gateway_history import _call
 
-_READS = re.compile(r"history relay: worker (\d+) reads the history stream for the host's")
-_RELAYED = re.compile(r"history relay: worker (\d+) is relayed the history")
+#: The first group of each is the worker's pid.
+_READS = pattern(READS_FOR_OTHERS)
+_RELAYED = pattern(RELAYED_FROM)
 
 
-def _pids(log: Path, pattern: re.Pattern[str]) -> set[int]:
-    """The workers that logged ``pattern`` (a worker that fell back from the relay on a loaded
+def _pids(log: Path, line: re.Pattern[str]) -> set[int]:
+    """The workers that logged ``line`` (a worker that fell back from the relay on a loaded
     machine and was relayed to again logs it twice)."""
     text = log.read_text() if log.exists() else ""
-    return {int(pid) for pid in pattern.findall(text)}
+    return {int(found.group(1)) for found in line.finditer(text)}
 
 
 def _workers_reading(base: str) -> dict[str, float | None]:

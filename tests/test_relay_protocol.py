@@ -11,6 +11,8 @@ import pytest
 
 from gateway import relay_protocol as protocol
 from gateway.election import ReaderLock
+from gateway.relay import READS_FOR_OTHERS, RELAYED_FROM
+from smartgrid.log_lines import pattern
 
 
 def test_frames_arrive_whole_however_the_bytes_are_cut():
@@ -108,6 +110,14 @@ def test_the_relay_s_directory_must_leave_room_for_its_socket():
     assert protocol.socket_path_fits("")
     assert protocol.socket_path_fits("/tmp/smartgrid-gateway-relay-abcdefgh")
     assert not protocol.socket_path_fits("/" + "d" * 100)
+
+
+@pytest.mark.parametrize("line", [READS_FOR_OTHERS, RELAYED_FROM])
+def test_the_relay_s_log_lines_are_found_by_the_pattern_of_their_format(line: str):
+    logged = f"2026-11-30 17:00:00 INFO gateway.relay: {line % (4242, 0)}\n"
+    found = pattern(line).search(logged)
+    assert found is not None and found.groups() == ("4242", "0")
+    assert pattern(line).search(logged.replace("4242", "pid")) is None
 
 
 def test_one_holder_of_the_reader_lock_at_a_time(tmp_path: Path):
