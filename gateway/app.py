@@ -489,6 +489,7 @@ def create_app(
             declare_topology=config.declare_topology,
             event_senders=config.event_senders,
             history_relay_dir=(config.history_relay_dir or None) if config.workers > 1 else None,
+            history_relay_window=config.history_relay_window,
         )
     broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)
     if broker.relay is not None:

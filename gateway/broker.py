@@ -84,6 +84,7 @@ class GatewayBroker:
         history_max_age: int = contract.HISTORY_MAX_AGE_SECONDS,
         history_max_bytes: int = contract.HISTORY_MAX_BYTES,
         history_relay_dir: str | None = None,
+        history_relay_window: int = relay_protocol.WINDOW,
     ):
         self.history = history
         self.on_connection_change = on_connection_change
@@ -116,6 +117,7 @@ class GatewayBroker:
                 self.reader,
                 history_relay_dir,
                 reads=relay_protocol.source(amqp_url, contract.HISTORY_STREAM),
+                window=history_relay_window,
             )
         )
         self._canary_interval = canary_interval

@@ -153,6 +153,15 @@ class GatewayConfig:
         check=relay_protocol.socket_path_fits,
         expect="a directory path short enough for a Unix socket in it (about 85 characters)",
     )
+    history_relay_window: int = setting(
+        "HISTORY_RELAY_WINDOW",
+        relay_protocol.WINDOW,
+        "Messages the worker that reads the history stream for the others keeps for a worker"
+        " that asks to follow on from a little behind; one further behind reads the stream"
+        " itself. Unused with one worker",
+        check=positive,
+        expect="an integer > 0",
+    )
     tokens_file: str = setting(
         "GATEWAY_TOKENS_FILE",
         "",

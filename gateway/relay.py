@@ -76,9 +76,6 @@ READS_FOR_OTHERS = (
 )
 RELAYED_FROM = "history relay: worker %d is relayed the history from offset %d"
 
-#: Messages the reader keeps for a worker that asks for what follows an offset a little
-#: behind (a few seconds of a busy stream).
-WINDOW = 20_000
 #: How often a worker that reads the stream itself tries to take the lock, or to be relayed.
 RETRY_EVERY = 1.0
 #: Bytes a worker may have waiting to be sent to it before the reader drops it (it then reads
@@ -138,7 +135,9 @@ class HistoryRelay:
 
     ``reader``: the worker's ``pausable`` StreamReader of the history, whose ``on_message``
     calls :meth:`relay` and whose ``on_resubscribed`` is :meth:`on_resubscribed`. ``reads``:
-    what it reads (``relay_protocol.source``). ``on_fallback(cause)``, if set: a worker went
+    what it reads (``relay_protocol.source``). ``window``: how many of the messages it relays,
+    as the reader, it keeps for a worker that asks to follow on from a little behind
+    (``HISTORY_RELAY_WINDOW``). ``on_fallback(cause)``, if set: a worker went
     back to reading the stream itself, or was refused the relay, for one of
     :data:`FALLBACK_CAUSES` (the gateway's metrics count them).
     """
@@ -150,7 +149,7 @@ class HistoryRelay:
         directory: str,
         *,
         reads: bytes,
-        window: int = WINDOW,
+        window: int = protocol.WINDOW,
         retry_every: float = RETRY_EVERY,
     ) -> None:
         self.link = link

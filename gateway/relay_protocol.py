@@ -36,6 +36,10 @@ _HEADER = struct.Struct("!BI")
 _OFFSET = struct.Struct("!q")
 _MESSAGE_HEAD = struct.Struct("!qqHH")
 
+#: Messages the reader keeps for a worker that asks for what follows an offset a little
+#: behind (a few seconds of a busy stream): ``HISTORY_RELAY_WINDOW``'s default.
+WINDOW = 20_000
+
 #: What a relayed message is to a worker: the next one, one it has already, or past a gap.
 APPLY, DUPLICATE, GAP = "apply", "duplicate", "gap"
 

@@ -16,12 +16,14 @@ import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
+from gateway import relay_protocol
 from gateway.app import create_app
 from gateway.broker import GatewayBroker
 from gateway.config import GatewayConfig
 from gateway.history import RequestHistory
 from gateway.relay import FALLBACK_CAUSES, READING_MODES, HistoryRelay
 from smartgrid import contract
+from smartgrid.config import ConfigError, from_env
 from tests.helpers import BrokerClient, Samples, eventually, sample_key, samples_of
 
 
@@ -100,6 +102,10 @@ def _routed(observer: BrokerClient, request_id: str, substation: str = "S1") -> 
 def _status(broker: GatewayBroker, request_id: str) -> str | None:
     record = broker.history.get(request_id)
     return None if record is None else record["status"]
+
+
+def _all_queued(broker: GatewayBroker, request_ids: list[str]) -> bool:
+    return all(_status(broker, request_id) == "queued" for request_id in request_ids)
 
 
 def test_a_worker_fed_by_the_relay_learns_what_the_reader_reads(
@@ -260,4 +266,54 @@ def test_a_worker_of_another_stream_is_not_relayed_to(amqp_url: str, tmp_path: P
         assert refused is not None and refused >= 1
     finally:
         other.stop()
+        reader.stop()
+
+
+def test_the_relay_s_window_is_a_positive_number_of_messages():
+    assert GatewayConfig().history_relay_window == relay_protocol.WINDOW == 20_000
+    assert from_env(GatewayConfig, {"HISTORY_RELAY_WINDOW": "500"}).history_relay_window == 500
+    for wrong in ("0", "-3", "1.5", "many"):
+        with pytest.raises(ConfigError, match="HISTORY_RELAY_WINDOW"):
+            from_env(GatewayConfig, {"HISTORY_RELAY_WINDOW": wrong})
+
+
+@pytest.mark.parametrize(
+    ("window", "relayed"),
+    [(2, False), (relay_protocol.WINDOW, True)],
+    ids=["beyond-the-window", "within-the-window"],
+)
+def test_a_worker_further_behind_than_the_relay_s_window_reads_the_stream_itself(
+    amqp_url: str, tmp_path: Path, window: int, relayed: bool
+):
+    """HISTORY_RELAY_WINDOW: a worker that asks to follow on from further back than the
+    reader's last ``window`` messages is refused, and reads what it missed from the stream
+    itself; from within the window, the reader relays it what it missed."""
+    config = GatewayConfig(
+        amqp_url=amqp_url, history_relay_dir=str(tmp_path), history_relay_window=window
+    )
+    app = create_app(config, registry=CollectorRegistry())  # the reader, as a worker makes it
+    reader: GatewayBroker = app.extensions["smartgrid.broker"]
+    behind = _broker(amqp_url, "relay-behind", tmp_path)
+    relay = _relay(behind)
+    relay.retry_every = 60.0  # it asks to be relayed to when the test says so, once
+    behind.reader.probe_every = 60.0  # nor does it notice by itself that it is behind
+    observer = BrokerClient(amqp_url)
+    try:
+        assert reader.wait_ready(10) and reader.wait_caught_up(10)
+        eventually(lambda: _relay(reader).reading_for_others, timeout=5, what="the reader")
+        behind.start()
+        assert behind.wait_ready(10) and behind.wait_caught_up(10)
+        behind.link.call_soon(behind.reader.pause)  # it stops reading: it falls behind
+        eventually(lambda: behind.reader.paused, what="the worker no longer reading")
+        missed = [observer.send_request(ev_id=f"EV-MISSED-{n}") for n in range(3)]
+        eventually(lambda: _all_queued(reader, missed), what="the reader reading them")
+        assert [_status(behind, request_id) for request_id in missed] == [None] * 3
+        behind.link.call_soon(relay._tick)  # it asks to follow on from its own offset
+        eventually(lambda: _all_queued(behind, missed), what="the worker learning them")
+        assert relay.relayed == relayed
+        assert behind.reader.paused == relayed  # relayed to, or reading the stream itself
+        assert relay.fallbacks == 0  # refused before it was ever fed
+    finally:
+        observer.close()
+        behind.stop()
         reader.stop()
