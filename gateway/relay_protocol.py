@@ -19,8 +19,10 @@ Frames: a kind (one byte) and the payload's length (4 bytes), then the payload.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
+import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -192,4 +194,14 @@ class Window:
 
     def since(self, next_offset: int) -> bytes:
         """The window's frames of the messages at ``next_offset`` and after."""
-        return b"".join(frame for offset, frame in self._frames if offset >= next_offset)
+        frames = self._frames
+        # The offsets increase (the relay adds only what follows ``end``): the first one to
+        # send is found by bisection, and the rest taken from the right, for a worker that
+        # joins asks for the last few of a window of thousands.
+        after = len(frames) - bisect.bisect_left(frames, next_offset, key=_offset_of)
+        newest_first = [frame for _, frame in itertools.islice(reversed(frames), after)]
+        return b"".join(reversed(newest_first))
+
+
+def _offset_of(kept: tuple[int, bytes]) -> int:
+    return kept[0]

@@ -83,6 +83,34 @@ def test_the_window_chains_each_message_to_the_one_before_and_forgets_the_oldest
     assert window.since(107) == b""
 
 
+@pytest.mark.parametrize(
+    ("next_offset", "covered", "offsets"),
+    [
+        (50, False, [101, 105, 106, 110]),  # before the window: too old to follow on
+        (100, False, [101, 105, 106, 110]),  # the message dropped last
+        (101, True, [101, 105, 106, 110]),  # exactly at the window's start
+        (103, True, [105, 106, 110]),  # in the middle, between two offsets of the stream
+        (105, True, [105, 106, 110]),  # in the middle, at one
+        (110, True, [110]),  # the last message
+        (111, True, []),  # at the end: nothing yet
+        (120, True, []),  # beyond the end
+    ],
+)
+def test_the_window_since_an_offset(next_offset: int, covered: bool, offsets: list[int]):
+    window = protocol.Window(start=100, limit=4)
+    frames = {offset: window.add(offset, "k", None, b"") for offset in (100, 101, 105, 106, 110)}
+    assert (window.start, window.end) == (101, 111)
+    assert window.covers(next_offset) == covered
+    assert window.since(next_offset) == b"".join(frames[offset] for offset in offsets)
+
+
+@pytest.mark.parametrize("next_offset", [0, 6, 7, 8])
+def test_an_empty_window_has_nothing_since_any_offset(next_offset: int):
+    window = protocol.Window(start=7, limit=3)
+    assert window.since(next_offset) == b""
+    assert window.covers(next_offset) == (next_offset >= 7)
+
+
 def test_a_worker_following_a_covered_window_applies_every_message_exactly_once():
     window = protocol.Window(start=0, limit=10)
     for offset in range(8):
