@@ -59,7 +59,7 @@ def prepared_relay_dir(config: GatewayConfig) -> Iterator[GatewayConfig]:
     """``config`` with the directory of its workers' history relay (``HISTORY_RELAY_DIR``, or
     a temporary one removed afterwards); with one worker, none (it reads the stream itself).
     Made by the master, before the workers start, so that it is this gateway's own."""
-    if config.workers == 1:
+    if not config.relays_history:
         yield dataclasses.replace(config, history_relay_dir="")
         return
     # Not emptied: a lock file and a socket left by an earlier run are harmless.

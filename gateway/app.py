@@ -488,7 +488,7 @@ def create_app(
             history_max_bytes=config.history_max_bytes,
             declare_topology=config.declare_topology,
             event_senders=config.event_senders,
-            history_relay_dir=(config.history_relay_dir or None) if config.workers > 1 else None,
+            history_relay_dir=(config.history_relay_dir or None) if config.relays_history else None,
             history_relay_window=config.history_relay_window,
         )
     broker.on_connection_change = lambda up: metrics.broker_connected.set(1 if up else 0)

@@ -217,6 +217,13 @@ class GatewayConfig:
     log_level: str = setting("LOG_LEVEL", "INFO", "Logging level")
 
     @property
+    def relays_history(self) -> bool:
+        """Whether the workers elect one to read the history stream for the others
+        (gateway/relay.py): with more than one. A single worker reads it itself;
+        HISTORY_RELAY_DIR and HISTORY_RELAY_WINDOW are then unused."""
+        return self.workers > 1
+
+    @property
     def request_defaults(self) -> RequestDefaults:
         return RequestDefaults(
             max_kw=self.default_max_kw,

@@ -17,6 +17,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from gateway import relay_protocol
+from gateway.__main__ import prepared_relay_dir
 from gateway.app import create_app
 from gateway.broker import GatewayBroker
 from gateway.config import GatewayConfig
@@ -317,3 +318,33 @@ def test_a_worker_further_behind_than_the_relay_s_window_reads_the_stream_itself
         observer.close()
         behind.stop()
         reader.stop()
+
+
+def test_one_worker_reads_the_history_itself_without_a_relay_directory(
+    amqp_url: str, tmp_path: Path
+):
+    relay_dir = tmp_path / "relay"
+    config = GatewayConfig(amqp_url=amqp_url, workers=1, history_relay_dir=str(relay_dir))
+    with prepared_relay_dir(config) as served:
+        assert served.history_relay_dir == ""
+    assert not relay_dir.exists()
+    # A worker built directly (not by python -m gateway's master) is not relayed to either.
+    app = create_app(config, registry=CollectorRegistry())
+    broker: GatewayBroker = app.extensions["smartgrid.broker"]
+    try:
+        assert broker.relay is None and not broker.reader.pausable
+    finally:
+        broker.stop()
+
+
+def test_several_workers_relay_through_the_configured_directory_or_a_temporary_one(
+    tmp_path: Path,
+):
+    relay_dir = tmp_path / "relay"
+    with prepared_relay_dir(GatewayConfig(workers=2, history_relay_dir=str(relay_dir))) as served:
+        assert served.history_relay_dir == str(relay_dir) and relay_dir.is_dir()
+    assert relay_dir.is_dir()  # the configured one is kept
+    with prepared_relay_dir(GatewayConfig(workers=2)) as served:
+        temporary = Path(served.history_relay_dir)
+        assert temporary.is_dir()
+    assert not temporary.exists()
