@@ -9,6 +9,7 @@ from smartgrid.config import (
     DEFAULT_AMQP_URL,
     ConfigError,
     declare_topology_setting,
+    min_turn_interval_setting,
     non_negative,
     positive,
     setting,
@@ -139,6 +140,7 @@ class BalancerConfig:
         "BALANCER_SEED", 0, "Seed of the tie-breaking random generator (0: unpredictable)"
     )
     declare_topology: bool = declare_topology_setting()
+    min_turn_interval: float = min_turn_interval_setting()
     event_senders: tuple[str, ...] = event_senders_setting()
     topology_file: str = setting(
         grid.TOPOLOGY_ENV,

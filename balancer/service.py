@@ -207,6 +207,7 @@ class BalancerService:
             consumers=[ConsumerSpec(contract.BALANCER_EVENTS, self._on_event, auto_ack=True)],
             on_ready=self._on_ready,
             on_lost=self._on_connection_lost,
+            min_turn_interval=config.min_turn_interval,
         )
         self._pending = ConsumerSpec(
             contract.PENDING_QUEUE,

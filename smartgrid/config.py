@@ -60,6 +60,23 @@ def declare_topology_setting() -> Any:
     )
 
 
+#: What ``AMQP_MIN_TURN_INTERVAL`` defaults to where a service paces its AMQP loop.
+DEFAULT_MIN_TURN_INTERVAL = 0.01
+
+
+def min_turn_interval_setting() -> Any:
+    """``AMQP_MIN_TURN_INTERVAL``, the same for every service that paces its AMQP loop."""
+    return setting(
+        "AMQP_MIN_TURN_INTERVAL",
+        DEFAULT_MIN_TURN_INTERVAL,
+        "Least seconds between two turns of the AMQP I/O loop: messages that arrive meanwhile "
+        "are handled together (one read, one write, one ack); a message after a quiet spell "
+        "at once; 0: every message on its own turn",
+        check=non_negative,
+        expect="seconds >= 0",
+    )
+
+
 def positive(value: float) -> bool:
     return value > 0
 

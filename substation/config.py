@@ -9,6 +9,7 @@ from smartgrid.config import (
     DEFAULT_AMQP_URL,
     ConfigError,
     declare_topology_setting,
+    min_turn_interval_setting,
     non_negative,
     positive,
     setting,
@@ -90,6 +91,7 @@ class SubstationConfig:
         expect="seconds >= 0",
     )
     declare_topology: bool = declare_topology_setting()
+    min_turn_interval: float = min_turn_interval_setting()
     event_senders: tuple[str, ...] = event_senders_setting()
     declare_queue: bool = setting(
         "DECLARE_QUEUE",

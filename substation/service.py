@@ -151,6 +151,7 @@ class SubstationService:
             consumers=[ConsumerSpec(contract.SUBSTATION_EVENTS, self._on_event, auto_ack=True)],
             on_ready=self._on_ready,
             on_lost=self._connection_lost,
+            min_turn_interval=config.min_turn_interval,
         )
         #: Cancels for requests not delivered here (yet).
         self.cancels = CancelBook()
