@@ -61,7 +61,7 @@ def declare_topology_setting() -> Any:
 
 
 #: What ``AMQP_MIN_TURN_INTERVAL`` defaults to where a service paces its AMQP loop.
-DEFAULT_MIN_TURN_INTERVAL = 0.01
+DEFAULT_MIN_TURN_INTERVAL = 0.02
 
 
 def min_turn_interval_setting() -> Any:
