@@ -96,6 +96,31 @@ def test_a_message_after_a_quiet_spell_is_not_held_back(
     assert happened[0] == "read"
 
 
+def test_what_a_turn_leaves_for_right_after_it_is_not_held_back(
+    paced: _Reader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A turn's output (events flushed, acks sent) is scheduled with call_later(0): it goes out
+    # right after the turn, not a pace later, even when a timer of the turn scheduled it (pika
+    # runs those on the next turn).
+    happened: list[str] = []
+    flushed = threading.Event()
+    real_sleep = time.sleep
+
+    def recorded_sleep(seconds: float) -> None:
+        happened.append("sleep")
+        real_sleep(seconds)
+
+    def flush() -> None:
+        happened.append("flush")
+        flushed.set()
+
+    monkeypatch.setattr(link.time, "sleep", recorded_sleep)
+    paced.on_read = lambda: paced.ioloop.call_later(0, lambda: paced.ioloop.call_later(0, flush))
+    paced.send(b"a")
+    assert flushed.wait(10)
+    assert happened[0] == "flush"
+
+
 def test_unpaced_loops_read_each_message_in_its_own_turn() -> None:
     reader = _Reader(0.0)
     try:

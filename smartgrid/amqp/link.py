@@ -183,25 +183,27 @@ class _Connection(SelectConnection):
 
 def pace_turns(ioloop: IOLoop, min_interval: float) -> bool:
     """Let at least ``min_interval`` seconds pass between the starts of two turns of
-    ``ioloop``: a turn due sooner sleeps first.
+    ``ioloop``: a turn due sooner sleeps first, unless a timer is due already.
 
     At a moderate rate every message otherwise wakes the loop on its own, and each wake-up
     costs a poll, a read, a write, an ack and, in the broker, a settle and a log write of its
     own; messages that arrive while the loop waits are handled in one turn instead (one read
     of many frames, one write of every answer, one ``multiple`` ack). A message after a quiet
-    spell is handled at once; timers fire up to ``min_interval`` late. False (and nothing
-    changed) if ``min_interval`` is 0 or this pika's loop does not look as expected.
+    spell is handled at once, and so is what a turn left for right after it (``call_later(0)``:
+    the events and acks it flushes); timers fire up to ``min_interval`` late. False (and
+    nothing changed) if ``min_interval`` is 0 or this pika's loop does not look as expected.
     """
     poller = getattr(ioloop, "_poller", None)
     poll = getattr(poller, "poll", None)
-    if min_interval <= 0 or not callable(poll):
+    until_next_timer = getattr(poller, "_get_wait_seconds", None)
+    if min_interval <= 0 or not callable(poll) or not callable(until_next_timer):
         return False
     next_turn = 0.0
 
     def paced_poll() -> None:
         nonlocal next_turn
         wait = next_turn - time.monotonic()
-        if wait > 0:
+        if wait > 0 and until_next_timer() != 0:
             time.sleep(wait)
         poll()
         next_turn = time.monotonic() + min_interval
