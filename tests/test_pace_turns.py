@@ -33,8 +33,8 @@ class _Reader:
         self.thread.start()
 
     def _on_readable(self, _fd: int, _events: int) -> None:
-        self.on_read()
         self.reads.append(self.ours.recv(4096))
+        self.on_read()
         self.read_event.set()
 
     def send(self, data: bytes) -> None:
@@ -119,6 +119,33 @@ def test_what_a_turn_leaves_for_right_after_it_is_not_held_back(
     paced.send(b"a")
     assert flushed.wait(10)
     assert happened[0] == "flush"
+
+
+def test_a_turn_as_long_as_the_pace_is_followed_at_once(
+    paced: _Reader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A busy loop (each turn as long as the pace or longer) is never slowed down.
+    happened: list[str] = []
+    real_sleep = time.sleep
+
+    def recorded_sleep(seconds: float) -> None:
+        happened.append("sleep")
+        real_sleep(seconds)
+
+    def busy_first_turn() -> None:
+        happened.append("read")
+        if len(happened) == 1:
+            paced.send(b"b")
+            busy_until = time.monotonic() + INTERVAL * 1.2
+            while time.monotonic() < busy_until:
+                pass
+
+    monkeypatch.setattr(link.time, "sleep", recorded_sleep)
+    paced.on_read = busy_first_turn
+    paced.send(b"a")
+    paced.wait_for_reads(2)
+    assert paced.reads == [b"a", b"b"]
+    assert happened[:2] == ["read", "read"]
 
 
 def test_unpaced_loops_read_each_message_in_its_own_turn() -> None:

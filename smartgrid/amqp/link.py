@@ -190,25 +190,33 @@ def pace_turns(ioloop: IOLoop, min_interval: float) -> bool:
     own; messages that arrive while the loop waits are handled in one turn instead (one read
     of many frames, one write of every answer, one ``multiple`` ack). A message after a quiet
     spell is handled at once, and so is what a turn left for right after it (``call_later(0)``:
-    the events and acks it flushes); timers fire up to ``min_interval`` late. False (and
-    nothing changed) if ``min_interval`` is 0 or this pika's loop does not look as expected.
+    the events and acks it flushes); a turn that took ``min_interval`` or longer (a busy loop)
+    is followed at once; timers fire up to ``min_interval`` late. False (and nothing changed)
+    if ``min_interval`` is 0 or this pika's loop does not look as expected.
     """
     poller = getattr(ioloop, "_poller", None)
     poll = getattr(poller, "poll", None)
+    dispatch = getattr(poller, "_dispatch_fd_events", None)
     until_next_timer = getattr(poller, "_get_wait_seconds", None)
-    if min_interval <= 0 or not callable(poll) or not callable(until_next_timer):
+    if min_interval <= 0 or not all(map(callable, (poll, dispatch, until_next_timer))):
         return False
-    next_turn = 0.0
+    assert poll is not None and dispatch is not None and until_next_timer is not None
+    turn_started = -min_interval
 
     def paced_poll() -> None:
-        nonlocal next_turn
-        wait = next_turn - time.monotonic()
+        wait = turn_started + min_interval - time.monotonic()
         if wait > 0 and until_next_timer() != 0:
             time.sleep(wait)
         poll()
-        next_turn = time.monotonic() + min_interval
+
+    def dispatch_noting_the_time(fd_event_map: dict[int, int]) -> None:
+        # A turn starts once the wait for I/O is over, not when the wait begins.
+        nonlocal turn_started
+        turn_started = time.monotonic()
+        dispatch(fd_event_map)
 
     poller.poll = paced_poll  # type: ignore[union-attr]
+    poller._dispatch_fd_events = dispatch_noting_the_time  # type: ignore[union-attr]
     return True
 
 
