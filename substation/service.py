@@ -152,6 +152,9 @@ class SubstationService:
             on_ready=self._on_ready,
             on_lost=self._connection_lost,
             min_turn_interval=config.min_turn_interval,
+            # A managed substation's turns carry power on the move between substations (its
+            # reports, its acknowledgements, the shares it takes): the cars wait for each hop.
+            pace_while=lambda: not self.sharing.lease.managed,
         )
         #: Cancels for requests not delivered here (yet).
         self.cancels = CancelBook()

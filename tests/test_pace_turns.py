@@ -20,9 +20,9 @@ INTERVAL = 0.5
 class _Reader:
     """An IOLoop on a thread of its own, recording what each turn read from a socket."""
 
-    def __init__(self, min_interval: float) -> None:
+    def __init__(self, min_interval: float, while_: Callable[[], bool] = lambda: True) -> None:
         self.ioloop = IOLoop()
-        self.paced = pace_turns(self.ioloop, min_interval)
+        self.paced = pace_turns(self.ioloop, min_interval, while_)
         self.ours, self.theirs = socket.socketpair()
         self.ours.setblocking(False)
         self.reads: list[bytes] = []
@@ -157,5 +157,29 @@ def test_unpaced_loops_read_each_message_in_its_own_turn() -> None:
         reader.send(b"b")
         reader.wait_for_reads(2)
         assert reader.reads == [b"a", b"b"]
+    finally:
+        reader.close()
+
+
+def test_a_loop_paced_only_while_a_condition_holds_never_sleeps_while_it_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A substation under a share: the cars wait for each of its turns.
+    slept: list[float] = []
+    real_sleep = time.sleep
+
+    def recorded_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(link.time, "sleep", recorded_sleep)
+    reader = _Reader(INTERVAL, while_=lambda: False)
+    try:
+        assert reader.paced
+        for data in (b"a", b"b", b"c"):
+            reader.send(data)
+            reader.wait_for_reads(len(reader.reads) + 1)
+        assert reader.reads == [b"a", b"b", b"c"]
+        assert slept == []
     finally:
         reader.close()

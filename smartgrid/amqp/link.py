@@ -181,9 +181,12 @@ class _Connection(SelectConnection):
             log.warning("pika's transport changed: its writes are not coalesced")
 
 
-def pace_turns(ioloop: IOLoop, min_interval: float) -> bool:
+def pace_turns(
+    ioloop: IOLoop, min_interval: float, while_: Callable[[], bool] = lambda: True
+) -> bool:
     """Let at least ``min_interval`` seconds pass between the starts of two turns of
-    ``ioloop``: a turn due sooner sleeps first, unless a timer is due already.
+    ``ioloop``, while ``while_()`` says so: a turn due sooner sleeps first, unless a timer is
+    due already.
 
     At a moderate rate every message otherwise wakes the loop on its own, and each wake-up
     costs a poll, a read, a write, an ack and, in the broker, a settle and a log write of its
@@ -205,7 +208,7 @@ def pace_turns(ioloop: IOLoop, min_interval: float) -> bool:
 
     def paced_poll() -> None:
         wait = turn_started + min_interval - time.monotonic()
-        if wait > 0 and until_next_timer() != 0:
+        if wait > 0 and until_next_timer() != 0 and while_():
             time.sleep(wait)
         poll()
 
@@ -225,7 +228,7 @@ class Link:
 
     Call :meth:`start` once; :meth:`stop` closes the connection (unacknowledged deliveries go
     back to their queues) and ends the I/O thread. ``min_turn_interval`` paces the I/O loop
-    (:func:`pace_turns`).
+    while ``pace_while()`` says so (:func:`pace_turns`).
     """
 
     def __init__(
@@ -241,6 +244,7 @@ class Link:
         max_backoff: float = 10.0,
         confirm_timeout: float = CONFIRM_TIMEOUT,
         min_turn_interval: float = 0.0,
+        pace_while: Callable[[], bool] = lambda: True,
     ) -> None:
         self.name = name
         self._urls = parse_urls(url) if isinstance(url, str) else list(url)
@@ -252,7 +256,7 @@ class Link:
         self._confirm_timeout = confirm_timeout
 
         self._ioloop = IOLoop()
-        if min_turn_interval > 0 and not pace_turns(self._ioloop, min_turn_interval):
+        if min_turn_interval > 0 and not pace_turns(self._ioloop, min_turn_interval, pace_while):
             log.warning("%s: pika's I/O loop changed: its turns are not paced", name)
         self._handoff: collections.deque[Callable[[], None]] = collections.deque()
         self._handoff_lock = threading.Lock()
