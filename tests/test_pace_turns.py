@@ -55,6 +55,20 @@ class _Reader:
 
 
 @pytest.fixture
+def happened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the loops did, in order: "sleep" for each pause (the tests add their own)."""
+    log: list[str] = []
+    real_sleep = time.sleep
+
+    def recorded_sleep(seconds: float) -> None:
+        log.append("sleep")
+        real_sleep(seconds)
+
+    monkeypatch.setattr(link.time, "sleep", recorded_sleep)
+    return log
+
+
+@pytest.fixture
 def paced() -> Iterator[_Reader]:
     reader = _Reader(INTERVAL)
     yield reader
@@ -74,21 +88,14 @@ def test_what_arrives_while_the_loop_waits_is_read_in_one_turn(paced: _Reader) -
 
 
 def test_a_message_after_a_quiet_spell_is_not_held_back(
-    paced: _Reader, monkeypatch: pytest.MonkeyPatch
+    paced: _Reader, happened: list[str]
 ) -> None:
     paced.send(b"a")
     paced.wait_for_reads(1)
     time.sleep(INTERVAL * 1.5)
     # The loop sleeps after each turn (the next is not due yet), never before reading what
     # came after a quiet spell.
-    happened: list[str] = []
-    real_sleep = time.sleep
-
-    def recorded_sleep(seconds: float) -> None:
-        happened.append("sleep")
-        real_sleep(seconds)
-
-    monkeypatch.setattr(link.time, "sleep", recorded_sleep)
+    happened.clear()
     paced.on_read = lambda: happened.append("read")
     paced.send(b"b")
     paced.wait_for_reads(2)
@@ -97,24 +104,17 @@ def test_a_message_after_a_quiet_spell_is_not_held_back(
 
 
 def test_what_a_turn_leaves_for_right_after_it_is_not_held_back(
-    paced: _Reader, monkeypatch: pytest.MonkeyPatch
+    paced: _Reader, happened: list[str]
 ) -> None:
     # A turn's output (events flushed, acks sent) is scheduled with call_later(0): it goes out
     # right after the turn, not a pace later, even when a timer of the turn scheduled it (pika
     # runs those on the next turn).
-    happened: list[str] = []
     flushed = threading.Event()
-    real_sleep = time.sleep
-
-    def recorded_sleep(seconds: float) -> None:
-        happened.append("sleep")
-        real_sleep(seconds)
 
     def flush() -> None:
         happened.append("flush")
         flushed.set()
 
-    monkeypatch.setattr(link.time, "sleep", recorded_sleep)
     paced.on_read = lambda: paced.ioloop.call_later(0, lambda: paced.ioloop.call_later(0, flush))
     paced.send(b"a")
     assert flushed.wait(10)
@@ -122,16 +122,9 @@ def test_what_a_turn_leaves_for_right_after_it_is_not_held_back(
 
 
 def test_a_turn_as_long_as_the_pace_is_followed_at_once(
-    paced: _Reader, monkeypatch: pytest.MonkeyPatch
+    paced: _Reader, happened: list[str]
 ) -> None:
     # A busy loop (each turn as long as the pace or longer) is never slowed down.
-    happened: list[str] = []
-    real_sleep = time.sleep
-
-    def recorded_sleep(seconds: float) -> None:
-        happened.append("sleep")
-        real_sleep(seconds)
-
     def busy_first_turn() -> None:
         happened.append("read")
         if len(happened) == 1:
@@ -140,7 +133,6 @@ def test_a_turn_as_long_as_the_pace_is_followed_at_once(
             while time.monotonic() < busy_until:
                 pass
 
-    monkeypatch.setattr(link.time, "sleep", recorded_sleep)
     paced.on_read = busy_first_turn
     paced.send(b"a")
     paced.wait_for_reads(2)
@@ -162,24 +154,16 @@ def test_unpaced_loops_read_each_message_in_its_own_turn() -> None:
 
 
 def test_a_loop_paced_only_while_a_condition_holds_never_sleeps_while_it_does_not(
-    monkeypatch: pytest.MonkeyPatch,
+    happened: list[str],
 ) -> None:
     # A substation under a share: the cars wait for each of its turns.
-    slept: list[float] = []
-    real_sleep = time.sleep
-
-    def recorded_sleep(seconds: float) -> None:
-        slept.append(seconds)
-        real_sleep(seconds)
-
-    monkeypatch.setattr(link.time, "sleep", recorded_sleep)
     reader = _Reader(INTERVAL, while_=lambda: False)
     try:
         assert reader.paced
-        for data in (b"a", b"b", b"c"):
+        for count, data in enumerate((b"a", b"b", b"c"), start=1):
             reader.send(data)
-            reader.wait_for_reads(len(reader.reads) + 1)
+            reader.wait_for_reads(count)
         assert reader.reads == [b"a", b"b", b"c"]
-        assert slept == []
+        assert "sleep" not in happened
     finally:
         reader.close()
