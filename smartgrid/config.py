@@ -69,9 +69,10 @@ def min_turn_interval_setting() -> Any:
     return setting(
         "AMQP_MIN_TURN_INTERVAL",
         DEFAULT_MIN_TURN_INTERVAL,
-        "Least seconds between two turns of the AMQP I/O loop: messages that arrive meanwhile "
-        "are handled together (one read, one write, one ack); a message after a quiet spell "
-        "at once; 0: every message on its own turn",
+        "Least seconds between the starts of two turns of the AMQP I/O loop (a substation's only "
+        "while it takes no share): what arrives meanwhile is handled together (one read, one "
+        "write, one ack); a message after a quiet spell at once, a turn that took longer "
+        "followed at once; 0: every message on its own turn",
         check=non_negative,
         expect="seconds >= 0",
     )

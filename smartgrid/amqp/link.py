@@ -201,9 +201,10 @@ def pace_turns(
     poll = getattr(poller, "poll", None)
     dispatch = getattr(poller, "_dispatch_fd_events", None)
     until_next_timer = getattr(poller, "_get_wait_seconds", None)
-    if min_interval <= 0 or not all(map(callable, (poll, dispatch, until_next_timer))):
+    if min_interval <= 0 or not (
+        callable(poll) and callable(dispatch) and callable(until_next_timer)
+    ):
         return False
-    assert poll is not None and dispatch is not None and until_next_timer is not None
     turn_started = -min_interval
 
     def paced_poll() -> None:
