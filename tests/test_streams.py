@@ -26,6 +26,7 @@ from smartgrid.amqp.streams import (
     fallen_behind,
     follow_check,
     offset_argument,
+    reaches_end_mark,
     silence_means_empty,
     since,
 )
@@ -81,6 +82,21 @@ def test_silence_counts_only_once_the_end_is_known():
     assert not catchup.quiet()
     catchup.end_found(100)
     assert catchup.quiet()  # started past it (a point in time after the last chunk)
+
+
+def test_a_point_in_time_reads_the_end_mark_only_if_it_was_published_since():
+    assert reaches_end_mark(1000.0, None, stamped=1000)
+    assert reaches_end_mark(1000.0, None, stamped=1200)
+    # Published before (or unstamped): the reader may start past it; silence tells.
+    assert not reaches_end_mark(1000.5, None, stamped=1000)
+    assert not reaches_end_mark(1000.0, None, stamped=None)
+
+
+def test_a_replay_from_a_named_offset_or_a_resume_reads_the_end_mark():
+    assert reaches_end_mark("first", None, stamped=None)
+    assert reaches_end_mark("last", None, stamped=None)
+    assert not reaches_end_mark("next", None, stamped=None)
+    assert reaches_end_mark(1000.0, 7, stamped=10)  # Catchup handles a resume past the end
 
 
 def test_silence_means_an_empty_stream_at_the_first_subscription_only():

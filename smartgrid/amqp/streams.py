@@ -25,7 +25,16 @@ Two cases have no end mark to read, and fall back on ``quiet`` seconds of silenc
 * the probe hears nothing: the stream is empty, so there is nothing to replay;
 * the reader starts past the end mark (a point in time after the last chunk was written, or a
   resume after a reconnect that had read it): it may never hear a message. Resuming past the
-  end mark is recognised at once; a point in time only by silence since the end was found.
+  end mark is recognised at once; a point in time by the end mark's publish time (every Link
+  stamps what it publishes, in whole seconds): a message stamped at or after the point in time
+  was written after it, so the reader will read it (:func:`reaches_end_mark`); else only
+  silence since the end was found tells.
+
+A reader that will read the end mark does not take a short silence for the end: a loaded
+broker was seen to take longer than ``quiet`` to send a consumer at a point in time its first
+chunk (a substation's cancels, replayed after a reconnect, then came up empty). It waits
+:data:`STALLED_REPLAY_AFTER` seconds of silence, a stalled consumer's, before it counts itself
+caught up anyway; a following reader's probes then find it behind and resubscribe it.
 
 **A follower that falls behind.** A following reader that has caught up asks where the stream
 ends again every ``probe_every`` seconds (:data:`FOLLOW_PROBE_EVERY`: one probe, one channel
@@ -78,6 +87,10 @@ FOLLOW_PROBE_EVERY = 5.0
 #: What a following reader does after a probe: nothing, read on a fresh channel, or start over
 #: on a fresh connection (to the Link's next address).
 KEEP_READING, RESUBSCRIBE, RECONNECT = "keep reading", "resubscribe", "reconnect"
+
+#: Seconds of silence after which a reader that will read its end mark
+#: (:func:`reaches_end_mark`) stops waiting for it: its consumer has stalled, not caught up.
+STALLED_REPLAY_AFTER = 15.0
 
 #: Probes in a row that hear nothing from a stream known to hold messages before the reader
 #: gives up on its node (a node whose replica cannot serve a consumer answers no probe either).
@@ -139,6 +152,19 @@ def fallen_behind(
     if next_offset is not None:
         return next_offset <= end_before
     return end_at_start is None or end_before > end_at_start
+
+
+def reaches_end_mark(start: Start, resume_at: int | None, stamped: int | None) -> bool:
+    """Whether a subscription reads the end mark, which the probe found stamped at ``stamped``
+    (the publisher's ``timestamp``, whole Unix seconds; None if unstamped). A resume at or
+    before the end mark reads it (one past it is caught up at once), so does a replay from
+    ``first`` or ``last``; one from ``next`` never does. One from a point in time reads it when
+    it was published at or after that time: the chunk holding it was written later still."""
+    if resume_at is not None:
+        return True
+    if isinstance(start, str):
+        return start != "next"
+    return stamped is not None and stamped >= start
 
 
 def offset_argument(start: Start, resume_at: int | None) -> dict[str, Any]:
@@ -297,6 +323,8 @@ class StreamReader:
         self._probe_channel: pika.channel.Channel | None = None
         self._reader_channel: pika.channel.Channel | None = None
         self._last_read = 0.0
+        #: Seconds of silence after the end was found that end this subscription's replay.
+        self._silence_ends_replay = quiet
         self._caught_up = threading.Event()
         #: The end mark the last probe of a following reader found (None: none yet).
         self._end_seen: int | None = None
@@ -400,6 +428,7 @@ class StreamReader:
         if subscription != self._subscription or not self.link.ready:
             return
         self._catchup = Catchup(resume_at=self.next_offset)
+        self._silence_ends_replay = self.quiet
         self._probe_attempt = 0
         self._silent_probes = 0
         self._last_read = time.monotonic()
@@ -485,6 +514,10 @@ class StreamReader:
                 return
             self._settle(subscription, self._catchup.end_found(end_mark))
             if not self.caught_up:
+                reaches = reaches_end_mark(
+                    self.start, self._catchup.resume_at, properties.timestamp
+                )
+                self._silence_ends_replay = STALLED_REPLAY_AFTER if reaches else self.quiet
                 self.link.call_later(self.quiet, lambda: self._reader_quiet(subscription))
 
         channel.basic_qos(prefetch_count=1)
@@ -626,9 +659,20 @@ class StreamReader:
             self.link.call_later(self.quiet, lambda: self._reader_quiet(subscription))
             return
         waited = time.monotonic() - self._last_read
-        if waited < self.quiet:
-            self.link.call_later(self.quiet - waited, lambda: self._reader_quiet(subscription))
+        if waited < self._silence_ends_replay:
+            self.link.call_later(
+                min(self.quiet, self._silence_ends_replay - waited),
+                lambda: self._reader_quiet(subscription),
+            )
             return
+        if self._silence_ends_replay > self.quiet:
+            log.warning(
+                "%s: nothing read for %.0fs before the stream's end (offset %s): taken for "
+                "caught up",
+                self.stream,
+                waited,
+                self._catchup.end_mark,
+            )
         self._settle(subscription, self._catchup.quiet())
 
     def _on_delivery(self, subscription: int, delivery: Delivery) -> None:
