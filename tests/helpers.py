@@ -299,6 +299,20 @@ class BrokerClient:
         assert len(found) == len(events), f"not all {cls.kind}: {events}"
         return found
 
+    def events_until(
+        self, queue: str, enough: Callable[[list[contract.Event]], bool], timeout: float = 20.0
+    ) -> list[contract.Event]:
+        """What ``queue`` received, read until ``enough`` of it has come. A service publishes
+        an event on a loop turn after the change that its metrics show at once."""
+        seen: list[contract.Event] = []
+
+        def check() -> bool:
+            seen.extend(self.events(queue))
+            return enough(seen)
+
+        eventually(check, timeout=timeout, what=f"enough events on {queue}")
+        return seen
+
     def events(self, queue: str) -> list[contract.Event]:
         self.connection.process_data_events(0)
         found: list[contract.Event] = []

@@ -50,11 +50,7 @@ def test_requests_wait_in_the_pending_queue_until_a_substation_is_known(stack_se
 
         substation = substation_process(stack_settings, 0).start()
         substation.wait_healthy()
-        completed = eventually(
-            lambda: len(found := broker.events(events)) >= 5 and found,
-            what="five completions",
-            timeout=30,
-        )
+        completed = broker.events_until(events, lambda seen: len(seen) >= 5, timeout=30)
         assert sorted(e.request_id for e in completed) == sorted(ids)
         assert metric(balancer.health_url, "balancer_held_requests", priority="standard") == 0
         assert broker.message_count(contract.PENDING_QUEUE) == 0

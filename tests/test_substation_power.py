@@ -59,6 +59,10 @@ def _grant(broker: BrokerClient, share_kw: float, *, lease: float) -> leases.Gra
     return grant
 
 
+def _count(events: list[contract.Event], kind: type[contract.Event]) -> int:
+    return sum(isinstance(event, kind) for event in events)
+
+
 def _power(url: str) -> tuple[float | None, float | None]:
     values = scrape(url)
     key = (("substation", SUBSTATION),)
@@ -119,7 +123,13 @@ def test_a_cut_share_is_obeyed_at_once_and_an_expired_lease_falls_to_the_failsaf
         cut = _grant(broker, 30, lease=30)
         eventually(lambda: _power(url) == (30.0, 30.0), what="the cut obeyed")
         assert _paused(url) == 2
-        seen = broker.events(events)
+        seen = broker.events_until(
+            events,
+            lambda seen: (
+                sum(isinstance(e, contract.SessionPower) and e.at >= cut.issued_at for e in seen)
+                >= 4
+            ),
+        )
         obeyed = [e for e in seen if isinstance(e, contract.SessionPower) and e.at >= cut.issued_at]
         assert sorted(e.power_kw for e in obeyed) == [0, 0, 15, 15]
         # The substation re-shared on the grant's arrival: within 2 s on its own clock.
@@ -182,7 +192,9 @@ def test_energy_based_sessions_end_when_their_energy_is_delivered_in_simulated_t
             lambda: metric(url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 3,
             timeout=30,
         )
-        seen = broker.events(events)
+        seen = broker.events_until(
+            events, lambda seen: _count(seen, contract.SessionCompleted) == 3
+        )
         started = {e.request_id: e for e in seen if isinstance(e, contract.SessionStarted)}
         completed = {e.request_id: e for e in seen if isinstance(e, contract.SessionCompleted)}
         power = [e for e in seen if isinstance(e, contract.SessionPower)]
@@ -220,7 +232,9 @@ def test_with_the_defaults_a_bare_request_runs_session_seconds_at_full_power_unn
         eventually(
             lambda: metric(url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 6
         )
-        seen = broker.events(events)
+        seen = broker.events_until(
+            events, lambda seen: _count(seen, contract.SessionCompleted) == 6
+        )
         assert not [e for e in seen if isinstance(e, contract.SessionPower)]
         started = {e.request_id: e for e in seen if isinstance(e, contract.SessionStarted)}
         completed = {e.request_id: e for e in seen if isinstance(e, contract.SessionCompleted)}
