@@ -84,13 +84,8 @@ def test_a_full_pending_queue_gets_503_and_nothing_accepted_is_lost(
 
         group.add(substation_process(stack_settings, 0)).wait_healthy()
         group.add(balancer_process(stack_settings)).wait_healthy()
-        seen: list[contract.Event] = []
-
-        def every_accepted_seen() -> bool:
-            seen.extend(broker.events(events))
-            return len(seen) >= 2 * len(accepted)
-
-        eventually(every_accepted_seen, what="every accepted request started and completed")
+        # Every accepted request started and completed.
+        seen = broker.events_until(events, lambda seen: len(seen) >= 2 * len(accepted))
         # Nothing more comes: the refused requests were never enqueued.
         assert broker.message_count(contract.PENDING_QUEUE) == 0
         seen += broker.events(events)
@@ -166,13 +161,8 @@ def test_a_request_accepted_before_the_upgrade_runs_once(
     try:
         group.add(substation_process(stack_settings, 0)).wait_healthy()
         group.add(balancer_process(stack_settings)).wait_healthy()
-        completed: list[contract.SessionCompleted] = []
-
-        def three_completed() -> bool:
-            completed.extend(broker.events_of(events, contract.SessionCompleted))
-            return len(completed) >= 3
-
-        eventually(three_completed, what="the three old requests completed")
+        seen = broker.events_until(events, lambda seen: len(seen) >= 3)
+        completed = [e for e in seen if isinstance(e, contract.SessionCompleted)]
         assert sorted(e.request_id for e in completed) == sorted(r.request_id for r in requests)
         # A request published now goes to today's queue alone.
         broker.send_request(ev_id="EV-new")

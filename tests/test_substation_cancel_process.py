@@ -41,18 +41,6 @@ def _cancel(broker: BrokerClient, request_id: str, ev_id: str = "EV1") -> None:
     )
 
 
-def _events_until(broker: BrokerClient, queue: str, count: int) -> list[contract.Event]:
-    """The events of ``queue`` once there are at least ``count`` of them."""
-    seen: list[contract.Event] = []
-
-    def enough() -> bool:
-        seen.extend(broker.events(queue))
-        return len(seen) >= count
-
-    eventually(enough, what=f"{count} events")
-    return seen
-
-
 def _declare(broker: BrokerClient, declarations: list[contract.Declaration]) -> None:
     for declaration in declarations:
         if isinstance(declaration, contract.Exchange):
@@ -88,7 +76,8 @@ def test_a_charging_session_cancelled_frees_its_point_and_says_so_once(stack_set
         assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
         assert _counter(metrics_url, contract.COMPLETED_METRIC) == 1
 
-        seen = _events_until(broker, events, 3)  # started, cancelled, the next started
+        # started, cancelled, the next started
+        seen = broker.events_until(events, lambda seen: len(seen) >= 3)
         cancels = [e for e in seen if isinstance(e, contract.RequestCancelled)]
         (started,) = [
             e for e in seen if isinstance(e, contract.SessionStarted) and e.ev_id == "EV1"
@@ -119,7 +108,7 @@ def test_a_request_cancelled_while_it_waits_in_the_queue_never_starts(stack_sett
         )
         eventually(lambda: broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0)
         assert _load(metrics_url) == 0
-        seen = _events_until(broker, events, 3)
+        seen = broker.events_until(events, lambda seen: len(seen) >= 3)
         assert [e.request_id for e in seen if isinstance(e, contract.SessionStarted)] == [charging]
         cancels = {e.request_id: e for e in seen if isinstance(e, contract.RequestCancelled)}
         assert set(cancels) == {charging, waiting}
@@ -150,7 +139,7 @@ def test_a_cancel_made_while_the_substation_was_down_is_obeyed_when_it_starts(
         eventually(lambda: broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0)
         # Counted once the broker confirms request.cancelled: a loop turn after the delivery.
         eventually(lambda: _counter(metrics_url, "substation_requests_cancelled_before_start") == 1)
-        seen = _events_until(broker, events, 2)
+        seen = broker.events_until(events, lambda seen: len(seen) >= 2)
         assert [e.request_id for e in seen if isinstance(e, contract.SessionStarted)] == [kept]
         assert [e.request_id for e in seen if isinstance(e, contract.RequestCancelled)] == [
             cancelled
@@ -172,11 +161,10 @@ def test_a_possible_duplicate_cancelled_while_it_is_checked_never_starts(stack_s
             contract.SessionLookup.kind, contract.RequestCancelled.kind
         )
         request_id = broker.send_to_substation(SUBSTATION, maybe_duplicate=True)
-        _events_until(broker, events, 1)  # its lookup: it is being checked
+        broker.events_until(events, lambda seen: len(seen) >= 1)  # its lookup: it is being checked
         _cancel(broker, request_id)
-        (cancel,) = [
-            e for e in _events_until(broker, events, 1) if isinstance(e, contract.RequestCancelled)
-        ]
+        seen = broker.events_until(events, lambda seen: len(seen) >= 1)
+        (cancel,) = [e for e in seen if isinstance(e, contract.RequestCancelled)]
         assert (cancel.request_id, cancel.started_at) == (request_id, None)
         eventually(lambda: broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0)
         eventually(lambda: _counter(metrics_url, "substation_requests_cancelled_before_start") == 1)

@@ -57,7 +57,7 @@ def test_sessions_never_exceed_capacity_and_the_load_returns_to_zero(stack_setti
         # It did run sessions in parallel, but never more than 2 (and every sample was read).
         assert max(present(load) for load in seen_loads) == 2
         assert metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) == 0
-        received = broker.events(events)
+        received = broker.events_until(events, lambda seen: len(seen) >= 12)
         started = [e for e in received if isinstance(e, contract.SessionStarted)]
         completed = [e for e in received if isinstance(e, contract.SessionCompleted)]
         assert sorted(e.request_id for e in started) == sorted(ids)
@@ -257,7 +257,7 @@ def test_a_second_process_with_the_same_id_waits_as_a_standby_and_never_charges_
             timeout=30,
             what="the standby taking over once the first is gone",
         )
-        started = broker.events(events)
+        started = broker.events_until(events, lambda seen: len(seen) >= 6)
         assert sorted(e.request_id for e in started) == sorted(ids + more)
     finally:
         first.stop()
