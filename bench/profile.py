@@ -5,9 +5,10 @@ requests as ``--connections`` allow) or loadgen at ``--rate``, and meanwhile sam
 service with py-spy (its worker processes too) for ``--duration`` seconds. Only the thread
 holding the GIL is sampled, so a sample is a moment spent running Python (work done outside
 the GIL, in C or Rust or the kernel, is not seen: bench.cpu counts it). Prints, per
-service, the functions holding the largest share of its samples, counted inclusively (a
-function and everything it called) and by itself; the raw collapsed stacks are kept in
-``--out`` for a flame graph (``flamegraph.pl`` or speedscope read them).
+service, its samples by role (bench/profile_roles.py: the history stream, the HTTP layer,
+pika's frames...) and the functions holding the largest share of its samples, counted
+inclusively (a function and everything it called) and by itself; the raw collapsed stacks
+are kept in ``--out`` for a flame graph (``flamegraph.pl`` or speedscope read them).
 
     .venv/bin/python -m bench.profile --client wrk [--duration 20] [--top 25]
     .venv/bin/python -m bench.profile --client loadgen --rate 200
@@ -36,6 +37,7 @@ from bench.common import (
     source_tree,
 )
 from bench.cpu import _drive
+from bench.profile_roles import by_role_of_file
 from bench.throughput import CAPACITY, SESSION_SECONDS
 from stack.local import start_stack
 
@@ -169,6 +171,9 @@ def main() -> None:
             continue
         total, rows = summarise(path, args.top)
         print(f"\n{name}: {total:,} samples\n")
+        for role, share in by_role_of_file(name, path):
+            print(f"- {role}: {share:.1%}")
+        print()
         print(markdown_table(["function", "inclusive", "own"], rows))
 
 
