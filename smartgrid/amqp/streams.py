@@ -159,7 +159,9 @@ def reaches_end_mark(start: Start, resume_at: int | None, stamped: int | None) -
     (the publisher's ``timestamp``, whole Unix seconds; None if unstamped). A resume at or
     before the end mark reads it (one past it is caught up at once), so does a replay from
     ``first`` or ``last``; one from ``next`` never does. One from a point in time reads it when
-    it was published at or after that time: the chunk holding it was written later still."""
+    it was published at or after that time: the chunk holding it was written later still (by
+    the broker's clock; a publisher whose clock runs ahead of it by more than a publish takes
+    can mislead this, and then costs the reader :data:`STALLED_REPLAY_AFTER`, not a message)."""
     if resume_at is not None:
         return True
     if isinstance(start, str):
