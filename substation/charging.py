@@ -55,6 +55,15 @@ class _Ended:
 
     accepted_at: float
     ended_at: float
+    #: False: learned from the history stream, which does not say which attempt ended, only
+    #: when its session started: ``accepted_at`` is then that start, and any attempt accepted
+    #: by then is the one that ended (a later one is a new attempt of the same key).
+    exact: bool = True
+
+    def same_attempt(self, accepted_at: float) -> bool:
+        if self.exact:
+            return _same_attempt(self.accepted_at, accepted_at)
+        return accepted_at < self.accepted_at + _SAME_ATTEMPT
 
 
 #: Two acceptance times closer than this are the same attempt (a copy or a reroute keeps
@@ -162,7 +171,7 @@ class ChargingPoints(Generic[Token]):
         """This attempt of the request ended here (a key used again after the TTL gives the
         same request id to a new attempt, with a later ``accepted_at``)."""
         ended = self._recently_completed.get(request.request_id)
-        return ended is not None and _same_attempt(ended.accepted_at, request.accepted_at)
+        return ended is not None and ended.same_attempt(request.accepted_at)
 
     def holds(self, request: contract.RoutedRequest) -> bool:
         """This attempt of the request is charging or ended here (its delivery is a copy)."""
@@ -207,8 +216,10 @@ class ChargingPoints(Generic[Token]):
             # An uncertain completion may never have reached anyone: not "completed".
             return "unknown"
 
-    def _remember_completed(self, request_id: str, accepted_at: float, ended_at: float) -> None:
-        self._recently_completed[request_id] = _Ended(accepted_at, ended_at)
+    def _remember_completed(
+        self, request_id: str, accepted_at: float, ended_at: float, *, exact: bool = True
+    ) -> None:
+        self._recently_completed[request_id] = _Ended(accepted_at, ended_at, exact)
         self._recently_completed.move_to_end(request_id)
         if len(self._recently_completed) > self._remember:
             self._recently_completed.popitem(last=False)
@@ -245,6 +256,18 @@ class ChargingPoints(Generic[Token]):
         with self._lock:
             self.cancelled_before_start += 1
             self._remember_completed(request.request_id, request.accepted_at, now)
+
+    def ended_before(self, request_id: str, started_by: float, ended_at: float) -> None:
+        """The history stream says a session of ``request_id`` ended here, in an earlier
+        process of this substation (killed before it acknowledged the request), and started by
+        ``started_by``: a redelivery of the attempt it served is a duplicate, not a second
+        session. What this process knows itself is not overwritten."""
+        with self._lock:
+            if request_id in self._active or request_id in self._uncertain:
+                return
+            if request_id in self._recently_completed:
+                return
+            self._remember_completed(request_id, started_by, ended_at, exact=False)
 
     def reported(self, request_id: str) -> None:
         """The broker confirmed the completion of ``request_id``."""

@@ -493,8 +493,16 @@ class SubstationService:
         for event in events_in(delivery, self.senders):
             if isinstance(event, contract.CancelRequested):
                 self._cancel_requested(event)
-            else:
-                self.cancels.replay([event])
+                continue
+            self.cancels.replay([event])
+            if (
+                isinstance(event, contract.SessionCompleted | contract.RequestCancelled)
+                and event.substation == self.config.substation_id
+            ):
+                # Ended here, by a process of this substation killed before its ack: the
+                # request is redelivered to this one, and must not charge a second time.
+                started = event.started_at if event.started_at is not None else event.at
+                self.points.ended_before(event.request_id, started, event.at)
 
     def _apply(self, event: contract.Event) -> None:
         me = self.config.substation_id

@@ -196,17 +196,7 @@ class BrokerClient:
         self.connection = pika.BlockingConnection(parameters)
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
-        for declaration in contract.core_topology():
-            if isinstance(declaration, contract.Exchange):
-                self.channel.exchange_declare(declaration.name, declaration.type, durable=True)
-            elif isinstance(declaration, contract.Queue):
-                self.channel.queue_declare(
-                    declaration.name, durable=True, arguments=declaration.arguments
-                )
-            else:
-                self.channel.queue_bind(
-                    declaration.queue, declaration.exchange, declaration.routing_key
-                )
+        self.declare(contract.core_topology())
 
     def close(self) -> None:
         try:
@@ -227,6 +217,20 @@ class BrokerClient:
             ),
             mandatory=True,
         )
+
+    def declare(self, declarations: list[contract.Declaration]) -> None:
+        """Declare part of the contract's topology, as the services would before they start."""
+        for declaration in declarations:
+            if isinstance(declaration, contract.Exchange):
+                self.channel.exchange_declare(declaration.name, declaration.type, durable=True)
+            elif isinstance(declaration, contract.Queue):
+                self.channel.queue_declare(
+                    declaration.name, durable=True, arguments=declaration.arguments
+                )
+            else:
+                self.channel.queue_bind(
+                    declaration.queue, declaration.exchange, declaration.routing_key
+                )
 
     def publish_event(self, event: contract.Event) -> None:
         """Publish a lifecycle event as a service would (consumers check its user_id)."""

@@ -202,3 +202,35 @@ def test_an_id_used_again_after_the_ttl_is_a_new_attempt_not_a_duplicate():
     assert not charging.holds(later) and charging.holds(routed())
     admission, session = charging.admit(later, "d2", now=86_403.0, duration=SESSION)
     assert admission is Admission.STARTED and session is not None
+
+
+def test_a_session_that_ended_here_before_a_restart_is_a_duplicate_when_redelivered():
+    # The history says an earlier process of this substation started it at 3.0 and completed
+    # it at 8.0; it was killed before its ack, so the broker hands the request to this one.
+    charging = points()
+    charging.ended_before(routed().request_id, started_by=3.0, ended_at=8.0)
+    assert charging.holds(routed())
+    admission, session = charging.admit(routed(), "d1", now=9.0, duration=SESSION, redelivered=True)
+    assert (admission, session) == (Admission.DUPLICATE, None)
+    assert charging.load == 0
+    assert charging.claimed_by(routed().request_id, "s2") == "completed"
+
+
+def test_an_attempt_accepted_after_that_session_started_is_a_new_one():
+    charging = points()
+    charging.ended_before(routed().request_id, started_by=3.0, ended_at=8.0)
+    later = contract.RoutedRequest(routed().request_id, "EV1", 86_401.0, "s1", 86_402.0, "b1")
+    assert not charging.holds(later)
+    assert charging.admit(later, "d1", now=86_403.0, duration=SESSION)[0] is Admission.STARTED
+
+
+def test_what_the_process_knows_itself_is_not_replaced_by_the_history():
+    charging = points()
+    charging.admit(routed(), "d1", now=10.0, duration=SESSION)
+    charging.ended_before(routed().request_id, started_by=3.0, ended_at=8.0)
+    assert charging.load == 1  # still charging: the history's older session changes nothing
+    complete(charging)
+    # Its own record stays exact: an attempt accepted between is a new one.
+    between = contract.RoutedRequest(routed().request_id, "EV1", 2.5, "s1", 2.6, "b1")
+    charging.ended_before(routed().request_id, started_by=3.0, ended_at=8.0)
+    assert not charging.holds(between) and charging.holds(routed())

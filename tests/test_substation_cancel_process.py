@@ -41,20 +41,6 @@ def _cancel(broker: BrokerClient, request_id: str, ev_id: str = "EV1") -> None:
     )
 
 
-def _declare(broker: BrokerClient, declarations: list[contract.Declaration]) -> None:
-    for declaration in declarations:
-        if isinstance(declaration, contract.Exchange):
-            broker.channel.exchange_declare(declaration.name, declaration.type, durable=True)
-        elif isinstance(declaration, contract.Queue):
-            broker.channel.queue_declare(
-                declaration.name, durable=True, arguments=declaration.arguments
-            )
-        else:
-            broker.channel.queue_bind(
-                declaration.queue, declaration.exchange, declaration.routing_key
-            )
-
-
 def test_a_charging_session_cancelled_frees_its_point_and_says_so_once(stack_settings, broker):
     service, metrics_url = _start(stack_settings, capacity=1)
     try:
@@ -122,8 +108,7 @@ def test_a_request_cancelled_while_it_waits_in_the_queue_never_starts(stack_sett
 def test_a_cancel_made_while_the_substation_was_down_is_obeyed_when_it_starts(
     stack_settings, broker
 ):
-    _declare(
-        broker,
+    broker.declare(
         contract.history_topology(
             max_age_seconds=contract.HISTORY_MAX_AGE_SECONDS, max_bytes=contract.HISTORY_MAX_BYTES
         )

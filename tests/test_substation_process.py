@@ -262,3 +262,45 @@ def test_a_second_process_with_the_same_id_waits_as_a_standby_and_never_charges_
     finally:
         first.stop()
         assert second.stop() == 0
+
+
+def test_a_session_completed_by_a_killed_process_is_not_charged_again_by_the_next(
+    stack_settings, broker
+):
+    """A substation killed after its session.completed reached the broker and before its ack:
+    the request goes back to the queue, and the next process of the substation reads the
+    completion in the history before it takes the queue, so the redelivery is a duplicate."""
+    broker.declare(
+        contract.history_topology(
+            max_age_seconds=contract.HISTORY_MAX_AGE_SECONDS, max_bytes=contract.HISTORY_MAX_BYTES
+        )
+        + contract.substation_topology(SUBSTATION)
+    )
+    done = broker.send_to_substation(SUBSTATION, ev_id="EV1")
+    started_at = time.time()
+    broker.publish_event(
+        contract.SessionCompleted(
+            at=started_at + 1,
+            request_id=done,
+            ev_id="EV1",
+            substation=SUBSTATION,
+            instance="killed-process",
+            started_at=started_at,
+        )
+    )
+    other = broker.send_to_substation(SUBSTATION, ev_id="EV2")
+    events = broker.subscribe_events(contract.SessionStarted.kind)
+    service, metrics_url = _start(stack_settings, capacity=2, session_seconds=60.0)
+    try:
+        eventually(lambda: broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0)
+        eventually(
+            lambda: (
+                metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION)
+                == 1
+            )
+        )
+        (started,) = broker.events_until(events, lambda seen: len(seen) >= 1)
+        assert isinstance(started, contract.SessionStarted) and started.request_id == other
+        assert metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) == 1
+    finally:
+        assert service.stop() == 0
