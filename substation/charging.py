@@ -143,6 +143,9 @@ class ChargingPoints(Generic[Token]):
             if uncertain is not None and _same_attempt(
                 uncertain.request.accepted_at, request.accepted_at
             ):
+                # A copy of a request completed here, its report unconfirmed yet (or lost):
+                # a duplicate delivery too, whose answer is the report sent again.
+                self.duplicates += 1
                 uncertain.token = token
                 return Admission.REPORT, uncertain
             claimant = self._claims.get(request.request_id)

@@ -81,6 +81,7 @@ def test_a_completion_whose_report_was_not_confirmed_is_reported_again_not_charg
     admission, session = charging.admit(routed(), "d2", now=50.0, duration=SESSION)
     assert admission is Admission.REPORT and session is not None
     assert (session.token, session.completed_at) == ("d2", 20.0)
+    assert charging.duplicates == 1  # a copy of a request completed here, as the metric says
     charging.reported(routed().request_id)
     assert charging.claimed_by(routed().request_id, "s2") == "completed"
     assert charging.admit(routed(), "d3", now=60.0, duration=SESSION)[0] is Admission.DUPLICATE
