@@ -185,6 +185,12 @@ def event_senders(urls: dict[str, str]) -> str:
     )
 
 
+def _all_of(events: list[contract.Event], cls: type[E]) -> list[E]:
+    found = [event for event in events if isinstance(event, cls)]
+    assert len(found) == len(events), f"not all {cls.kind}: {events}"
+    return found
+
+
 class BrokerClient:
     """A blocking pika client for tests: publish with confirms, count and read queues."""
 
@@ -298,10 +304,13 @@ class BrokerClient:
 
     def events_of(self, queue: str, cls: type[E]) -> list[E]:
         """:meth:`events`, which must all be of ``cls`` (``queue`` is bound to its kind)."""
-        events = self.events(queue)
-        found = [event for event in events if isinstance(event, cls)]
-        assert len(found) == len(events), f"not all {cls.kind}: {events}"
-        return found
+        return _all_of(self.events(queue), cls)
+
+    def events_of_until(
+        self, queue: str, cls: type[E], count: int, timeout: float = 20.0
+    ) -> list[E]:
+        """:meth:`events_until` ``count`` have come, which must all be of ``cls``."""
+        return _all_of(self.events_until(queue, lambda seen: len(seen) >= count, timeout), cls)
 
     def events_until(
         self, queue: str, enough: Callable[[list[contract.Event]], bool], timeout: float = 20.0

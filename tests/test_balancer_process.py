@@ -197,8 +197,7 @@ def test_forged_counts_and_a_forged_leaving_do_not_pin_the_balancers_view(
         assert _up(stack_settings, "phantom") == 0  # announced, never read: never eligible
         events = broker.subscribe_events(contract.SessionStarted.kind)
         ids = [broker.send_request(ev_id=f"EV{i}") for i in range(4)]
-        seen = broker.events_until(events, lambda seen: len(seen) >= 4)
-        started = [e for e in seen if isinstance(e, contract.SessionStarted)]
+        started = broker.events_of_until(events, contract.SessionStarted, 4)
         assert sorted(e.request_id for e in started) == sorted(ids)
         # Balanced on the true loads (0 of 3 and 2 of 3): three there, one here.
         by_substation = [e.substation for e in started]

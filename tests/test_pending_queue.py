@@ -161,8 +161,7 @@ def test_a_request_accepted_before_the_upgrade_runs_once(
     try:
         group.add(substation_process(stack_settings, 0)).wait_healthy()
         group.add(balancer_process(stack_settings)).wait_healthy()
-        seen = broker.events_until(events, lambda seen: len(seen) >= 3)
-        completed = [e for e in seen if isinstance(e, contract.SessionCompleted)]
+        completed = broker.events_of_until(events, contract.SessionCompleted, 3)
         assert sorted(e.request_id for e in completed) == sorted(r.request_id for r in requests)
         # A request published now goes to today's queue alone.
         broker.send_request(ev_id="EV-new")
