@@ -22,6 +22,7 @@ import pika.exceptions
 from prometheus_client.parser import text_string_to_metric_families
 
 from smartgrid import contract
+from smartgrid.amqp import link
 from stack.processes import ServiceProcess
 
 T = TypeVar("T")
@@ -227,16 +228,7 @@ class BrokerClient:
     def declare(self, declarations: list[contract.Declaration]) -> None:
         """Declare part of the contract's topology, as the services would before they start."""
         for declaration in declarations:
-            if isinstance(declaration, contract.Exchange):
-                self.channel.exchange_declare(declaration.name, declaration.type, durable=True)
-            elif isinstance(declaration, contract.Queue):
-                self.channel.queue_declare(
-                    declaration.name, durable=True, arguments=declaration.arguments
-                )
-            else:
-                self.channel.queue_bind(
-                    declaration.queue, declaration.exchange, declaration.routing_key
-                )
+            link.declare(self.channel, declaration)
 
     def publish_event(self, event: contract.Event) -> None:
         """Publish a lifecycle event as a service would (consumers check its user_id)."""

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pika
+import pika.adapters.blocking_connection
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop, PollEvents, SelectConnection
 from tenacity import (
@@ -105,8 +106,12 @@ def connection_parameters(url: str, *, name: str) -> pika.URLParameters:
     return params
 
 
-def declare(channel: pika.channel.Channel, declaration: Declaration) -> None:
-    """Declare one entity of the contract's topology on ``channel``."""
+def declare(
+    channel: pika.channel.Channel | pika.adapters.blocking_connection.BlockingChannel,
+    declaration: Declaration,
+) -> None:
+    """Declare one entity of the contract's topology on ``channel`` (a blocking one too, as
+    the tools and tests use)."""
     if isinstance(declaration, Exchange):
         channel.exchange_declare(
             declaration.name,
