@@ -2,9 +2,9 @@
 
 Every publish ends in one :class:`~gateway.answers.Outcome`, which says honestly what the
 broker did with it: ``NOT_SENT`` (nothing left this process: no connection, or the broker blocks
-publishers during a memory or disk alarm), ``REFUSED`` (a negative confirm), ``UNCONFIRMED``
-(published, but no confirm by the deadline, or the connection went after publishing: it may
-still be enqueued) or ``CONFIRMED``.
+publishers during a memory or disk alarm), ``REFUSED`` (the pending queue refused it),
+``UNCONFIRMED`` (published, but no confirm by the deadline, or the connection went after
+publishing: it may still be enqueued) or ``CONFIRMED``.
 
 RabbitMQ tells a connection that it is blocked (``connection.blocked``) only once it publishes
 during an alarm. So that the first request after an alarm starts is refused at once, too, rather
@@ -193,14 +193,14 @@ class GatewayBroker:
             self.relay.close()  # another worker takes the lock at once
 
     # ------------------------------------------------------------------ publishing
-    def publish_request(self, request: contract.ChargeRequest) -> Future:
-        """Publish a request to the pending queue; the future succeeds once it is confirmed."""
+    def publish_request(
+        self, request: contract.ChargeRequest, routing_key: str = contract.REQUEST_ROUTING_KEY
+    ) -> Future:
+        """Publish a request to the pending queue (and, under the default key, the history
+        stream); the future succeeds once it is confirmed."""
         self._last_publish = time.monotonic()
         return self.link.publish(
-            contract.REQUESTS_EXCHANGE,
-            contract.REQUEST_ROUTING_KEY,
-            request.to_body(),
-            mandatory=True,
+            contract.REQUESTS_EXCHANGE, routing_key, request.to_body(), mandatory=True
         )
 
     def accept(self, request: contract.ChargeRequest, *, deadline: float) -> Outcome:
@@ -208,30 +208,44 @@ class GatewayBroker:
         broker did with it by ``deadline`` (time.monotonic()).
 
         Nothing is published while the broker blocks publishers or there is no connection
-        (``NOT_SENT``; a reconnect under way is waited for, briefly). A negative confirm (a
-        quorum queue electing a new leader, or the pending queue full) certainly did not
-        enqueue the request, so it is tried again for :data:`REFUSED_RETRY` (``REFUSED`` then). A
-        connection lost after publishing, or no confirm by the deadline, may have enqueued it:
-        that is ``UNCONFIRMED``, and is never tried again here.
+        (``NOT_SENT``; a reconnect under way is waited for, briefly). A negative confirm says
+        that the pending queue or the history stream refused the request, not which: a stream
+        electing a new leader may refuse what the pending queue took, and the request would
+        then run. So the tries that follow go to the pending queue alone
+        (``contract.REQUEST_PENDING_ROUTING_KEY``), for :data:`REFUSED_RETRY`: a confirm means
+        the request will run (``CONFIRMED``; a second copy is a duplicate the balancer drops,
+        and a history without the request is mended by the doubts' copy), a refusal that the
+        pending queue itself refuses it (``REFUSED``: full, or electing a leader); with no
+        answer to such a try the request may have been taken (``UNCONFIRMED``). A connection
+        lost after publishing, or no confirm by the deadline, may have enqueued it: that is
+        ``UNCONFIRMED`` too, and is never tried again here.
         """
-        refused = False
+        # What the refusals so far say: after the first publish's, only that the request may
+        # be in the pending queue; after a try for the pending queue alone, that it is not.
+        refusal: Outcome | None = None
+        routing_key = contract.REQUEST_ROUTING_KEY
         delay = 0.05
         # A full pending queue (backpressure) refuses every try: give up on it well before the
-        # deadline rather than hold a server thread (and add a copy to the history) each time.
+        # deadline rather than hold a server thread each time.
         stop_retrying = time.monotonic() + REFUSED_RETRY
         while True:
             if not self._can_publish(deadline):
-                return Outcome.REFUSED if refused else Outcome.NOT_SENT
+                return refusal or Outcome.NOT_SENT
             try:
-                self._wait(self.publish_request(request), deadline)
+                self._wait(self.publish_request(request, routing_key), deadline)
                 self.doubts.accepted(request, time.time())
                 return Outcome.CONFIRMED
             except NotConnected:  # the link went between the check and the publish
-                return Outcome.REFUSED if refused else Outcome.NOT_SENT
+                return refusal or Outcome.NOT_SENT
             except (PublishRejected, Unroutable):
-                refused = True
+                refusal = (
+                    Outcome.REFUSED
+                    if routing_key == contract.REQUEST_PENDING_ROUTING_KEY
+                    else Outcome.UNCONFIRMED
+                )
+                routing_key = contract.REQUEST_PENDING_ROUTING_KEY
                 if min(deadline, stop_retrying) - time.monotonic() <= delay:
-                    return Outcome.REFUSED
+                    return refusal
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
             except Exception:  # lost after publishing, blocked, timed out, link stopped

@@ -65,6 +65,10 @@ REQUEST_ROUTING_KEY = "charge.request"
 #: A copy of an accepted request for the history stream alone (not the pending queue): a
 #: gateway sends one when its request did not show up in the stream (gateway/doubts.py).
 REQUEST_COPY_ROUTING_KEY = "charge.request.copy"
+#: A request for the pending queue alone (not the history stream): a gateway's retry after a
+#: negative confirm of its first publish, which says that one of the two queues refused, not
+#: which (gateway/broker.py ``accept``).
+REQUEST_PENDING_ROUTING_KEY = "charge.request.pending"
 #: The routing keys under which the history stream holds charge requests.
 HISTORY_REQUEST_KEYS = (REQUEST_ROUTING_KEY, REQUEST_COPY_ROUTING_KEY)
 #: One balancer at a time consumes it (single active consumer), so one decides for every
@@ -168,6 +172,7 @@ def core_topology() -> list[Declaration]:
         Binding(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, ""),
         Queue(PENDING_QUEUE, pending_arguments()),
         Binding(PENDING_QUEUE, REQUESTS_EXCHANGE, REQUEST_ROUTING_KEY),
+        Binding(PENDING_QUEUE, REQUESTS_EXCHANGE, REQUEST_PENDING_ROUTING_KEY),
     ]
 
 

@@ -102,6 +102,55 @@ def test_a_full_pending_queue_gets_503_and_nothing_accepted_is_lost(
     assert exits == {name: 0 for name in exits}, exits
 
 
+def test_a_refusal_by_the_other_queue_alone_gets_202_and_the_request_runs_once(
+    stack_settings: StackSettings, broker: BrokerClient
+) -> None:
+    """A request goes to the pending queue and the history stream in one publish, and one
+    negative confirm covers both: it does not say which refused. When the other queue refused
+    (as a stream electing a leader does) the pending queue took the request, which will run, so
+    a 503 would be a lie. Here a queue that refuses everything, bound beside the pending queue,
+    stands in for that stream: the gateway's next try goes to the pending queue alone, is
+    confirmed, and the answer is 202; the two copies in the pending queue make one session."""
+    refuser = "test.refuses-everything"
+    broker.channel.queue_declare(
+        refuser, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    broker.channel.queue_bind(refuser, contract.REQUESTS_EXCHANGE, contract.REQUEST_ROUTING_KEY)
+    stack_settings.session_seconds = 0.3
+    stack_settings.poll_interval = 0.3
+    events = broker.subscribe_events(contract.SessionStarted.kind, contract.SessionCompleted.kind)
+    group = ProcessGroup()
+    try:
+        group.add(gateway_process(stack_settings)).wait_healthy()
+        status, headers, body = _post(stack_settings, "EV-1")
+        assert status == 202, (status, body)
+        request_id = body["request_id"]
+        # The first publish's copy, and the try for the pending queue alone.
+        assert broker.message_count(contract.PENDING_QUEUE) == 2
+        assert broker.message_count(refuser) == 0
+
+        group.add(substation_process(stack_settings, 0)).wait_healthy()
+        group.add(balancer_process(stack_settings)).wait_healthy()
+        seen = broker.events_until(
+            events, lambda seen: any(isinstance(e, contract.SessionCompleted) for e in seen)
+        )
+        assert broker.message_count(contract.PENDING_QUEUE) == 0
+        seen += broker.events(events)
+        assert [(type(e), getattr(e, "request_id", None)) for e in seen] == [
+            (contract.SessionStarted, request_id),
+            (contract.SessionCompleted, request_id),
+        ]
+        eventually(
+            lambda: (
+                http_json(f"{stack_settings.gateway_url}{headers['Location']}")[2].get("status")
+                == "completed"
+            )
+        )
+    finally:
+        exits = group.stop()
+    assert exits == {name: 0 for name in exits}, exits
+
+
 def _old_version_queue(channel, bodies: list[bytes]) -> None:
     """The pending queue as the earlier version declared and bound it, with requests in it."""
     channel.queue_declare(
