@@ -11,10 +11,11 @@ inputs and sends its grants (docs/power.md §6-7):
   The allocator has a connection of its own with a short heartbeat, so that a frozen or cut-off
   balancer loses the reports within seconds, whatever its router's connection does.
 - **Limits.** The operators' overrides (``grid.limit``) are read from the stream
-  ``smartgrid.grid.limits`` from its first message on each connection, then followed; the
-  reports are consumed only once the stream has been read to its end, so that no share is
-  computed without an override already issued. Every change is handed to the router too
-  (``on_overrides``), which routes against the same limits.
+  ``smartgrid.grid.limits`` from its first message, then followed (resumed after a reconnect
+  just after the last one read), by a :class:`~smartgrid.amqp.streams.StreamReader`; the
+  reports are consumed only once it has read the stream to its end mark, so that no share is
+  computed without an override already issued, however slowly a loaded broker sends it. Every
+  change is handed to the router too (``on_overrides``), which routes against the same limits.
 - **Grants.** On every report (one run per I/O-loop turn however many arrive) and every
   ``TICK`` (renewals, overrides running out), the allocator's grants go to the power exchange
   with the substation's id as routing key. A grant lost on the way is repaired by the next
@@ -36,6 +37,7 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from balancer.config import BalancerConfig
 from smartgrid import contract, leases, share_stamps
 from smartgrid.amqp import ConsumerSpec, Delivery, Link
+from smartgrid.amqp.streams import StreamReader
 from smartgrid.events import events_in
 from smartgrid.grid import Topology, limits_in_force
 from smartgrid.limits import LimitOverride, LimitOverrides, override_from_event
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between runs without reports (renewals are due every third of a lease).
 TICK = 0.25
-#: The limits stream is read to its end when nothing new has come for this long.
+#: Seconds of silence that end the limits stream's replay when there is no end mark to read
+#: (an empty stream); with one, the reader waits for it (smartgrid.amqp.streams).
 STREAM_QUIET = 0.3
 #: Stream consumers need a prefetch (and acknowledge what they read).
 STREAM_PREFETCH = 100
@@ -133,12 +136,15 @@ class Allocator:
         self._last_report = 0.0
         self._run_scheduled = False
         self._reports_tag: str | None = None
-        # The limits stream: where to resume, and whether it has been read to its end.
-        self._next_offset: int | None = None
-        self._stream_round = 0
-        self._stream_last_message = 0.0
-        self._stream_subscribed_at = 0.0
-        self._caught_up = False
+        self.limits = StreamReader(
+            self.link,
+            contract.GRID_LIMITS_STREAM,
+            self._on_limit,
+            start="first",
+            on_caught_up=self._read_to_the_end,
+            prefetch=STREAM_PREFETCH,
+            quiet=STREAM_QUIET,
+        )
 
     # ------------------------------------------------------------------ lifecycle (any thread)
     def start(self) -> None:
@@ -154,43 +160,16 @@ class Allocator:
 
     # ------------------------------------------------------------------ connection (I/O thread)
     def _on_ready(self) -> None:
-        self._caught_up = False
         self._reports_tag = None
-        self._stream_round += 1
-        self._stream_subscribed_at = time.time()
-        self._stream_last_message = time.monotonic()
-        tag = self.link.add_consumer(
-            ConsumerSpec(
-                contract.GRID_LIMITS_STREAM,
-                self._on_limit,
-                prefetch=STREAM_PREFETCH,
-                arguments=self._stream_offset,
-                stream=True,
-            )
-        )
-        if tag is not None:
-            this_round = self._stream_round
-            self.link.call_later(STREAM_QUIET, lambda: self._check_caught_up(this_round))
+        self.limits.on_ready()
 
     def _on_lost(self) -> None:
         # The broker hands the reports to a standby now; this one's grants stop.
         self._reports_tag = None
+        self.limits.on_lost()
         self._deactivate("its connection was lost")
 
-    def _stream_offset(self) -> dict:
-        return {"x-stream-offset": self._next_offset if self._next_offset is not None else "first"}
-
-    def _check_caught_up(self, this_round: int) -> None:
-        if this_round != self._stream_round or self._caught_up or not self.link.ready:
-            return
-        waited = time.monotonic() - self._stream_last_message
-        if waited < STREAM_QUIET:
-            self.link.call_later(STREAM_QUIET - waited, lambda: self._check_caught_up(this_round))
-            return
-        self._read_to_the_end()
-
     def _read_to_the_end(self) -> None:
-        self._caught_up = True
         if self._reports_tag is None and self.hands_out_shares:
             self._reports_tag = self.link.add_consumer(
                 ConsumerSpec(contract.POWER_REPORTS_QUEUE, self._on_report, auto_ack=True)
@@ -202,13 +181,7 @@ class Allocator:
 
     # ------------------------------------------------------------------ limits (I/O thread)
     def _on_limit(self, delivery: Delivery) -> None:
-        # Never raise here: the Link would reject the message, and a stream answers a reject
-        # by closing the channel.
-        offset = delivery.headers.get("x-stream-offset")
-        if isinstance(offset, int):
-            self._next_offset = offset + 1
-        self.link.ack(delivery)
-        self._stream_last_message = time.monotonic()
+        # Never raise here (the reader logs what does and goes on).
         try:
             # Only an administrator may publish grid.limit (no service role owns it), so the
             # broker's permissions vouch for these; no sender check applies.
@@ -220,13 +193,6 @@ class Allocator:
             log.warning("skipping an unusable limit override: %s", exc)
             return
         self._apply_overrides(overrides)
-        published = delivery.properties.timestamp
-        if (
-            not self._caught_up
-            and isinstance(published, int)
-            and published > self._stream_subscribed_at
-        ):
-            self._read_to_the_end()
 
     def _apply_overrides(self, overrides: list[LimitOverride]) -> None:
         changed = False

@@ -254,6 +254,37 @@ def test_a_limit_cut_is_obeyed_and_no_node_is_ever_over_its_limit(
     assert cut_changes, "the cut changed some session's power"
 
 
+def test_a_cut_issued_before_the_balancer_starts_holds_from_its_first_share(
+    grid: StackSettings, broker: BrokerClient
+) -> None:
+    """The allocator replays the limits stream to its end before it takes a report: a cut
+    issued while no balancer ran binds every share it hands out, from the first."""
+    substations = _substations(grid)
+    cut_kw = 30.0
+    _grid_command(grid, "set", "feeder-a", str(cut_kw))
+    balancer = _balancer(grid)
+    sampler = None
+    try:
+        _ready(balancer)
+        events = broker.subscribe_events(contract.SessionCompleted.kind)
+        sampler = Sampler(grid)
+        # Four 22 kW cars (88 kW) under the 30 kW cut: shares bind from the first car on.
+        ids = _send(broker, 4, energy_kwh=2)
+        found: list = []
+        _assert_ledger(broker, events, ids, found)
+        samples = sampler.stop()
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        assert balancer.stop() == 0
+        for service in substations:
+            assert service.stop() == 0
+    assert _over_their_own_limit(samples) == []
+    feeder = [sum(power for power, _, _ in sample.values()) for _, sample in samples]
+    assert max(feeder) >= cut_kw - 1, "the cars drew the feeder's whole limit at some point"
+    assert all(round(kw, 3) <= cut_kw for kw in feeder), max(feeder)
+
+
 def test_sigkill_of_the_active_allocator_another_balancer_takes_over_within_a_lease(
     grid: StackSettings, broker: BrokerClient
 ) -> None:
