@@ -4,6 +4,7 @@ in the durable stream every balancer replays, confirmed before the command says 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -192,3 +193,51 @@ def test_an_unreachable_broker_is_exit_1_with_a_reason():
     result = grid("--timeout", "1", "set", "feeder-a", "5")
     assert result.returncode == 1
     assert "did not confirm" in result.stderr
+    shown = grid("--timeout", "1", "show")
+    assert shown.returncode == 1 and "could not read the limits" in shown.stderr
+
+
+def test_show_prints_the_overrides_in_force_from_the_stream(topology: Path, amqp_url: str):
+    """Replayed as a balancer does: the latest override of each node, expired and cleared ones
+    left out, the lower of rating and override in force, a node the file does not name last."""
+    changes = [
+        ("set", "feeder-a", "100", "--for", "900"),
+        ("set", "s1", "30"),
+        ("clear", "s1"),
+        ("set", "site", "350"),
+        ("set", "site", "300", "--for", "0.5"),  # newer than 350, and soon over: none in force
+        ("set", "s7", "20", "--unlisted"),
+        ("set", "feeder-a", "200"),  # above its rating: in force is still the rating
+        ("set", "feeder-a", "90", "--for", "900"),
+    ]
+    for change in changes:
+        result = grid("--topology", str(topology), *change, url=amqp_url)
+        assert result.returncode == 0, result.stderr
+    time.sleep(0.6)
+
+    shown = grid("--topology", str(topology), "show", "--json", url=amqp_url)
+    assert shown.returncode == 0, shown.stderr
+    rows = {row["node"]: row for row in json.loads(shown.stdout)["nodes"]}
+    assert list(rows) == ["site", "feeder-a", "s1", "s7"]
+    assert (rows["site"]["override_kw"], rows["site"]["in_force_kw"]) == (None, 400)
+    assert (rows["feeder-a"]["override_kw"], rows["feeder-a"]["in_force_kw"]) == (90, 90)
+    assert rows["feeder-a"]["until"] == pytest.approx(rows["feeder-a"]["issued_at"] + 900)
+    assert "@" in rows["feeder-a"]["issued_by"]
+    assert (rows["s1"]["override_kw"], rows["s1"]["in_force_kw"]) == (None, 60)
+    assert (rows["s7"]["rating_kw"], rows["s7"]["in_force_kw"]) == (None, 20)
+
+    text = grid("--topology", str(topology), "show", url=amqp_url)
+    assert text.returncode == 0, text.stderr
+    assert "2 override(s) in force" in text.stdout
+    lines = text.stdout.splitlines()
+    assert any(
+        line.startswith("  feeder-a  90 kW  (override 90 kW until ") and "rating 150 kW" in line
+        for line in lines
+    ), text.stdout
+    assert "    s1  60 kW" in lines and "site  400 kW" in lines
+
+
+def test_show_on_a_broker_no_limit_was_ever_set_on(amqp_url: str):
+    result = grid("show", url=amqp_url)
+    assert result.returncode == 0, result.stderr
+    assert "0 override(s) in force" in result.stdout

@@ -6,30 +6,35 @@ every problem at once and prints the tree. ``set NODE KW [--for SECONDS]`` publi
 ``clear NODE`` ends the node's override. The message is persistent, goes to the stream
 ``smartgrid.grid.limits`` (which every balancer replays from its start, so a restarted one
 knows every limit in force), and the command returns only once the broker has confirmed it.
+``show`` replays that stream to its end, as a balancer does, and prints the overrides in force
+(with a topology, the tree with each node's rating and limit in force); ``--json`` for scripts.
 
 An override never raises a node above its rating (the file's limit, a substation's own): the
 lowest is in force. Raising a rating is a change of the file.
 
 When a topology is given, ``set`` and ``clear`` first check the file and that it names the
 node; ``--unlisted`` allows a node it does not name (a substation that names its parent when
-it announces itself). Exit status: 0 done, 1 the broker did not confirm, 2 a usage or
-topology error.
+it announces itself). Exit status: 0 done, 1 the broker did not confirm (or, for ``show``,
+the stream was not read to its end in time), 2 a usage or topology error.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import json
+import logging
 import os
 import socket
 import sys
 import time
 
 from smartgrid import contract
-from smartgrid.amqp import Link, LinkError
+from smartgrid.amqp import Delivery, Link, LinkError
+from smartgrid.amqp.streams import StreamReader
 from smartgrid.config import DEFAULT_AMQP_URL
 from smartgrid.grid import TOPOLOGY_ENV, Topology, TopologyError, load_topology
-from smartgrid.limits import LimitOverride, override_to_event
+from smartgrid.limits import LimitOverride, LimitOverrides, override_from_event, override_to_event
 from smartgrid.power import kilowatts, watts
 
 PROG = "python -m smartgrid.grid"
@@ -88,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "examples:\n"
         f"  {PROG} check --topology grid.toml\n"
         f"  {PROG} set feeder-a 80 --for 900     # 80 kW for 15 minutes\n"
-        f"  {PROG} clear feeder-a",
+        f"  {PROG} clear feeder-a\n"
+        f"  {PROG} show --topology grid.toml        # the limits in force now",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--amqp-url", default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL))
@@ -111,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clear = sub.add_parser("clear", help="end a node's override (its rating applies again)")
     clear.add_argument("node", type=_node_id)
+    show = sub.add_parser(
+        "show", help="the overrides in force now (read from the limits stream, as balancers do)"
+    )
+    show.add_argument("--json", action="store_true", help="print them as JSON")
     for command in (change, clear):
         command.add_argument(
             "--unlisted",
@@ -121,20 +131,123 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limits_topology() -> list[contract.Declaration]:
+    """The events exchange and the power topology (the limits stream and its binding)."""
+    return [
+        d
+        for d in contract.core_topology()
+        if isinstance(d, contract.Exchange) and d.name == contract.EVENTS_EXCHANGE
+    ] + contract.power_topology()
+
+
+def read_limits(
+    url: str, *, timeout: float
+) -> tuple[LimitOverrides, dict[str, contract.GridLimit]]:
+    """Every override in the limits stream, replayed to its end mark as a balancer's allocator
+    does (TimeoutError otherwise), and, per node, the message that set its latest one."""
+    overrides = LimitOverrides()
+    latest: dict[str, contract.GridLimit] = {}
+
+    def on_message(delivery: Delivery) -> None:
+        try:
+            events = contract.decode_events(delivery.routing_key, delivery.body)
+        except contract.InvalidMessage as exc:
+            logging.getLogger(__name__).warning("skipping an unusable limit override: %s", exc)
+            return
+        for event in events:
+            if isinstance(event, contract.GridLimit) and overrides.apply(
+                override_from_event(event)
+            ):
+                latest[event.node] = event
+
+    reader: StreamReader | None = None
+    link = Link(
+        url,
+        name=f"grid-show-{os.getpid()}",
+        topology=_limits_topology(),
+        on_ready=lambda: reader.on_ready() if reader else None,
+        on_lost=lambda: reader.on_lost() if reader else None,
+    )
+    reader = StreamReader(
+        link, contract.GRID_LIMITS_STREAM, on_message, start="first", follow=False, quiet=0.5
+    )
+    link.start()
+    try:
+        if not link.wait_ready(timeout):
+            raise TimeoutError("the broker is not reachable")
+        if not reader.wait_caught_up(timeout):
+            raise TimeoutError("the limits stream was not read to its end in time")
+    finally:
+        link.stop()
+    return overrides, latest
+
+
+def _when(at: float | None) -> str | None:
+    return None if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def describe_limits(
+    topology: Topology,
+    overrides: LimitOverrides,
+    latest: dict[str, contract.GridLimit],
+    now: float,
+) -> list[dict]:
+    """One row per node with an override in force, or named by the topology: its rating (the
+    file's), the override, and the limit in force (the lower; a substation's own limit, which
+    only it reports, aside). Tree order, overridden nodes the file does not name last."""
+    in_force = overrides.in_force(now)
+    rows: list[dict] = []
+
+    def row(node: str, depth: int) -> dict:
+        rating = topology.limit_w(node)
+        override = in_force.get(node)
+        event = latest.get(node) if override is not None else None
+        limits = [w for w in (rating, override) if w is not None]
+        return {
+            "node": node,
+            "depth": depth,
+            "rating_kw": None if rating is None else kilowatts(rating),
+            "override_kw": None if override is None else kilowatts(override),
+            "until": None if event is None else event.valid_until,
+            "issued_at": None if event is None else event.at,
+            "issued_by": None if event is None else event.issued_by,
+            "in_force_kw": kilowatts(min(limits)) if limits else None,
+        }
+
+    def walk(node: str, depth: int) -> None:
+        rows.append(row(node, depth))
+        for child in topology.children(node):
+            walk(child, depth + 1)
+
+    for root in sorted(n.id for n in topology.nodes.values() if n.parent is None):
+        walk(root, 0)
+    rows += [row(node, 0) for node in sorted(set(in_force) - set(topology.nodes))]
+    return rows
+
+
+def _print_limits(rows: list[dict], now: float) -> None:
+    overridden = sum(1 for r in rows if r["override_kw"] is not None)
+    print(f"limits at {_when(now)}: {overridden} override(s) in force")
+    for r in rows:
+        parts = [f"{'  ' * r['depth']}{r['node']}"]
+        if r["in_force_kw"] is not None:
+            parts.append(f"{r['in_force_kw']:g} kW")
+        if r["override_kw"] is not None:
+            until = f" until {_when(r['until'])}" if r["until"] is not None else ""
+            rating = f", rating {r['rating_kw']:g} kW" if r["rating_kw"] is not None else ""
+            issued = f" by {r['issued_by']}" if r["issued_by"] else ""
+            parts.append(
+                f"(override {r['override_kw']:g} kW{until}{rating}; "
+                f"issued {_when(r['issued_at'])}{issued})"
+            )
+        print("  ".join(parts))
+
+
 def publish_limit(url: str, event: contract.GridLimit, *, timeout: float) -> None:
     """Publish ``event`` persistently and wait for the broker's confirmation (LinkError or
     TimeoutError otherwise). The stream and its binding are declared first, as every service
     declares what it uses, so the message has somewhere durable to go."""
-    link = Link(
-        url,
-        name=f"grid-limit-{os.getpid()}",
-        topology=[
-            d
-            for d in contract.core_topology()
-            if isinstance(d, contract.Exchange) and d.name == contract.EVENTS_EXCHANGE
-        ]
-        + contract.power_topology(),
-    )
+    link = Link(url, name=f"grid-limit-{os.getpid()}", topology=_limits_topology())
     link.start()
     try:
         if not link.wait_ready(timeout):
@@ -172,6 +285,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"check needs a topology file (--topology or {TOPOLOGY_ENV})")
         print(f"{args.topology}: {len(topology.nodes)} node(s), no problems")
         print(describe(topology))
+        return 0
+    if args.command == "show":
+        try:
+            overrides, latest = read_limits(args.amqp_url, timeout=args.timeout)
+        except (LinkError, TimeoutError) as exc:
+            print(f"{PROG}: could not read the limits: {exc or 'timed out'}", file=sys.stderr)
+            return 1
+        now = time.time()
+        rows = describe_limits(topology, overrides, latest, now)
+        if args.json:
+            print(json.dumps({"at": now, "nodes": rows}, indent=2))
+        else:
+            _print_limits(rows, now)
         return 0
 
     if args.topology and args.node not in topology.nodes and not args.unlisted:
