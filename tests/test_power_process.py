@@ -130,6 +130,14 @@ class Sampler:
         return sum(power for power, _, _ in self.samples[-1][1].values()) if self.samples else 0
 
 
+def _stop_all(sampler: Sampler | None, balancers: list, substations: list) -> None:
+    """Stop the sampler and every process; each must exit cleanly."""
+    if sampler is not None:
+        sampler.stop()
+    for service in [*balancers, *substations]:
+        assert service.stop() == 0
+
+
 def _over_their_own_limit(samples) -> list:
     """Samples in which a substation drew more than its limit in force (to the watt)."""
     return [
@@ -234,11 +242,7 @@ def test_a_limit_cut_is_obeyed_and_no_node_is_ever_over_its_limit(
         _assert_ledger(broker, events, ids, found)
         samples = sampler.stop()
     finally:
-        if sampler is not None:
-            sampler.stop()
-        assert balancer.stop() == 0
-        for service in substations:
-            assert service.stop() == 0
+        _stop_all(sampler, [balancer], substations)
     print(f"cut obeyed {obeyed - issued:.2f}s after it was issued")
     # Every sample: each substation within its limit in force, and the feeder within its
     # limit (the new one from the moment the cut was obeyed; the time it took aside).
@@ -274,11 +278,7 @@ def test_a_cut_issued_before_the_balancer_starts_holds_from_its_first_share(
         _assert_ledger(broker, events, ids, found)
         samples = sampler.stop()
     finally:
-        if sampler is not None:
-            sampler.stop()
-        assert balancer.stop() == 0
-        for service in substations:
-            assert service.stop() == 0
+        _stop_all(sampler, [balancer], substations)
     assert _over_their_own_limit(samples) == []
     feeder = [sum(power for power, _, _ in sample.values()) for _, sample in samples]
     assert max(feeder) >= cut_kw - 1, "the cars drew the feeder's whole limit at some point"
