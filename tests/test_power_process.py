@@ -338,6 +338,42 @@ def test_sigkill_of_the_active_allocator_another_balancer_takes_over_within_a_le
     assert all(round(sum(p for p, _, _ in s.values()), 3) <= FEEDER_KW for _, s in samples)
 
 
+def test_a_substation_killed_under_a_binding_feeder_keeps_every_limit_and_loses_nothing(
+    grid: StackSettings, broker: BrokerClient
+) -> None:
+    """SIGKILL of a substation while the feeder's limit binds, and a new process of it 2 s
+    later, under the old process's unexpired grants: the sessions it ran are redelivered from
+    its queue and run again there, each request completes exactly once, and no sample shows a
+    substation over its limit in force or the feeder over its limit (the time around the
+    restart included, when both substations take shares again)."""
+    substations = _substations(grid)
+    balancer = _balancer(grid)
+    sampler = None
+    try:
+        _ready(balancer)
+        events = broker.subscribe_events(contract.SessionCompleted.kind)
+        sampler = Sampler(grid)
+        # Six 22 kW cars (132 kW) under the 60 kW feeder: 72 kWh take over four seconds.
+        ids = _send(broker, 6, energy_kwh=12)
+        eventually(lambda: sampler.feeder_kw() >= FEEDER_KW - 1, timeout=15)
+        substations[0].signal(signal.SIGKILL)
+        assert substations[0].process is not None
+        assert substations[0].process.wait(10) == -signal.SIGKILL
+        killed_at = time.time()
+        time.sleep(2)
+        substations[0] = substation_process(grid, 0).start()
+        substations[0].wait_healthy()
+        found: list = []
+        _assert_ledger(broker, events, ids, found)
+        samples = sampler.stop()
+    finally:
+        _stop_all(sampler, [balancer], substations)
+    assert _over_their_own_limit(samples) == []
+    assert all(round(sum(p for p, _, _ in s.values()), 3) <= FEEDER_KW for _, s in samples)
+    back = [s["substation-1"] for t, s in samples if t > killed_at and "substation-1" in s]
+    assert back, "the new process of substation-1 was sampled"
+
+
 def test_a_substation_cut_off_from_the_allocator_falls_to_its_failsafe(grid, broker):
     """Each substation falls to its failsafe once its lease ran out, while the allocator is
     frozen (how soon after the lease's end is bench.power_stack's figure)."""
