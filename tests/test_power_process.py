@@ -372,6 +372,14 @@ def test_a_substation_killed_under_a_binding_feeder_keeps_every_limit_and_loses_
     assert all(round(sum(p for p, _, _ in s.values()), 3) <= FEEDER_KW for _, s in samples)
     back = [s["substation-1"] for t, s in samples if t > killed_at and "substation-1" in s]
     assert back, "the new process of substation-1 was sampled"
+    rerun = [
+        e
+        for e in found
+        if isinstance(e, contract.SessionCompleted)
+        and e.substation == "substation-1"
+        and e.started_at > killed_at
+    ]
+    assert rerun, "the killed process's sessions ran again in the new one"
 
 
 def test_a_substation_cut_off_from_the_allocator_falls_to_its_failsafe(grid, broker):
