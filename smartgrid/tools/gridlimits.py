@@ -151,13 +151,14 @@ def read_limits(
     def on_message(delivery: Delivery) -> None:
         try:
             events = contract.decode_events(delivery.routing_key, delivery.body)
-        except contract.InvalidMessage as exc:
+            found = [
+                (e, override_from_event(e)) for e in events if isinstance(e, contract.GridLimit)
+            ]
+        except (contract.InvalidMessage, ValueError) as exc:
             logging.getLogger(__name__).warning("skipping an unusable limit override: %s", exc)
             return
-        for event in events:
-            if isinstance(event, contract.GridLimit) and overrides.apply(
-                override_from_event(event)
-            ):
+        for event, override in found:
+            if overrides.apply(override):
                 latest[event.node] = event
 
     reader: StreamReader | None = None
