@@ -114,16 +114,11 @@ class Allocator:
         self.metrics = AllocatorMetrics(registry)
         for node in topology.nodes:
             self.metrics.overcommitted.labels(node).set(0)
-        events_exchange = [
-            d
-            for d in contract.core_topology()
-            if isinstance(d, contract.Exchange) and d.name == contract.EVENTS_EXCHANGE
-        ]
         self.link = Link(
             with_heartbeat(config.amqp_url, config.allocator_heartbeat),
             name=f"{name}-allocator",
             topology=contract.topology(
-                events_exchange + contract.power_topology(), declare=config.declare_topology
+                contract.power_topology_with_events(), declare=config.declare_topology
             ),
             on_ready=self._on_ready,
             on_lost=self._on_lost,

@@ -247,6 +247,13 @@ def power_topology() -> list[Declaration]:
     ]
 
 
+def power_topology_with_events() -> list[Declaration]:
+    """The events exchange and :func:`power_topology`: what a connection that uses nothing
+    else of the core topology declares (the allocator's, the operator's command)."""
+    events = [d for d in core_topology() if isinstance(d, Exchange) and d.name == EVENTS_EXCHANGE]
+    return events + power_topology()
+
+
 def power_share_queue_name(substation_id: str) -> str:
     return POWER_SHARE_QUEUE_PREFIX + substation_id
 

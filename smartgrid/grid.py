@@ -40,7 +40,7 @@ import math
 import operator
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from smartgrid import contract
@@ -94,6 +94,18 @@ class Topology:
 
     def children(self, node: str) -> list[str]:
         return sorted(n.id for n in self.nodes.values() if n.parent == node)
+
+    def tree(self) -> Iterator[tuple[str, int]]:
+        """Every node with its depth, depth first: the roots in id order, each followed by the
+        nodes under it (as an operator reads the tree)."""
+
+        def below(node: str, depth: int) -> Iterator[tuple[str, int]]:
+            yield node, depth
+            for child in self.children(node):
+                yield from below(child, depth + 1)
+
+        for root in sorted(n.id for n in self.nodes.values() if n.parent is None):
+            yield from below(root, 0)
 
     def limit_w(self, node: str) -> int | None:
         known = self.nodes.get(node)

@@ -81,6 +81,17 @@ def test_the_example_reads_as_a_tree_with_limits_in_watts():
     assert grid.nodes["feeder-b"] == Node("feeder-b", 150_500, "site")
 
 
+def test_the_tree_is_walked_depth_first_in_id_order_with_depths():
+    assert list(example().tree()) == [
+        ("site", 0),
+        ("feeder-a", 1),
+        ("s1", 2),
+        ("s2", 2),
+        ("feeder-b", 1),
+        ("s3", 1),
+    ]
+
+
 def test_a_substation_the_file_does_not_name_is_a_root_of_its_own():
     assert example().path("s9") == ("s9",)
     assert Topology().path("s1") == ("s1",)

@@ -42,17 +42,11 @@ PROG = "python -m smartgrid.grid"
 
 def describe(topology: Topology) -> str:
     """The tree as indented lines, roots first, each node with its limit."""
-    lines: list[str] = []
-
-    def walk(node: str, depth: int) -> None:
+    lines = []
+    for node, depth in topology.tree():
         limit = topology.limit_w(node)
         assert limit is not None
         lines.append(f"{'  ' * depth}{node}  {kilowatts(limit):g} kW")
-        for child in topology.children(node):
-            walk(child, depth + 1)
-
-    for root in sorted(n.id for n in topology.nodes.values() if n.parent is None):
-        walk(root, 0)
     return "\n".join(lines)
 
 
@@ -131,15 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _limits_topology() -> list[contract.Declaration]:
-    """The events exchange and the power topology (the limits stream and its binding)."""
-    return [
-        d
-        for d in contract.core_topology()
-        if isinstance(d, contract.Exchange) and d.name == contract.EVENTS_EXCHANGE
-    ] + contract.power_topology()
-
-
 def read_limits(
     url: str, *, timeout: float
 ) -> tuple[LimitOverrides, dict[str, contract.GridLimit]]:
@@ -165,7 +150,7 @@ def read_limits(
     link = Link(
         url,
         name=f"grid-show-{os.getpid()}",
-        topology=_limits_topology(),
+        topology=contract.power_topology_with_events(),
         on_ready=lambda: reader.on_ready() if reader else None,
         on_lost=lambda: reader.on_lost() if reader else None,
     )
@@ -197,7 +182,6 @@ def describe_limits(
     file's), the override, and the limit in force (the lower; a substation's own limit, which
     only it reports, aside). Tree order, overridden nodes the file does not name last."""
     in_force = overrides.in_force(now)
-    rows: list[dict] = []
 
     def row(node: str, depth: int) -> dict:
         rating = topology.limit_w(node)
@@ -215,15 +199,9 @@ def describe_limits(
             "in_force_kw": kilowatts(min(limits)) if limits else None,
         }
 
-    def walk(node: str, depth: int) -> None:
-        rows.append(row(node, depth))
-        for child in topology.children(node):
-            walk(child, depth + 1)
-
-    for root in sorted(n.id for n in topology.nodes.values() if n.parent is None):
-        walk(root, 0)
-    rows += [row(node, 0) for node in sorted(set(in_force) - set(topology.nodes))]
-    return rows
+    return [row(node, depth) for node, depth in topology.tree()] + [
+        row(node, 0) for node in sorted(set(in_force) - set(topology.nodes))
+    ]
 
 
 def _print_limits(rows: list[dict], now: float) -> None:
@@ -248,7 +226,9 @@ def publish_limit(url: str, event: contract.GridLimit, *, timeout: float) -> Non
     """Publish ``event`` persistently and wait for the broker's confirmation (LinkError or
     TimeoutError otherwise). The stream and its binding are declared first, as every service
     declares what it uses, so the message has somewhere durable to go."""
-    link = Link(url, name=f"grid-limit-{os.getpid()}", topology=_limits_topology())
+    link = Link(
+        url, name=f"grid-limit-{os.getpid()}", topology=contract.power_topology_with_events()
+    )
     link.start()
     try:
         if not link.wait_ready(timeout):
