@@ -192,6 +192,8 @@ class SubstationService:
         )
         self._consuming = False
         self._standby_logged = False
+        #: A standby found the queue free and reads the history again before it consumes.
+        self._reread_for_takeover = False
         self.senders = Senders(config.event_senders, own_user=self.link.user)
         self.events = EventPublisher(self.link)
         self.dead_letters = DeadLetterer(self.link, self.events)
@@ -762,6 +764,7 @@ class SubstationService:
         """Fencing: the broker hands this connection's deliveries to others now."""
         self.history.on_lost()
         self._consuming = False
+        self._reread_for_takeover = False
         dropped = self.points.drop_all()
         now = time.time()
         for session in dropped:
@@ -792,6 +795,7 @@ class SubstationService:
         if self._draining or self._consuming or not self.link.ready:
             return
         if consumers:
+            self._reread_for_takeover = False
             if not self._standby_logged:
                 log.warning(
                     "%s already has a consumer (another process with SUBSTATION_ID=%s, or the "
@@ -802,9 +806,17 @@ class SubstationService:
                 self._standby_logged = True
             self.link.call_later(STANDBY_RETRY, self._take_the_queue)
             return
+        if self._standby_logged and not self._reread_for_takeover:
+            # Another process of this substation held the queue while this one stood by: what
+            # it ended (then killed before its ack, its request comes back here) is in the
+            # history since this one's replay. Read that first (_on_history), then take it.
+            self._reread_for_takeover = True
+            self.history.read_again()
+            return
         if self.link.add_consumer(self._requests) is None:
             return
         self._consuming = True
+        self._reread_for_takeover = False
         self._consume_shares()
         if self._standby_logged:
             log.info("%s is free: consuming it", self.queue)

@@ -381,6 +381,29 @@ def test_a_replay_only_reader_stops_after_catching_up_and_after_a_reconnect_read
         reading.stop()
 
 
+def test_a_replay_only_reader_asked_to_read_again_reads_what_came_since_once(amqp_url):
+    """read_again: what the stream gained since the replay, to its new end, each message once,
+    and on_caught_up again (a standby substation before it takes its queue)."""
+    declare_stream(amqp_url)
+    bodies = [b"%d" % i for i in range(100)]
+    publish(amqp_url, bodies)
+    reading = Reading(amqp_url, quiet=0.3, follow=False)
+    try:
+        assert reading.reader.wait_caught_up(20)
+        eventually(lambda: reading.reader._reader_channel is None)  # noqa: SLF001
+        later = [b"later-%d" % i for i in range(3)]
+        publish(amqp_url, later)
+        reading.link.call_soon(reading.reader.read_again)
+        eventually(lambda: len(reading.read_when_caught_up) == 2, timeout=30)
+        # Caught up again on reading the new end mark (the first message of the last chunk;
+        # the rest of the chunk comes in the same go).
+        assert reading.read_when_caught_up[1] > len(bodies)
+        eventually(lambda: len(reading.read) >= len(bodies) + len(later))
+        assert [body for _key, body in reading.read] == bodies + later
+    finally:
+        reading.stop()
+
+
 def test_the_history_stream_of_the_contract_is_read_with_its_routing_keys(amqp_url: str) -> None:
     topology = contract.core_topology() + contract.history_topology(
         max_age_seconds=3600, max_bytes=10_000_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -304,3 +305,58 @@ def test_a_session_completed_by_a_killed_process_is_not_charged_again_by_the_nex
         assert metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) == 1
     finally:
         assert service.stop() == 0
+
+
+def test_a_standby_reads_what_the_process_it_replaces_ended_before_it_takes_the_queue(
+    stack_settings, broker, tmp_path
+):
+    """Two processes of one substation: the first holds the queue and a request, ends its
+    session (its session.completed reaches the history) and is killed before its ack. The
+    second, standing by since long after its own replay, reads the history again once the
+    queue is free and before it takes it, so the redelivered request is a duplicate, not a
+    second session."""
+    first, _first_url = _start(stack_settings, capacity=2, session_seconds=60.0)
+    stack_settings.substation_ports = (stack_settings.substation_ports[1],)
+    stack_settings.log_dir = tmp_path / "second"
+    second = substation_process(stack_settings, 0)
+    second.env = {**second.env, "SHUTDOWN_GRACE": "0.5"}
+    second.start().wait_healthy()
+    second_url = health_url(second)
+    queue = contract.substation_queue_name(SUBSTATION)
+    try:
+        eventually(lambda: "waiting as a standby" in second.log_tail(50))
+        # Its replay over (its reader's channel closed), it hears of no completion until then.
+        eventually(lambda: f"{contract.HISTORY_STREAM}: replay done" in second.log_tail(50))
+        # Frozen, the first process holds what the broker hands it, unacknowledged.
+        first.signal(signal.SIGSTOP)
+        events = broker.subscribe_events(contract.SessionStarted.kind)
+        done = broker.send_to_substation(SUBSTATION, ev_id="EV1")
+        eventually(lambda: broker.message_count(queue) == 0, what="delivered to the first")
+        started_at = time.time()
+        broker.publish_event(
+            contract.SessionCompleted(
+                at=started_at + 1,
+                request_id=done,
+                ev_id="EV1",
+                substation=SUBSTATION,
+                instance="the-first-process",
+                started_at=started_at,
+            )
+        )
+        kill(first)
+        eventually(
+            lambda: (
+                metric(second_url, "substation_duplicate_requests_total", substation=SUBSTATION)
+                == 1
+            ),
+            timeout=30,
+            what="the redelivery taken for the duplicate it is",
+        )
+        other = broker.send_to_substation(SUBSTATION, ev_id="EV2")
+        (started,) = broker.events_until(events, lambda seen: len(seen) >= 1)
+        assert isinstance(started, contract.SessionStarted) and started.request_id == other
+        assert metric(second_url, contract.LOAD_METRIC, substation=SUBSTATION) == 1
+    finally:
+        first.signal(signal.SIGCONT)
+        first.stop()
+        assert second.stop() == 0

@@ -451,6 +451,17 @@ class StreamReader:
             self.link.open_side_channel(lambda channel: self._read_on(subscription, channel))
         self.link.call_later(self.quiet, lambda: self._probe_quiet(subscription))
 
+    def read_again(self) -> None:
+        """Read what the stream gained since this reader caught up, to its new end mark, then
+        call ``on_caught_up`` again (I/O thread). For a reader that does not follow, whose
+        owner needs what came since before it acts: a standby substation about to take over
+        its queue, whose predecessor may have ended sessions meanwhile. Resumes just after the
+        last message read."""
+        channel, self._reader_channel = self._reader_channel, None
+        if channel is not None and channel.is_open:
+            channel.close()
+        self.on_ready()
+
     def on_lost(self) -> None:
         if not self.follow and self._catchup.caught_up:
             # Its owner's subscription heard what came after the replay until now.
@@ -578,8 +589,10 @@ class StreamReader:
             self.link.open_side_channel(lambda channel: self._read_on(subscription, channel))
 
     def _stop_reading(self, subscription: int) -> None:
+        if subscription != self._subscription:
+            return  # a later subscription reads on a channel of its own
         channel, self._reader_channel = self._reader_channel, None
-        if subscription == self._subscription and channel is not None and channel.is_open:
+        if channel is not None and channel.is_open:
             channel.close()
             log.info("%s: replay done (%d message(s) read)", self.stream, self.messages_read)
 
