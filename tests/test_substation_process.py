@@ -27,6 +27,17 @@ def _start(
     return service, metrics_url
 
 
+def _start_second(settings: StackSettings, tmp_path) -> tuple[ServiceProcess, str]:
+    """A second process with the same SUBSTATION_ID (on a port and log of its own), started
+    after :func:`_start`'s first; it finds the queue consumed and waits as a standby."""
+    settings.substation_ports = (settings.substation_ports[1],)
+    settings.log_dir = tmp_path / "second"
+    second = substation_process(settings, 0)
+    second.env = {**second.env, "SHUTDOWN_GRACE": "0.5"}
+    second.start().wait_healthy()
+    return second, health_url(second)
+
+
 def _count(events: list[contract.Event], kind: type[contract.Event]) -> int:
     return sum(isinstance(e, kind) for e in events)
 
@@ -232,12 +243,7 @@ def test_a_second_process_with_the_same_id_waits_as_a_standby_and_never_charges_
     only once the first is gone. At no moment do more sessions run than one has points, and no
     request the first completed runs again."""
     first, first_url = _start(stack_settings, capacity=2, session_seconds=1.0)
-    stack_settings.substation_ports = (stack_settings.substation_ports[1],)
-    stack_settings.log_dir = tmp_path / "second"
-    second = substation_process(stack_settings, 0)
-    second.env = {**second.env, "SHUTDOWN_GRACE": "0.5"}
-    second.start().wait_healthy()
-    second_url = health_url(second)
+    second, second_url = _start_second(stack_settings, tmp_path)
     try:
         events = broker.subscribe_events(
             contract.SessionStarted.kind, contract.SessionCompleted.kind
@@ -332,12 +338,7 @@ def test_a_standby_reads_what_the_process_it_replaces_ended_before_it_takes_the_
     queue is free and before it takes it, so the redelivered request is a duplicate, not a
     second session."""
     first, _first_url = _start(stack_settings, capacity=2, session_seconds=60.0)
-    stack_settings.substation_ports = (stack_settings.substation_ports[1],)
-    stack_settings.log_dir = tmp_path / "second"
-    second = substation_process(stack_settings, 0)
-    second.env = {**second.env, "SHUTDOWN_GRACE": "0.5"}
-    second.start().wait_healthy()
-    second_url = health_url(second)
+    second, second_url = _start_second(stack_settings, tmp_path)
     queue = contract.substation_queue_name(SUBSTATION)
     try:
         eventually(lambda: "waiting as a standby" in second.log_tail(50))
