@@ -275,6 +275,13 @@ class SubstationService:
             self.points.count_received(redelivered=delivery.redelivered)
             self._cancel_unstarted(request, delivery)
             return
+        if request.request_id in self._checks:
+            # A copy of it is held here while the fleet is asked: that one is charged, or
+            # acknowledged as a duplicate, for both. Admitted, this one charged beside it.
+            self.points.count_received(redelivered=delivery.redelivered)
+            self.points.count_duplicate()
+            self.link.ack(delivery)
+            return
         now = time.time()
         admission, session = self.points.admit(
             request, delivery, now, self.config.session_seconds, redelivered=delivery.redelivered
@@ -642,10 +649,6 @@ class SubstationService:
         """A possible duplicate: ask whether another substation charges or charged it. It is
         acknowledged when one says it completed it, and charged here when none says it is
         charging it (within DUPLICATE_CHECK_SECONDS of each question)."""
-        if request.request_id in self._checks:
-            self.points.count_duplicate()
-            self.link.ack(delivery)  # a second copy while the first is held here
-            return
         self._checks[request.request_id] = _Check(request, delivery, timer=None)
         self._ask(request.request_id)
 

@@ -235,6 +235,43 @@ def test_a_request_forwarded_to_two_substations_is_charged_at_only_one(stack_set
             assert service.stop() == 0
 
 
+def test_a_copy_delivered_while_its_flagged_twin_is_asked_about_is_not_charged_beside_it(
+    stack_settings, broker
+):
+    """A balancer whose forward went unconfirmed (its connection lost) forwards the request
+    again, flagged, and may choose the same substation: the flagged copy is held while the
+    fleet is asked, and the first copy, delivered meanwhile, must not start a second session."""
+    stack_settings.capacity = 4
+    stack_settings.session_seconds = 0.5
+    service = substation_process(stack_settings, 0)
+    service.env = {**service.env, "SHUTDOWN_GRACE": "0.5", "DUPLICATE_CHECK_SECONDS": "2"}
+    service.start().wait_healthy()
+    metrics_url = health_url(service)
+    try:
+        starts = broker.subscribe_events(contract.SessionStarted.kind)
+        lookups = broker.subscribe_events(contract.SessionLookup.kind)
+        request_id = broker.send_to_substation(SUBSTATION, maybe_duplicate=True)
+        held = broker.events_of_until(lookups, contract.SessionLookup, 1)
+        assert [lookup.request_id for lookup in held] == [request_id]
+        broker.send_to_substation(SUBSTATION, request_id=request_id)
+        eventually(
+            lambda: (
+                metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION)
+                == 1
+            )
+        )
+        completed = contract.COMPLETED_METRIC + "_total"
+        eventually(lambda: metric(metrics_url, completed, substation=SUBSTATION) == 1, timeout=10)
+        time.sleep(1)  # a second session would have started with the first, or after the check
+        assert metric(metrics_url, completed, substation=SUBSTATION) == 1
+        assert [e.request_id for e in broker.events_of(starts, contract.SessionStarted)] == [
+            request_id
+        ]
+        assert broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0
+    finally:
+        assert service.stop() == 0
+
+
 def test_a_second_process_with_the_same_id_waits_as_a_standby_and_never_charges_beside_it(
     stack_settings, broker, tmp_path
 ):
