@@ -1220,6 +1220,9 @@ BALANCER_EVENTS = EventSubscription(
 )
 #: Only rare events: a substation's cost must not grow with the fleet's traffic. The
 #: announcements tell it which other substations are live, whose lookups it trusts.
+#: Durable: a lookup made while this substation reconnects is what tells it, once back, that
+#: another substation charges a request whose first copy waits in its queue. Exclusive, the
+#: lookup was lost with the connection, and that copy was charged a second time.
 SUBSTATION_EVENTS = EventSubscription(
     "substation",
     (
@@ -1233,6 +1236,7 @@ SUBSTATION_EVENTS = EventSubscription(
         # A gateway's doubt about a request (rare): its session's events are published again.
         StatusRequested,
     ),
+    durable=True,
 )
 #: The load generator's ledger must not miss an event because it reconnected, nor the oldest
 #: of a long run's events because the run is long.

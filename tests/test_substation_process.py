@@ -272,6 +272,64 @@ def test_a_copy_delivered_while_its_flagged_twin_is_asked_about_is_not_charged_b
         assert service.stop() == 0
 
 
+def test_a_lookup_made_while_a_substation_was_cut_off_stops_it_charging_the_first_copy(
+    stack_settings, broker
+):
+    """The double charge a broker outage caused (CI, stop 23): a balancer's forward to
+    substation-1 went unconfirmed, so it forwarded the request again, flagged, to substation-2,
+    which asked the fleet while substation-1 was still reconnecting, heard nothing, and charged
+    it. The lookup must wait for substation-1, so that the first copy, delivered to it once it is
+    back, is recognised as charging elsewhere."""
+    from tests.proxy import CuttableProxy
+
+    stack_settings.capacity = 2
+    stack_settings.session_seconds = 3
+    stack_settings.substations = 2
+    proxy = CuttableProxy(("127.0.0.1", 5672)).start()
+    scheme, rest = stack_settings.amqp_url.split("://")
+    credentials, _, path = rest.partition("@")
+    cut_off_url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    services = [substation_process(stack_settings, i) for i in range(2)]
+    services[0].env = {**services[0].env, "AMQP_URL": cut_off_url}
+    try:
+        for service in services:
+            service.start().wait_healthy()
+        first, second = (health_url(s) for s in services)
+        lookups = broker.subscribe_events(contract.SessionLookup.kind)
+        starts = broker.subscribe_events(contract.SessionStarted.kind)
+        # Each has heard the other announce itself: it answers the other's lookups.
+        eventually(lambda: metric(first, contract.CONSUMING_METRIC, substation="substation-1") == 1)
+        time.sleep(1)
+
+        proxy.cut()
+        eventually(
+            lambda: metric(first, "substation_broker_connected", substation="substation-1") == 0
+        )
+        request_id = broker.send_to_substation("substation-2", maybe_duplicate=True)
+        broker.events_of_until(lookups, contract.SessionLookup, 1)
+        eventually(lambda: metric(second, contract.LOAD_METRIC, substation="substation-2") == 1)
+        broker.send_to_substation("substation-1", request_id=request_id)  # the first copy
+        proxy.start()
+
+        eventually(
+            lambda: (
+                metric(first, "substation_duplicate_requests_total", substation="substation-1") == 1
+            ),
+            timeout=20,
+        )
+        count = contract.COMPLETED_METRIC + "_total"
+        eventually(lambda: metric(second, count, substation="substation-2") == 1, timeout=15)
+        assert metric(first, count, substation="substation-1") == 0
+        assert [
+            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
+        ] == [(request_id, "substation-2")]
+        assert broker.message_count(contract.substation_queue_name("substation-1")) == 0
+    finally:
+        for service in services:
+            assert service.stop() == 0
+        proxy.cut()
+
+
 def test_a_second_process_with_the_same_id_waits_as_a_standby_and_never_charges_beside_it(
     stack_settings, broker, tmp_path
 ):
