@@ -446,13 +446,15 @@ def test_a_killed_cluster_node_loses_nothing_and_the_services_move_to_the_surviv
     restarter: threading.Thread | None = None
     restart_error: list[Exception] = []
     try:
-        # Every quorum queue (pending, dead letters, power reports, each substation's) has a
-        # member on each of the three nodes.
+        # Every quorum queue (pending, dead letters, power reports, each substation's, each
+        # substation process's event subscription) has a member on each of the three nodes.
         queues = cluster.queues(vhost)
         names = sorted(n.name for n in cluster.nodes)
         quorum = {name: q for name, q in queues.items() if q["type"] == "quorum"}
-        assert contract.PENDING_QUEUE in quorum and len(quorum) == 3 + settings.substations, sorted(
-            queues
+        subscriptions = [n for n in quorum if n.startswith(contract.SUBSTATION_EVENTS.prefix)]
+        assert len(subscriptions) == settings.substations, sorted(queues)
+        assert contract.PENDING_QUEUE in quorum and len(quorum) == 3 + 2 * settings.substations, (
+            sorted(queues)
         )
         for name, queue in quorum.items():
             assert sorted(queue["members"]) == names, (name, queue)
