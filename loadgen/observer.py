@@ -56,7 +56,13 @@ class EventObserver:
             amqp_url,
             name=name,
             topology=contract.topology(contract.core_topology(), declare=declare_topology),
-            consumers=[ConsumerSpec(contract.LOADGEN_EVENTS, self._on_event, auto_ack=True)],
+            # Acknowledged once counted: an event on its way when the connection goes comes
+            # again (counted once: identical), where auto-ack lost it (a false "unfinished").
+            consumers=[
+                ConsumerSpec(
+                    contract.LOADGEN_EVENTS, self._on_event, prefetch=1000, ack_when_handled=True
+                )
+            ],
         )
         self.senders = Senders(event_senders, own_user=self.link.user)
 

@@ -148,7 +148,9 @@ class SubstationService:
             ),
             # Its own queue is consumed once the history is replayed and nobody else consumes
             # it (_take_the_queue).
-            consumers=[ConsumerSpec(contract.SUBSTATION_EVENTS, self._on_event, auto_ack=True)],
+            consumers=[
+                ConsumerSpec(contract.SUBSTATION_EVENTS, self._on_event, ack_when_handled=True)
+            ],
             on_ready=self._on_ready,
             on_lost=self._connection_lost,
             min_turn_interval=config.min_turn_interval,

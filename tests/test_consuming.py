@@ -73,3 +73,40 @@ def test_an_auto_acked_message_is_neither_requeued_nor_poisoned() -> None:
     handler = message_handler(spec, generation=1, requeue=requeued.append, link_name="t")
     deliver(handler, delivery_count=10)
     assert requeued == []
+
+
+def test_ack_when_handled_acknowledges_once_the_consumer_returns_or_raises() -> None:
+    acked: list[Delivery] = []
+    requeued: list[Delivery] = []
+    received: list[Delivery] = []
+    for on_message, expected in ((received.append, 1), (failing, 2)):
+        spec = ConsumerSpec("q", on_message, ack_when_handled=True)
+        handler = message_handler(
+            spec, generation=1, requeue=requeued.append, link_name="t", ack=acked.append
+        )
+        deliver(handler, delivery_count=0)
+        assert len(acked) == expected
+    assert len(received) == 1 and requeued == []  # a failing event is not tried again
+
+
+def test_a_consumer_without_ack_when_handled_is_not_acknowledged_by_the_handler() -> None:
+    acked: list[Delivery] = []
+    spec = ConsumerSpec("q", lambda d: None)
+    deliver(
+        message_handler(spec, generation=1, requeue=lambda d: None, link_name="t", ack=acked.append)
+    )
+    assert acked == []
+
+
+def test_a_durable_subscription_is_refused_auto_ack_which_would_lose_what_is_in_flight() -> None:
+    durable = contract.EventSubscription("x", (contract.RequestAccepted,), durable=True)
+    with pytest.raises(ValueError, match="ack_when_handled"):
+        ConsumerSpec(durable, lambda d: None, auto_ack=True)
+    assert ConsumerSpec(durable, lambda d: None, ack_when_handled=True).ack_when_handled
+    exclusive = contract.EventSubscription("x", (contract.RequestAccepted,))
+    assert ConsumerSpec(exclusive, lambda d: None, auto_ack=True).auto_ack  # gone with it anyway
+
+
+def test_auto_ack_and_ack_when_handled_together_are_refused() -> None:
+    with pytest.raises(ValueError):
+        ConsumerSpec("q", lambda d: None, auto_ack=True, ack_when_handled=True)

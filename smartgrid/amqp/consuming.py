@@ -71,6 +71,22 @@ class ConsumerSpec:
     #: answers a reject by closing the channel, publisher confirms still due with it. It ends
     #: with its channel.
     stream: bool = False
+    #: Acknowledged by the Link once ``on_message`` has returned, or raised (logged, and not
+    #: tried again): each message reaches the handler at least once, where ``auto_ack`` loses
+    #: what is on its way when the connection goes. A durable event subscription takes this
+    #: (it exists to miss nothing across a reconnect), and the subscriber takes an event
+    #: delivered again as it takes one published again.
+    ack_when_handled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.auto_ack and (
+            self.ack_when_handled
+            or (isinstance(self.queue, EventSubscription) and self.queue.durable)
+        ):
+            raise ValueError(
+                f"{self.description}: auto_ack would lose what is in flight at a reconnect; "
+                "a durable subscription is consumed with ack_when_handled"
+            )
 
     @property
     def description(self) -> str:
@@ -83,12 +99,14 @@ def message_handler(
     generation: int,
     requeue: Callable[[Delivery], object],
     link_name: str,
+    ack: Callable[[Delivery], object] = lambda _delivery: None,
 ) -> Callable[[Any, Any, Any, bytes], None]:
     """The ``basic_consume`` callback for ``spec`` on the channel of ``generation``.
 
     A consumer that raises gets the message back in its queue (``requeue``) for another try,
     and the queue's delivery limit dead-letters it if it keeps failing; with ``on_poison`` the
-    consumer sets it aside itself first, with the reason.
+    consumer sets it aside itself first, with the reason. With ``ack_when_handled`` the message
+    is acknowledged (``ack``) once handled, whether the consumer returned or raised.
     """
 
     def on_message(_channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -97,6 +115,9 @@ def message_handler(
             spec.on_message(delivery)
         except Exception as exc:
             log.exception("%s: consumer of %s failed on a message", link_name, spec.description)
+            if spec.ack_when_handled:
+                ack(delivery)
+                return
             if spec.auto_ack:
                 return
             deliveries = int(delivery.headers.get("x-delivery-count", 0)) + 1
@@ -104,5 +125,8 @@ def message_handler(
                 spec.on_poison(delivery, exc)
             else:
                 requeue(delivery)
+            return
+        if spec.ack_when_handled:
+            ack(delivery)
 
     return on_message

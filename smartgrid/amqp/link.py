@@ -670,6 +670,7 @@ class Link:
             generation=self._generation,
             requeue=lambda delivery: self.reject(delivery, requeue=True),
             link_name=self.name,
+            ack=self.ack,
         )
         if not spec.auto_ack:
             on_message = self._tracking(on_message, self._generation)
