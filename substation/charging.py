@@ -206,13 +206,18 @@ class ChargingPoints(Generic[Token]):
         with self._lock:
             self.duplicates += 1
 
-    def claimed_by(self, request_id: str, substation: str) -> str:
-        """Another substation asked about ``request_id``; remember it and say what we know."""
+    def claimed_by(self, request_id: str, substation: str, *, checking: bool = False) -> str:
+        """Another substation asked about ``request_id``; remember it and say what we know.
+        ``checking``: this one holds a copy too, asking the others before it charges it."""
         with self._lock:
             self._claims[request_id] = substation
             if len(self._claims) > self._remember:
                 self._claims.popitem(last=False)
             if request_id in self._active:
+                return "running"
+            if checking and self.substation_id < substation:
+                # Both hold a copy and ask: each answering "unknown", both would charge it. The
+                # lower id charges it; the other keeps its copy until this one says completed.
                 return "running"
             if request_id in self._recently_completed:
                 return "completed"

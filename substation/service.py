@@ -540,7 +540,9 @@ class SubstationService:
                 request_id=event.request_id,
                 asker=event.substation,
                 substation=me,
-                status=self.points.claimed_by(event.request_id, event.substation),
+                status=self.points.claimed_by(
+                    event.request_id, event.substation, checking=event.request_id in self._checks
+                ),
             )
             self.events.publish(reply)
         elif isinstance(event, contract.SessionLookupReply) and event.asker == me:

@@ -157,6 +157,19 @@ def test_a_lookup_is_answered_with_what_is_known_here():
     assert charging.claimed_by(routed(3).request_id, "s2") == "unknown"
 
 
+def test_two_substations_checking_one_request_answer_so_that_exactly_one_charges_it():
+    """Each holds a copy and asks the other: the lower id says running (it charges), the
+    higher says unknown (it keeps its copy until the lower says completed)."""
+    lower: ChargingPoints[str] = ChargingPoints("s1", 4, "i1")
+    higher: ChargingPoints[str] = ChargingPoints("s2", 4, "i2")
+    request_id = routed().request_id
+    assert lower.claimed_by(request_id, "s2", checking=True) == "running"
+    assert higher.claimed_by(request_id, "s1", checking=True) == "unknown"
+    # Not holding a copy, neither claims it.
+    assert lower.claimed_by(request_id, "s3") == "unknown"
+    assert points().claimed_by(request_id, "s2") == "unknown"
+
+
 def test_finishing_an_unknown_request_changes_nothing():
     charging = points()
     assert charging.finish(routed().request_id, now=1.0) is None

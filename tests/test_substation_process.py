@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -36,6 +37,10 @@ def _start_second(settings: StackSettings, tmp_path) -> tuple[ServiceProcess, st
     second.env = {**second.env, "SHUTDOWN_GRACE": "0.5"}
     second.start().wait_healthy()
     return second, health_url(second)
+
+
+def _consuming(metrics_url: str, substation: str) -> bool:
+    return metric(metrics_url, contract.CONSUMING_METRIC, substation=substation) == 1
 
 
 def _count(events: list[contract.Event], kind: type[contract.Event]) -> int:
@@ -235,6 +240,43 @@ def test_a_request_forwarded_to_two_substations_is_charged_at_only_one(stack_set
             assert service.stop() == 0
 
 
+def test_two_substations_asking_about_one_request_at_once_charge_it_once(stack_settings, broker):
+    """A copy at each of two substations, both checked at once (a flagged copy at one, the
+    first copy at the other, which a lookup had already made it ask about): each asked the
+    other, each answered "unknown" while it was only asking, and both charged it. Here both
+    copies are flagged: the same state, reached at once."""
+    stack_settings.capacity = 2
+    stack_settings.session_seconds = 1
+    stack_settings.substations = 2
+    services = [substation_process(stack_settings, i) for i in range(2)]
+    for service in services:
+        service.env = {**service.env, "DUPLICATE_CHECK_SECONDS": "2"}
+    try:
+        for service in services:
+            service.start().wait_healthy()
+        urls = [health_url(s) for s in services]
+        for url, name in zip(urls, ("substation-1", "substation-2"), strict=True):
+            eventually(functools.partial(_consuming, url, name))
+        time.sleep(1)  # each has heard the other announce itself: it trusts its lookups
+        starts = broker.subscribe_events(contract.SessionStarted.kind)
+        request_id = broker.send_to_substation("substation-1", maybe_duplicate=True)
+        broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
+
+        duplicates = "substation_duplicate_requests_total"
+        eventually(lambda: metric(urls[1], duplicates, substation="substation-2") == 1, timeout=20)
+        count = contract.COMPLETED_METRIC + "_total"
+        eventually(lambda: metric(urls[0], count, substation="substation-1") == 1)
+        assert metric(urls[1], count, substation="substation-2") == 0
+        assert [
+            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
+        ] == [(request_id, "substation-1")]
+        for name in ("substation-1", "substation-2"):
+            assert broker.message_count(contract.substation_queue_name(name)) == 0
+    finally:
+        for service in services:
+            assert service.stop() == 0
+
+
 def test_a_copy_delivered_while_its_flagged_twin_is_asked_about_is_not_charged_beside_it(
     stack_settings, broker
 ):
@@ -298,7 +340,7 @@ def test_a_lookup_made_while_a_substation_was_cut_off_stops_it_charging_the_firs
         lookups = broker.subscribe_events(contract.SessionLookup.kind)
         starts = broker.subscribe_events(contract.SessionStarted.kind)
         # Each has heard the other announce itself: it answers the other's lookups.
-        eventually(lambda: metric(first, contract.CONSUMING_METRIC, substation="substation-1") == 1)
+        eventually(lambda: _consuming(first, "substation-1"))
         time.sleep(1)
 
         proxy.cut()
