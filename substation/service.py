@@ -97,7 +97,9 @@ class _Check:
     request: contract.RoutedRequest
     delivery: Delivery
     timer: object
-    #: A live substation that said it is charging the request, in the current round.
+    #: The substation that last said it is charging the request. A round it misses (its
+    #: connection blinked; the lookup waits in its durable subscription) is no reason to
+    #: charge: only its "unknown", or its leaving the roster, is.
     running_at: str | None = None
 
 
@@ -547,14 +549,17 @@ class SubstationService:
             self.events.publish(reply)
         elif isinstance(event, contract.SessionLookupReply) and event.asker == me:
             check = self._checks.get(event.request_id)
-            if check is None or event.status not in ("running", "completed"):
-                return
-            if not self._from_live(event, now):
+            if check is None or not self._from_live(event, now):
                 return
             if event.status == "running":
                 # Acknowledged only once a session has completed somewhere: keep it, and
-                # ask again later (charging it if that substation stops answering).
+                # ask again later (charging it once that substation says it no longer charges
+                # it, or leaves the roster).
                 check.running_at = event.substation
+                return
+            if event.status != "completed":
+                if check.running_at == event.substation:
+                    check.running_at = None  # its session was dropped (its connection lost)
                 return
             log.info(
                 "request %s was completed at %s; acknowledging the duplicate",
@@ -660,7 +665,6 @@ class SubstationService:
         check = self._checks.get(request_id)
         if check is None:
             return
-        check.running_at = None
         lookup = contract.SessionLookup(
             at=time.time(), request_id=request_id, substation=self.config.substation_id
         )

@@ -372,6 +372,66 @@ def test_a_lookup_made_while_a_substation_was_cut_off_stops_it_charging_the_firs
         proxy.cut()
 
 
+def test_a_substation_that_said_running_and_then_misses_a_round_is_asked_again_not_overruled(
+    stack_settings, broker
+):
+    """substation-1 charges a request, substation-2 holds a flagged copy and hears "running".
+    substation-1 completes it, then is cut off from the broker for two of substation-2's rounds
+    of questions: silence from a substation still on the roster is no answer, so substation-2
+    asks again until substation-1, back, says completed. It used to charge the copy at the
+    first silent round."""
+    from tests.proxy import CuttableProxy
+
+    stack_settings.capacity = 2
+    stack_settings.session_seconds = 2
+    stack_settings.substations = 2
+    proxy = CuttableProxy(("127.0.0.1", 5672)).start()
+    scheme, rest = stack_settings.amqp_url.split("://")
+    credentials, _, path = rest.partition("@")
+    cut_off_url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    services = [substation_process(stack_settings, i) for i in range(2)]
+    services[0].env = {**services[0].env, "AMQP_URL": cut_off_url}
+    services[1].env = {**services[1].env, "DUPLICATE_CHECK_SECONDS": "3"}
+    try:
+        for service in services:
+            service.start().wait_healthy()
+        first, second = (health_url(s) for s in services)
+        eventually(lambda: _consuming(first, "substation-1"))
+        eventually(lambda: _consuming(second, "substation-2"))
+        time.sleep(1)  # each has heard the other announce itself: it trusts its lookups
+        starts = broker.subscribe_events(contract.SessionStarted.kind)
+        replies = broker.subscribe_events(contract.SessionLookupReply.kind)
+        completions = broker.subscribe_events(contract.SessionCompleted.kind)
+
+        request_id = broker.send_to_substation("substation-1")
+        eventually(lambda: metric(first, contract.LOAD_METRIC, substation="substation-1") == 1)
+        broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
+        broker.events_until(
+            replies,
+            lambda seen: any(
+                isinstance(r, contract.SessionLookupReply) and r.status == "running" for r in seen
+            ),
+        )
+        (completed,) = broker.events_of_until(completions, contract.SessionCompleted, 1)
+        proxy.cut()
+        assert completed.substation == "substation-1"
+        time.sleep(7)  # two of substation-2's rounds without an answer
+        assert metric(second, contract.LOAD_METRIC, substation="substation-2") == 0
+        proxy.start()
+
+        duplicates = "substation_duplicate_requests_total"
+        eventually(lambda: metric(second, duplicates, substation="substation-2") == 1, timeout=30)
+        count = contract.COMPLETED_METRIC + "_total"
+        assert metric(second, count, substation="substation-2") == 0
+        assert [
+            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
+        ] == [(request_id, "substation-1")]
+    finally:
+        for service in services:
+            assert service.stop() == 0
+        proxy.cut()
+
+
 def test_a_second_process_with_the_same_id_waits_as_a_standby_and_never_charges_beside_it(
     stack_settings, broker, tmp_path
 ):
