@@ -12,7 +12,8 @@ broker hands the request to someone else, so the service drops every session in 
 (:meth:`ChargingPoints.drop_all`) and never reports their completion. A completion is
 *reported* once the broker has confirmed its event; one whose confirm never came (the
 connection died in between) is *uncertain*: if the request comes back here, the same event is
-reported again (consumers take an identical event once), and a lookup gets "unknown".
+reported again (consumers take an identical event once), and a lookup gets "running" (the
+asker keeps its copy until this one says "completed", or leaves).
 """
 
 from __future__ import annotations
@@ -213,7 +214,10 @@ class ChargingPoints(Generic[Token]):
             self._claims[request_id] = substation
             if len(self._claims) > self._remember:
                 self._claims.popitem(last=False)
-            if request_id in self._active:
+            if request_id in self._active or request_id in self._uncertain:
+                # Uncertain: its completion may never have reached anyone, so not "completed";
+                # but it is reported again when the request comes back here, so the asker
+                # must not charge its copy meanwhile.
                 return "running"
             if checking and self.substation_id < substation:
                 # Both hold a copy and ask: each answering "unknown", both would charge it. The
@@ -221,7 +225,6 @@ class ChargingPoints(Generic[Token]):
                 return "running"
             if request_id in self._recently_completed:
                 return "completed"
-            # An uncertain completion may never have reached anyone: not "completed".
             return "unknown"
 
     def _remember_completed(

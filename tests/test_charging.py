@@ -76,8 +76,9 @@ def test_a_completion_whose_report_was_not_confirmed_is_reported_again_not_charg
     charging = points()
     charging.admit(routed(), "d1", now=10.0, duration=SESSION)
     complete(charging, confirmed=False)
-    # Maybe nobody heard of it: another substation asking must not be told "completed".
-    assert charging.claimed_by(routed().request_id, "s2") == "unknown"
+    # Maybe nobody heard of it: another substation asking must not be told "completed", nor
+    # charge its copy: the report is sent again when the request comes back here.
+    assert charging.claimed_by(routed().request_id, "s2") == "running"
     admission, session = charging.admit(routed(), "d2", now=50.0, duration=SESSION)
     assert admission is Admission.REPORT and session is not None
     assert (session.token, session.completed_at) == ("d2", 20.0)
