@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.parse
 
 
 class CuttableProxy:
@@ -20,6 +21,12 @@ class CuttableProxy:
     @property
     def url_netloc(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def url(self, amqp_url: str) -> str:
+        """``amqp_url`` (its credentials, vhost and query) through this proxy."""
+        parts = urllib.parse.urlsplit(amqp_url)
+        credentials = parts.netloc.rpartition("@")[0]
+        return parts._replace(netloc=f"{credentials}@{self.url_netloc}").geturl()
 
     def start(self) -> CuttableProxy:
         listener = socket.socket()

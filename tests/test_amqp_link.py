@@ -273,9 +273,7 @@ def test_reliable_publishes_wait_out_an_outage_and_unreliable_ones_fail_fast(amq
     from tests.proxy import CuttableProxy
 
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
-    scheme, rest = amqp_url.split("://")
-    credentials, _, path = rest.partition("@")
-    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    url = proxy.url(amqp_url)
     events = broker.subscribe_events(contract.RequestAccepted.kind)
     link = _link(url, max_backoff=0.5)
     try:
@@ -310,9 +308,7 @@ def test_a_publish_bound_to_a_lost_connection_is_never_sent_on_the_next_one(
     from tests.proxy import CuttableProxy
 
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
-    scheme, rest = amqp_url.split("://")
-    credentials, _, path = rest.partition("@")
-    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    url = proxy.url(amqp_url)
     events = broker.subscribe_events(contract.SessionCompleted.kind, contract.RequestAccepted.kind)
     link = _link(url, max_backoff=0.5)
     try:
@@ -392,9 +388,7 @@ def test_a_link_whose_publishes_go_unconfirmed_too_long_starts_over_on_a_fresh_c
     from tests.proxy import CuttableProxy
 
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
-    scheme, rest = amqp_url.split("://")
-    credentials, _, path = rest.partition("@")
-    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    url = proxy.url(amqp_url)
     link = _link(url, confirm_timeout=1.0, max_backoff=0.5)
     try:
         generation = link.generation
@@ -439,9 +433,7 @@ def test_a_durable_subscription_keeps_the_events_published_while_the_link_was_aw
     from tests.proxy import CuttableProxy
 
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
-    scheme, rest = amqp_url.split("://")
-    credentials, _, path = rest.partition("@")
-    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    url = proxy.url(amqp_url)
     seen: list[str] = []
 
     def note(delivery: Delivery) -> None:
@@ -493,9 +485,7 @@ def test_an_event_being_handled_when_the_connection_goes_comes_again(
     from tests.proxy import CuttableProxy
 
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
-    scheme, rest = amqp_url.split("://")
-    credentials, _, path = rest.partition("@")
-    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    url = proxy.url(amqp_url)
     seen: list[str] = []
     handling, cut = threading.Event(), threading.Event()
 

@@ -15,9 +15,7 @@ from tests.proxy import CuttableProxy
 
 def test_while_the_broker_is_unreachable_the_gateway_answers_503_and_recovers_by_itself(amqp_url):
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
-    scheme, rest = amqp_url.split("://")
-    credentials, _, path = rest.partition("@")
-    url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
+    url = proxy.url(amqp_url)
     broker = GatewayBroker(url, name="gateway-outage-test", history=RequestHistory())
     broker.link._max_backoff = 0.5
     broker.start()

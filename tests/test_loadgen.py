@@ -770,11 +770,7 @@ def test_the_output_stays_clean_while_the_broker_goes_away_and_comes_back(stack_
     from tests.proxy import CuttableProxy
 
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
-    scheme, rest = stack_settings.amqp_url.split("://")
-    credentials, _, path = rest.partition("@")
-    stack_settings.amqp_url = (
-        f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}?heartbeat=2"
-    )
+    stack_settings.amqp_url = proxy.url(stack_settings.amqp_url) + "?heartbeat=2"
     stack_settings.session_seconds = 0.5
     stack_settings.poll_interval = 0.5
     group = start_stack(stack_settings)

@@ -43,6 +43,34 @@ def _consuming(metrics_url: str, substation: str) -> bool:
     return metric(metrics_url, contract.CONSUMING_METRIC, substation=substation) == 1
 
 
+def _pair(
+    settings: StackSettings,
+    *,
+    first_via: str | None = None,
+    envs: tuple[dict[str, str], dict[str, str]] = ({}, {}),
+) -> list[ServiceProcess]:
+    """substation-1 and substation-2 (not started), each with its ``envs``; substation-1
+    reaches the broker at ``first_via`` (a proxy) if given."""
+    settings.substations = 2
+    services = [substation_process(settings, i) for i in range(2)]
+    first_env = envs[0] if first_via is None else {**envs[0], "AMQP_URL": first_via}
+    for service, env in zip(services, (first_env, envs[1]), strict=True):
+        service.env = {**service.env, **env}
+    return services
+
+
+def _start_pair(services: list[ServiceProcess]) -> list[str]:
+    """Start :func:`_pair`'s two: consuming, each having heard the other announce itself (it
+    trusts its lookups from then on). Their metrics URLs."""
+    for service in services:
+        service.start().wait_healthy()
+    urls = [health_url(s) for s in services]
+    for url, name in zip(urls, ("substation-1", "substation-2"), strict=True):
+        eventually(functools.partial(_consuming, url, name))
+    time.sleep(1)
+    return urls
+
+
 def _count(events: list[contract.Event], kind: type[contract.Event]) -> int:
     return sum(isinstance(e, kind) for e in events)
 
@@ -247,17 +275,10 @@ def test_two_substations_asking_about_one_request_at_once_charge_it_once(stack_s
     copies are flagged: the same state, reached at once."""
     stack_settings.capacity = 2
     stack_settings.session_seconds = 1
-    stack_settings.substations = 2
-    services = [substation_process(stack_settings, i) for i in range(2)]
-    for service in services:
-        service.env = {**service.env, "DUPLICATE_CHECK_SECONDS": "2"}
+    check = {"DUPLICATE_CHECK_SECONDS": "2"}
+    services = _pair(stack_settings, envs=(check, check))
     try:
-        for service in services:
-            service.start().wait_healthy()
-        urls = [health_url(s) for s in services]
-        for url, name in zip(urls, ("substation-1", "substation-2"), strict=True):
-            eventually(functools.partial(_consuming, url, name))
-        time.sleep(1)  # each has heard the other announce itself: it trusts its lookups
+        urls = _start_pair(services)
         starts = broker.subscribe_events(contract.SessionStarted.kind)
         request_id = broker.send_to_substation("substation-1", maybe_duplicate=True)
         broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
@@ -326,22 +347,12 @@ def test_a_lookup_made_while_a_substation_was_cut_off_stops_it_charging_the_firs
 
     stack_settings.capacity = 2
     stack_settings.session_seconds = 3
-    stack_settings.substations = 2
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
-    scheme, rest = stack_settings.amqp_url.split("://")
-    credentials, _, path = rest.partition("@")
-    cut_off_url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
-    services = [substation_process(stack_settings, i) for i in range(2)]
-    services[0].env = {**services[0].env, "AMQP_URL": cut_off_url}
+    services = _pair(stack_settings, first_via=proxy.url(stack_settings.amqp_url))
     try:
-        for service in services:
-            service.start().wait_healthy()
-        first, second = (health_url(s) for s in services)
+        first, second = _start_pair(services)
         lookups = broker.subscribe_events(contract.SessionLookup.kind)
         starts = broker.subscribe_events(contract.SessionStarted.kind)
-        # Each has heard the other announce itself: it answers the other's lookups.
-        eventually(lambda: _consuming(first, "substation-1"))
-        time.sleep(1)
 
         proxy.cut()
         eventually(
@@ -384,21 +395,14 @@ def test_a_substation_that_said_running_and_then_misses_a_round_is_asked_again_n
 
     stack_settings.capacity = 2
     stack_settings.session_seconds = 2
-    stack_settings.substations = 2
     proxy = CuttableProxy(("127.0.0.1", 5672)).start()
-    scheme, rest = stack_settings.amqp_url.split("://")
-    credentials, _, path = rest.partition("@")
-    cut_off_url = f"{scheme}://{credentials}@{proxy.url_netloc}/{path.split('/', 1)[1]}"
-    services = [substation_process(stack_settings, i) for i in range(2)]
-    services[0].env = {**services[0].env, "AMQP_URL": cut_off_url}
-    services[1].env = {**services[1].env, "DUPLICATE_CHECK_SECONDS": "3"}
+    services = _pair(
+        stack_settings,
+        first_via=proxy.url(stack_settings.amqp_url),
+        envs=({}, {"DUPLICATE_CHECK_SECONDS": "3"}),
+    )
     try:
-        for service in services:
-            service.start().wait_healthy()
-        first, second = (health_url(s) for s in services)
-        eventually(lambda: _consuming(first, "substation-1"))
-        eventually(lambda: _consuming(second, "substation-2"))
-        time.sleep(1)  # each has heard the other announce itself: it trusts its lookups
+        first, second = _start_pair(services)
         starts = broker.subscribe_events(contract.SessionStarted.kind)
         replies = broker.subscribe_events(contract.SessionLookupReply.kind)
         completions = broker.subscribe_events(contract.SessionCompleted.kind)
