@@ -657,7 +657,8 @@ class SubstationService:
     def _ask_the_fleet(self, request: contract.RoutedRequest, delivery: Delivery) -> None:
         """A possible duplicate: ask whether another substation charges or charged it. It is
         acknowledged when one says it completed it, and charged here when none says it is
-        charging it (within DUPLICATE_CHECK_SECONDS of each question)."""
+        charging it within DUPLICATE_CHECK_SECONDS of a question (one that said so earlier:
+        once it says it no longer does, or leaves the roster)."""
         self._checks[request.request_id] = _Check(request, delivery, timer=None)
         self._ask(request.request_id)
 
