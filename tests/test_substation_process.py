@@ -50,12 +50,17 @@ def _pair(
     envs: tuple[dict[str, str], dict[str, str]] = ({}, {}),
 ) -> list[ServiceProcess]:
     """substation-1 and substation-2 (not started), each with its ``envs``; substation-1
-    reaches the broker at ``first_via`` (a proxy) if given."""
+    reaches the broker at ``first_via`` (a proxy) if given.
+
+    Each stays on the other's roster (whose lookups and answers it trusts) for 3 ×
+    ANNOUNCE_INTERVAL after its last announcement: 30 s here, so that a substation cut off
+    for a test's seconds, and back after its reconnect backoff (up to 10 s between tries), is
+    still trusted when it answers, before it announces itself again."""
     settings.substations = 2
     services = [substation_process(settings, i) for i in range(2)]
     first_env = envs[0] if first_via is None else {**envs[0], "AMQP_URL": first_via}
     for service, env in zip(services, (first_env, envs[1]), strict=True):
-        service.env = {**service.env, **env}
+        service.env = {**service.env, "ANNOUNCE_INTERVAL": "10", **env}
     return services
 
 
