@@ -537,14 +537,25 @@ class SubstationService:
         elif isinstance(event, contract.SessionLookup) and event.substation != me:
             if not self._from_live(event, now):
                 return
+            check = self._checks.get(event.request_id)
+            status = self.points.claimed_by(
+                event.request_id, event.substation, checking=check is not None
+            )
+            if check is not None and status == "unknown":
+                # The asker holds a copy too, and its id is the lower: it charges it (it
+                # answers this one "running"). This copy waits for its "completed".
+                check.running_at = event.substation
+            if not self._consuming:
+                # The claim is remembered, but only the process that holds the queue speaks
+                # for the substation: a standby's (or a reconnecting one's) "unknown" would
+                # tell the asker that a session running here had ended.
+                return
             reply = contract.SessionLookupReply(
                 at=time.time(),
                 request_id=event.request_id,
                 asker=event.substation,
                 substation=me,
-                status=self.points.claimed_by(
-                    event.request_id, event.substation, checking=event.request_id in self._checks
-                ),
+                status=status,
             )
             self.events.publish(reply)
         elif isinstance(event, contract.SessionLookupReply) and event.asker == me:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import threading
@@ -439,6 +440,92 @@ def test_a_substation_that_said_running_and_then_misses_a_round_is_asked_again_n
         for service in services:
             assert service.stop() == 0
         proxy.cut()
+
+
+def test_a_substation_asked_by_a_lower_id_while_it_checks_leaves_the_request_to_it(
+    stack_settings, broker
+):
+    """substation-2 holds a flagged copy and asks; substation-1, not holding one yet, answers
+    "unknown". Then substation-1 gets a copy too and asks, while substation-2 still waits for
+    its answers: substation-2 (the higher id) answers "unknown" and must leave the request to
+    substation-1 rather than charge it at the end of its round, as both did."""
+    stack_settings.capacity = 2
+    stack_settings.session_seconds = 1
+    services = _pair(
+        stack_settings, envs=({"DUPLICATE_CHECK_SECONDS": "1"}, {"DUPLICATE_CHECK_SECONDS": "3"})
+    )
+    try:
+        first, second = _start_pair(services)
+        starts = broker.subscribe_events(contract.SessionStarted.kind)
+        lookups = broker.subscribe_events(contract.SessionLookup.kind)
+        request_id = broker.send_to_substation("substation-2", maybe_duplicate=True)
+        (asked,) = broker.events_of_until(lookups, contract.SessionLookup, 1)
+        assert asked.substation == "substation-2"
+        broker.send_to_substation("substation-1", request_id=request_id, maybe_duplicate=True)
+
+        duplicates = "substation_duplicate_requests_total"
+        eventually(lambda: metric(second, duplicates, substation="substation-2") == 1, timeout=20)
+        count = contract.COMPLETED_METRIC + "_total"
+        assert metric(first, count, substation="substation-1") == 1
+        assert metric(second, count, substation="substation-2") == 0
+        assert [
+            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
+        ] == [(request_id, "substation-1")]
+    finally:
+        for service in services:
+            assert service.stop() == 0
+
+
+def test_a_standby_does_not_answer_for_its_substation(stack_settings, broker, tmp_path):
+    """substation-1 charges a request and has a standby (a second process with its id);
+    substation-2 holds a flagged copy and asks every second. Only the process that holds the
+    queue answers: the standby's "unknown", heard after the active one's "running", told
+    substation-2 the session had ended, and it charged its copy."""
+    stack_settings.capacity = 2
+    stack_settings.session_seconds = 5
+    services = _pair(stack_settings)
+    standby = substation_process(
+        dataclasses.replace(
+            stack_settings,
+            substation_ports=(stack_settings.substation_ports[2],),
+            log_dir=tmp_path / "standby",
+        ),
+        0,
+    )
+    standby.env = {**standby.env, "ANNOUNCE_INTERVAL": "10"}
+    try:
+        # The standby starts between the two: it hears substation-2 announce itself, so it
+        # would trust (and answer) its lookups.
+        services[0].start().wait_healthy()
+        first = health_url(services[0])
+        eventually(lambda: _consuming(first, "substation-1"))
+        standby.start().wait_healthy()
+        assert metric(health_url(standby), contract.CONSUMING_METRIC, substation=SUBSTATION) == 0
+        services[1].start().wait_healthy()
+        second = health_url(services[1])
+        eventually(lambda: _consuming(second, "substation-2"))
+        time.sleep(1)
+        starts = broker.subscribe_events(contract.SessionStarted.kind)
+        replies = broker.subscribe_events(contract.SessionLookupReply.kind)
+
+        request_id = broker.send_to_substation("substation-1")
+        eventually(lambda: metric(first, contract.LOAD_METRIC, substation="substation-1") == 1)
+        broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
+
+        duplicates = "substation_duplicate_requests_total"
+        eventually(lambda: metric(second, duplicates, substation="substation-2") == 1, timeout=20)
+        count = contract.COMPLETED_METRIC + "_total"
+        assert metric(second, count, substation="substation-2") == 0
+        assert [
+            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
+        ] == [(request_id, "substation-1")]
+        answers = broker.events_of(replies, contract.SessionLookupReply)
+        assert len(answers) >= 3  # asked every second while the 5 s session ran
+        assert {a.status for a in answers} == {"running", "completed"}
+    finally:
+        assert standby.stop() == 0
+        for service in services:
+            assert service.stop() == 0
 
 
 def test_a_second_process_with_the_same_id_waits_as_a_standby_and_never_charges_beside_it(
