@@ -11,7 +11,7 @@ import time
 from smartgrid import contract
 from stack.local import StackSettings, substation_process
 from stack.processes import ServiceProcess
-from tests.helpers import eventually, health_url, kill, metric, present
+from tests.helpers import BrokerClient, eventually, health_url, kill, metric, present
 
 SUBSTATION = "substation-1"
 
@@ -75,6 +75,11 @@ def _start_pair(services: list[ServiceProcess]) -> list[str]:
         eventually(functools.partial(_consuming, url, name))
     time.sleep(1)
     return urls
+
+
+def _started(broker: BrokerClient, starts: str) -> list[tuple[str, str]]:
+    """(request, substation) of each session.started on ``starts`` since the last read."""
+    return [(e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)]
 
 
 def _count(events: list[contract.Event], kind: type[contract.Event]) -> int:
@@ -294,9 +299,7 @@ def test_two_substations_asking_about_one_request_at_once_charge_it_once(stack_s
         count = contract.COMPLETED_METRIC + "_total"
         eventually(lambda: metric(urls[0], count, substation="substation-1") == 1)
         assert metric(urls[1], count, substation="substation-2") == 0
-        assert [
-            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
-        ] == [(request_id, "substation-1")]
+        assert _started(broker, starts) == [(request_id, "substation-1")]
         for name in ("substation-1", "substation-2"):
             assert broker.message_count(contract.substation_queue_name(name)) == 0
     finally:
@@ -379,9 +382,7 @@ def test_a_lookup_made_while_a_substation_was_cut_off_stops_it_charging_the_firs
         count = contract.COMPLETED_METRIC + "_total"
         eventually(lambda: metric(second, count, substation="substation-2") == 1, timeout=15)
         assert metric(first, count, substation="substation-1") == 0
-        assert [
-            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
-        ] == [(request_id, "substation-2")]
+        assert _started(broker, starts) == [(request_id, "substation-2")]
         assert broker.message_count(contract.substation_queue_name("substation-1")) == 0
     finally:
         for service in services:
@@ -433,9 +434,7 @@ def test_a_substation_that_said_running_and_then_misses_a_round_is_asked_again_n
         eventually(lambda: metric(second, duplicates, substation="substation-2") == 1, timeout=30)
         count = contract.COMPLETED_METRIC + "_total"
         assert metric(second, count, substation="substation-2") == 0
-        assert [
-            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
-        ] == [(request_id, "substation-1")]
+        assert _started(broker, starts) == [(request_id, "substation-1")]
     finally:
         for service in services:
             assert service.stop() == 0
@@ -468,9 +467,7 @@ def test_a_substation_asked_by_a_lower_id_while_it_checks_leaves_the_request_to_
         count = contract.COMPLETED_METRIC + "_total"
         assert metric(first, count, substation="substation-1") == 1
         assert metric(second, count, substation="substation-2") == 0
-        assert [
-            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
-        ] == [(request_id, "substation-1")]
+        assert _started(broker, starts) == [(request_id, "substation-1")]
     finally:
         for service in services:
             assert service.stop() == 0
@@ -516,9 +513,7 @@ def test_a_standby_does_not_answer_for_its_substation(stack_settings, broker, tm
         eventually(lambda: metric(second, duplicates, substation="substation-2") == 1, timeout=20)
         count = contract.COMPLETED_METRIC + "_total"
         assert metric(second, count, substation="substation-2") == 0
-        assert [
-            (e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)
-        ] == [(request_id, "substation-1")]
+        assert _started(broker, starts) == [(request_id, "substation-1")]
         answers = broker.events_of(replies, contract.SessionLookupReply)
         assert len(answers) >= 3  # asked every second while the 5 s session ran
         assert {a.status for a in answers} == {"running", "completed"}
