@@ -82,6 +82,29 @@ def _started(broker: BrokerClient, starts: str) -> list[tuple[str, str]]:
     return [(e.request_id, e.substation) for e in broker.events_of(starts, contract.SessionStarted)]
 
 
+def _duplicates(metrics_url: str, substation: str) -> float | None:
+    """Copies of requests it charged or knew were charged, acknowledged without a session."""
+    return metric(metrics_url, "substation_duplicate_requests_total", substation=substation)
+
+
+def _completed_by_a_killed_process(
+    broker: BrokerClient, request_id: str, ev_id: str, instance: str
+) -> None:
+    """What a process that ended the session of ``request_id`` and was killed before its ack
+    leaves behind: its session.completed in the history."""
+    started_at = time.time()
+    broker.publish_event(
+        contract.SessionCompleted(
+            at=started_at + 1,
+            request_id=request_id,
+            ev_id=ev_id,
+            substation=SUBSTATION,
+            instance=instance,
+            started_at=started_at,
+        )
+    )
+
+
 def _count(events: list[contract.Event], kind: type[contract.Event]) -> int:
     return sum(isinstance(e, kind) for e in events)
 
@@ -135,12 +158,7 @@ def test_a_request_delivered_twice_is_charged_once(stack_settings, broker):
         events = broker.subscribe_events(contract.SessionStarted.kind)
         request_id = broker.send_to_substation(SUBSTATION)
         broker.send_to_substation(SUBSTATION, request_id=request_id)
-        eventually(
-            lambda: (
-                metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION)
-                == 1
-            )
-        )
+        eventually(lambda: _duplicates(metrics_url, SUBSTATION) == 1)
         eventually(
             lambda: (
                 metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION)
@@ -149,12 +167,7 @@ def test_a_request_delivered_twice_is_charged_once(stack_settings, broker):
         )
         # A duplicate arriving after completion is recognised too.
         broker.send_to_substation(SUBSTATION, request_id=request_id)
-        eventually(
-            lambda: (
-                metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION)
-                == 2
-            )
-        )
+        eventually(lambda: _duplicates(metrics_url, SUBSTATION) == 2)
         time.sleep(0.7)
         assert metric(metrics_url, contract.COMPLETED_METRIC + "_total", substation=SUBSTATION) == 1
         assert [e.request_id for e in broker.events(events)] == [request_id]
@@ -249,12 +262,7 @@ def test_a_request_forwarded_to_two_substations_is_charged_at_only_one(stack_set
         request_id = broker.send_to_substation("substation-1")
         eventually(lambda: metric(first, contract.LOAD_METRIC, substation="substation-1") == 1)
         broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
-        eventually(
-            lambda: (
-                metric(second, "substation_duplicate_requests_total", substation="substation-2")
-                == 1
-            )
-        )
+        eventually(lambda: _duplicates(second, "substation-2") == 1)
         assert metric(second, contract.LOAD_METRIC, substation="substation-2") == 0
 
         # The flagged copy arrives first, nobody knows it: substation-2 charges it after asking,
@@ -264,11 +272,7 @@ def test_a_request_forwarded_to_two_substations_is_charged_at_only_one(stack_set
             lambda: metric(second, contract.LOAD_METRIC, substation="substation-2") == 1, timeout=10
         )
         broker.send_to_substation("substation-1", request_id=other)
-        eventually(
-            lambda: (
-                metric(first, "substation_duplicate_requests_total", substation="substation-1") == 1
-            )
-        )
+        eventually(lambda: _duplicates(first, "substation-1") == 1)
 
         eventually(lambda: metric(first, count, substation="substation-1") == 1, timeout=15)
         eventually(lambda: metric(second, count, substation="substation-2") == 1, timeout=15)
@@ -294,8 +298,7 @@ def test_two_substations_asking_about_one_request_at_once_charge_it_once(stack_s
         request_id = broker.send_to_substation("substation-1", maybe_duplicate=True)
         broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
 
-        duplicates = "substation_duplicate_requests_total"
-        eventually(lambda: metric(urls[1], duplicates, substation="substation-2") == 1, timeout=20)
+        eventually(lambda: _duplicates(urls[1], "substation-2") == 1, timeout=20)
         count = contract.COMPLETED_METRIC + "_total"
         eventually(lambda: metric(urls[0], count, substation="substation-1") == 1)
         assert metric(urls[1], count, substation="substation-2") == 0
@@ -326,12 +329,7 @@ def test_a_copy_delivered_while_its_flagged_twin_is_asked_about_is_not_charged_b
         held = broker.events_of_until(lookups, contract.SessionLookup, 1)
         assert [lookup.request_id for lookup in held] == [request_id]
         broker.send_to_substation(SUBSTATION, request_id=request_id)
-        eventually(
-            lambda: (
-                metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION)
-                == 1
-            )
-        )
+        eventually(lambda: _duplicates(metrics_url, SUBSTATION) == 1)
         completed = contract.COMPLETED_METRIC + "_total"
         eventually(lambda: metric(metrics_url, completed, substation=SUBSTATION) == 1, timeout=10)
         time.sleep(1)  # a second session would have started with the first, or after the check
@@ -374,9 +372,7 @@ def test_a_lookup_made_while_a_substation_was_cut_off_stops_it_charging_the_firs
         proxy.start()
 
         eventually(
-            lambda: (
-                metric(first, "substation_duplicate_requests_total", substation="substation-1") == 1
-            ),
+            lambda: _duplicates(first, "substation-1") == 1,
             timeout=20,
         )
         count = contract.COMPLETED_METRIC + "_total"
@@ -430,8 +426,7 @@ def test_a_substation_that_said_running_and_then_misses_a_round_is_asked_again_n
         assert metric(second, contract.LOAD_METRIC, substation="substation-2") == 0
         proxy.start()
 
-        duplicates = "substation_duplicate_requests_total"
-        eventually(lambda: metric(second, duplicates, substation="substation-2") == 1, timeout=30)
+        eventually(lambda: _duplicates(second, "substation-2") == 1, timeout=30)
         count = contract.COMPLETED_METRIC + "_total"
         assert metric(second, count, substation="substation-2") == 0
         assert _started(broker, starts) == [(request_id, "substation-1")]
@@ -462,8 +457,7 @@ def test_a_substation_asked_by_a_lower_id_while_it_checks_leaves_the_request_to_
         assert asked.substation == "substation-2"
         broker.send_to_substation("substation-1", request_id=request_id, maybe_duplicate=True)
 
-        duplicates = "substation_duplicate_requests_total"
-        eventually(lambda: metric(second, duplicates, substation="substation-2") == 1, timeout=20)
+        eventually(lambda: _duplicates(second, "substation-2") == 1, timeout=20)
         count = contract.COMPLETED_METRIC + "_total"
         assert metric(first, count, substation="substation-1") == 1
         assert metric(second, count, substation="substation-2") == 0
@@ -509,8 +503,7 @@ def test_a_standby_does_not_answer_for_its_substation(stack_settings, broker, tm
         eventually(lambda: metric(first, contract.LOAD_METRIC, substation="substation-1") == 1)
         broker.send_to_substation("substation-2", request_id=request_id, maybe_duplicate=True)
 
-        duplicates = "substation_duplicate_requests_total"
-        eventually(lambda: metric(second, duplicates, substation="substation-2") == 1, timeout=20)
+        eventually(lambda: _duplicates(second, "substation-2") == 1, timeout=20)
         count = contract.COMPLETED_METRIC + "_total"
         assert metric(second, count, substation="substation-2") == 0
         assert _started(broker, starts) == [(request_id, "substation-1")]
@@ -588,28 +581,13 @@ def test_a_session_completed_by_a_killed_process_is_not_charged_again_by_the_nex
         + contract.substation_topology(SUBSTATION)
     )
     done = broker.send_to_substation(SUBSTATION, ev_id="EV1")
-    started_at = time.time()
-    broker.publish_event(
-        contract.SessionCompleted(
-            at=started_at + 1,
-            request_id=done,
-            ev_id="EV1",
-            substation=SUBSTATION,
-            instance="killed-process",
-            started_at=started_at,
-        )
-    )
+    _completed_by_a_killed_process(broker, done, "EV1", "killed-process")
     other = broker.send_to_substation(SUBSTATION, ev_id="EV2")
     events = broker.subscribe_events(contract.SessionStarted.kind)
     service, metrics_url = _start(stack_settings, capacity=2, session_seconds=60.0)
     try:
         eventually(lambda: broker.message_count(contract.substation_queue_name(SUBSTATION)) == 0)
-        eventually(
-            lambda: (
-                metric(metrics_url, "substation_duplicate_requests_total", substation=SUBSTATION)
-                == 1
-            )
-        )
+        eventually(lambda: _duplicates(metrics_url, SUBSTATION) == 1)
         (started,) = broker.events_until(events, lambda seen: len(seen) >= 1)
         assert isinstance(started, contract.SessionStarted) and started.request_id == other
         assert metric(metrics_url, contract.LOAD_METRIC, substation=SUBSTATION) == 1
@@ -637,23 +615,10 @@ def test_a_standby_reads_what_the_process_it_replaces_ended_before_it_takes_the_
         events = broker.subscribe_events(contract.SessionStarted.kind)
         done = broker.send_to_substation(SUBSTATION, ev_id="EV1")
         eventually(lambda: broker.message_count(queue) == 0, what="delivered to the first")
-        started_at = time.time()
-        broker.publish_event(
-            contract.SessionCompleted(
-                at=started_at + 1,
-                request_id=done,
-                ev_id="EV1",
-                substation=SUBSTATION,
-                instance="the-first-process",
-                started_at=started_at,
-            )
-        )
+        _completed_by_a_killed_process(broker, done, "EV1", "the-first-process")
         kill(first)
         eventually(
-            lambda: (
-                metric(second_url, "substation_duplicate_requests_total", substation=SUBSTATION)
-                == 1
-            ),
+            lambda: _duplicates(second_url, SUBSTATION) == 1,
             timeout=30,
             what="the redelivery taken for the duplicate it is",
         )
