@@ -457,7 +457,9 @@ class StreamReader:
         owner needs what came since before it acts: a standby substation about to take over
         its queue, whose predecessor may have ended sessions meanwhile. Resumes just after the
         last message read."""
-        self._close_reader_channel()
+        channel, self._reader_channel = self._reader_channel, None
+        if channel is not None and channel.is_open:
+            channel.close()
         self.on_ready()
 
     def on_lost(self) -> None:
@@ -483,7 +485,9 @@ class StreamReader:
         if not (self.pausable and self.follow and self.caught_up) or self.paused:
             return
         self.paused = True
-        self._close_reader_channel()  # what is still on its way is dropped with it
+        channel, self._reader_channel = self._reader_channel, None
+        if channel is not None and channel.is_open:
+            channel.close()  # what is still on its way is dropped (its channel is closing)
 
     def feed(self, delivery: Delivery) -> None:
         """A message of the stream read by someone else, in the stream's order: handled as if
@@ -587,16 +591,10 @@ class StreamReader:
     def _stop_reading(self, subscription: int) -> None:
         if subscription != self._subscription:
             return  # a later subscription reads on a channel of its own
-        if self._close_reader_channel():
-            log.info("%s: replay done (%d message(s) read)", self.stream, self.messages_read)
-
-    def _close_reader_channel(self) -> bool:
-        """Close the channel the stream is read on, if one is open; whether one was."""
         channel, self._reader_channel = self._reader_channel, None
-        if channel is None or not channel.is_open:
-            return False
-        channel.close()
-        return True
+        if channel is not None and channel.is_open:
+            channel.close()
+            log.info("%s: replay done (%d message(s) read)", self.stream, self.messages_read)
 
     def _probe_closed(
         self, subscription: int, channel: pika.channel.Channel, reason: BaseException
@@ -831,7 +829,9 @@ class StreamReader:
         self.resubscriptions += 1
         self.paused = False
         self._end_seen = None
-        self._close_reader_channel()
+        channel, self._reader_channel = self._reader_channel, None
+        if channel is not None and channel.is_open:
+            channel.close()
         self.link.open_side_channel(lambda channel: self._read_on(subscription, channel))
         if self.on_resubscribed is not None:
             self.on_resubscribed()
